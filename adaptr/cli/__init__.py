@@ -1,0 +1,91 @@
+"""The ``adaptr`` command line: thin commands over the library, one error table.
+
+Every failure the user can fix prints one line ``error: …`` and exits non-zero; the
+traceback appears only with ``--debug`` or ``ADAPTR_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import click
+
+from adaptr import __version__
+from adaptr.errors import AdaptrError
+
+from . import adapters, bases, store
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Registry home (default: $ADAPTR_HOME or ~/.adaptr).",
+)
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors (or set ADAPTR_DEBUG=1).")
+@click.version_option(__version__, prog_name="adaptr")
+def cli(home: str | None, debug: bool) -> None:
+    """adaptr: manage, train, compose and serve LoRA adapters.
+
+    References: NAME (newest version), NAME@7 (version 7), NAME@prod (a tag).
+    """
+
+
+for command in (
+    adapters.add, adapters.list_, adapters.show, adapters.switch, adapters.tag, adapters.rm,
+    store.verify, store.gc, store.export, bases.base,
+):  # fmt: skip
+    cli.add_command(command)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point; returns the exit code."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in args or os.environ.get("ADAPTR_DEBUG", "") not in ("", "0")
+    code = 0
+    try:
+        rv = cli.main(args=args, prog_name="adaptr", standalone_mode=False)
+        code = rv if isinstance(rv, int) else 0
+    except AdaptrError as e:
+        code = _fail(_one_line(e), e.exit_code, debug)
+    except click.UsageError as e:
+        where = (
+            f"adaptr {e.ctx.command_path.partition(' ')[2]} --help".replace("  ", " ")
+            if e.ctx
+            else "adaptr --help"
+        )
+        code = _fail(f"{_one_line(e.format_message())} (see `{where.strip()}`)", 2, debug)
+    except click.ClickException as e:
+        code = _fail(_one_line(e.format_message()), e.exit_code, debug)
+    except (KeyboardInterrupt, click.Abort):
+        code = _fail("interrupted; nothing was stored by the unfinished command", 130, debug)
+    except OSError as e:
+        what = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+        code = _fail(_one_line(what), 1, debug)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except Exception as e:  # a bug: still one line, with a way to see more
+        code = _fail(
+            f"internal error ({type(e).__name__}: {_one_line(e)}); rerun with --debug for the traceback",
+            1,
+            debug,
+        )
+    return code
+
+
+def _fail(message: str, code: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    click.echo(f"error: {message}", err=True)
+    return code
+
+
+def run() -> None:
+    sys.exit(main())

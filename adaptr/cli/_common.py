@@ -1,0 +1,71 @@
+"""Shared CLI plumbing: the registry option, JSON and table output, size/time formatting."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+
+def with_registry(fn: Callable) -> Callable:
+    """Add ``--home`` to a command and pass it a ``registry`` argument."""
+
+    @click.option(
+        "--home",
+        type=click.Path(file_okay=False),
+        default=None,
+        help="Registry home (default: $ADAPTR_HOME or ~/.adaptr).",
+    )
+    @functools.wraps(fn)
+    def wrapper(*args: Any, home: str | None = None, **kwargs: Any) -> Any:
+        from adaptr.registry import Registry
+
+        ctx = click.get_current_context()
+        home = home or (ctx.find_root().params.get("home"))
+        return fn(*args, registry=Registry(home), **kwargs)
+
+    return wrapper
+
+
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON document on stdout."
+)
+
+
+def emit_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, default=str, ensure_ascii=False) + "\n")
+
+
+def console():
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=False)
+
+
+def note(message: str) -> None:
+    """A non-fatal remark on stderr."""
+    click.echo(f"note: {message}", err=True)
+
+
+def human_size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TB"
+
+
+def ago(ts: float) -> str:
+    s = max(0, time.time() - ts)
+    for unit, width in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= width:
+            return f"{int(s // width)}{unit} ago"
+    return "just now"

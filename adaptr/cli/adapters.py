@@ -1,0 +1,191 @@
+"""Adapter commands: add, list, show, tag, rm, switch."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ._common import ago, console, emit_json, human_size, json_option, note, with_registry
+
+
+@click.command()
+@click.argument("name")
+@click.argument("source_dir", type=click.Path())
+@click.option(
+    "--base", help="Base model: a name from `adaptr base list`, a model folder, or a Hub id."
+)
+@click.option("--tag", "tags", multiple=True, help="Tag the new version (repeatable).")
+@with_registry
+def add(registry, name: str, source_dir: str, base: str | None, tags: tuple[str, ...]) -> None:
+    """Import a PEFT adapter folder as the next version of NAME; prints NAME@N."""
+    v = registry.add(name, source_dir, base=base, tags=tags)
+    for n in registry.notes:
+        note(n)
+    click.echo(v.ref)
+
+
+@click.command("list")
+@click.argument("name", required=False)
+@click.option(
+    "-a", "--all-versions", is_flag=True, help="One row per version instead of per adapter."
+)
+@json_option
+@with_registry
+def list_(registry, name: str | None, all_versions: bool, as_json: bool) -> None:
+    """List adapters: versions, base, rank, size, tags, active."""
+    versions = registry.list(name)
+    if as_json:
+        emit_json({"adapters": _grouped(versions), "active": registry.active()})
+        return
+    if not versions:
+        click.echo("no adapters yet: add one with `adaptr add NAME DIR` or `adaptr train`")
+        return
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for col in ("NAME", "VERSION", "BASE", "TYPE", "RANK", "SIZE", "TAGS", "ACTIVE", "CREATED"):
+        table.add_column(col, justify="right" if col in ("RANK", "SIZE") else "left")
+    rows = versions if (all_versions or name) else _newest(versions)
+    counts: dict[str, int] = {}
+    for v in versions:
+        counts[v.name] = counts.get(v.name, 0) + 1
+    for v in rows:
+        ver = f"@{v.version}" if (all_versions or name) else f"@{v.version} ({counts[v.name]})"
+        table.add_row(
+            v.name, ver, v.base or "-", _kind(v), str(v.r or "-"), human_size(v.size),
+            ",".join(v.tags) or "-", "*" if v.active else "", ago(v.created),
+        )  # fmt: skip
+    console().print(table)
+
+
+def _newest(versions):
+    newest = {}
+    for v in versions:
+        newest[v.name] = v
+    return list(newest.values())
+
+
+def _kind(v) -> str:
+    s = v.summary
+    flags = [f for f, on in (("dora", s.get("use_dora")), ("rslora", s.get("use_rslora"))) if on]
+    return (v.peft_type or "?").lower() + (f"+{'+'.join(flags)}" if flags else "")
+
+
+def _grouped(versions) -> list[dict]:
+    out: dict[str, dict] = {}
+    for v in versions:
+        entry = out.setdefault(v.name, {"name": v.name, "versions": []})
+        entry["versions"].append(v.to_dict())
+    return list(out.values())
+
+
+@click.command()
+@click.argument("ref")
+@json_option
+@with_registry
+def show(registry, ref: str, as_json: bool) -> None:
+    """Show one version: config, lineage, metrics, files and hashes."""
+    v = registry.get(ref)
+    if as_json:
+        emit_json(v.to_dict())
+        return
+    from rich.table import Table
+
+    s = v.summary
+    info = Table.grid(padding=(0, 2))
+    info.add_column(style="bold")
+    info.add_column()
+    rows = [
+        ("ref", v.ref + ("  (active)" if v.active else "")),
+        ("tags", ", ".join(v.tags) or "-"),
+        ("created", f"{ago(v.created)}"),
+        ("base", v.base or "-"),
+        ("base fingerprint", v.base_fingerprint or "-"),
+        ("type", _kind(v)),
+        ("r / alpha / dropout", f"{s.get('r')} / {s.get('lora_alpha')} / {s.get('lora_dropout')}"),
+        ("target modules", json.dumps(s.get("target_modules"))),
+        ("LoRA modules", str(s.get("lora_modules"))),
+        ("parameters", f"{s.get('parameters', 0):,} ({', '.join(s.get('dtypes', []))})"),
+        ("size", human_size(v.size)),
+        ("source", v.source or "-"),
+    ]
+    for key in ("rank_pattern", "alpha_pattern", "modules_to_save"):
+        if s.get(key):
+            rows.append((key, json.dumps(s[key])))
+    for k, val in rows:
+        info.add_row(k, val)
+    out = console()
+    out.print(info)
+    extra = {
+        k: val for k, val in v.lineage.items() if k not in ("source", "base", "base_fingerprint")
+    }
+    for title, doc in (("lineage", extra), ("metrics", v.metrics)):
+        if doc:
+            out.print(f"\n[bold]{title}[/bold]")
+            for k, val in doc.items():
+                out.print(
+                    f"  {k}: {json.dumps(val, default=str) if not isinstance(val, str) else val}"
+                )
+    files = Table(box=None, header_style="bold", title=None)
+    for col in ("FILE", "SIZE", "SHA256"):
+        files.add_column(col)
+    for f in v.files:
+        files.add_row(f.path, human_size(f.size), f.sha256)
+    out.print()
+    out.print(files)
+
+
+@click.command()
+@click.argument("ref")
+@click.argument("tag")
+@click.option("-d", "--delete", is_flag=True, help="Remove TAG from the adapter REF names instead.")
+@with_registry
+def tag(registry, ref: str, tag: str, delete: bool) -> None:
+    """Point NAME@TAG at REF (moving the tag if it exists)."""
+    if delete:
+        from adaptr.registry import Ref
+
+        name = Ref.parse(ref).name
+        registry.untag(name, tag)
+        click.echo(f"removed tag {name}@{tag}")
+        return
+    v = registry.tag(ref, tag)
+    click.echo(f"{v.name}@{tag} -> {v.ref}")
+
+
+@click.command()
+@click.argument("ref")
+@click.option("--all", "all_versions", is_flag=True, help="Remove every version of the name.")
+@click.option(
+    "--force", is_flag=True, help="Remove even if a tag or the active state points at it."
+)
+@with_registry
+def rm(registry, ref: str, all_versions: bool, force: bool) -> None:
+    """Remove a version (files are freed by `adaptr gc`)."""
+    gone = registry.remove(ref, force=force, all_versions=all_versions)
+    for v in gone:
+        click.echo(f"removed {v.ref}")
+    freed = registry.reclaimable()
+    if freed:
+        note(f"{human_size(freed)} can be freed with `adaptr gc`")
+
+
+@click.command()
+@click.argument("refs", nargs=-1)
+@click.option(
+    "--clear", "clear_base", metavar="BASE", help="Deactivate every adapter of BASE instead."
+)
+@with_registry
+def switch(registry, refs: tuple[str, ...], clear_base: str | None) -> None:
+    """Make REF (or several, stacked) the active adapter(s) of its base."""
+    if clear_base is not None:
+        if refs:
+            raise click.UsageError("give either REFs or --clear BASE, not both")
+        registry.deactivate(clear_base)
+        click.echo(f"{clear_base}: no active adapter")
+        return
+    if not refs:
+        raise click.UsageError("give at least one REF (or --clear BASE)")
+    base, active = registry.switch(*refs)
+    click.echo(f"{base or '(no base)'}: active {', '.join(active)}")

@@ -1,0 +1,62 @@
+"""Store maintenance commands: verify, gc, export."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ._common import emit_json, human_size, json_option, with_registry
+
+
+@click.command()
+@click.argument("ref", required=False)
+@json_option
+@with_registry
+def verify(registry, ref: str | None, as_json: bool) -> None:
+    """Re-hash stored files (all, or REF's); exits non-zero on any mismatch."""
+    report = registry.verify(ref)
+    if as_json:
+        emit_json(report.to_dict())
+    else:
+        for p in report.problems:
+            click.echo(f"BAD  {p}", err=True)
+        state = "ok" if report.ok else f"{len(report.problems)} problem(s)"
+        click.echo(
+            f"{state}: {report.versions} version(s), {report.files} file(s), {human_size(report.bytes)} checked"
+        )
+    if not report.ok:
+        sys.exit(6)
+
+
+@click.command()
+@json_option
+@with_registry
+def gc(registry, as_json: bool) -> None:
+    """Delete stored files that no version references."""
+    report = registry.gc()
+    if as_json:
+        emit_json(report.to_dict())
+        return
+    click.echo(
+        f"removed {report.blobs_removed} unreferenced file(s), freed {human_size(report.bytes_freed + report.staged_removed_bytes)}"
+    )
+
+
+@click.command()
+@click.argument("ref")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["peft", "vllm"]),
+    default="peft",
+    show_default=True,
+    help="peft: every stored file; vllm: config + weights, checked for what vLLM can load.",
+)
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists and is not empty.")
+@with_registry
+def export(registry, ref: str, out_dir: str, fmt: str, force: bool) -> None:
+    """Write REF as a plain PEFT adapter folder (loads with PeftModel.from_pretrained)."""
+    out = registry.export(ref, out_dir, format=fmt, force=force)
+    click.echo(str(out))

@@ -1,0 +1,1 @@
+"""adaptr.plugins: the built-in plugins (model families and dataset formatters)."""

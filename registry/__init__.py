@@ -1,0 +1,10 @@
+"""adaptr.registry: the store of named, versioned, tagged adapters (no torch needed)."""
+
+from .models import AdapterVersion, BaseRecord, GcReport, StoredFile, VerifyReport
+from .refs import Ref, check_name
+from .registry import Registry, default_home
+
+__all__ = [
+    "AdapterVersion", "BaseRecord", "GcReport", "Ref", "Registry", "StoredFile", "VerifyReport",
+    "check_name", "default_home",
+]  # fmt: skip

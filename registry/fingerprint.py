@@ -1,0 +1,147 @@
+"""Base models: find their files, fingerprint them, and check that an adapter fits one.
+
+The fingerprint is a SHA-256 over the architecture-defining config and every tensor's
+name, shape and dtype, read from safetensors headers: two copies of the same base agree,
+a different model or size does not, and computing it never loads a weight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from adaptr.errors import IncompatibleBaseError, InvalidInputError
+
+from .safetensors_header import TensorInfo, read_header
+
+VOLATILE_KEYS = {
+    "_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache",
+    "output_attentions", "output_hidden_states", "return_dict", "_attn_implementation",
+    "_attn_implementation_autoset", "_commit_hash",
+}  # fmt: skip
+
+
+@dataclass
+class BaseInfo:
+    """What adaptr knows about a base model folder."""
+
+    path: Path
+    config: dict
+    tensors: dict[str, TensorInfo]
+    fingerprint: str
+
+    @property
+    def quantized(self) -> bool:
+        return "quantization_config" in self.config
+
+    def summary(self) -> dict:
+        c = self.config
+        return {
+            "model_type": c.get("model_type"),
+            "architectures": c.get("architectures"),
+            "hidden_size": c.get("hidden_size"),
+            "num_hidden_layers": c.get("num_hidden_layers"),
+            "vocab_size": c.get("vocab_size"),
+            "quantized": self.quantized,
+            "tensors": len(self.tensors),
+            "parameters": sum(_numel(t) for t in self.tensors.values()),
+        }
+
+
+def _numel(t: TensorInfo) -> int:
+    n = 1
+    for d in t.shape:
+        n *= d
+    return n
+
+
+def hub_cache_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+
+
+def find_base_dir(path_or_id: str) -> Path | None:
+    """A local model folder for ``path_or_id``: the path itself, or its Hugging Face cache snapshot."""
+    p = Path(path_or_id).expanduser()
+    if (p / "config.json").is_file():
+        return p.resolve()
+    if p.is_absolute() or path_or_id.startswith((".", "~")) or path_or_id.count("/") != 1:
+        return None
+    repo = hub_cache_dir() / ("models--" + path_or_id.replace("/", "--"))
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        snap = repo / "snapshots" / ref.read_text().strip()
+        if (snap / "config.json").is_file():
+            return snap
+    return None
+
+
+def read_base(path: str | Path) -> BaseInfo:
+    """Read a base model folder's config and tensor headers (no weights are loaded)."""
+    path = Path(path)
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise InvalidInputError(f"{path} is not a model folder (no config.json)")
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidInputError(f"{cfg_path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise InvalidInputError(f"{cfg_path} must hold a JSON object")
+    tensors: dict[str, TensorInfo] = {}
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError):
+            raise InvalidInputError(f"{index} is malformed") from None
+    else:
+        shards = sorted(p.name for p in path.glob("*.safetensors"))
+    for shard in shards:
+        tensors.update(read_header(path / shard)[0])
+    stable = {k: v for k, v in sorted(config.items()) if k not in VOLATILE_KEYS}
+    digest = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        digest.update(f"\n{name}:{t.dtype}:{','.join(map(str, t.shape))}".encode())
+    return BaseInfo(path, config, tensors, digest.hexdigest())
+
+
+def check_adapter_fits(
+    modules: dict[str, dict[str, TensorInfo]], base: BaseInfo, label: str
+) -> None:
+    """Raise IncompatibleBaseError unless every LoRA module exists in ``base`` with matching sizes."""
+    if not base.tensors:
+        return  # a pickle-only base: nothing we may read to compare against
+    names = base.tensors
+    tied = base.config.get("tie_word_embeddings", False)
+    for module, parts in sorted(modules.items()):
+        weight = _find_weight(names, module)
+        if weight is None:
+            if tied and module.split(".")[-1] in ("lm_head", "embed_out"):
+                continue
+            raise IncompatibleBaseError(
+                f"{label} does not fit base {base.path}: the base has no module {module}; "
+                f"pass the base the adapter was trained on with --base"
+            )
+        if base.quantized or len(weight.shape) < 2:
+            continue
+        a, b = parts["lora_A"].shape, parts["lora_B"].shape
+        pair = (a[1], b[0]) if len(a) > 1 else None
+        if pair not in ((weight.shape[1], weight.shape[0]), (weight.shape[0], weight.shape[1])):
+            raise IncompatibleBaseError(
+                f"{label} does not fit base {base.path}: {module} is {list(weight.shape)} in the base "
+                f"but the adapter expects in/out {list(pair or ())}; pass the right base with --base"
+            )
+
+
+def _find_weight(names: dict[str, TensorInfo], module: str) -> TensorInfo | None:
+    for key in (f"{module}.weight", f"{module}.base_layer.weight"):
+        if key in names:
+            return names[key]
+    head, _, rest = module.partition(".")  # a base saved without its LM wrapper
+    return names.get(f"{rest}.weight") if rest else None

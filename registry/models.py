@@ -1,0 +1,101 @@
+"""Records the registry returns: adapter versions, bases, and maintenance reports."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class StoredFile:
+    path: str
+    sha256: str
+    size: int
+
+
+@dataclass
+class AdapterVersion:
+    """One immutable version of a named adapter."""
+
+    name: str
+    version: int
+    created: float
+    base: str | None
+    base_fingerprint: str | None
+    peft_type: str | None
+    r: int | None
+    size: int
+    summary: dict
+    config: dict
+    lineage: dict
+    metrics: dict
+    source: str | None
+    files: list[StoredFile] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    active: bool = False
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def lora_alpha(self):
+        return self.summary.get("lora_alpha")
+
+    @property
+    def target_modules(self):
+        return self.summary.get("target_modules")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ref"] = self.ref
+        return d
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> AdapterVersion:
+        return cls(
+            name=row["name"], version=row["version"], created=row["created"], base=row["base"],
+            base_fingerprint=row["base_fingerprint"], peft_type=row["peft_type"], r=row["r"],
+            size=row["size"], summary=json.loads(row["summary"]), config=json.loads(row["config"]),
+            lineage=json.loads(row["lineage"]), metrics=json.loads(row["metrics"]), source=row["source"],
+        )  # fmt: skip
+
+
+@dataclass
+class BaseRecord:
+    """A registered base model: a name for a local model folder and its fingerprint."""
+
+    name: str
+    path: str
+    fingerprint: str
+    summary: dict
+    created: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class VerifyReport:
+    versions: int = 0
+    files: int = 0
+    bytes: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+
+@dataclass
+class GcReport:
+    blobs_removed: int = 0
+    bytes_freed: int = 0
+    staged_removed_bytes: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,613 @@
+"""The adapter registry: named, versioned, tagged LoRA adapters on base models.
+
+Layout of a registry home::
+
+    registry.db            SQLite index (WAL): names, versions, files, tags, active, bases
+    blobs/sha256/ab/…      content-addressed, read-only adapter files
+    tmp/                   staging for writes in progress
+    lock                   the writer lock
+
+Every write stages its files, fsyncs and renames them into ``blobs/``, then commits one
+SQL transaction under the writer lock: a crash at any instant leaves the whole version
+or none of it. Unreferenced blobs (from a crash, ``rm``) are dropped by :meth:`gc`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from adaptr.errors import (
+    ConflictError,
+    IncompatibleBaseError,
+    IntegrityError,
+    InvalidInputError,
+    LockTimeoutError,
+    NotFoundError,
+)
+
+from . import index
+from .adapter_dir import CONFIG, WEIGHTS, inspect_adapter, lora_modules
+from .blobs import BlobStore, fsync_dir, hash_file
+from .fingerprint import BaseInfo, check_adapter_fits, find_base_dir, read_base
+from .models import AdapterVersion, BaseRecord, GcReport, StoredFile, VerifyReport
+from .refs import Ref, check_name, check_tag
+from .safetensors_header import read_header
+
+EXPORT_FORMATS = ("peft", "vllm")
+
+
+def default_home() -> Path:
+    """``$ADAPTR_HOME``, else ``~/.adaptr``."""
+    return Path(os.environ.get("ADAPTR_HOME") or Path.home() / ".adaptr").expanduser()
+
+
+class Registry:
+    """A registry home. Safe to share between threads and processes."""
+
+    def __init__(self, home: str | Path | None = None):
+        self.home = Path(home).expanduser() if home else default_home()
+        self.blobs = BlobStore(self.home)
+        self._local = threading.local()
+        self.notes: list[str] = []  # warnings from the last write (skipped files, unknown base…)
+
+    def __repr__(self) -> str:
+        return f"Registry({str(self.home)!r})"
+
+    # ----------------------------------------------------------------- plumbing
+    def _conn(self, create: bool = False) -> sqlite3.Connection | None:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = index.connect(self.home / "registry.db", create=create)
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _writer(self) -> Iterator[sqlite3.Connection]:
+        """Hold the writer lock; yields a connection to an index that exists."""
+        from filelock import FileLock, Timeout
+
+        self.home.mkdir(parents=True, exist_ok=True)
+        timeout = float(os.environ.get("ADAPTR_LOCK_TIMEOUT", "600"))
+        lock = FileLock(str(self.home / "lock"), timeout=timeout)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise LockTimeoutError(
+                f"another adaptr process has held the writer lock on {self.home} for {timeout:.0f}s; "
+                "wait for it to finish (or raise ADAPTR_LOCK_TIMEOUT)"
+            ) from None
+        try:
+            yield self._conn(create=True)
+        finally:
+            lock.release()
+
+    def _rows(self, sql: str, args: Sequence = ()) -> list[sqlite3.Row]:
+        conn = self._conn()
+        return conn.execute(sql, args).fetchall() if conn else []
+
+    # --------------------------------------------------------------- resolving
+    def _resolve_row(self, ref: str | Ref, conn: sqlite3.Connection | None = None) -> sqlite3.Row:
+        r = ref if isinstance(ref, Ref) else Ref.parse(ref)
+        conn = conn or self._conn()
+        if conn is None:
+            raise self._unknown(r.name, [])
+        if r.tag is not None:
+            hit = conn.execute(
+                "SELECT version FROM tags WHERE name=? AND tag=?", (r.name, r.tag)
+            ).fetchone()
+            if hit is None:
+                tags = [
+                    t[0]
+                    for t in conn.execute(
+                        "SELECT tag FROM tags WHERE name=? ORDER BY tag", (r.name,)
+                    )
+                ]
+                if not tags and not self._has_versions(conn, r.name):
+                    raise self._unknown(r.name, conn)
+                listed = ", ".join(tags) if tags else "none"
+                raise NotFoundError(
+                    f"{r.name} has no tag {r.tag!r} (tags: {listed}); add one with `adaptr tag`"
+                )
+            version = hit[0]
+        else:
+            version = r.version
+        if version is None:
+            row = conn.execute(
+                "SELECT * FROM versions WHERE name=? ORDER BY version DESC LIMIT 1", (r.name,)
+            ).fetchone()
+        else:
+            row = conn.execute(
+                "SELECT * FROM versions WHERE name=? AND version=?", (r.name, version)
+            ).fetchone()
+        if row is None:
+            if not self._has_versions(conn, r.name):
+                raise self._unknown(r.name, conn)
+            have = [
+                str(v[0])
+                for v in conn.execute(
+                    "SELECT version FROM versions WHERE name=? ORDER BY version", (r.name,)
+                )
+            ]
+            raise NotFoundError(f"{r.name} has no version {version} (versions: {', '.join(have)})")
+        return row
+
+    @staticmethod
+    def _has_versions(conn: sqlite3.Connection, name: str) -> bool:
+        return (
+            conn.execute("SELECT 1 FROM versions WHERE name=? LIMIT 1", (name,)).fetchone()
+            is not None
+        )
+
+    @staticmethod
+    def _unknown(name: str, conn) -> NotFoundError:
+        names = [r[0] for r in conn.execute("SELECT DISTINCT name FROM versions")] if conn else []
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = (
+            f"did you mean {close[0]!r}?"
+            if close
+            else "run `adaptr list` to see the registered adapters"
+        )
+        return NotFoundError(f"unknown adapter {name!r}: {hint}")
+
+    def _load(self, rows: list[sqlite3.Row], conn: sqlite3.Connection) -> list[AdapterVersion]:
+        """Turn version rows into records with their files, tags and active flag."""
+        out = [AdapterVersion.from_row(r) for r in rows]
+        if not out:
+            return out
+        by_id = {r["id"]: v for r, v in zip(rows, out, strict=True)}
+        by_key = {(v.name, v.version): v for v in out}
+        ids = ",".join(str(i) for i in by_id)
+        for f in conn.execute(f"SELECT * FROM files WHERE version_id IN ({ids}) ORDER BY path"):
+            by_id[f["version_id"]].files.append(StoredFile(f["path"], f["sha256"], f["size"]))
+        for t in conn.execute("SELECT name, tag, version FROM tags ORDER BY tag"):
+            v = by_key.get((t["name"], t["version"]))
+            if v:
+                v.tags.append(t["tag"])
+        for refs in self._active(conn).values():
+            for ref in refs:
+                try:
+                    row = self._resolve_row(ref, conn)
+                except NotFoundError:
+                    continue
+                v = by_key.get((row["name"], row["version"]))
+                if v:
+                    v.active = True
+        return out
+
+    # ------------------------------------------------------------------- reads
+    def get(self, ref: str | Ref) -> AdapterVersion:
+        """The version a reference names (``NAME``, ``NAME@N``, ``NAME@TAG``)."""
+        row = self._resolve_row(ref)
+        return self._load([row], self._conn())[0]
+
+    def list(self, name: str | None = None) -> list[AdapterVersion]:
+        """Every stored version (of ``name`` only, if given), by name then version."""
+        conn = self._conn()
+        if conn is None:
+            if name:
+                raise self._unknown(name, None)
+            return []
+        if name is not None:
+            check_name(name)
+            rows = conn.execute(
+                "SELECT * FROM versions WHERE name=? ORDER BY version", (name,)
+            ).fetchall()
+            if not rows:
+                raise self._unknown(name, conn)
+        else:
+            rows = conn.execute("SELECT * FROM versions ORDER BY name, version").fetchall()
+        return self._load(rows, conn)
+
+    def path(self, ref: str | Ref) -> dict[str, Path]:
+        """The stored files of a version: relative name -> read-only blob path."""
+        v = self.get(ref)
+        return {f.path: self.blobs.path(f.sha256) for f in v.files}
+
+    @staticmethod
+    def _active(conn: sqlite3.Connection | None) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        if conn is None:
+            return out
+        for row in conn.execute("SELECT base, ref FROM active ORDER BY base, position"):
+            out.setdefault(row["base"], []).append(row["ref"])
+        return out
+
+    def active(self, base: str | None = None) -> dict[str, list[str]]:
+        """Active adapter references per base (``""`` is the key for adapters with no base)."""
+        act = self._active(self._conn())
+        return {base: act.get(base, [])} if base is not None else act
+
+    # ------------------------------------------------------------------ writes
+    def add(
+        self,
+        name: str,
+        source: str | Path,
+        *,
+        base: str | None = None,
+        tags: Sequence[str] = (),
+        lineage: dict | None = None,
+        metrics: dict | None = None,
+    ) -> AdapterVersion:
+        """Store the PEFT adapter folder ``source`` as the next version of ``name``."""
+        check_name(name)
+        for t in tags:
+            check_tag(t)
+        adapter = inspect_adapter(source)
+        self.notes = [f"skipped {s}" for s in adapter.skipped]
+        base_key, fingerprint, base_info = self._attach_base(
+            base, adapter.config.get("base_model_name_or_path")
+        )
+        if base_info is not None:
+            check_adapter_fits(adapter.lora_modules, base_info, f"adapter {adapter.root}")
+        summary = adapter.summary()
+        lineage = {"source": str(adapter.root.resolve()), **(lineage or {})}
+        if base_key is not None:
+            lineage.setdefault("base", base_key)
+            lineage.setdefault("base_fingerprint", fingerprint)
+        with self._writer() as conn:
+            stored = []
+            for f in adapter.files:
+                digest, size = self.blobs.put(f)
+                if f.suffix == ".safetensors":
+                    read_header(self.blobs.path(digest))  # the stored copy is whole, too
+                stored.append((f.name, digest, size))
+            with index.transaction(conn):
+                row = conn.execute(
+                    "SELECT next_version FROM names WHERE name=?", (name,)
+                ).fetchone()
+                version = row[0] if row else 1
+                conn.execute(
+                    "INSERT INTO names(name, next_version) VALUES (?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET next_version=excluded.next_version",
+                    (name, version + 1),
+                )
+                cur = conn.execute(
+                    "INSERT INTO versions(name, version, created, base, base_fingerprint, peft_type, r, size,"
+                    " summary, config, lineage, metrics, source) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        name, version, time.time(), base_key, fingerprint, summary.get("peft_type"),
+                        summary.get("r"), sum(s for _, _, s in stored), json.dumps(summary),
+                        json.dumps(adapter.config), json.dumps(lineage, default=str),
+                        json.dumps(metrics or {}, default=str), str(adapter.root.resolve()),
+                    ),
+                )  # fmt: skip
+                conn.executemany(
+                    "INSERT INTO files(version_id, path, sha256, size) VALUES (?,?,?,?)",
+                    [(cur.lastrowid, *s) for s in stored],
+                )
+                conn.executemany(
+                    "INSERT OR REPLACE INTO tags(name, tag, version) VALUES (?,?,?)",
+                    [(name, t, version) for t in tags],
+                )
+        return self.get(f"{name}@{version}")
+
+    def _attach_base(
+        self, base: str | None, declared: str | None
+    ) -> tuple[str | None, str | None, BaseInfo | None]:
+        """Resolve an adapter's base to (key, fingerprint, readable base or None)."""
+        wanted = base or declared
+        if not wanted:
+            self.notes.append("no base recorded: the adapter config names none; pass --base")
+            return None, None, None
+        rec = self._base_row(wanted)
+        if rec is not None:
+            path = Path(rec["path"])
+            info = read_base(path) if (path / "config.json").is_file() else None
+            if info is None:
+                self.notes.append(
+                    f"base {rec['name']} is registered at {path}, which is gone: shapes not checked"
+                )
+            elif info.fingerprint != rec["fingerprint"]:
+                raise IntegrityError(
+                    f"base {rec['name']} at {path} changed since it was registered (fingerprint differs); "
+                    f"re-register it with `adaptr base add {rec['name']} PATH --force`"
+                )
+            return rec["name"], rec["fingerprint"], info
+        found = find_base_dir(wanted)
+        if found is None:
+            local = Path(wanted).expanduser()
+            if base and (local.exists() or wanted.startswith((".", "/", "~"))):
+                raise NotFoundError(
+                    f"base {wanted!r} is not a model folder (no config.json); give a model folder, "
+                    "a Hub id in the local cache, or a name from `adaptr base list`"
+                )
+            self.notes.append(
+                f"base {wanted} is not available locally: recorded by name, shapes not checked"
+            )
+            return wanted, None, None
+        info = read_base(found)
+        for row in self._rows("SELECT name, fingerprint FROM bases"):
+            if row["fingerprint"] == info.fingerprint:
+                return row["name"], info.fingerprint, info
+        key = str(found) if Path(wanted).expanduser().exists() else wanted
+        return key, info.fingerprint, info
+
+    def _base_row(self, name: str) -> sqlite3.Row | None:
+        rows = self._rows("SELECT * FROM bases WHERE name=?", (name,))
+        return rows[0] if rows else None
+
+    def tag(self, ref: str | Ref, tag: str) -> AdapterVersion:
+        """Point ``NAME@tag`` at the version ``ref`` names (moving it if it exists)."""
+        check_tag(tag)
+        with self._writer() as conn, index.transaction(conn):
+            row = self._resolve_row(ref, conn)
+            conn.execute(
+                "INSERT OR REPLACE INTO tags(name, tag, version) VALUES (?,?,?)",
+                (row["name"], tag, row["version"]),
+            )
+        return self.get(f"{row['name']}@{row['version']}")
+
+    def untag(self, name: str, tag: str) -> None:
+        """Remove tag ``tag`` from adapter ``name``."""
+        check_name(name)
+        with self._writer() as conn, index.transaction(conn):
+            if conn.execute("DELETE FROM tags WHERE name=? AND tag=?", (name, tag)).rowcount == 0:
+                raise NotFoundError(f"{name} has no tag {tag!r}")
+
+    def switch(self, *refs: str) -> tuple[str, list[str]]:
+        """Make ``refs`` the active adapters of their (common) base; returns (base, refs)."""
+        if not refs:
+            raise InvalidInputError("switch needs at least one adapter reference")
+        parsed = [Ref.parse(r) for r in refs]
+        with self._writer() as conn, index.transaction(conn):
+            rows = [self._resolve_row(r, conn) for r in parsed]
+            bases = {row["base"] or "" for row in rows}
+            if len(bases) > 1:
+                raise IncompatibleBaseError(
+                    f"cannot activate adapters of different bases together ({', '.join(sorted(bases))}); "
+                    "switch each base separately"
+                )
+            (base,) = bases
+            conn.execute("DELETE FROM active WHERE base=?", (base,))
+            conn.executemany(
+                "INSERT INTO active(base, position, ref) VALUES (?,?,?)",
+                [(base, i, str(r)) for i, r in enumerate(parsed)],
+            )
+        return base, [str(r) for r in parsed]
+
+    def deactivate(self, base: str) -> None:
+        """Clear the active adapters of ``base`` (it then runs bare)."""
+        with self._writer() as conn, index.transaction(conn):
+            conn.execute("DELETE FROM active WHERE base=?", (base,))
+
+    def remove(
+        self, ref: str | Ref, *, force: bool = False, all_versions: bool = False
+    ) -> list[AdapterVersion]:
+        """Remove one version (or every version with ``all_versions``); returns what was removed.
+
+        A version a tag or an active reference points at needs ``force``; its tags go with it.
+        Files stay until :meth:`gc`, so the removal itself is one transaction.
+        """
+        r = ref if isinstance(ref, Ref) else Ref.parse(ref)
+        with self._writer() as conn, index.transaction(conn):
+            if all_versions:
+                if r.version or r.tag:
+                    raise InvalidInputError(
+                        f"--all removes every version of a name: give {r.name}, not {r}"
+                    )
+                rows = conn.execute(
+                    "SELECT * FROM versions WHERE name=? ORDER BY version", (r.name,)
+                ).fetchall()
+                if not rows:
+                    raise self._unknown(r.name, conn)
+            else:
+                row = self._resolve_row(r, conn)
+                count = conn.execute(
+                    "SELECT COUNT(*) FROM versions WHERE name=?", (r.name,)
+                ).fetchone()[0]
+                if r.version is None and r.tag is None and count > 1:
+                    raise InvalidInputError(
+                        f"{r.name} has {count} versions: remove one with {r.name}@N, or all with --all"
+                    )
+                rows = [row]
+            victims = self._load(rows, conn)
+            held = [v for v in victims if v.tags or v.active]
+            if held and not force:
+                why = "; ".join(
+                    f"{v.ref} is "
+                    + " and ".join(
+                        (["tagged " + ", ".join(v.tags)] if v.tags else [])
+                        + (["active"] if v.active else [])
+                    )
+                    for v in held
+                )
+                raise ConflictError(
+                    f"{why}: pass --force to remove it anyway (its tags go with it)"
+                )
+            gone = {(v.name, v.version) for v in victims}
+            for v in victims:
+                conn.execute("DELETE FROM tags WHERE name=? AND version=?", (v.name, v.version))
+                conn.execute("DELETE FROM versions WHERE name=? AND version=?", (v.name, v.version))
+            self._prune_active(conn, gone)
+        return victims
+
+    def _prune_active(self, conn: sqlite3.Connection, gone: set[tuple[str, int]]) -> None:
+        """Drop active references that no longer resolve, keeping the rest in order."""
+        for base, refs in self._active(conn).items():
+            keep = []
+            for ref in refs:
+                try:
+                    self._resolve_row(ref, conn)
+                    keep.append(ref)
+                except NotFoundError:
+                    pass
+            if keep != refs:
+                conn.execute("DELETE FROM active WHERE base=?", (base,))
+                conn.executemany(
+                    "INSERT INTO active(base, position, ref) VALUES (?,?,?)",
+                    [(base, i, r) for i, r in enumerate(keep)],
+                )
+
+    # ------------------------------------------------------------ maintenance
+    def verify(self, ref: str | Ref | None = None) -> VerifyReport:
+        """Re-hash every stored file (of ``ref`` only, if given) and check the index."""
+        report = VerifyReport()
+        conn = self._conn()
+        if conn is None:
+            return report
+        versions = [self.get(ref)] if ref is not None else self.list()
+        if ref is None:
+            status = conn.execute("PRAGMA integrity_check").fetchone()[0]
+            if status != "ok":
+                report.problems.append(f"index: {status}")
+        seen: dict[str, str | None] = {}
+        for v in versions:
+            report.versions += 1
+            for f in v.files:
+                report.files += 1
+                if f.sha256 not in seen:
+                    seen[f.sha256] = self._check_blob(f)
+                    report.bytes += f.size
+                if seen[f.sha256]:
+                    report.problems.append(f"{v.ref}/{f.path}: {seen[f.sha256]}")
+        return report
+
+    def _check_blob(self, f: StoredFile) -> str | None:
+        p = self.blobs.path(f.sha256)
+        if not p.is_file():
+            return "missing"
+        digest, size = hash_file(p)
+        if size != f.size:
+            return f"size {size} != recorded {f.size}"
+        if digest != f.sha256:
+            return f"content changed (sha256 {digest[:12]}…, recorded {f.sha256[:12]}…)"
+        return None
+
+    def gc(self) -> GcReport:
+        """Delete blobs no version references and files left staged by interrupted writers."""
+        report = GcReport()
+        with self._writer() as conn:
+            report.staged_removed_bytes = self.blobs.clear_tmp()
+            used = {r[0] for r in conn.execute("SELECT DISTINCT sha256 FROM files")}
+            for digest in list(self.blobs.digests()):
+                if digest not in used:
+                    report.bytes_freed += self.blobs.remove(digest)
+                    report.blobs_removed += 1
+        return report
+
+    def reclaimable(self) -> int:
+        """Bytes that :meth:`gc` would free from unreferenced blobs."""
+        used = {r[0] for r in self._rows("SELECT DISTINCT sha256 FROM files")}
+        return sum(self.blobs.path(d).stat().st_size for d in self.blobs.digests() if d not in used)
+
+    def export(
+        self, ref: str | Ref, out: str | Path, *, format: str = "peft", force: bool = False
+    ) -> Path:
+        """Write a plain PEFT adapter folder for ``ref`` (hashes re-checked while copying).
+
+        ``format="vllm"`` writes only the config and weights, and refuses what vLLM cannot load.
+        """
+        if format not in EXPORT_FORMATS:
+            raise InvalidInputError(
+                f"unknown export format {format!r}: use one of {', '.join(EXPORT_FORMATS)}"
+            )
+        v = self.get(ref)
+        out = Path(out).expanduser()
+        if out.exists() and not out.is_dir():
+            raise ConflictError(f"{out} exists and is not a folder; choose another output path")
+        if out.is_dir() and any(out.iterdir()) and not force:
+            raise ConflictError(f"{out} exists and is not empty; pass --force to replace it")
+        files = v.files
+        if format == "vllm":
+            if v.summary.get("use_dora"):
+                raise InvalidInputError(
+                    f"{v.ref} uses DoRA, which vLLM cannot serve; export with --format peft"
+                )
+            files = [f for f in files if f.path in (CONFIG, WEIGHTS)]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = out.parent / f".{out.name}.adaptr-{os.getpid()}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        try:
+            for f in files:
+                self._copy_checked(f, staging / f.path, v.ref)
+            fsync_dir(staging)
+            if out.exists():
+                old = out.parent / f".{out.name}.adaptr-{os.getpid()}.old"
+                os.replace(out, old)
+                os.replace(staging, out)
+                shutil.rmtree(old)
+            else:
+                os.replace(staging, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return out
+
+    def _copy_checked(self, f: StoredFile, dest: Path, ref: str) -> None:
+        import hashlib
+
+        src = self.blobs.path(f.sha256)
+        if not src.is_file():
+            raise IntegrityError(f"{ref}/{f.path} is missing from the store; run `adaptr verify`")
+        h = hashlib.sha256()
+        with open(src, "rb") as fin, open(dest, "wb") as fout:
+            while chunk := fin.read(8 << 20):
+                h.update(chunk)
+                fout.write(chunk)
+            fout.flush()
+            os.fsync(fout.fileno())
+        if h.hexdigest() != f.sha256:
+            raise IntegrityError(
+                f"{ref}/{f.path} is corrupt in the store (hash mismatch); run `adaptr verify`"
+            )
+
+    # ------------------------------------------------------------------ bases
+    def add_base(self, name: str, path: str | Path, *, force: bool = False) -> BaseRecord:
+        """Register a local model folder (or a cached Hub id) as base ``name``."""
+        check_name(name, "base name")
+        found = find_base_dir(str(path))
+        if found is None:
+            raise NotFoundError(
+                f"no model folder at {path} (no config.json): give a local model folder or a Hub id in the local cache"
+            )
+        info = read_base(found)
+        with self._writer() as conn, index.transaction(conn):
+            old = conn.execute("SELECT fingerprint FROM bases WHERE name=?", (name,)).fetchone()
+            if old and old[0] != info.fingerprint and not force:
+                raise ConflictError(
+                    f"base {name} is registered with a different model; pass --force to replace it"
+                )
+            conn.execute(
+                "INSERT OR REPLACE INTO bases(name, path, fingerprint, summary, created) VALUES (?,?,?,?,?)",
+                (name, str(found), info.fingerprint, json.dumps(info.summary()), time.time()),
+            )
+            # adapters recorded against this folder by path now name the base
+            for alias in {str(found), str(path)} - {name}:
+                conn.execute("UPDATE versions SET base=? WHERE base=?", (name, alias))
+                conn.execute("UPDATE active SET base=? WHERE base=?", (name, alias))
+        return self.get_base(name)
+
+    def bases(self) -> list[BaseRecord]:
+        """Every registered base."""
+        return [self._base_record(r) for r in self._rows("SELECT * FROM bases ORDER BY name")]
+
+    def get_base(self, name: str) -> BaseRecord:
+        row = self._base_row(name)
+        if row is None:
+            raise NotFoundError(
+                f"unknown base {name!r}: register it with `adaptr base add {name} PATH`"
+            )
+        return self._base_record(row)
+
+    @staticmethod
+    def _base_record(row: sqlite3.Row) -> BaseRecord:
+        return BaseRecord(
+            row["name"], row["path"], row["fingerprint"], json.loads(row["summary"]), row["created"]
+        )
+
+    def base_path(self, key: str) -> str:
+        """A loadable path or Hub id for a base key (a registered name, a path, or an id)."""
+        row = self._base_row(key)
+        return row["path"] if row else key
+
+
+__all__ = ["Registry", "default_home", "lora_modules"]

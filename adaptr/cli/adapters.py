@@ -46,24 +46,32 @@ def list_(registry, name: str | None, all_versions: bool, as_json: bool) -> None
     table = Table(box=None, header_style="bold")
     for col in ("NAME", "VERSION", "BASE", "TYPE", "RANK", "SIZE", "TAGS", "ACTIVE", "CREATED"):
         table.add_column(col, justify="right" if col in ("RANK", "SIZE") else "left")
-    rows = versions if (all_versions or name) else _newest(versions)
-    counts: dict[str, int] = {}
-    for v in versions:
-        counts[v.name] = counts.get(v.name, 0) + 1
-    for v in rows:
-        ver = f"@{v.version}" if (all_versions or name) else f"@{v.version} ({counts[v.name]})"
-        table.add_row(
-            v.name, ver, v.base or "-", _kind(v), str(v.r or "-"), human_size(v.size),
-            ",".join(v.tags) or "-", "*" if v.active else "", ago(v.created),
-        )  # fmt: skip
+    per_version = all_versions or name is not None
+    for group in _by_name(versions).values():
+        newest = group[-1]
+        for v in group if per_version else [newest]:
+            if per_version:
+                ver, tags, active = f"@{v.version}", ",".join(v.tags), "*" if v.active else ""
+            else:  # one row per adapter: tags and active state of any version, marked where not newest
+                ver = f"@{v.version} ({len(group)})"
+                tags = ",".join(
+                    t if o is newest else f"{t}@{o.version}" for o in group for t in o.tags
+                )
+                active = ",".join(
+                    "*" if o is newest else f"@{o.version}" for o in group if o.active
+                )
+            table.add_row(
+                v.name, ver, v.base or "-", _kind(v), str(v.r or "-"), human_size(v.size),
+                tags or "-", active, ago(v.created),
+            )  # fmt: skip
     console().print(table)
 
 
-def _newest(versions):
-    newest = {}
+def _by_name(versions) -> dict[str, list]:
+    groups: dict[str, list] = {}
     for v in versions:
-        newest[v.name] = v
-    return list(newest.values())
+        groups.setdefault(v.name, []).append(v)
+    return groups
 
 
 def _kind(v) -> str:
@@ -73,11 +81,9 @@ def _kind(v) -> str:
 
 
 def _grouped(versions) -> list[dict]:
-    out: dict[str, dict] = {}
-    for v in versions:
-        entry = out.setdefault(v.name, {"name": v.name, "versions": []})
-        entry["versions"].append(v.to_dict())
-    return list(out.values())
+    return [
+        {"name": n, "versions": [v.to_dict() for v in g]} for n, g in _by_name(versions).items()
+    ]
 
 
 @click.command()

@@ -1,0 +1,84 @@
+"""Test helpers: synthetic adapter folders, registry snapshots, running the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+MODULES = ("q_proj", "v_proj")
+
+
+def write_adapter(
+    path: Path,
+    *,
+    r: int = 4,
+    hidden: int = 32,
+    layers: int = 2,
+    modules: tuple[str, ...] = MODULES,
+    base: str | None = None,
+    seed: int = 0,
+    extra_files: dict[str, str] | None = None,
+    **config,
+) -> Path:
+    """A PEFT-format LoRA folder written without torch/peft (keys and config as PEFT writes them).
+
+    Shapes fit the tiny LLaMA of ``adaptr.tiny`` when ``hidden`` is 32.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for layer in range(layers):
+        for m in modules:
+            key = f"base_model.model.model.layers.{layer}.self_attn.{m}"
+            tensors[f"{key}.lora_A.weight"] = rng.standard_normal((r, hidden), dtype=np.float32)
+            out = hidden // 2 if m in ("k_proj", "v_proj") else hidden  # the tiny LLaMA uses GQA
+            tensors[f"{key}.lora_B.weight"] = rng.standard_normal((out, r), dtype=np.float32)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    cfg = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0,
+        "target_modules": list(modules), "bias": "none", "use_dora": False, "use_rslora": False,
+        "base_model_name_or_path": base, **config,
+    }  # fmt: skip
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    for name, text in (extra_files or {}).items():
+        (path / name).write_text(text)
+    return path
+
+
+def snapshot(home: Path) -> dict:
+    """Everything a registry holds: every index row and every stored file's content hash."""
+    out: dict = {"tables": {}, "files": {}}
+    db = home / "registry.db"
+    if db.exists():
+        conn = sqlite3.connect(db)
+        for (table,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'"):
+            out["tables"][table] = sorted(map(repr, conn.execute(f"SELECT * FROM {table}")))
+        conn.close()
+    blobs = home / "blobs"
+    if blobs.exists():
+        for p in sorted(blobs.rglob("*")):
+            if p.is_file():
+                out["files"][str(p.relative_to(home))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def run_adaptr(
+    *args: str, home: Path | None = None, env: dict | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    """Run the real console entry point in a fresh interpreter."""
+    import os
+
+    full_env = {**os.environ, **(env or {})}
+    if home is not None:
+        full_env["ADAPTR_HOME"] = str(home)
+    return subprocess.run(
+        [sys.executable, "-c", "from adaptr.cli import run; run()", *args],
+        capture_output=True, text=True, env=full_env, timeout=timeout,
+    )  # fmt: skip

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +37,80 @@ def hash_file(path: Path) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
+class _Progress:
+    """Bytes copied so far, shared by the copying thread and the hashing thread."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.done = 0
+        self.finished = False
+        self.error: BaseException | None = None
+
+    def update(
+        self, done: int | None = None, finished: bool = False, error: BaseException | None = None
+    ) -> None:
+        with self.cond:
+            self.done = self.done if done is None else done
+            self.finished = self.finished or finished or error is not None
+            self.error = self.error or error
+            self.cond.notify()
+
+    def wait_beyond(self, hashed: int) -> tuple[int, bool]:
+        with self.cond:
+            while self.done <= hashed and not self.finished:
+                self.cond.wait()
+            return self.done, self.finished
+
+
+def _copy(fin, fout, progress: _Progress) -> None:
+    try:
+        done = 0
+        while n := _copy_chunk(fin, fout):
+            done += n
+            progress.update(done)
+        progress.update(finished=True)
+        os.fsync(fout.fileno())  # overlaps with the hashing of the tail
+    except BaseException as e:  # handed to the hashing thread
+        progress.update(error=e)
+
+
+def _copy_chunk(fin, fout) -> int:
+    try:
+        return os.copy_file_range(fin.fileno(), fout.fileno(), CHUNK)
+    except (AttributeError, OSError):  # no kernel-side copy here: read and write
+        data = fin.read(CHUNK)
+        fout.write(data)
+        return len(data)
+
+
+def _copy_and_hash(src: Path, dest: Path) -> tuple[str, int]:
+    """Copy ``src`` to ``dest`` and fsync it, while this thread hashes ``dest`` behind the copy."""
+    with (
+        open(src, "rb", buffering=0) as fin,
+        open(dest, "wb", buffering=0) as fout,
+        open(dest, "rb", buffering=0) as reader,
+    ):
+        progress = _Progress()
+        worker = threading.Thread(target=_copy, args=(fin, fout, progress), daemon=True)
+        worker.start()
+        h = hashlib.sha256()
+        hashed = 0
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        while True:
+            limit, finished = progress.wait_beyond(hashed)
+            while hashed < limit:
+                n = reader.readinto(view[: min(CHUNK, limit - hashed)])
+                h.update(view[:n])
+                hashed += n
+            if finished:
+                break
+        worker.join()
+    if progress.error is not None:
+        raise progress.error
+    return h.hexdigest(), hashed
+
+
 class BlobStore:
     """Immutable files named by their SHA-256."""
 
@@ -47,21 +122,16 @@ class BlobStore:
         return self.root / digest[:2] / digest
 
     def put(self, src: Path) -> tuple[str, int]:
-        """Store a copy of ``src``; returns its digest and size. Identical content is stored once."""
+        """Store a copy of ``src``; returns its digest and size. Identical content is stored once.
+
+        The copy (kernel-side, then fsync) and the hash run side by side; the hash is taken
+        over the staged copy, so the name always matches the stored bytes, even if ``src``
+        changes meanwhile.
+        """
         self.tmp.mkdir(parents=True, exist_ok=True)
         part = self.tmp / f"{os.getpid()}-{secrets.token_hex(6)}.part"
-        h = hashlib.sha256()
-        size = 0
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
         try:
-            with open(src, "rb", buffering=0) as fin, open(part, "wb", buffering=0) as fout:
-                while n := fin.readinto(buf):
-                    h.update(view[:n])
-                    fout.write(view[:n])
-                    size += n
-                os.fsync(fout.fileno())
-            digest = h.hexdigest()
+            digest, size = _copy_and_hash(src, part)
             final = self.path(digest)
             if final.exists() and final.stat().st_size == size:
                 part.unlink()

@@ -48,7 +48,8 @@ class AdapterVersion:
         return self.summary.get("target_modules")
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "files"}
+        d["files"] = [{"path": f.path, "sha256": f.sha256, "size": f.size} for f in self.files]
         d["ref"] = self.ref
         return d
 

@@ -14,10 +14,8 @@ or none of it. Unreferenced blobs (from a crash, ``rm``) are dropped by :meth:`g
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
-import shutil
 import sqlite3
 import threading
 import time
@@ -30,7 +28,6 @@ from adaptr.errors import (
     IncompatibleBaseError,
     IntegrityError,
     InvalidInputError,
-    LockTimeoutError,
     NotFoundError,
 )
 
@@ -38,6 +35,7 @@ from . import index
 from .adapter_dir import CONFIG, WEIGHTS, inspect_adapter, lora_modules
 from .blobs import BlobStore, fsync_dir, hash_file
 from .fingerprint import BaseInfo, check_adapter_fits, find_base_dir, read_base
+from .lock import writer_lock
 from .models import AdapterVersion, BaseRecord, GcReport, StoredFile, VerifyReport
 from .refs import Ref, check_name, check_tag
 from .safetensors_header import read_header
@@ -73,22 +71,10 @@ class Registry:
     @contextmanager
     def _writer(self) -> Iterator[sqlite3.Connection]:
         """Hold the writer lock; yields a connection to an index that exists."""
-        from filelock import FileLock, Timeout
-
         self.home.mkdir(parents=True, exist_ok=True)
         timeout = float(os.environ.get("ADAPTR_LOCK_TIMEOUT", "600"))
-        lock = FileLock(str(self.home / "lock"), timeout=timeout)
-        try:
-            lock.acquire()
-        except Timeout:
-            raise LockTimeoutError(
-                f"another adaptr process has held the writer lock on {self.home} for {timeout:.0f}s; "
-                "wait for it to finish (or raise ADAPTR_LOCK_TIMEOUT)"
-            ) from None
-        try:
+        with writer_lock(self.home / "lock", timeout):
             yield self._conn(create=True)
-        finally:
-            lock.release()
 
     def _rows(self, sql: str, args: Sequence = ()) -> list[sqlite3.Row]:
         conn = self._conn()
@@ -149,6 +135,8 @@ class Registry:
 
     @staticmethod
     def _unknown(name: str, conn) -> NotFoundError:
+        import difflib
+
         names = [r[0] for r in conn.execute("SELECT DISTINCT name FROM versions")] if conn else []
         close = difflib.get_close_matches(name, names, n=1)
         hint = (
@@ -523,6 +511,8 @@ class Registry:
                     f"{v.ref} uses DoRA, which vLLM cannot serve; export with --format peft"
                 )
             files = [f for f in files if f.path in (CONFIG, WEIGHTS)]
+        import shutil
+
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = out.parent / f".{out.name}.adaptr-{os.getpid()}.tmp"
         shutil.rmtree(staging, ignore_errors=True)

@@ -9,6 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from adaptr.registry import Registry  # noqa: E402
+
 from helpers import write_adapter  # noqa: E402
 
 

@@ -5,6 +5,7 @@ import os
 import pickle
 
 import pytest
+
 from helpers import run_adaptr, snapshot, write_adapter
 
 

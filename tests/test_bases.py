@@ -4,10 +4,11 @@ import json
 import shutil
 
 import pytest
-from adaptr.registry.fingerprint import find_base_dir, read_base
-from helpers import write_adapter
 
 from adaptr.errors import ConflictError, IntegrityError
+from adaptr.registry.fingerprint import find_base_dir, read_base
+
+from helpers import write_adapter
 
 
 def test_fingerprint_is_stable_and_discriminating(tmp_path, tiny_llama):

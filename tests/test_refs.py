@@ -1,7 +1,7 @@
 import pytest
-from adaptr.registry import Ref, check_name
 
 from adaptr.errors import InvalidInputError
+from adaptr.registry import Ref, check_name
 
 
 @pytest.mark.parametrize("name", ["a", "llama-legal", "x.y_z-1", "0abc", "a" * 64])

@@ -3,10 +3,11 @@
 import json
 
 import pytest
-from adaptr.registry import Registry
-from helpers import write_adapter
 
 from adaptr.errors import ConflictError, InvalidInputError, NotFoundError
+from adaptr.registry import Registry
+
+from helpers import write_adapter
 
 
 def test_add_records_config_files_and_hashes(registry, adapter_dir):

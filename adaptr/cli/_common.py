@@ -39,7 +39,9 @@ json_option = click.option(
 
 
 def emit_json(doc: Any) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2, default=str, ensure_ascii=False) + "\n")
+    """One JSON document on stdout: indented for a person, compact (C-encoded, fast) for a pipe."""
+    indent = 2 if sys.stdout.isatty() else None
+    sys.stdout.write(json.dumps(doc, indent=indent, default=str, ensure_ascii=False) + "\n")
 
 
 def console():

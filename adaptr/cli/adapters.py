@@ -7,6 +7,7 @@ import json
 import click
 
 from ._common import ago, console, emit_json, human_size, json_option, note, with_registry
+from .table import print_table
 
 
 @click.command()
@@ -41,11 +42,7 @@ def list_(registry, name: str | None, all_versions: bool, as_json: bool) -> None
     if not versions:
         click.echo("no adapters yet: add one with `adaptr add NAME DIR` or `adaptr train`")
         return
-    from rich.table import Table
-
-    table = Table(box=None, header_style="bold")
-    for col in ("NAME", "VERSION", "BASE", "TYPE", "RANK", "SIZE", "TAGS", "ACTIVE", "CREATED"):
-        table.add_column(col, justify="right" if col in ("RANK", "SIZE") else "left")
+    rows = []
     per_version = all_versions or name is not None
     for group in _by_name(versions).values():
         newest = group[-1]
@@ -60,11 +57,15 @@ def list_(registry, name: str | None, all_versions: bool, as_json: bool) -> None
                 active = ",".join(
                     "*" if o is newest else f"@{o.version}" for o in group if o.active
                 )
-            table.add_row(
+            rows.append((
                 v.name, ver, v.base or "-", _kind(v), str(v.r or "-"), human_size(v.size),
                 tags or "-", active, ago(v.created),
-            )  # fmt: skip
-    console().print(table)
+            ))  # fmt: skip
+    print_table(
+        ("NAME", "VERSION", "BASE", "TYPE", "RANK", "SIZE", "TAGS", "ACTIVE", "CREATED"),
+        rows,
+        right=("RANK", "SIZE"),
+    )
 
 
 def _by_name(versions) -> dict[str, list]:

@@ -1,0 +1,212 @@
+"""The registry never loses or half-writes data: killed writers, concurrent writers, bit rot."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from adaptr.registry import Registry
+from adaptr.registry.blobs import hash_file
+
+from helpers import run_adaptr, snapshot, write_adapter
+
+HELPERS = str(Path(__file__).parent)
+
+# A writer that adds fresh adapters in a loop and says what it did; the test kills it.
+WRITER = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, {helpers!r})
+    from pathlib import Path
+    from helpers import write_adapter
+    from adaptr.registry import Registry
+    reg, work, seed = Registry({home!r}), Path({work!r}), {seed}
+    reg.list()
+    print("ready", flush=True)
+    for i in range(1000):
+        src = write_adapter(work / f"s{{seed}}-{{i}}", r=32, hidden=1024, seed=seed * 1000 + i,
+                            extra_files={{"README.md": f"seed {{seed}} step {{i}}"}})
+        print("start", src, flush=True)
+        v = reg.add("victim", src, tags=["last"])
+        print("done", v.ref, src, flush=True)
+    """
+)
+
+
+def _expected_hashes(src: Path) -> dict[str, str]:
+    return {p.name: hash_file(p)[0] for p in src.iterdir()}
+
+
+def test_sigkill_during_add_never_leaves_a_partial_version(tmp_path):
+    home = tmp_path / "home"
+    rng = random.Random(1234)
+    done: dict[str, Path] = {}  # ref -> source, for every add that returned
+    started: list[Path] = []
+    trials = 30
+    for trial in range(trials):
+        code = WRITER.format(
+            helpers=HELPERS, home=str(home), work=str(tmp_path / "src"), seed=trial
+        )
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.0, 0.4))
+        proc.send_signal(signal.SIGKILL)
+        out, _ = proc.communicate()
+        assert proc.returncode == -signal.SIGKILL
+        for line in out.splitlines():
+            kind, *rest = line.split()
+            if kind == "done":
+                done[rest[0]] = Path(rest[1])
+            elif kind == "start":
+                started.append(Path(rest[0]))
+
+        reg = Registry(home)
+        report = reg.verify()
+        assert report.ok, report.problems
+        stored = reg.list("victim") if (home / "registry.db").exists() and reg.list() else []
+        refs = {v.ref for v in stored}
+        assert set(done) <= refs, "an add that returned was lost"
+        sources = {str(s) for s in started}
+        for v in stored:
+            src = done.get(v.ref) or Path(v.source)
+            assert str(src) in sources
+            assert {f.path: f.sha256 for f in v.files} == _expected_hashes(src), (
+                f"{v.ref} is partial"
+            )
+        versions = [v.version for v in stored]
+        assert versions == list(range(1, len(versions) + 1))
+        if stored:
+            assert reg.get("victim@last").version == versions[-1]
+    assert len(done) >= 5, "the kills should land after some adds completed"
+    assert len(started) > len(done), "some kills should land inside an add"
+    reg = Registry(home)
+    reg.gc()
+    assert reg.verify().ok
+    referenced = {f.sha256 for v in reg.list() for f in v.files}
+    assert set(reg.blobs.digests()) == referenced
+    assert not any((home / "tmp").iterdir())
+
+
+CONCURRENT = textwrap.dedent(
+    """
+    import sys, json
+    sys.path.insert(0, {helpers!r})
+    from pathlib import Path
+    from helpers import write_adapter
+    from adaptr.registry import Registry
+    reg = Registry({home!r})
+    srcs = [write_adapter(Path({work!r}) / f"w{{{worker}}}-{{i}}", seed={worker} * 100 + i) for i in range({n})]
+    Path({work!r}, "ready-{worker}").touch()
+    while len(list(Path({work!r}).glob("ready-*"))) < {workers}:
+        pass
+    refs = [reg.add("shared", s).ref for s in srcs] + [reg.add("own-{worker}", srcs[0]).ref]
+    print(json.dumps(refs))
+    """
+)
+
+
+def test_concurrent_writers_get_unique_consecutive_versions(tmp_path):
+    home, work, workers, n = tmp_path / "home", tmp_path / "work", 4, 6
+    work.mkdir()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                CONCURRENT.format(
+                    helpers=HELPERS, home=str(home), work=str(work), worker=w, n=n, workers=workers
+                ),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for w in range(workers)
+    ]
+    results = []
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0
+        results.append(json.loads(out))
+    shared = [r for refs in results for r in refs if r.startswith("shared@")]
+    assert len(shared) == len(set(shared)) == workers * n
+    reg = Registry(home)
+    assert [v.version for v in reg.list("shared")] == list(range(1, workers * n + 1))
+    assert {v.ref for v in reg.list("shared")} == set(shared)
+    for w in range(workers):
+        assert [v.version for v in reg.list(f"own-{w}")] == [1]
+    assert reg.verify().ok
+
+
+def test_verify_catches_a_flipped_byte_in_any_stored_file(home, tmp_path):
+    reg = Registry(home)
+    reg.add("a", write_adapter(tmp_path / "a", extra_files={"README.md": "card a"}))
+    reg.add(
+        "b",
+        write_adapter(
+            tmp_path / "b", seed=1, extra_files={"README.md": "card b", "tokenizer.json": "{}"}
+        ),
+    )
+    rng = random.Random(7)
+    blobs = sorted(reg.blobs.digests())
+    assert len(blobs) == 6  # 7 files: the two identical configs are stored once
+    for digest in blobs:
+        path = reg.blobs.path(digest)
+        original = path.read_bytes()
+        offset = rng.randrange(len(original))
+        damaged = bytearray(original)
+        damaged[offset] ^= 1 << rng.randrange(8)
+        path.chmod(0o644)
+        path.write_bytes(bytes(damaged))
+        holders = [f"{v.ref}/{f.path}" for v in reg.list() for f in v.files if f.sha256 == digest]
+        report = reg.verify()
+        assert [p.split(":")[0] for p in report.problems] == holders  # each version holding it
+        assert all("content changed" in p for p in report.problems)
+        r = run_adaptr("verify", home=home)
+        assert r.returncode != 0 and "BAD" in r.stderr
+        path.write_bytes(original)
+        path.chmod(0o444)
+        assert reg.verify().ok
+    path.unlink()
+    assert "missing" in reg.verify().problems[0]
+
+
+def test_a_failure_before_commit_stores_nothing(home, tmp_path, monkeypatch):
+    reg = Registry(home)
+    reg.add("a", write_adapter(tmp_path / "a"))
+    before = snapshot(home)["tables"]
+    from adaptr.registry import index
+
+    real = index.transaction
+    calls = {"n": 0}
+
+    def failing(conn):
+        calls["n"] += 1
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(index, "transaction", failing)
+    with pytest.raises(OSError):
+        reg.add("a", write_adapter(tmp_path / "b", seed=5))
+    monkeypatch.setattr(index, "transaction", real)
+    assert calls["n"] == 1
+    assert snapshot(home)["tables"] == before
+    assert reg.verify().ok and [v.version for v in reg.list("a")] == [1]
+    assert (
+        reg.gc().blobs_removed == 1
+    )  # the failed add's new weights (its config was already stored)
+    assert reg.add("a", write_adapter(tmp_path / "c", seed=6)).version == 2
+
+
+def test_blobs_are_read_only(home, adapter_dir):
+    v = Registry(home).add("a", adapter_dir)
+    for f in v.files:
+        assert not os.access(Registry(home).blobs.path(f.sha256), os.W_OK) or os.geteuid() == 0
+        assert (Registry(home).blobs.path(f.sha256).stat().st_mode & 0o222) == 0

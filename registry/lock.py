@@ -60,6 +60,6 @@ def _filelock(path: Path, timeout: float) -> Iterator[None]:
 
 def _timeout(path: Path, timeout: float) -> LockTimeoutError:
     return LockTimeoutError(
-        f"another adaptr process has held the writer lock on {path.parent} for {timeout:.0f}s; "
+        f"another adaptr process has held the writer lock on {path.parent} for {timeout:g}s; "
         "wait for it to finish (or raise ADAPTR_LOCK_TIMEOUT)"
     )

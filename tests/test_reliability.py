@@ -210,3 +210,33 @@ def test_blobs_are_read_only(home, adapter_dir):
     for f in v.files:
         assert not os.access(Registry(home).blobs.path(f.sha256), os.W_OK) or os.geteuid() == 0
         assert (Registry(home).blobs.path(f.sha256).stat().st_mode & 0o222) == 0
+
+
+def test_a_held_lock_times_out_with_one_line(home, adapter_dir):
+    """A writer that cannot get the lock says so and stores nothing."""
+    reg = Registry(home)
+    reg.add("a", adapter_dir)
+    before = snapshot(home)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import fcntl, os, sys, time
+            fd = os.open({str(home / "lock")!r}, os.O_RDWR)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            print("held", flush=True)
+            time.sleep(30)
+        """)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = run_adaptr("add", "a", str(adapter_dir), home=home, env={"ADAPTR_LOCK_TIMEOUT": "0.3"})
+    finally:
+        holder.kill()
+        holder.wait()
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == [
+        f"error: another adaptr process has held the writer lock on {home} for 0.3s; "
+        "wait for it to finish (or raise ADAPTR_LOCK_TIMEOUT)"
+    ]
+    assert snapshot(home) == before
+    assert reg.add("a", adapter_dir).version == 2  # the lock is free again once its holder dies

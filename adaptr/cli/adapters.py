@@ -6,7 +6,7 @@ import json
 
 import click
 
-from ._common import ago, console, emit_json, human_size, json_option, note, with_registry
+from ._common import ago, emit_json, human_size, json_option, note, with_registry
 from .table import print_table
 
 
@@ -97,16 +97,11 @@ def show(registry, ref: str, as_json: bool) -> None:
     if as_json:
         emit_json(v.to_dict())
         return
-    from rich.table import Table
-
     s = v.summary
-    info = Table.grid(padding=(0, 2))
-    info.add_column(style="bold")
-    info.add_column()
     rows = [
         ("ref", v.ref + ("  (active)" if v.active else "")),
         ("tags", ", ".join(v.tags) or "-"),
-        ("created", f"{ago(v.created)}"),
+        ("created", ago(v.created)),
         ("base", v.base or "-"),
         ("base fingerprint", v.base_fingerprint or "-"),
         ("type", _kind(v)),
@@ -117,30 +112,26 @@ def show(registry, ref: str, as_json: bool) -> None:
         ("size", human_size(v.size)),
         ("source", v.source or "-"),
     ]
-    for key in ("rank_pattern", "alpha_pattern", "modules_to_save"):
-        if s.get(key):
-            rows.append((key, json.dumps(s[key])))
-    for k, val in rows:
-        info.add_row(k, val)
-    out = console()
-    out.print(info)
+    rows += [
+        (k, json.dumps(s[k]))
+        for k in ("rank_pattern", "alpha_pattern", "modules_to_save")
+        if s.get(k)
+    ]
     extra = {
         k: val for k, val in v.lineage.items() if k not in ("source", "base", "base_fingerprint")
     }
-    for title, doc in (("lineage", extra), ("metrics", v.metrics)):
-        if doc:
-            out.print(f"\n[bold]{title}[/bold]")
-            for k, val in doc.items():
-                out.print(
-                    f"  {k}: {json.dumps(val, default=str) if not isinstance(val, str) else val}"
-                )
-    files = Table(box=None, header_style="bold", title=None)
-    for col in ("FILE", "SIZE", "SHA256"):
-        files.add_column(col)
-    for f in v.files:
-        files.add_row(f.path, human_size(f.size), f.sha256)
-    out.print()
-    out.print(files)
+    for section, doc in (("lineage", extra), ("metrics", v.metrics)):
+        rows += [
+            (f"{section}.{k}", val if isinstance(val, str) else json.dumps(val, default=str))
+            for k, val in doc.items()
+        ]
+    width = max(len(k) for k, _ in rows)
+    click.echo("\n".join(f"{k:<{width}}  {val}" for k, val in rows) + "\n")
+    print_table(
+        ("FILE", "SIZE", "SHA256"),
+        [(f.path, human_size(f.size), f.sha256) for f in v.files],
+        right=("SIZE",),
+    )
 
 
 @click.command()

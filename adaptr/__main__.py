@@ -1,0 +1,5 @@
+"""``python -m adaptr`` runs the CLI."""
+
+from adaptr.cli import run
+
+run()

@@ -23,6 +23,9 @@ from .errors import (
 __version__ = "0.1.0"
 
 _LAZY = {
+    "hookimpl": "adaptr.hookspecs",
+    "ModelFamily": "adaptr.families",
+    "Formatter": "adaptr.formatters",
     "Registry": "adaptr.registry",
     "AdapterVersion": "adaptr.registry",
     "BaseRecord": "adaptr.registry",
@@ -30,6 +33,9 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .families import ModelFamily
+    from .formatters import Formatter
+    from .hookspecs import hookimpl
     from .registry import AdapterVersion, BaseRecord, Ref, Registry
 
 
@@ -40,7 +46,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "AdapterVersion", "AdaptrError", "BaseRecord", "ConflictError", "IncompatibleBaseError",
+    "AdapterVersion", "AdaptrError", "BaseRecord", "ConflictError", "Formatter", "IncompatibleBaseError",
     "IntegrityError", "InvalidAdapterError", "InvalidInputError", "LockTimeoutError",
-    "NotFoundError", "Ref", "Registry", "__version__",
+    "ModelFamily", "NotFoundError", "Ref", "Registry", "__version__", "hookimpl",
 ]  # fmt: skip

@@ -16,28 +16,6 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# Small configs per transformers model_type (hidden 32-64, 2 layers): enough structure to
-# exercise every projection an architecture has.
-TINY_CONFIGS: dict[str, dict[str, Any]] = {
-    "llama": dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    ),
-    "gpt_neox": dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
-    ),
-    "qwen2": dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    ),
-}
-
 
 def make_tokenizer(model_max_length: int = 512):
     """A deterministic byte-level BPE tokenizer (vocab 256 bytes + specials, no merges)."""
@@ -60,34 +38,41 @@ def make_tokenizer(model_max_length: int = 512):
     return fast
 
 
-def make_model(model_type: str = "llama", seed: int = 0, **overrides: Any):
-    """A random-weight causal LM of ``model_type`` sized by :data:`TINY_CONFIGS`."""
+def tiny_config(name: str) -> dict[str, Any]:
+    """Config kwargs (with ``model_type``) of a tiny model: a model_type or a family's label."""
+    from .families import families
+
+    for fam in families().values():
+        if name in fam.tiny_configs:
+            return {"model_type": name, **fam.tiny_configs[name]}
+    known = sorted(k for f in families().values() for k in f.tiny_configs)
+    raise ValueError(f"no family has a tiny config {name!r}: choose from {', '.join(known)}")
+
+
+def make_model(name: str = "llama", seed: int = 0, **overrides: Any):
+    """A random-weight causal LM from a family's tiny config (hidden 32, 2 layers)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if model_type not in TINY_CONFIGS:
-        raise ValueError(
-            f"no tiny config for {model_type!r}: choose from {', '.join(TINY_CONFIGS)}"
-        )
-    tokenizer_vocab = 256 + len(SPECIAL_TOKENS)
     kwargs = {
-        "vocab_size": tokenizer_vocab,
+        "vocab_size": 256 + len(SPECIAL_TOKENS),
         "max_position_embeddings": 512,
-        **TINY_CONFIGS[model_type],
+        **tiny_config(name),
         **overrides,
     }
-    config = AutoConfig.for_model(model_type, **kwargs)
+    name_or_path = kwargs.pop("_name_or_path", None)
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    if name_or_path:
+        config._name_or_path = name_or_path
     config.eos_token_id = config.bos_token_id = 256
     config.pad_token_id = 257
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)
 
 
-def save_tiny_base(
-    path: str | Path, model_type: str = "llama", seed: int = 0, **overrides: Any
-) -> Path:
+def save_tiny_base(path: str | Path, name: str = "llama", seed: int = 0, **overrides: Any) -> Path:
     """Write a tiny model and its tokenizer to ``path``; returns the folder."""
     path = Path(path)
-    make_model(model_type, seed, **overrides).save_pretrained(path)
+    make_model(name, seed, **overrides).save_pretrained(path)
     make_tokenizer().save_pretrained(path)
     return path

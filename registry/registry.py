@@ -276,7 +276,20 @@ class Registry:
                     "INSERT OR REPLACE INTO tags(name, tag, version) VALUES (?,?,?)",
                     [(name, t, version) for t in tags],
                 )
-        return self.get(f"{name}@{version}")
+        added = self.get(f"{name}@{version}")
+        self._announce(added)
+        return added
+
+    def _announce(self, version: AdapterVersion) -> None:
+        """Tell plugins (``adaptr_version_added``); a failing plugin is noted, never undoes the add."""
+        from adaptr.plugin_manager import hook
+
+        try:
+            hook().adaptr_version_added(registry=self, version=version)
+        except Exception as e:
+            self.notes.append(
+                f"a plugin's adaptr_version_added failed ({type(e).__name__}: {e}); {version.ref} is stored"
+            )
 
     def _attach_base(
         self, base: str | None, declared: str | None

@@ -15,10 +15,34 @@ import click
 from adaptr import __version__
 from adaptr.errors import AdaptrError
 
-from . import adapters, bases, store
+from . import adapters, bases, plugins, store
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class AdaptrGroup(click.Group):
+    """Built-in commands resolve at once; plugin commands are loaded only when needed."""
+
+    _plugins_loaded = False
+
+    def _load_plugin_commands(self) -> None:
+        if not AdaptrGroup._plugins_loaded:
+            AdaptrGroup._plugins_loaded = True
+            from adaptr.plugin_manager import hook
+
+            hook().adaptr_register_commands(cli=self)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        cmd = super().get_command(ctx, name)
+        if cmd is None:
+            self._load_plugin_commands()
+            cmd = super().get_command(ctx, name)
+        return cmd
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_plugin_commands()
+        return super().list_commands(ctx)
+
+
+@click.group(cls=AdaptrGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--home",
     type=click.Path(file_okay=False),
@@ -36,7 +60,7 @@ def cli(home: str | None, debug: bool) -> None:
 
 for command in (
     adapters.add, adapters.list_, adapters.show, adapters.switch, adapters.tag, adapters.rm,
-    store.verify, store.gc, store.export, bases.base,
+    store.verify, store.gc, store.export, bases.base, plugins.plugins, plugins.families, plugins.formatters,
 ):  # fmt: skip
     cli.add_command(command)
 

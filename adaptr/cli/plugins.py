@@ -1,0 +1,88 @@
+"""Plugin commands: `adaptr plugins`, `adaptr families`, `adaptr formatters`."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ._common import emit_json, json_option
+from .table import print_table
+
+
+def warn_broken() -> None:
+    """One stderr line per plugin that failed to load."""
+    from adaptr.plugin_manager import broken
+
+    for name, reason in broken().items():
+        click.echo(
+            f"warning: plugin {name!r} failed to load and is skipped ({reason}); fix or uninstall it",
+            err=True,
+        )
+
+
+@click.command()
+@json_option
+def plugins(as_json: bool) -> None:
+    """List installed plugins, the hooks they implement, and any that failed to load."""
+    from adaptr.plugin_manager import plugins as all_plugins
+
+    found = all_plugins()
+    if as_json:
+        emit_json({"plugins": found})
+        return
+    rows = [
+        (
+            p["name"],
+            p["source"] or "-",
+            ", ".join(h.removeprefix("adaptr_") for h in p["hooks"])
+            if p["ok"]
+            else f"BROKEN: {p['error']}",
+        )
+        for p in found
+    ]
+    print_table(("PLUGIN", "FROM", "HOOKS"), rows)
+
+
+@click.command()
+@json_option
+def families(as_json: bool) -> None:
+    """List model families: model types, LoRA target presets, defaults."""
+    from adaptr.families import families as all_families
+
+    fams = all_families()
+    warn_broken()
+    if as_json:
+        emit_json({"families": [f.to_dict() for f in fams.values()]})
+        return
+    rows = []
+    for f in fams.values():
+        targets = f.target_modules
+        rows.append((
+            f.name, ",".join(f.model_types), _targets(targets.get("attention")), _targets(targets.get("all-linear")),
+            json.dumps(f.lora_defaults), f.plugin or "-",
+        ))  # fmt: skip
+    print_table(
+        ("FAMILY", "MODEL TYPES", "ATTENTION", "ALL-LINEAR", "LORA DEFAULTS", "PLUGIN"), rows
+    )
+
+
+def _targets(value) -> str:
+    return ",".join(value) if isinstance(value, list) else str(value)
+
+
+@click.command()
+@json_option
+def formatters(as_json: bool) -> None:
+    """List dataset formatters (the values of `--format`)."""
+    from adaptr.formatters import formatters as all_formatters
+
+    fmts = all_formatters()
+    warn_broken()
+    if as_json:
+        emit_json({"formatters": [f.to_dict() for f in fmts.values()]})
+        return
+    rows = [
+        (f.name, f.kind, ",".join(f.fields), f.plugin or "-", f.description) for f in fmts.values()
+    ]
+    print_table(("FORMAT", "EMITS", "FIELDS", "PLUGIN", "DESCRIPTION"), rows)

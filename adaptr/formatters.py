@@ -1,0 +1,99 @@
+"""Dataset formatters: one raw record in, one TRL record out.
+
+TRL records are ``{"text": …}`` (language modelling), ``{"prompt": …, "completion": …}``
+(loss on the completion only) or ``{"messages": [{"role", "content"}, …]}`` (chat; loss on
+assistant turns with ``assistant_only_loss``). Formatters never pre-render a chat into one
+string where TRL needs the structure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import InvalidInputError
+
+KINDS = ("text", "prompt-completion", "messages")
+
+
+class MissingField(InvalidInputError):
+    """A record lacks a field the formatter needs; the loader adds file and line."""
+
+    def __init__(self, name: str, why: str = "is missing"):
+        super().__init__(f"field {name!r} {why}")
+        self.field = name
+
+
+def need(record: dict[str, Any], *names: str) -> list[Any]:
+    """The values of ``names`` in ``record``; raises MissingField for the first absent or empty one."""
+    values = []
+    for name in names:
+        value = record.get(name)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise MissingField(name, "is missing" if name not in record else "is empty")
+        values.append(value)
+    return values
+
+
+@dataclass
+class Formatter:
+    """A named way to turn raw records into TRL records."""
+
+    name: str = field(metadata={"help": "Short unique name, used as --format."})
+    format: Callable[..., dict[str, Any]] = field(
+        metadata={"help": "format(record, **options) -> TRL record."}
+    )
+    kind: str = field(
+        default="prompt-completion", metadata={"help": "text | prompt-completion | messages"}
+    )
+    fields: list[str] = field(
+        default_factory=list, metadata={"help": "Fields a raw record needs (for docs and errors)."}
+    )
+    options: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "Options with their defaults."}
+    )
+    description: str = ""
+    plugin: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise InvalidInputError(
+                f"formatter {self.name!r}: kind must be one of {', '.join(KINDS)}"
+            )
+
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The full option set (defaults filled in); raises on an unknown option."""
+        unknown = set(options) - set(self.options)
+        if unknown:
+            raise InvalidInputError(
+                f"format {self.name} has no option {sorted(unknown)[0]!r}; options: {', '.join(self.options) or 'none'}"
+            )
+        return {**self.options, **options}
+
+    def __call__(self, record: dict[str, Any], **options: Any) -> dict[str, Any]:
+        return self.format(record, **self.check_options(options))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "fields": self.fields, "options": self.options,
+                "description": self.description, "plugin": self.plugin}  # fmt: skip
+
+
+def formatters() -> dict[str, Formatter]:
+    """Every registered formatter by name (loads plugins on first use)."""
+    from .plugin_manager import collect
+
+    return collect("adaptr_register_formatters", Formatter, "formatter")
+
+
+def get_formatter(name: str) -> Formatter:
+    fmts = formatters()
+    if name not in fmts:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(fmts), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise InvalidInputError(
+            f"unknown format {name!r}: {hint}choose one of {', '.join(sorted(fmts))}"
+        )
+    return fmts[name]

@@ -1,0 +1,33 @@
+"""Chat templates shared by the built-in families.
+
+Assistant turns are wrapped in ``{% generation %}`` so TRL's ``assistant_only_loss`` can
+mask everything else.
+"""
+
+CHATML = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}<|im_start|>assistant\n{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}\n"
+    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+LLAMA2 = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}{% set messages = messages[1:] %}"
+    "{% else %}{% set system = none %}{% endif %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}{{ bos_token }}[INST] "
+    "{% if loop.first and system %}<<SYS>>\n{{ system }}\n<</SYS>>\n\n{% endif %}"
+    "{{ m['content'] }} [/INST]"
+    "{% elif m['role'] == 'assistant' %}{% generation %} {{ m['content'] }} {{ eos_token }}{% endgeneration %}"
+    "{% endif %}{% endfor %}"
+)
+
+DEEPSEEK = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'assistant' %}Assistant: {% generation %}{{ m['content'] }}{{ eos_token }}{% endgeneration %}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)

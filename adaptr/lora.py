@@ -17,44 +17,56 @@ class AdaptrWarning(UserWarning):
     """Something adaptr worked around and the user should know (shown as `warning: …`)."""
 
 
-def linear_module_names(model) -> list[str]:
-    """Short names of the model's LoRA-able layers (Linear / GPT-2 Conv1D), lm_head excluded."""
+def linear_modules(model) -> list[str]:
+    """Full names of the model's LoRA-able layers (Linear / GPT-2 Conv1D), lm_head excluded."""
     import torch
     from transformers.pytorch_utils import Conv1D
 
-    names = {
-        n.split(".")[-1]
+    return [
+        n
         for n, m in model.named_modules()
         if isinstance(m, (torch.nn.Linear, Conv1D)) and not n.endswith("lm_head")
-    }
-    return sorted(names)
+    ]
+
+
+def linear_module_names(model) -> list[str]:
+    """Short names of the model's LoRA-able layers, for messages."""
+    return sorted({n.split(".")[-1] for n in linear_modules(model)})
+
+
+def _present(target: str, modules: list[str]) -> bool:
+    """PEFT's list rule: a target matches a module name exactly or as a dotted suffix."""
+    return any(m == target or m.endswith("." + target) for m in modules)
 
 
 def resolve_targets(
     model, family: ModelFamily | None, targets: str | list[str] | None
 ) -> list[str] | str | None:
     """Turn a preset name or a list into target_modules, refusing modules the model lacks."""
-    available = linear_module_names(model)
+    modules = linear_modules(model)
     if isinstance(targets, str) and "," in targets:
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     if isinstance(targets, list):
-        missing = [t for t in targets if t not in available]
+        missing = [t for t in targets if not _present(t, modules)]
         if missing:
             raise InvalidInputError(
-                f"the model has no module {missing[0]!r}; its linear layers are: {', '.join(available)}"
+                f"the model has no module {missing[0]!r}; its linear layers are: {', '.join(linear_module_names(model))}"
             )
         return targets
     preset = targets or "attention"
     if family is None:
-        if preset == "all-linear":
-            return "all-linear"
-        return None  # PEFT's own per-model_type defaults
+        return (
+            "all-linear" if preset == "all-linear" else None
+        )  # None: PEFT's per-model_type defaults
     chosen = family.targets(preset)
     if isinstance(chosen, list):
-        chosen = [t for t in chosen if t in available]  # a family may cover variants (MLA, LLaMA)
+        chosen = [
+            t for t in chosen if _present(t, modules)
+        ]  # a family may cover variants (MLA, LLaMA)
         if not chosen:
             raise InvalidInputError(
-                f"none of family {family.name}'s {preset} targets exist in this model; its linear layers are: {', '.join(available)}"
+                f"none of family {family.name}'s {preset} targets exist in this model; "
+                f"its linear layers are: {', '.join(linear_module_names(model))}"
             )
     return chosen
 

@@ -81,9 +81,19 @@ def plugins() -> list[dict[str, Any]]:
     return out
 
 
+_collected: dict[str, tuple[frozenset[int], dict[str, Any]]] = {}
+
+
 def collect(hook_name: str, kind: type, what: str) -> dict[str, Any]:
-    """Call a ``register`` hook on every plugin; returns name -> object, refusing duplicates."""
+    """Call a ``register`` hook on every plugin; returns name -> object, refusing duplicates.
+
+    The result is cached until the set of registered plugins changes.
+    """
     load_plugins()
+    key = frozenset(id(p) for p in pm.get_plugins())
+    cached = _collected.get(hook_name)
+    if cached is not None and cached[0] == key:
+        return dict(cached[1])
     found: dict[str, Any] = {}
     caller = getattr(pm.hook, hook_name)
     for impl in caller.get_hookimpls():
@@ -111,4 +121,5 @@ def collect(hook_name: str, kind: type, what: str) -> dict[str, Any]:
             _broken[impl.plugin_name] = (
                 f"{hook_name} failed: {type(e).__name__}: {' '.join(str(e).split())}"
             )
-    return found
+    _collected[hook_name] = (key, found)
+    return dict(found)

@@ -2,8 +2,10 @@
 
 DeepSeek-LLM checkpoints are LLaMA-architecture (``"model_type": "llama"``); this plugin
 claims them by name through ``adaptr_family_for_config`` so they get DeepSeek's chat format.
-Routed MoE experts are fused 3-D parameters in transformers 5, not linear layers: LoRA
-targets the attention projections and the dense / shared-expert MLPs.
+Routed MoE experts are fused 3-D parameters in transformers 5, not linear layers. With the
+'all-linear' preset PEFT (0.21) maps gate/up/down_proj onto those fused experts (LoRA on
+parameters, ``mlp.experts``) and then no longer wraps the dense-layer and shared-expert
+MLPs of the same name; tests/test_families.py pins that behaviour.
 """
 
 from adaptr import ModelFamily, hookimpl
@@ -37,7 +39,9 @@ def adaptr_register_families(register):
             name="deepseek",
             model_types=["deepseek_v2", "deepseek_v3"],
             target_modules={"attention": ATTENTION, "all-linear": ATTENTION + MLP},
-            lora_defaults={"r": 16, "lora_alpha": 32, "lora_dropout": 0.05},
+            # PEFT maps the MLP targets onto transformers 5's fused routed experts as well
+            # (LoRA on parameters), which only works without LoRA dropout
+            lora_defaults={"r": 16, "lora_alpha": 32, "lora_dropout": 0.0},
             pad_token="eos",
             chat_template=DEEPSEEK,
             prompt_template="{prompt}",

@@ -98,3 +98,21 @@ def copy_dir(tmp_path: Path):
         return dst
 
     return copy
+
+
+@pytest.fixture
+def register_plugin():
+    """Register throwaway plugin objects for one test; they are unregistered afterwards."""
+    from adaptr.plugin_manager import load_plugins
+
+    pm = load_plugins()
+    added = []
+
+    def register(plugin, name: str):
+        pm.register(plugin, name=name)
+        added.append(plugin)
+        return plugin
+
+    yield register
+    for plugin in added:
+        pm.unregister(plugin)

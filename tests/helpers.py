@@ -82,3 +82,14 @@ def run_adaptr(
         [sys.executable, "-c", "from adaptr.cli import run; run()", *args],
         capture_output=True, text=True, env=full_env, timeout=timeout,
     )  # fmt: skip
+
+
+def fake_install(site: Path, dist: str, entry_points: dict[str, str]) -> Path:
+    """Make ``dist`` look pip-installed in ``site``: a dist-info with its adaptr entry points."""
+    info = site / f"{dist.replace('-', '_')}-0.1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1.0\n")
+    (info / "entry_points.txt").write_text(
+        "[adaptr]\n" + "".join(f"{k} = {v}\n" for k, v in entry_points.items())
+    )
+    return site

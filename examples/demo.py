@@ -1,7 +1,8 @@
 """adaptr end-to-end demo on a tiny local model: no network, a few minutes on 2 CPU cores.
 
 1. builds a tiny LLaMA-architecture base (random weights) and a byte-level tokenizer;
-2. trains two LoRA adapters the way the seeds' tutorials do (TRL SFTTrainer + PEFT):
+2. trains two LoRA adapters the way the seeds' tutorials do (TRL SFTTrainer + PEFT, with
+   LoRA targets from adaptr's LLaMA family plugin and data through its formatters):
    an English-quotes completion task and an alpaca-style 中文→English translation task,
    and one of them twice (a longer run), so there are versions;
 3. drives the registry through the real `adaptr` CLI: base add, add, list, show, tag,
@@ -15,7 +16,6 @@ Run: python examples/demo.py [--out DIR] [--steps N]
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -30,7 +30,6 @@ from pathlib import Path
 from rich.console import Console
 
 DATA = Path(__file__).parent / "data"
-ALPACA = "### 指令:\n{instruction}\n\n### 输入:\n{input}\n\n### 回答:\n"
 warnings.filterwarnings("ignore", category=FutureWarning)
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # CPU kernel-hub notice, irrelevant here
 console = Console(highlight=False, width=max(100, Console().width))
@@ -52,47 +51,38 @@ def adaptr(*args: str, home: Path) -> str:
 
 
 def records(task: str) -> list[dict]:
-    """TRL records for a task: plain text for quotes, prompt/completion for translation."""
+    """TRL records through adaptr's formatters: quote text (the Pythia seed's task), alpaca prompt/completion."""
+    from adaptr.data import load_records
+
     if task == "quotes":
-        rows = [json.loads(line) for line in (DATA / "quotes.jsonl").open(encoding="utf-8")]
-        return [{"text": f"{r['quote']} — {r['author']}"} for r in rows]
-    rows = [json.loads(line) for line in (DATA / "translate_zh_en.jsonl").open(encoding="utf-8")]
-    return [{"prompt": ALPACA.format(**r), "completion": r["output"]} for r in rows]
+        return load_records(DATA / "quotes.jsonl", "text", field="quote")
+    return load_records(DATA / "translate_zh_en.jsonl", "alpaca", lang="zh")
 
 
 def train(base: Path, task: str, out: Path, steps: int, tokenizer) -> float:
-    """The seeds' recipe: LoraConfig + SFTTrainer, then save_model. Returns seconds taken."""
+    """The seeds' recipe (LoraConfig + SFTTrainer, then save_model), with the LLaMA family's
+    targets and fix-ups from adaptr's plugins. Returns seconds taken."""
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
+    from adaptr.lora import lora_config
+
     t = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(base)
+    peft_config, family = lora_config(
+        model, targets="all-linear", r=8, lora_alpha=16, lora_dropout=0.0
+    )
+    family.fix_tokenizer(tokenizer)
     args = SFTConfig(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=8, learning_rate=1e-2,
         lr_scheduler_type="constant", logging_steps=max(1, steps // 4), save_strategy="no", report_to=[],
         max_length=128, use_cpu=True, bf16=False, seed=0, disable_tqdm=True, log_level="error",
     )  # fmt: skip
     trainer = SFTTrainer(
-        model=AutoModelForCausalLM.from_pretrained(base),
-        args=args,
-        train_dataset=Dataset.from_list(records(task)),
-        processing_class=tokenizer,
-        peft_config=LoraConfig(
-            r=8,
-            lora_alpha=16,
-            target_modules=[
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ],
-            task_type="CAUSAL_LM",
-        ),
-    )
+        model=model, args=args, train_dataset=Dataset.from_list(records(task)),
+        processing_class=tokenizer, peft_config=peft_config,
+    )  # fmt: skip
     trainer.train()
     trainer.save_model(str(out))
     return time.perf_counter() - t

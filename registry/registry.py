@@ -224,8 +224,13 @@ class Registry:
         tags: Sequence[str] = (),
         lineage: dict | None = None,
         metrics: dict | None = None,
+        origin: str | None = None,
     ) -> AdapterVersion:
-        """Store the PEFT adapter folder ``source`` as the next version of ``name``."""
+        """Store the PEFT adapter folder ``source`` as the next version of ``name``.
+
+        ``origin`` describes where it came from when the folder is temporary (training,
+        composing); by default it is the folder's path.
+        """
         check_name(name)
         for t in tags:
             check_tag(t)
@@ -237,7 +242,7 @@ class Registry:
         if base_info is not None:
             check_adapter_fits(adapter.lora_modules, base_info, f"adapter {adapter.root}")
         summary = adapter.summary()
-        lineage = {"source": str(adapter.root.resolve()), **(lineage or {})}
+        lineage = {**(lineage or {}), "source": origin or str(adapter.root.resolve())}
         if base_key is not None:
             lineage.setdefault("base", base_key)
             lineage.setdefault("base_fingerprint", fingerprint)
@@ -265,7 +270,7 @@ class Registry:
                         name, version, time.time(), base_key, fingerprint, summary.get("peft_type"),
                         summary.get("r"), sum(s for _, _, s in stored), json.dumps(summary),
                         json.dumps(adapter.config), json.dumps(lineage, default=str),
-                        json.dumps(metrics or {}, default=str), str(adapter.root.resolve()),
+                        json.dumps(metrics or {}, default=str), lineage["source"],
                     ),
                 )  # fmt: skip
                 conn.executemany(

@@ -1,0 +1,146 @@
+"""`adaptr train`: SFT a LoRA/QLoRA adapter and store it in the registry."""
+
+from __future__ import annotations
+
+import click
+
+from ._common import note, with_registry
+
+# CLI flag -> recipe key; flags override the recipe file
+FLAGS = {
+    "base": "base.path", "data": "data.path", "format": "data.format", "name": "name",
+    "eval_split": "data.eval_split", "eval_data": "data.eval_path", "limit": "data.limit",
+    "quantization": "base.quantization", "dtype": "base.dtype", "family": "base.family",
+    "targets": "lora.target_modules", "r": "lora.r", "alpha": "lora.lora_alpha", "dropout": "lora.lora_dropout",
+    "rslora": "lora.use_rslora", "dora": "lora.use_dora",
+    "epochs": "sft.num_train_epochs", "max_steps": "sft.max_steps", "lr": "sft.learning_rate",
+    "batch_size": "sft.per_device_train_batch_size", "grad_accum": "sft.gradient_accumulation_steps",
+    "max_length": "sft.max_length", "packing": "sft.packing", "seed": "sft.seed",
+    "gradient_checkpointing": "sft.gradient_checkpointing", "parent": "from",
+}  # fmt: skip
+
+
+@click.command()
+@click.option(
+    "--base", help="Base model: a model folder, a Hub id, or a name from `adaptr base list`."
+)
+@click.option("--data", type=click.Path(), help="Training data: .jsonl, .json, .csv or .parquet.")
+@click.option("--format", help="Dataset formatter (see `adaptr formatters`).")
+@click.option("--name", help="Adapter name; the result is its next version.")
+@click.option(
+    "--recipe",
+    "recipe_file",
+    type=click.Path(),
+    help="Recipe YAML (base/data/lora/sft sections); flags override it.",
+)
+@click.option(
+    "--format-option",
+    "format_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Formatter option, e.g. lang=en (repeatable).",
+)
+@click.option("--eval-split", type=float, help="Fraction of the data held out for evaluation.")
+@click.option("--eval-data", type=click.Path(), help="A separate evaluation file (same format).")
+@click.option("--limit", type=int, help="Use only the first N records.")
+@click.option(
+    "--quantization",
+    type=click.Choice(["none", "8bit", "4bit"]),
+    help="Load the base in 8-bit or 4-bit NF4 (QLoRA).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    help="Base weights dtype.",
+)
+@click.option("--family", help="Model family to use instead of the one matched from config.json.")
+@click.option(
+    "--targets", help="LoRA targets: attention, all-linear, or module names (q_proj,v_proj)."
+)
+@click.option("--r", type=int, help="LoRA rank.")
+@click.option("--alpha", type=float, help="LoRA alpha.")
+@click.option("--dropout", type=float, help="LoRA dropout.")
+@click.option("--rslora/--no-rslora", default=None, help="Rank-stabilised LoRA scaling.")
+@click.option("--dora/--no-dora", default=None, help="Weight-decomposed LoRA (DoRA).")
+@click.option("--epochs", type=float, help="Training epochs.")
+@click.option("--max-steps", type=int, help="Stop after N optimizer steps.")
+@click.option("--lr", type=float, help="Learning rate.")
+@click.option("--batch-size", type=int, help="Per-device batch size.")
+@click.option("--grad-accum", type=int, help="Gradient accumulation steps.")
+@click.option("--max-length", type=int, help="Maximum tokens per example (or packed sequence).")
+@click.option(
+    "--packing/--no-packing", default=None, help="Pack examples into full-length sequences."
+)
+@click.option(
+    "--gradient-checkpointing/--no-gradient-checkpointing",
+    default=None,
+    help="Trade compute for memory.",
+)
+@click.option("--seed", type=int, help="Random seed (LoRA init, shuffling).")
+@click.option(
+    "--from",
+    "parent",
+    metavar="REF",
+    help="Continue training an existing version (recorded as its parent).",
+)
+@click.option("--tag", "tags", multiple=True, help="Tag the new version (repeatable).")
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help="Any recipe setting, e.g. sft.warmup_ratio=0.1 (value parsed as YAML).",
+)
+@click.option(
+    "--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint."
+)
+@click.option(
+    "--restart", is_flag=True, help="Discard checkpoints of an interrupted run and start over."
+)
+@click.option("--keep-run", is_flag=True, help="Keep the run folder (checkpoints) after success.")
+@with_registry
+def train(
+    registry, recipe_file, format_options, tags, settings, resume, restart, keep_run, **flags
+) -> None:
+    """Fine-tune a LoRA adapter with TRL's SFTTrainer and store it as NAME's next version."""
+    import yaml
+
+    from adaptr.recipe import Recipe
+    from adaptr.trainer import train as run_training
+
+    recipe = Recipe.from_yaml(recipe_file) if recipe_file else Recipe()
+    for key, value in flags.items():
+        if value is not None:
+            recipe.set(FLAGS[key], value)
+    if flags.get("targets") and "," in flags["targets"]:
+        recipe.set(
+            "lora.target_modules", [t.strip() for t in flags["targets"].split(",") if t.strip()]
+        )
+    for item in format_options:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.UsageError(f"--format-option takes KEY=VALUE, got {item!r}")
+        recipe.data["options"] = {**(recipe.data.get("options") or {}), key: yaml.safe_load(value)}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.UsageError(f"--set takes SECTION.KEY=VALUE, got {item!r}")
+        recipe.set(key, yaml.safe_load(value))
+    if tags:
+        recipe.tags = [*recipe.tags, *tags]
+    result = run_training(
+        recipe, registry=registry, resume=resume, restart=restart, keep_run=keep_run
+    )
+    for n in result.notes:
+        note(n)
+    if result.version is None:
+        return  # a non-main process of a distributed run
+    m = result.metrics
+    summary = [f"train loss {m['train_loss']:.4f}"]
+    if "eval_loss" in m:
+        summary.append(f"eval loss {m['eval_loss']:.4f}, perplexity {m['perplexity']:.2f}")
+    if "tokens_per_second" in m:
+        summary.append(f"{m['tokens_per_second']:.0f} tokens/s")
+    click.echo(
+        f"{result.version.ref}  ({'; '.join(summary)}; {m['steps']} steps in {m['duration_s']:.1f}s)"
+    )

@@ -1,0 +1,57 @@
+"""A rich progress bar for training: steps, loss, elapsed and ETA (main process only)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import TrainerCallback
+
+
+class RichProgressCallback(TrainerCallback):
+    """Replaces transformers' tqdm bars with one rich bar showing the latest loss."""
+
+    def __init__(self, description: str = "training") -> None:
+        self.description = description
+        self.progress = None
+        self.task = None
+        self.loss: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), transient=False,
+        )  # fmt: skip
+        self.progress.start()
+        self.task = self.progress.add_task(
+            self.description, total=state.max_steps, completed=state.global_step, loss=""
+        )
+
+    def on_step_end(self, args, state, control, **kwargs: Any) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs: Any) -> None:
+        if self.progress is not None and logs:
+            if "loss" in logs:
+                self.loss = float(logs["loss"])
+            parts = [f"loss {self.loss:.4f}"] if self.loss is not None else []
+            if "eval_loss" in logs:
+                parts.append(f"eval {float(logs['eval_loss']):.4f}")
+            self.progress.update(self.task, loss="  ".join(parts))
+
+    def on_train_end(self, args, state, control, **kwargs: Any) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step)
+            self.progress.stop()
+            self.progress = None

@@ -1,0 +1,382 @@
+"""SFT training with TRL's SFTTrainer + PEFT LoRA/QLoRA, straight into the registry.
+
+The seeds' workflow as one call: load the base (optionally 8-bit or 4-bit NF4 through
+bitsandbytes, then ``prepare_model_for_kbit_training``), build the ``LoraConfig`` from the
+model family's defaults and the recipe, format the data, run ``SFTTrainer``, and store the
+adapter as the next version with its lineage. adaptr adds defaults, never different math:
+the ``lora`` and ``sft`` sections reach PEFT and TRL unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .errors import AdaptrError, ConflictError, InvalidInputError, NotFoundError
+from .recipe import Recipe
+from .registry import AdapterVersion, Registry, check_name
+from .registry.blobs import hash_file
+from .registry.refs import check_tag
+
+LIBRARIES = (
+    "adaptr",
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "datasets",
+    "accelerate",
+    "bitsandbytes",
+)
+
+
+class TrainingInterrupted(AdaptrError):
+    """Ctrl-C during training: nothing was stored; checkpoints allow ``--resume``."""
+
+    exit_code = 130
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced (``version`` is None on non-main processes)."""
+
+    version: AdapterVersion | None
+    metrics: dict[str, Any]
+    run_dir: Path
+    notes: list[str] = field(default_factory=list)
+
+
+def library_versions() -> dict[str, str | None]:
+    out = {}
+    for lib in LIBRARIES:
+        try:
+            out[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            out[lib] = None
+    return out
+
+
+def quiet_libraries() -> None:
+    """Silence per-step library chatter (tqdm bars, deprecation notices) under adaptr's own progress."""
+    import logging
+    import warnings
+
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # CPU kernel-hub notice
+    warnings.filterwarnings(
+        "ignore",
+        message=r".*(gradient_checkpointing|is_gradient_checkpointing).*",
+        category=FutureWarning,
+    )
+
+
+def bitsandbytes_problem() -> str | None:
+    """Why bitsandbytes quantization cannot run here, or None if it can."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # ImportError, or a broken native library
+        return f"bitsandbytes cannot be imported ({type(e).__name__}: {e})"
+    return None
+
+
+def resolve_base(path_or_name: str, registry: Registry) -> tuple[str, str]:
+    """(what to load, the base key recorded with the version) for a name, folder or Hub id."""
+    try:
+        rec = registry.get_base(path_or_name)
+        return rec.path, rec.name
+    except (NotFoundError, InvalidInputError):
+        pass
+    p = Path(path_or_name).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise InvalidInputError(f"base {path_or_name} is not a model folder (no config.json)")
+        return str(p.resolve()), str(p.resolve())
+    if path_or_name.startswith((".", "/", "~")) or path_or_name.count("/") != 1:
+        raise NotFoundError(
+            f"base {path_or_name!r} not found: give a model folder, a Hub id (org/name) or a name from `adaptr base list`"
+        )
+    return path_or_name, path_or_name
+
+
+def _check_causal_lm(path: str, trust_remote_code: bool) -> dict:
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise InvalidInputError(f"could not load base {path}: {str(e).splitlines()[0]}") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
+        raise InvalidInputError(
+            f"base {path} is not a causal language model (model_type {config.model_type!r}); "
+            "adaptr trains decoder-only models that AutoModelForCausalLM loads"
+        )
+    return config.to_dict()
+
+
+def load_base(
+    path: str, base: dict[str, Any], family=None, *, gradient_checkpointing: bool = False
+):
+    """Load tokenizer and model as the recipe's ``base`` section says; returns (tokenizer, model, family)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .families import family_for, get_family
+
+    config = _check_causal_lm(path, base["trust_remote_code"])
+    family = get_family(base["family"]) if base.get("family") else (family or family_for(config))
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=base["trust_remote_code"])
+    if family is not None:
+        family.fix_tokenizer(tokenizer)
+    kwargs: dict[str, Any] = {"trust_remote_code": base["trust_remote_code"]}
+    kwargs["dtype"] = "auto" if base["dtype"] == "auto" else getattr(torch, base["dtype"])
+    quant = str(base["quantization"])
+    if quant != "none":
+        problem = bitsandbytes_problem()
+        if problem:
+            raise InvalidInputError(
+                f"quantization {quant} needs bitsandbytes, which cannot run here: {problem}; use --quantization none"
+            )
+        from transformers import BitsAndBytesConfig
+
+        compute = getattr(torch, base["compute_dtype"]) if base.get("compute_dtype") else (
+            torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        )  # fmt: skip
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=base["bnb_4bit_quant_type"],
+                bnb_4bit_use_double_quant=bool(base["double_quant"]),
+                bnb_4bit_compute_dtype=compute,
+            )  # fmt: skip
+            if quant == "4bit"
+            else BitsAndBytesConfig(load_in_8bit=True)
+        )
+        if base["dtype"] == "auto":
+            kwargs["dtype"] = compute
+    if torch.cuda.is_available() and "LOCAL_RANK" not in os.environ:
+        kwargs["device_map"] = "auto"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise InvalidInputError(f"could not load base {path}: {str(e).splitlines()[0]}") from None
+    if quant != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing
+        )
+    return tokenizer, model, family
+
+
+def load_data(data: dict[str, Any], seed: int) -> tuple[Any, Any, dict[str, Any]]:
+    """Formatted train and eval datasets plus what lineage records about them."""
+    from .data import load_records, to_dataset
+
+    path = Path(data["path"]).expanduser()
+    records = load_records(path, data["format"], **(data.get("options") or {}))
+    if data.get("limit"):
+        records = records[: int(data["limit"])]
+    info = {
+        "path": str(path.resolve()), "sha256": hash_file(path)[0], "format": data["format"],
+        "options": data.get("options") or {}, "records": len(records),
+    }  # fmt: skip
+    train_ds, eval_ds = to_dataset(records), None
+    if data.get("eval_path"):
+        eval_path = Path(data["eval_path"]).expanduser()
+        eval_ds = to_dataset(load_records(eval_path, data["format"], **(data.get("options") or {})))
+        info["eval"] = {
+            "path": str(eval_path.resolve()),
+            "sha256": hash_file(eval_path)[0],
+            "records": len(eval_ds),
+        }
+    elif data.get("eval_split"):
+        if len(records) < 2:
+            raise InvalidInputError(
+                f"{path} has {len(records)} record(s): too few to split off an eval set"
+            )
+        split = train_ds.train_test_split(test_size=float(data["eval_split"]), seed=seed)
+        train_ds, eval_ds = split["train"], split["test"]
+        info["eval"] = {"split": float(data["eval_split"]), "records": len(eval_ds)}
+    info["train_records"] = len(train_ds)
+    return train_ds, eval_ds, info
+
+
+def sft_config(sft: dict[str, Any], output_dir: Path, *, progress: bool):
+    """The SFTConfig: the recipe's fields, plus the defaults this machine needs (CPU, precision)."""
+    import torch
+    from trl import SFTConfig
+
+    kwargs: dict[str, Any] = {
+        "report_to": "none",
+        "disable_tqdm": progress,
+        **sft,
+        "output_dir": str(output_dir),
+    }
+    if not torch.cuda.is_available():
+        kwargs.setdefault("use_cpu", True)
+        kwargs.setdefault("bf16", False)
+    elif not torch.cuda.is_bf16_supported():
+        kwargs.setdefault("bf16", False)
+        kwargs.setdefault("fp16", True)
+    try:
+        return SFTConfig(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise InvalidInputError(f"invalid sft setting: {str(e).splitlines()[0]}") from None
+
+
+def train(
+    recipe: Recipe | dict | str | Path,
+    *,
+    registry: Registry | None = None,
+    resume: bool = False,
+    restart: bool = False,
+    keep_run: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a LoRA adapter as ``recipe`` says and store it as the next version of its name."""
+    if progress:
+        quiet_libraries()
+    if not isinstance(recipe, Recipe):
+        recipe = Recipe.from_yaml(recipe) if isinstance(recipe, (str, Path)) else Recipe(recipe)
+    recipe.validate()
+    registry = registry or Registry()
+    check_name(recipe.name)
+    for t in recipe.tags:
+        check_tag(t)
+    started = time.time()
+    notes: list[str] = []
+    seed = int(recipe.sft.get("seed", 42))
+    run_dir = registry.home / "runs" / recipe.name
+    resume_from = _prepare_run_dir(run_dir, resume=resume, restart=restart, name=recipe.name)
+    parent = registry.get(recipe.parent) if recipe.parent else None
+    load_path, base_key = resolve_base(recipe.base["path"], registry)
+    train_ds, eval_ds, data_info = load_data(recipe.data, seed)
+    gc = bool(recipe.sft.get("gradient_checkpointing", True))
+    tokenizer, model, family = load_base(load_path, recipe.base, gradient_checkpointing=gc)
+    if family is None:
+        notes.append(
+            f"no family claims model_type {model.config.model_type!r}: PEFT's default LoRA targets are used"
+        )
+
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    peft_config = None
+    if parent is not None:
+        model = _load_parent(model, registry, parent, run_dir)
+        if recipe.lora:
+            notes.append(
+                f"lora settings are ignored: training continues {parent.ref} with its own LoRA config"
+            )
+    else:
+        from .lora import lora_config
+
+        lora = dict(recipe.lora)
+        targets = lora.pop("target_modules", None)
+        peft_config, _ = lora_config(model, family=family, targets=targets, **lora)
+    args = sft_config(recipe.sft, run_dir, progress=progress)
+    set_seed(args.seed)
+    try:
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+            processing_class=tokenizer, peft_config=peft_config,
+        )  # fmt: skip
+    except ValueError as e:
+        raise InvalidInputError(f"cannot set up training: {str(e).splitlines()[0]}") from None
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    notes.append(
+        f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+    )
+    if progress:
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        from .progress import RichProgressCallback
+
+        trainer.remove_callback(ProgressCallback)
+        trainer.remove_callback(PrinterCallback)  # raw log dicts: the rich bar shows the loss
+        trainer.add_callback(RichProgressCallback(f"training {recipe.name}"))
+    try:
+        out = trainer.train(resume_from_checkpoint=resume_from)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(
+            f"training of {recipe.name} interrupted at step {trainer.state.global_step}; the registry is unchanged. "
+            f"Checkpoints (if any were saved) are in {run_dir}: continue with --resume"
+        ) from None
+    metrics = _metrics(trainer, out, eval_ds, trainable, total, started)
+    version = None
+    if trainer.is_world_process_zero():
+        final = run_dir / "final"
+        trainer.save_model(str(final))
+        (final / "training_args.bin").unlink(missing_ok=True)  # a pickle: never stored
+        lineage = {
+            "base": base_key, "dataset": data_info, "recipe": recipe.to_dict(), "seed": args.seed,
+            "family": family.name if family else None, "libraries": library_versions(),
+            "resumed_from": str(resume_from) if resume_from else None,
+            "parents": [parent.ref] if parent else [], "method": "sft",
+        }  # fmt: skip
+        version = registry.add(
+            recipe.name, final, base=base_key, tags=recipe.tags, lineage=lineage, metrics=metrics,
+            origin=f"adaptr train --data {data_info['path']}",
+        )  # fmt: skip
+        notes.extend(n for n in registry.notes if "skipped" not in n)
+        if not keep_run:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    return TrainResult(version, metrics, run_dir, notes)
+
+
+def _prepare_run_dir(run_dir: Path, *, resume: bool, restart: bool, name: str) -> str | bool | None:
+    checkpoints = (
+        sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        if run_dir.is_dir()
+        else []
+    )
+    if resume:
+        if not checkpoints:
+            raise NotFoundError(
+                f"nothing to resume: no checkpoint of {name} in {run_dir}; start without --resume"
+            )
+        return str(checkpoints[-1])
+    if checkpoints and not restart:
+        raise ConflictError(
+            f"an earlier run of {name} left checkpoints in {run_dir}: pass --resume to continue it or --restart to discard them"
+        )
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return None
+
+
+def _load_parent(model, registry: Registry, parent: AdapterVersion, run_dir: Path):
+    from peft import PeftModel
+
+    src = registry.export(parent.ref, run_dir / "parent", force=True)
+    return PeftModel.from_pretrained(model, str(src), is_trainable=True)
+
+
+def _metrics(trainer, out, eval_ds, trainable: int, total: int, started: float) -> dict[str, Any]:
+    logs = trainer.state.log_history
+    tokens = next((float(h["num_tokens"]) for h in reversed(logs) if "num_tokens" in h), None)
+    m: dict[str, Any] = {
+        "train_loss": out.training_loss, "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch, "train_runtime_s": out.metrics.get("train_runtime"),
+        "trainable_params": trainable, "total_params": total, "duration_s": round(time.time() - started, 3),
+    }  # fmt: skip
+    if tokens and out.metrics.get("train_runtime"):
+        m["tokens"] = tokens
+        m["tokens_per_second"] = tokens / out.metrics["train_runtime"]
+    if eval_ds is not None:
+        ev = trainer.evaluate()
+        m["eval_loss"] = ev["eval_loss"]
+        m["perplexity"] = math.exp(ev["eval_loss"]) if ev["eval_loss"] < 50 else float("inf")
+    return json.loads(json.dumps(m, default=float))

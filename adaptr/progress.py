@@ -19,6 +19,7 @@ class RichProgressCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs: Any) -> None:
         if not state.is_world_process_zero:
             return
+        from rich.console import Console
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -31,6 +32,7 @@ class RichProgressCallback(TrainerCallback):
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), transient=False,
+            console=Console(stderr=True),  # stdout carries only the result (NAME@N)
         )  # fmt: skip
         self.progress.start()
         self.task = self.progress.add_task(

@@ -1,0 +1,264 @@
+"""adaptr train: LoRA and QLoRA through SFTTrainer, recipes, lineage, faithful math."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from adaptr.recipe import Recipe
+from adaptr.registry import Registry
+from adaptr.trainer import train
+
+ROOT = Path(__file__).parent.parent
+ZH_EN = ROOT / "examples" / "data" / "translate_zh_en.jsonl"
+QUOTES = ROOT / "examples" / "data" / "quotes.jsonl"
+FAST = ["--max-steps", "4", "--batch-size", "4", "--lr", "1e-2", "--no-gradient-checkpointing"]
+
+
+def weights(registry: Registry, ref: str) -> dict[str, torch.Tensor]:
+    return load_file(str(registry.path(ref)["adapter_model.safetensors"]))
+
+
+def test_cli_train_stores_a_version_with_lineage(cli, registry, tiny_llama):
+    code, out, err = cli("train", "--base", str(tiny_llama), "--data", str(ZH_EN), "--format", "alpaca", "--name", "zh-en",
+                         "--eval-split", "0.25", "--targets", "all-linear", "--r", "4", "--tag", "exp", *FAST)  # fmt: skip
+    assert code == 0, err
+    assert out.startswith("zh-en@1  (train loss ") and "eval loss" in out and "perplexity" in out
+    assert "trainable params:" in err
+    v = registry.get("zh-en")
+    assert (
+        v.tags == ["exp"]
+        and v.r == 4
+        and set(v.target_modules)
+        == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    )
+    assert "training_args.bin" not in {f.path for f in v.files}
+    lin = v.lineage
+    assert lin["base"] == str(tiny_llama) and v.base_fingerprint
+    assert (
+        lin["dataset"]["sha256"]
+        and lin["dataset"]["format"] == "alpaca"
+        and lin["dataset"]["records"] == 24
+    )
+    assert lin["dataset"]["train_records"] == 18 and lin["dataset"]["eval"] == {
+        "split": 0.25,
+        "records": 6,
+    }
+    assert lin["recipe"]["lora"] == {"target_modules": "all-linear", "r": 4}
+    assert lin["recipe"]["sft"]["max_steps"] == 4 and lin["seed"] == 42 and lin["family"] == "llama"
+    assert {"torch", "transformers", "peft", "trl"} <= {
+        k for k, val in lin["libraries"].items() if val
+    }
+    m = v.metrics
+    assert m["steps"] == 4 and math.isfinite(m["train_loss"]) and m["duration_s"] > 0
+    assert m["perplexity"] == pytest.approx(math.exp(m["eval_loss"]))
+    assert not (registry.home / "runs" / "zh-en").exists()  # run folder cleaned after success
+
+
+def test_python_api_and_registered_base(registry, tiny_llama):
+    registry.add_base("tiny", tiny_llama)
+    result = train(
+        {"name": "quotes", "base": {"path": "tiny"}, "data": {"path": str(QUOTES), "format": "text", "options": {"field": "quote"}},
+         "lora": {"r": 2, "target_modules": ["q_proj", "v_proj"]},
+         "sft": {"max_steps": 2, "per_device_train_batch_size": 4, "gradient_checkpointing": False}},
+        registry=registry, progress=False,
+    )  # fmt: skip
+    v = result.version
+    assert (
+        v.ref == "quotes@1"
+        and v.base == "tiny"
+        and v.r == 2
+        and sorted(v.target_modules) == ["q_proj", "v_proj"]
+    )
+    assert result.metrics["steps"] == 2
+
+
+def test_recipe_file_and_flag_precedence(cli, registry, tiny_llama, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"name: from-recipe\ntags: [yaml]\nbase:\n  path: {tiny_llama}\n  dtype: float32\n"
+        f"data:\n  path: {ZH_EN}\n  format: alpaca\n  options: {{lang: zh}}\n"
+        "lora:\n  r: 8\n  lora_alpha: 4\n  use_rslora: true\n  target_modules: [q_proj, v_proj]\n"
+        "sft:\n  max_steps: 3\n  learning_rate: 2e-4\n  per_device_train_batch_size: 4\n  gradient_checkpointing: false\n  warmup_steps: 1\n"
+    )
+    code, out, err = cli(
+        "train", "--recipe", str(recipe), "--r", "2", "--set", "sft.max_steps=2", "--tag", "cli"
+    )
+    assert code == 0, err
+    v = registry.get("from-recipe")
+    assert (
+        v.r == 2 and v.lora_alpha == 4 and v.summary["use_rslora"] is True
+    )  # flag beats file, rest passes through
+    assert sorted(v.tags) == ["cli", "yaml"] and v.metrics["steps"] == 2
+    rec = v.lineage["recipe"]
+    assert (
+        rec["sft"]["learning_rate"] == 2e-4
+        and rec["sft"]["warmup_steps"] == 1
+        and rec["base"]["dtype"] == "float32"
+    )
+
+
+def test_completion_only_loss_is_on_for_prompt_completion_data(registry, tiny_llama):
+    def run(name, **sft):
+        r = train({"name": name, "base": {"path": str(tiny_llama)}, "data": {"path": str(ZH_EN), "format": "alpaca"},
+                   "sft": {"max_steps": 1, "per_device_train_batch_size": 8, "gradient_checkpointing": False, "learning_rate": 1e-9, **sft}},
+                  registry=registry, progress=False)  # fmt: skip
+        return r.metrics["train_loss"], r.metrics["tokens"]
+
+    default_loss, _ = run("a")
+    full_loss, _ = run("b", completion_only_loss=False)
+    assert default_loss != pytest.approx(full_loss, rel=1e-3)  # different tokens are scored
+
+
+def test_packing_trains_on_fewer_longer_sequences(registry, tiny_llama):
+    base = {
+        "name": "p",
+        "base": {"path": str(tiny_llama)},
+        "data": {"path": str(QUOTES), "format": "text", "options": {"field": "quote"}},
+    }
+    sft = {
+        "num_train_epochs": 1,
+        "per_device_train_batch_size": 4,
+        "gradient_checkpointing": False,
+        "max_length": 128,
+    }
+    padded = train({**base, "sft": sft}, registry=registry, progress=False).metrics
+    packed = train(
+        {**base, "sft": {**sft, "packing": True}}, registry=registry, progress=False
+    ).metrics
+    assert packed["steps"] < padded["steps"]
+    assert registry.get("p@2").lineage["recipe"]["sft"]["packing"] is True
+
+
+@pytest.mark.parametrize("quant", ["4bit", "8bit"])
+def test_qlora_trains_on_cpu(registry, tmp_path, quant):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from adaptr.tiny import save_tiny_base
+
+    base = save_tiny_base(tmp_path / "base64", "llama", hidden_size=64, intermediate_size=128)
+    r = train({"name": f"q{quant}", "base": {"path": str(base), "quantization": quant},
+               "data": {"path": str(ZH_EN), "format": "alpaca"},
+               "lora": {"r": 4}, "sft": {"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-2}},
+              registry=registry, progress=False)  # fmt: skip
+    v = r.version
+    assert (
+        math.isfinite(r.metrics["train_loss"])
+        and v.lineage["recipe"]["base"]["quantization"] == quant
+    )
+    w = weights(registry, v.ref)
+    assert any(
+        t.abs().sum() > 0 for k, t in w.items() if "lora_B" in k
+    )  # B moved from its zero init
+    out = registry.export(v.ref, tmp_path / "exp")
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base), out
+    )  # loads on a full-precision base
+    assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_continue_training_records_the_parent(cli, registry, tiny_llama):
+    args = [
+        "--base",
+        str(tiny_llama),
+        "--data",
+        str(ZH_EN),
+        "--format",
+        "alpaca",
+        "--name",
+        "zh",
+        "--r",
+        "4",
+        *FAST,
+    ]
+    assert cli("train", *args)[0] == 0
+    code, out, err = cli("train", *args, "--from", "zh@1", "--r", "8")
+    assert code == 0, err
+    v = registry.get("zh@2")
+    assert v.lineage["parents"] == ["zh@1"] and v.r == 4  # the parent's LoRA config carries on
+    assert "lora settings are ignored" in err
+    assert not all(
+        torch.equal(a, b)
+        for a, b in zip(
+            weights(registry, "zh@1").values(), weights(registry, "zh@2").values(), strict=True
+        )
+    )
+
+
+def _plain_trl(base: Path, out: Path, seed: int):
+    """The seeds' recipe, by hand: LoraConfig + SFTTrainer on the same data and settings."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    rows = [json.loads(line) for line in ZH_EN.open(encoding="utf-8")]
+    data = [
+        {
+            "prompt": f"### 指令:\n{r['instruction']}\n\n### 输入:\n{r['input']}\n\n### 回答:\n",
+            "completion": r["output"],
+        }
+        for r in rows
+    ]
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    args = SFTConfig(output_dir=str(out), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2, seed=seed,
+                     use_cpu=True, bf16=False, report_to="none", save_strategy="no", gradient_checkpointing=False)  # fmt: skip
+    set_seed(seed)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(data), processing_class=tokenizer,
+                         peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))  # fmt: skip
+    trainer.train()
+    trainer.save_model(str(out))
+    return load_file(str(out / "adapter_model.safetensors"))
+
+
+def test_same_weights_as_the_plain_trl_recipe_and_deterministic(registry, tiny_llama, tmp_path):
+    recipe = {"name": "faithful", "base": {"path": str(tiny_llama)}, "data": {"path": str(ZH_EN), "format": "alpaca"},
+              "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+              "sft": {"max_steps": 4, "per_device_train_batch_size": 4, "learning_rate": 1e-2, "seed": 7, "gradient_checkpointing": False}}  # fmt: skip
+    first = weights(registry, train(recipe, registry=registry, progress=False).version.ref)
+    second = weights(registry, train(recipe, registry=registry, progress=False).version.ref)
+    plain = _plain_trl(tiny_llama, tmp_path / "plain", seed=7)
+    assert first.keys() == plain.keys() == second.keys()
+    for k in plain:
+        assert torch.equal(first[k], second[k]), k
+        assert torch.equal(first[k], plain[k]), k
+    assert any(t.abs().sum() > 0 for k, t in plain.items() if "lora_B" in k)
+
+
+def test_recipe_validation_suggests():
+    from adaptr.errors import InvalidInputError
+
+    r = Recipe(
+        {
+            "name": "x",
+            "base": {"path": "b"},
+            "data": {"path": "d", "format": "text"},
+            "sft": {"learning_rat": 1e-4},
+        }
+    )
+    with pytest.raises(
+        InvalidInputError,
+        match=r"unknown recipe key sft.learning_rat .*did you mean 'learning_rate'",
+    ):
+        r.validate()
+    with pytest.raises(InvalidInputError, match="unknown recipe key 'lorra'.*did you mean 'lora'"):
+        Recipe({"lorra": {}})
+    with pytest.raises(
+        InvalidInputError, match="unknown recipe key base.quantisation.*did you mean 'quantization'"
+    ):
+        Recipe({"base": {"quantisation": "4bit"}})
+    r = Recipe(
+        {
+            "name": "x",
+            "base": {"path": "b"},
+            "data": {"path": "d", "format": "text"},
+            "lora": {"rank": 8},
+        }
+    )
+    with pytest.raises(InvalidInputError, match="unknown recipe key lora.rank"):
+        r.validate()

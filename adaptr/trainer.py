@@ -118,9 +118,15 @@ def _check_causal_lm(path: str, trust_remote_code: bool) -> dict:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise InvalidInputError(f"could not load base {path}: {str(e).splitlines()[0]}") from None
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
+    heads = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    archs = config.architectures or []
+    causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
+        not archs or any(a in heads for a in archs)
+    )
+    if not causal and not trust_remote_code:
+        what = f"model_type {config.model_type!r}" + (f", architectures {archs}" if archs else "")
         raise InvalidInputError(
-            f"base {path} is not a causal language model (model_type {config.model_type!r}); "
+            f"base {path} is not a causal language model ({what}); "
             "adaptr trains decoder-only models that AutoModelForCausalLM loads"
         )
     return config.to_dict()
@@ -137,9 +143,18 @@ def load_base(
 
     config = _check_causal_lm(path, base["trust_remote_code"])
     family = get_family(base["family"]) if base.get("family") else (family or family_for(config))
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=base["trust_remote_code"])
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=base["trust_remote_code"])
+    except (OSError, ValueError, TypeError) as e:
+        raise InvalidInputError(
+            f"could not load the tokenizer of base {path}: {str(e).splitlines()[0]}"
+        ) from None
     if family is not None:
         family.fix_tokenizer(tokenizer)
+    if tokenizer.eos_token is None:
+        raise InvalidInputError(
+            f"the tokenizer of base {path} has no EOS token; set eos_token in its tokenizer_config.json"
+        )
     kwargs: dict[str, Any] = {"trust_remote_code": base["trust_remote_code"]}
     kwargs["dtype"] = "auto" if base["dtype"] == "auto" else getattr(torch, base["dtype"])
     quant = str(base["quantization"])

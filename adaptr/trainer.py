@@ -381,7 +381,9 @@ def _load_parent(model, registry: Registry, parent: AdapterVersion, run_dir: Pat
 
 def _metrics(trainer, out, eval_ds, trainable: int, total: int, started: float) -> dict[str, Any]:
     logs = trainer.state.log_history
-    tokens = next((float(h["num_tokens"]) for h in reversed(logs) if "num_tokens" in h), None)
+    tokens = getattr(trainer, "_total_train_tokens", None)  # TRL's running count (non-pad tokens)
+    if not tokens:
+        tokens = next((float(h["num_tokens"]) for h in reversed(logs) if "num_tokens" in h), None)
     m: dict[str, Any] = {
         "train_loss": out.training_loss, "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch, "train_runtime_s": out.metrics.get("train_runtime"),

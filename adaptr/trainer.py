@@ -352,6 +352,15 @@ def train(
     return TrainResult(version, metrics, run_dir, notes)
 
 
+def _complete(checkpoint: Path) -> bool:
+    """A checkpoint is whole once its trainer_state.json (written last) parses."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def _prepare_run_dir(run_dir: Path, *, resume: bool, restart: bool, name: str) -> str | bool | None:
     checkpoints = (
         sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
@@ -359,11 +368,14 @@ def _prepare_run_dir(run_dir: Path, *, resume: bool, restart: bool, name: str) -
         else []
     )
     if resume:
-        if not checkpoints:
+        whole = [c for c in checkpoints if _complete(c)]
+        if not whole:
             raise NotFoundError(
-                f"nothing to resume: no checkpoint of {name} in {run_dir}; start without --resume"
+                f"nothing to resume: no complete checkpoint of {name} in {run_dir}; start without --resume"
             )
-        return str(checkpoints[-1])
+        for partial in checkpoints[checkpoints.index(whole[-1]) + 1 :]:
+            shutil.rmtree(partial)  # cut short by the interruption
+        return str(whole[-1])
     if checkpoints and not restart:
         raise ConflictError(
             f"an earlier run of {name} left checkpoints in {run_dir}: pass --resume to continue it or --restart to discard them"

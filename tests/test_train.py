@@ -262,3 +262,28 @@ def test_recipe_validation_suggests():
     )
     with pytest.raises(InvalidInputError, match="unknown recipe key lora.rank"):
         r.validate()
+
+
+def test_the_shipped_7b_recipe_validates():
+    """examples/recipes/llama2-7b-qlora.yaml passes validation (it needs a GPU and weights to run)."""
+    r = Recipe.from_yaml(ROOT / "examples" / "recipes" / "llama2-7b-qlora.yaml")
+    r.validate()
+    assert r.base["quantization"] == "4bit" and r.lora["target_modules"] == "attention"
+    assert r.sft["learning_rate"] == 2e-4 and r.sft["gradient_accumulation_steps"] == 8
+
+
+def test_separate_eval_file(registry, tiny_llama, tmp_path):
+    rows = ZH_EN.read_text(encoding="utf-8").splitlines()
+    (tmp_path / "train.jsonl").write_text("\n".join(rows[:20]) + "\n", encoding="utf-8")
+    (tmp_path / "eval.jsonl").write_text("\n".join(rows[20:]) + "\n", encoding="utf-8")
+    r = train({"name": "ev", "base": {"path": str(tiny_llama)},
+               "data": {"path": str(tmp_path / "train.jsonl"), "eval_path": str(tmp_path / "eval.jsonl"), "format": "alpaca"},
+               "sft": {"max_steps": 2, "per_device_train_batch_size": 4, "gradient_checkpointing": False}},
+              registry=registry, progress=False)  # fmt: skip
+    ds = r.version.lineage["dataset"]
+    assert (
+        ds["train_records"] == 20 and ds["eval"]["records"] == 4 and len(ds["eval"]["sha256"]) == 64
+    )
+    assert math.isfinite(r.metrics["eval_loss"]) and r.metrics["perplexity"] == pytest.approx(
+        math.exp(r.metrics["eval_loss"])
+    )

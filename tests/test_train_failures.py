@@ -177,7 +177,11 @@ def test_ctrl_c_leaves_the_registry_unchanged_and_resume_continues(home, tmp_pat
     )
     assert snapshot(home) == before
 
-    checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    from adaptr.trainer import _complete
+
+    # the interrupt may land while a checkpoint is being written: resume takes the newest whole one
+    ordered = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    checkpoints = [c for c in ordered if _complete(c)]
     step = int(checkpoints[-1].name.split("-")[1])
     r = run_adaptr(
         "train",
@@ -221,3 +225,17 @@ def test_accelerate_launch_two_processes_only_rank_zero_writes(home, tiny_llama)
     assert r.stdout.count("ddp@1") == 1
     assert versions[0].metrics["steps"] == 3
     assert json.loads(json.dumps(versions[0].lineage))["dataset"]["records"] == 24
+
+
+def test_resume_skips_a_checkpoint_cut_short(tmp_path):
+    from adaptr.trainer import _prepare_run_dir
+
+    run = tmp_path / "run"
+    for step, whole in ((2, True), (4, True), (6, False)):
+        c = run / f"checkpoint-{step}"
+        c.mkdir(parents=True)
+        (c / "trainer_state.json").write_text(
+            f'{{"global_step": {step}}}' if whole else '{"global_st'
+        )
+    assert _prepare_run_dir(run, resume=True, restart=False, name="x").endswith("checkpoint-4")
+    assert not (run / "checkpoint-6").exists()

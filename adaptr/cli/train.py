@@ -89,7 +89,7 @@ FLAGS = {
     "settings",
     multiple=True,
     metavar="SECTION.KEY=VALUE",
-    help="Any recipe setting, e.g. sft.warmup_ratio=0.1 (value parsed as YAML).",
+    help="Any recipe setting, e.g. sft.warmup_steps=0.1 (value parsed as YAML).",
 )
 @click.option(
     "--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint."

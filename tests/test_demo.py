@@ -16,5 +16,6 @@ def test_demo_runs(tmp_path):
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "identical logits to the trained folder: True" in r.stdout
+    assert "round-trips byte for byte and gives identical logits: True" in r.stdout
+    assert "lineage: parents ['quotes@1']" in r.stdout
     assert "quotes@2" in r.stdout and "zh-en@1" in r.stdout and "removed quotes@1" in r.stdout

@@ -196,6 +196,12 @@ def main() -> None:
         raise SystemExit(
             "demo failed: an adapter did not beat the base on its task, or export changed logits"
         )
+    v = reg.get("quotes@2")
+    console.print(
+        f"quotes@2 lineage: parents {v.lineage['parents']}, dataset sha256 "
+        f"{v.lineage['dataset']['sha256'][:12]}…, {v.metrics['steps']} steps, train loss {v.metrics['train_loss']:.3f}",
+        markup=False,
+    )
 
     console.rule("[bold]summary")
     console.print(

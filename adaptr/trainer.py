@@ -63,25 +63,6 @@ def library_versions() -> dict[str, str | None]:
     return out
 
 
-def quiet_libraries() -> None:
-    """Silence per-step library chatter (tqdm bars, deprecation notices) under adaptr's own progress."""
-    import logging
-    import warnings
-
-    import datasets
-    from transformers.utils import logging as hf_logging
-
-    datasets.disable_progress_bars()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # CPU kernel-hub notice
-    warnings.filterwarnings(
-        "ignore",
-        message=r".*(gradient_checkpointing|is_gradient_checkpointing).*",
-        category=FutureWarning,
-    )
-
-
 def bitsandbytes_problem() -> str | None:
     """Why bitsandbytes quantization cannot run here, or None if it can."""
     try:
@@ -263,6 +244,8 @@ def train(
 ) -> TrainResult:
     """Train a LoRA adapter as ``recipe`` says and store it as the next version of its name."""
     if progress:
+        from .quiet import quiet_libraries
+
         quiet_libraries()
     if not isinstance(recipe, Recipe):
         recipe = Recipe.from_yaml(recipe) if isinstance(recipe, (str, Path)) else Recipe(recipe)

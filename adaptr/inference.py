@@ -1,0 +1,151 @@
+"""Load a base with registry adapters attached: one, or several stacked (all active at once).
+
+Stacking sums the adapters' deltas at inference time, without combining them into a new
+adapter (that is :mod:`adaptr.compose`). Also the shared loading code for compose and merge.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import IncompatibleBaseError, InvalidInputError, NotFoundError
+from .registry import AdapterVersion, Registry
+
+
+def versions_on_one_base(registry: Registry, refs: Sequence[str]) -> list[AdapterVersion]:
+    """Resolve refs, refusing adapters of different bases."""
+    if not refs:
+        raise InvalidInputError("give at least one adapter reference")
+    versions = [registry.get(r) for r in refs]
+    bases = {v.base or "" for v in versions}
+    fingerprints = {v.base_fingerprint for v in versions if v.base_fingerprint}
+    if len(bases) > 1 or len(fingerprints) > 1:
+        listed = ", ".join(f"{v.ref} on {v.base or '(no base)'}" for v in versions)
+        raise IncompatibleBaseError(
+            f"the adapters are on different bases ({listed}); use adapters of one base"
+        )
+    return versions
+
+
+def base_location(registry: Registry, version: AdapterVersion, override: str | None = None) -> str:
+    """A loadable path (or Hub id) for a version's base, or raise saying how to give one."""
+    if override:
+        p = Path(override).expanduser()
+        if p.exists():
+            if not (p / "config.json").is_file():
+                raise NotFoundError(f"base {override} is not a model folder (no config.json)")
+            return str(p)
+        try:
+            return registry.get_base(override).path
+        except NotFoundError:
+            raise NotFoundError(
+                f"base {override!r} not found: give a model folder or a name from `adaptr base list`"
+            ) from None
+    if not version.base:
+        raise NotFoundError(f"{version.ref} records no base: pass --base PATH")
+    path = registry.base_path(version.base)
+    if Path(path).expanduser().exists() or (
+        path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    ):
+        return path
+    raise NotFoundError(
+        f"the base of {version.ref} ({version.base}) cannot be found at {path}: pass --base PATH or register it with `adaptr base add`"
+    )
+
+
+def load_base_model(path: str, dtype: str = "auto"):
+    """The base model (full precision unless the checkpoint itself is quantized) and its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"dtype": "auto" if dtype == "auto" else getattr(torch, dtype)}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise InvalidInputError(f"could not load base {path}: {str(e).splitlines()[0]}") from None
+    return model.eval(), tokenizer
+
+
+def attach(
+    model,
+    registry: Registry,
+    versions: Sequence[AdapterVersion],
+    workdir: Path,
+    *,
+    trainable: bool = False,
+):
+    """A PeftModel with each version loaded as an adapter named by its ref (exports into workdir)."""
+    from peft import PeftModel
+
+    peft = None
+    for v in versions:
+        folder = registry.export(v.ref, workdir / v.ref.replace("@", "-"), force=True)
+        if peft is None:
+            peft = PeftModel.from_pretrained(
+                model, str(folder), adapter_name=v.ref, is_trainable=trainable
+            )
+        else:
+            peft.load_adapter(str(folder), adapter_name=v.ref, is_trainable=trainable)
+    return peft
+
+
+def load(
+    registry: Registry,
+    refs: Sequence[str] | None = None,
+    *,
+    base: str | None = None,
+    dtype: str = "auto",
+):
+    """(model, tokenizer, refs): the base with ``refs`` attached and all active (stacked).
+
+    With no refs, the registry's active adapters are used (``adaptr switch``); they must be
+    those of a single base.
+    """
+    if not refs:
+        active = {b: r for b, r in registry.active().items() if r}
+        if len(active) != 1:
+            raise InvalidInputError(
+                "no adapter given and "
+                + ("none is active" if not active else "several bases have active adapters")
+                + ": name one, or `adaptr switch REF` first"
+            )
+        refs = next(iter(active.values()))
+    versions = versions_on_one_base(registry, refs)
+    model, tokenizer = load_base_model(base_location(registry, versions[0], base), dtype)
+    with tempfile.TemporaryDirectory(prefix="adaptr-load-") as tmp:
+        peft = attach(model, registry, versions, Path(tmp))
+    names = [v.ref for v in versions]
+    peft.base_model.set_adapter(names if len(names) > 1 else names[0])
+    return peft.eval(), tokenizer, names
+
+
+def generate(
+    model, tokenizer, prompt: str, *, max_new_tokens: int = 32, chat: bool = False, **kwargs: Any
+) -> str:
+    """Greedy (by default) completion of one prompt; ``chat`` applies the chat template."""
+    import torch
+
+    if chat:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+    kwargs.setdefault("do_sample", False)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad,
+            **kwargs,
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

@@ -1,0 +1,85 @@
+"""Merge adapters into their base: a standalone transformers model folder, no PEFT needed.
+
+The base is always loaded in full precision. An adapter trained on a 4-bit or 8-bit base
+is merged into the dequantized (full-precision) weights, never into quantized ones, and
+``adaptr_merge.json`` in the output records which path was taken; load the result with a
+``BitsAndBytesConfig`` to quantize it again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import ConflictError, InvalidInputError
+from .registry import Registry
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def merge(
+    registry: Registry,
+    refs: Sequence[str],
+    out: str | Path,
+    *,
+    base: str | None = None,
+    dtype: str = "auto",
+    force: bool = False,
+) -> dict[str, Any]:
+    """Merge ``refs`` (all into one base) and write the model to ``out``; returns the provenance record."""
+    from .inference import attach, base_location, load_base_model, versions_on_one_base
+
+    if dtype not in DTYPES:
+        raise InvalidInputError(f"--dtype must be one of {', '.join(DTYPES)}")
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise ConflictError(f"{out} exists and is not empty; pass --force to replace it")
+    versions = versions_on_one_base(registry, refs)
+    path = base_location(registry, versions[0], base)
+    config_file = Path(path) / "config.json"
+    if config_file.is_file() and "quantization_config" in json.loads(config_file.read_text()):
+        raise InvalidInputError(
+            f"base {path} is a quantized checkpoint: merging into quantized weights loses the adapter's precision; "
+            "pass --base with the full-precision weights"
+        )
+    trained_on = sorted(
+        {
+            str(v.lineage.get("recipe", {}).get("base", {}).get("quantization", "none"))
+            for v in versions
+        }
+        - {"none"}
+    )
+    started = time.time()
+    model, tokenizer = load_base_model(path, dtype)
+    work_root = out.parent if out.parent.exists() else None
+    with tempfile.TemporaryDirectory(prefix=".adaptr-merge-", dir=work_root) as tmp:
+        work = Path(tmp)
+        peft = attach(model, registry, versions, work / "adapters")
+        names = [v.ref for v in versions]
+        merged = peft.merge_and_unload(adapter_names=names, progressbar=False)
+        staging = work / "model"
+        merged.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        record = {
+            "refs": names, "base": versions[0].base, "base_path": path, "base_fingerprint": versions[0].base_fingerprint,
+            "dtype": str(next(merged.parameters()).dtype).removeprefix("torch."),
+            "adapters_trained_on_quantized_base": trained_on or None,
+            "path": (
+                f"the base was loaded in full precision (dequantized) and the adapters trained on a {'/'.join(trained_on)} "
+                "base were merged into those weights; load this model with BitsAndBytesConfig to quantize it again"
+                if trained_on else "merged into the full-precision base weights"
+            ),
+            "seconds": round(time.time() - started, 3),
+        }  # fmt: skip
+        (staging / "adaptr_merge.json").write_text(json.dumps(record, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, out)
+    return record

@@ -1,0 +1,299 @@
+"""compose / merge / stacked inference: math checked against PEFT, lineage, bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from adaptr import inference
+from adaptr.compose import METHODS, compose
+from adaptr.errors import IncompatibleBaseError, InvalidInputError, NotFoundError
+from adaptr.merge import merge
+
+from helpers import snapshot
+
+IDS = torch.tensor([[5, 17, 99, 3, 250, 42, 7, 8, 120, 33]])
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, tiny_llama):
+    """Random-B LoRA adapters on the tiny LLaMA: different alphas, ranks, rsLoRA, DoRA."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("compose-adapters")
+    specs = {
+        "a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        "b": dict(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj", "o_proj"]),
+        "r8": dict(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        "rs": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=True),
+        "dora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True),
+    }
+    out = {}
+    for i, (name, spec) in enumerate(specs.items()):
+        torch.manual_seed(10 + i)
+        model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(tiny_llama),
+            LoraConfig(init_lora_weights=False, **spec),
+        )
+        with torch.no_grad():  # small deltas keep the logits in a well-conditioned range
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.mul_(0.5)
+        model.save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture
+def reg(registry, tiny_llama, adapters):
+    registry.add_base("tiny", tiny_llama)
+    for name, path in adapters.items():
+        registry.add(name, path, base="tiny")
+    return registry
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def adapter_logits(registry, *refs) -> torch.Tensor:
+    model, _, _ = inference.load(registry, list(refs))
+    return logits(model)
+
+
+def test_linear_one_zero_reproduces_the_first(reg):
+    v = compose(reg, ["a", "b"], [1.0, 0.0], "linear", "lin")
+    assert (adapter_logits(reg, "lin") - adapter_logits(reg, "a")).abs().max() < 1e-5
+    assert (
+        v.lineage["parents"] == ["a@1", "b@1"]
+        and v.lineage["weights"] == [1.0, 0.0]
+        and v.lineage["combination"] == "linear"
+    )
+
+
+def test_cat_one_one_reproduces_both_applied_together_with_different_alphas(reg):
+    compose(reg, ["a", "b"], [1.0, 1.0], "cat", "both")
+    stacked = adapter_logits(reg, "a", "b")
+    assert (adapter_logits(reg, "both") - stacked).abs().max() < 1e-5
+    assert (stacked - adapter_logits(reg, "a")).abs().max() > 1e-3  # b really contributes
+    assert reg.get("both").r == 8  # cat: ranks add up
+
+
+def test_rslora_scaling_is_corrected(reg, tiny_llama):
+    """PEFT copies use_rslora onto the combined adapter although the scaling is already in its weights."""
+    compose(reg, ["rs", "a"], [1.0, 0.0], "linear", "rs-lin")
+    assert reg.get("rs-lin").summary["use_rslora"] is False
+    assert (adapter_logits(reg, "rs-lin") - adapter_logits(reg, "rs")).abs().max() < 1e-5
+    # and PEFT on its own gets it wrong: the same call without adaptr's correction
+    model, _, _ = inference.load(reg, ["rs", "a"])
+    model.add_weighted_adapter(
+        ["rs@1", "a@1"], [1.0, 0.0], adapter_name="raw", combination_type="linear"
+    )
+    model.set_adapter("raw")
+    assert (logits(model) - adapter_logits(reg, "rs")).abs().max() > 1e-3
+
+
+def test_dora_is_refused_with_a_reason(reg, home):
+    before = snapshot(home)
+    with pytest.raises(
+        InvalidInputError,
+        match="uses DoRA, whose magnitude vectors PEFT's add_weighted_adapter cannot combine",
+    ):
+        compose(reg, ["dora", "a"], [0.5, 0.5], "linear", "x")
+    assert snapshot(home) == before
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_makes_a_version(reg, method):
+    opts = (
+        {"density": 0.5}
+        if method in ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+        else {}
+    )
+    v = compose(reg, ["a", "b"], [0.7, 0.3], method, f"m-{method.replace('_', '-')}", **opts)
+    recorded = (
+        {**opts, "majority_sign_method": "total"} if method in ("ties", "dare_ties") else opts
+    )
+    assert v.lineage["combination"] == method and v.lineage["options"] == recorded
+    assert torch.isfinite(adapter_logits(reg, v.ref)).all()
+
+
+@pytest.mark.parametrize(
+    "refs, weights, method, opts, error, match",
+    [
+        (["a", "b"], [1.0], "linear", {}, InvalidInputError, "1 weight(s) for 2 adapter(s)"),
+        (
+            ["a", "b"],
+            [1, 1],
+            "ties",
+            {"density": -0.5},
+            InvalidInputError,
+            "density must be in (0, 1]",
+        ),
+        (["a", "b"], [1, 1], "ties", {}, InvalidInputError, "needs --density"),
+        (["a", "b"], [1, 1], "average", {}, InvalidInputError, "unknown method 'average'"),
+        (
+            ["a", "r8"],
+            [1, 1],
+            "linear",
+            {},
+            InvalidInputError,
+            "needs adapters of equal rank (a@1: r=4, r8@1: r=8); use cat or svd",
+        ),
+        (["a", "ghost"], [1, 1], "linear", {}, NotFoundError, "unknown adapter 'ghost'"),
+    ],
+)
+def test_refused_up_front(reg, home, refs, weights, method, opts, error, match):
+    before = snapshot(home)
+    with pytest.raises(
+        error, match=match.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+    ):
+        compose(reg, refs, weights, method, "bad", **opts)
+    assert snapshot(home) == before
+
+
+def test_adapters_on_different_bases_are_refused(reg, home, tmp_path, adapters):
+    from adaptr.tiny import save_tiny_base
+
+    other = save_tiny_base(
+        tmp_path / "other", "llama", seed=3
+    )  # same shapes, other weights: another fingerprint? no:
+    reg.add_base(
+        "other", other
+    )  # identical architecture gives the same fingerprint, so force a different base name
+    reg.add("c", adapters["a"], base="other")
+    before = snapshot(home)
+    with pytest.raises(IncompatibleBaseError, match="different bases"):
+        compose(reg, ["a", "c"], [1, 1], "cat", "x")
+    with pytest.raises(IncompatibleBaseError, match="different bases"):
+        merge(reg, ["a", "c"], tmp_path / "m")
+    assert snapshot(home) == before
+
+
+def test_merge_writes_a_standalone_model_matching_base_plus_adapter(reg, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    record = merge(reg, ["b"], tmp_path / "merged")
+    files = {p.name for p in (tmp_path / "merged").iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "adaptr_merge.json",
+    } <= files
+    assert not any("adapter" in f for f in files - {"adaptr_merge.json"})
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not hasattr(model, "peft_config")
+    assert (logits(model) - adapter_logits(reg, "b")).abs().max() <= 1e-4
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged")("hi").input_ids
+    assert (
+        record["refs"] == ["b@1"]
+        and record["dtype"] == "float32"
+        and "full-precision" in record["path"]
+    )
+
+
+def test_merge_several_refs_equals_them_stacked(reg, tmp_path, cli):
+    from transformers import AutoModelForCausalLM
+
+    code, out, err = cli("merge", "a", "b", "--out", str(tmp_path / "ab"))
+    assert code == 0, err
+    assert "a@1, b@1 merged into tiny" in out
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ab")
+    assert (logits(model) - adapter_logits(reg, "a", "b")).abs().max() <= 1e-4
+    assert json.loads((tmp_path / "ab" / "adaptr_merge.json").read_text())["refs"] == ["a@1", "b@1"]
+
+
+def test_merge_refusals(reg, home, tmp_path, tiny_llama, cli):
+    before = snapshot(home)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    code, _, err = cli("merge", "a", "--out", str(tmp_path / "full"))
+    assert (
+        code != 0
+        and err.strip()
+        == f"error: {tmp_path / 'full'} exists and is not empty; pass --force to replace it"
+    )
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    code, _, err = cli(
+        "merge", "a", "--out", str(tmp_path / "x"), "--base", str(tmp_path / "nowhere")
+    )
+    assert code != 0 and "base" in err and "not found" in err and len(err.strip().splitlines()) == 1
+    quant = tmp_path / "quantized"
+    import shutil
+
+    shutil.copytree(tiny_llama, quant)
+    cfg = json.loads((quant / "config.json").read_text())
+    (quant / "config.json").write_text(
+        json.dumps(
+            {**cfg, "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}
+        )
+    )
+    code, _, err = cli("merge", "a", "--out", str(tmp_path / "y"), "--base", str(quant))
+    assert code != 0 and "is a quantized checkpoint" in err
+    assert (
+        snapshot(home) == before and not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    )
+
+
+def test_merge_of_a_qlora_adapter_goes_through_full_precision(registry, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from adaptr.tiny import save_tiny_base
+    from adaptr.trainer import train
+
+    base = save_tiny_base(tmp_path / "base64", "llama", hidden_size=64, intermediate_size=128)
+    data = Path(__file__).parent.parent / "examples" / "data" / "translate_zh_en.jsonl"
+    train({"name": "q", "base": {"path": str(base), "quantization": "4bit"}, "data": {"path": str(data), "format": "alpaca"},
+           "lora": {"r": 4}, "sft": {"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 5e-2}},
+          registry=registry, progress=False)  # fmt: skip
+    record = merge(registry, ["q"], tmp_path / "merged")
+    assert (
+        record["adapters_trained_on_quantized_base"] == ["4bit"] and "dequantized" in record["path"]
+    )
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert (logits(merged) - adapter_logits(registry, "q")).abs().max() <= 1e-4
+    assert merged.config.to_dict().get("quantization_config") is None
+
+
+def test_cli_compose_and_generate(reg, cli):
+    code, out, err = cli(
+        "compose",
+        "a",
+        "b",
+        "--weights",
+        "0.7,0.3",
+        "--method",
+        "svd",
+        "--svd-rank",
+        "2",
+        "--name",
+        "blend",
+        "--tag",
+        "try",
+    )
+    assert (code, out.strip()) == (0, "blend@1"), err
+    v = reg.get("blend@try")
+    assert v.r == 2 and v.lineage["options"] == {"svd_rank": 2}
+    assert "lineage.combination  svd" in cli("show", "blend")[1]
+    code, out, err = cli("generate", "a", "Hello", "--max-new-tokens", "4", "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["adapters"] == ["a@1"] and isinstance(doc["completion"], str)
+    cli("switch", "a", "b")  # stacked active adapters
+    code, out, _ = cli("generate", "Hello", "--max-new-tokens", "4", "--json")
+    assert json.loads(out)["adapters"] == ["a@1", "b@1"]
+    code, out, _ = cli("generate", "a", "Hello", "--stack", "b", "--json", "--max-new-tokens", "4")
+    assert json.loads(out)["adapters"] == ["a@1", "b@1"]
+    code, _, err = cli("compose", "a", "b", "--weights", "1,x", "--name", "z")
+    assert code != 0 and "--weights takes numbers" in err
+
+
+def test_stacking_differs_from_each_alone_and_matches_cat(reg):
+    stacked = adapter_logits(reg, "a", "b")
+    compose(reg, ["a", "b"], [1, 1], "cat", "ab")
+    assert (stacked - adapter_logits(reg, "ab")).abs().max() < 1e-5
+    assert (stacked - adapter_logits(reg, "b")).abs().max() > 1e-3

@@ -10,7 +10,7 @@ MLPs of the same name; tests/test_families.py pins that behaviour.
 
 from adaptr import ModelFamily, hookimpl
 
-from .templates import DEEPSEEK
+from .common import DEEPSEEK, MLP
 
 # MLA: q_proj when q_lora_rank is unset (V2-Lite), q_a_proj/q_b_proj otherwise (V2, V3);
 # k_proj/v_proj: DeepSeek-LLM's LLaMA attention. PEFT wraps those a model has.
@@ -24,7 +24,6 @@ ATTENTION = [
     "kv_b_proj",
     "o_proj",
 ]
-MLP = ["gate_proj", "up_proj", "down_proj"]
 _MOE = dict(
     hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,

@@ -2,6 +2,8 @@
 
 from adaptr import ModelFamily, hookimpl
 
+from .common import LORA_DEFAULTS
+
 ATTENTION = ["query_key_value", "dense"]
 MLP = ["dense_h_to_4h", "dense_4h_to_h"]
 
@@ -13,7 +15,7 @@ def adaptr_register_families(register):
             name="gpt-neox",
             model_types=["gpt_neox"],
             target_modules={"attention": ATTENTION, "all-linear": ATTENTION + MLP},
-            lora_defaults={"r": 16, "lora_alpha": 32, "lora_dropout": 0.05},
+            lora_defaults=dict(LORA_DEFAULTS),
             pad_token="eos",  # Pythia ships no pad token
             prompt_template="{prompt}",
             tiny_configs={

@@ -2,10 +2,7 @@
 
 from adaptr import ModelFamily, hookimpl
 
-from .templates import CHATML
-
-ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
-MLP = ["gate_proj", "up_proj", "down_proj"]
+from .common import ATTENTION, CHATML, LORA_DEFAULTS, MLP, TINY_GQA
 
 
 @hookimpl
@@ -15,25 +12,12 @@ def adaptr_register_families(register):
             name="qwen",
             model_types=["qwen2", "qwen3"],
             target_modules={"attention": ATTENTION, "all-linear": ATTENTION + MLP},
-            lora_defaults={"r": 16, "lora_alpha": 32, "lora_dropout": 0.05},
+            lora_defaults=dict(LORA_DEFAULTS),
             chat_template=CHATML,
             prompt_template="{prompt}",
             tiny_configs={
-                "qwen2": dict(
-                    hidden_size=32,
-                    intermediate_size=64,
-                    num_hidden_layers=2,
-                    num_attention_heads=4,
-                    num_key_value_heads=2,
-                ),
-                "qwen3": dict(
-                    hidden_size=32,
-                    intermediate_size=64,
-                    num_hidden_layers=2,
-                    num_attention_heads=4,
-                    num_key_value_heads=2,
-                    head_dim=8,
-                ),
+                "qwen2": dict(TINY_GQA),
+                "qwen3": dict(TINY_GQA, head_dim=8),
             },
             description="Alibaba Qwen2 / Qwen2.5 / Qwen3 dense models.",
         )

@@ -1,8 +1,20 @@
-"""Chat templates shared by the built-in families.
+"""What the built-in families share: projection names, LoRA defaults, tiny sizes, chat templates.
 
-Assistant turns are wrapped in ``{% generation %}`` so TRL's ``assistant_only_loss`` can
-mask everything else.
+Assistant turns in the templates are wrapped in ``{% generation %}`` so TRL's
+``assistant_only_loss`` can mask everything else.
 """
+
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
+LORA_DEFAULTS = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
+# hidden 32, 2 layers, grouped-query attention: enough structure for smoke tests
+TINY_GQA = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 
 CHATML = (
     "{% for m in messages %}"

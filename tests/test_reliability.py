@@ -57,7 +57,8 @@ def test_sigkill_during_add_never_leaves_a_partial_version(tmp_path):
             helpers=HELPERS, home=str(home), work=str(tmp_path / "src"), seed=trial
         )
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-        assert proc.stdout.readline().strip() == "ready"
+        first = proc.stdout.readline().strip()
+        assert first == "ready", f"trial {trial}: writer did not start: {first!r}"
         time.sleep(rng.uniform(0.0, 0.4))
         proc.send_signal(signal.SIGKILL)
         out, _ = proc.communicate()
@@ -71,10 +72,12 @@ def test_sigkill_during_add_never_leaves_a_partial_version(tmp_path):
 
         reg = Registry(home)
         report = reg.verify()
-        assert report.ok, report.problems
+        assert report.ok, f"trial {trial}: {report.problems}; writer said {out[-500:]!r}"
         stored = reg.list("victim") if (home / "registry.db").exists() and reg.list() else []
         refs = {v.ref for v in stored}
-        assert set(done) <= refs, "an add that returned was lost"
+        assert set(done) <= refs, (
+            f"trial {trial}: an add that returned was lost: {set(done) - refs}"
+        )
         sources = {str(s) for s in started}
         for v in stored:
             src = done.get(v.ref) or Path(v.source)
@@ -86,8 +89,12 @@ def test_sigkill_during_add_never_leaves_a_partial_version(tmp_path):
         assert versions == list(range(1, len(versions) + 1))
         if stored:
             assert reg.get("victim@last").version == versions[-1]
-    assert len(done) >= 5, "the kills should land after some adds completed"
-    assert len(started) > len(done), "some kills should land inside an add"
+    assert len(done) >= 5, (
+        f"the kills should land after some adds completed ({len(done)} of {len(started)})"
+    )
+    assert len(started) > len(done), (
+        f"some kills should land inside an add ({len(done)} of {len(started)})"
+    )
     reg = Registry(home)
     reg.gc()
     assert reg.verify().ok

@@ -356,14 +356,16 @@ def _prepare_run_dir(run_dir: Path, *, resume: bool, restart: bool, name: str) -
             raise NotFoundError(
                 f"nothing to resume: no complete checkpoint of {name} in {run_dir}; start without --resume"
             )
-        for partial in checkpoints[checkpoints.index(whole[-1]) + 1 :]:
-            shutil.rmtree(partial)  # cut short by the interruption
+        if int(os.environ.get("RANK", "0")) == 0:
+            for partial in checkpoints[checkpoints.index(whole[-1]) + 1 :]:
+                shutil.rmtree(partial)  # cut short by the interruption
         return str(whole[-1])
     if checkpoints and not restart:
         raise ConflictError(
             f"an earlier run of {name} left checkpoints in {run_dir}: pass --resume to continue it or --restart to discard them"
         )
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch, one process clears it
+        shutil.rmtree(run_dir, ignore_errors=True)
     return None
 
 

@@ -1,0 +1,252 @@
+"""Multi-adapter serving in one process: one base, many LoRA adapters, one adapter per row.
+
+PEFT's mixed batches (``adapter_names=``) loop over the adapters of a batch in every
+layer, and ``set_adapter`` walks every module. Here each targeted linear layer keeps the
+resident adapters stacked — ``A[slot]: r_max × in``, ``B[slot]: out × r_max`` (smaller
+ranks zero-padded, which is exact) — and a batch gathers each row's slot, so a mixed
+batch costs two batched matmuls per layer whatever the number of adapters (as S-LoRA and
+Punica do on GPUs). Slot 0 is all zeros: the bare base.
+
+Covered: LoRA on ``nn.Linear`` (any rank, alpha, rsLoRA, target set). Not covered (refused
+when loading, so callers fall back to ``adaptr.inference`` / PEFT): DoRA, LoRA on
+embeddings or GPT-2 Conv1D, ``lora_bias``, ``modules_to_save``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import InvalidInputError
+from .registry import AdapterVersion, Registry
+from .registry.adapter_dir import PREFIX, pattern_value
+
+
+class StackedLoRA:
+    """Holds one layer's stacked adapter weights; installed as a forward hook on that layer."""
+
+    def __init__(self, layer, slots: int, r_max: int, state: dict[str, Any]):
+        import torch
+
+        self.layer = layer
+        out_f, in_f = layer.weight.shape
+        kw = {"dtype": layer.weight.dtype, "device": layer.weight.device}
+        self.A = torch.zeros(slots, r_max, in_f, **kw)
+        self.B = torch.zeros(slots, out_f, r_max, **kw)
+        self.active = torch.zeros(slots, dtype=torch.bool)  # slots with weights in this layer
+        self.state = state  # shared: {"rows": LongTensor of slot ids per batch row, or None}
+        self.handle = layer.register_forward_hook(self._hook)
+
+    def set(self, slot: int, A, B, scaling: float) -> None:
+        r = A.shape[0]
+        self.A[slot].zero_()
+        self.B[slot].zero_()
+        self.A[slot, :r] = A.to(self.A.dtype)
+        self.B[slot, :, :r] = B.to(self.B.dtype) * scaling
+        self.active[slot] = True
+
+    def clear(self, slot: int) -> None:
+        self.A[slot].zero_()
+        self.B[slot].zero_()
+        self.active[slot] = False
+
+    def _hook(self, module, inputs, output):
+        rows = self.state.get("rows")
+        if rows is None or not bool(self.active[rows].any()):
+            return output
+        x = inputs[0]
+        shape = x.shape
+        if shape[0] != rows.shape[0]:  # generate() expanded the batch (beams, several sequences)
+            rows = rows.repeat_interleave(shape[0] // rows.shape[0])
+        x3 = x.reshape(shape[0], -1, shape[-1])  # [batch, tokens, in]
+        a = self.A.index_select(0, rows)  # [batch, r, in]
+        b = self.B.index_select(0, rows)  # [batch, out, r]
+        delta = (x3 @ a.transpose(1, 2)) @ b.transpose(1, 2)
+        return output + delta.reshape(*shape[:-1], delta.shape[-1]).to(output.dtype)
+
+
+class AdapterServer:
+    """Serve many registry adapters on one base model, a different adapter per prompt.
+
+    ``max_adapters`` bounds the resident adapters (least recently used are evicted);
+    calls are serialised by a lock, so the server is safe to share between threads.
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        base: str | None = None,
+        *,
+        max_adapters: int = 16,
+        max_rank: int = 64,
+        dtype: str = "auto",
+    ):
+        from .inference import load_base_model
+
+        self.registry = registry
+        self.max_adapters = max_adapters
+        self.max_rank = max_rank
+        self.base_key = base
+        path = registry.base_path(base) if base else None
+        if path is None:
+            raise InvalidInputError(
+                "AdapterServer needs a base: a registered base name or a model folder"
+            )
+        self.model, self.tokenizer = load_base_model(path, dtype)
+        self.model.requires_grad_(False)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "left"
+        self._state: dict[str, Any] = {"rows": None}
+        self._layers: dict[str, StackedLoRA] = {}
+        self._slots: OrderedDict[str, int] = OrderedDict()  # ref -> slot, least recently used first
+        self._free = list(range(max_adapters, 0, -1))
+        self._lock = threading.RLock()
+        self.default: str | None = None
+        self.load_seconds: dict[str, float] = {}
+
+    # ------------------------------------------------------------- adapters
+    def resident(self) -> list[str]:
+        """Refs of the adapters in memory, least recently used first."""
+        return list(self._slots)
+
+    def load(self, ref: str) -> int:
+        """Make ``ref`` resident (evicting the least recently used if full); returns its slot."""
+        with self._lock:
+            version = self.registry.get(ref)
+            key = version.ref
+            if key in self._slots:
+                self._slots.move_to_end(key)
+                return self._slots[key]
+            started = time.perf_counter()
+            tensors, scaling_for = self._read(version)
+            if not self._free:
+                _, slot = self._slots.popitem(last=False)
+                for layer in self._layers.values():
+                    layer.clear(slot)
+            else:
+                slot = self._free.pop()
+            for module, (A, B) in tensors.items():
+                self._layer(module).set(slot, A, B, scaling_for(module))
+            self._slots[key] = slot
+            self.load_seconds[key] = time.perf_counter() - started
+            return slot
+
+    def _read(self, v: AdapterVersion):
+        from safetensors.torch import load_file
+
+        s = v.summary
+        unsupported = [k for k in ("use_dora", "lora_bias", "modules_to_save") if s.get(k)]
+        if v.peft_type != "LORA" or unsupported:
+            raise InvalidInputError(
+                f"{v.ref} uses {', '.join(unsupported) or v.peft_type}, which the stacked LoRA path does not cover; "
+                "serve it with adaptr.inference (PEFT)"
+            )
+        weights = load_file(str(self.registry.path(v.ref)["adapter_model.safetensors"]))
+        pairs: dict[str, list] = {}
+        for key, t in weights.items():
+            for part, idx in ((".lora_A.weight", 0), (".lora_B.weight", 1)):
+                if key.endswith(part):
+                    pairs.setdefault(key[len(PREFIX) : -len(part)], [None, None])[idx] = t
+        if not pairs:
+            raise InvalidInputError(
+                f"{v.ref} has no linear LoRA weights the stacked path can serve"
+            )
+        for module, (A, _) in pairs.items():
+            if A.shape[0] > self.max_rank:
+                raise InvalidInputError(
+                    f"{v.ref} has rank {A.shape[0]} at {module}, above max_rank={self.max_rank}"
+                )
+        cfg = v.config
+
+        def scaling_for(module: str) -> float:
+            r = pattern_value(cfg.get("rank_pattern"), module, cfg["r"])
+            alpha = pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", r))
+            return float(alpha) / (r**0.5 if cfg.get("use_rslora") else r)
+
+        return {m: (a, b) for m, (a, b) in pairs.items()}, scaling_for
+
+    def _layer(self, module: str) -> StackedLoRA:
+        import torch
+
+        if module not in self._layers:
+            layer = self.model.get_submodule(module)
+            if not isinstance(layer, torch.nn.Linear):
+                raise InvalidInputError(
+                    f"{module} is a {type(layer).__name__}: the stacked LoRA path covers nn.Linear only"
+                )
+            self._layers[module] = StackedLoRA(
+                layer, self.max_adapters + 1, self.max_rank, self._state
+            )
+        return self._layers[module]
+
+    def switch(self, ref: str | None) -> None:
+        """Set the default adapter for prompts that name none (``None``: the bare base)."""
+        if ref is not None:
+            self.load(ref)
+            ref = self.registry.get(ref).ref
+        self.default = ref
+
+    # ----------------------------------------------------------- generation
+    def _rows(self, adapters: Sequence[str | None] | None, n: int):
+        import torch
+
+        if adapters is None:
+            adapters = [self.default] * n
+        if len(adapters) != n:
+            raise InvalidInputError(
+                f"{len(adapters)} adapter(s) for {n} prompt(s): give one per prompt (None for the base)"
+            )
+        return torch.tensor([0 if a is None else self.load(a) for a in adapters], dtype=torch.long)
+
+    def logits(self, prompts: Sequence[str], adapters: Sequence[str | None] | None = None):
+        """Last-layer logits of a left-padded batch (for checks against PEFT)."""
+        import torch
+
+        with self._lock:
+            rows = self._rows(adapters, len(prompts))
+            enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True)
+            self._state["rows"] = rows
+            try:
+                with torch.no_grad():
+                    return self.model(**enc).logits, enc["attention_mask"]
+            finally:
+                self._state["rows"] = None
+
+    def generate(
+        self, prompts: Sequence[str], adapters: Sequence[str | None] | None = None, **kwargs: Any
+    ) -> list[str]:
+        """Complete each prompt with its own adapter (or None: the base), in one batch."""
+        import torch
+
+        kwargs.setdefault("max_new_tokens", 32)
+        kwargs.setdefault("do_sample", False)
+        with self._lock:
+            rows = self._rows(adapters, len(prompts))
+            enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True)
+            self._state["rows"] = rows
+            try:
+                with torch.no_grad():
+                    out = self.model.generate(
+                        **enc, pad_token_id=self.tokenizer.pad_token_id, **kwargs
+                    )
+            finally:
+                self._state["rows"] = None
+        width = enc["input_ids"].shape[1]
+        return [self.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+
+    def chat(
+        self,
+        conversations: Sequence[list[dict[str, str]]],
+        adapters: Sequence[str | None] | None = None,
+        **kwargs: Any,
+    ) -> list[str]:
+        """Like :meth:`generate` for chat messages, through the tokenizer's chat template."""
+        prompts = [
+            self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+            for c in conversations
+        ]
+        return self.generate(prompts, adapters, **kwargs)

@@ -1,0 +1,159 @@
+"""AdapterServer: per-row adapters in one batch, identical to PEFT run prompt by prompt."""
+
+import threading
+
+import pytest
+import torch
+
+from adaptr.errors import InvalidInputError
+from adaptr.serving import AdapterServer
+from adaptr.tiny import save_tiny_base
+
+PROMPTS = ["Hello there", "你好", "Quote: Knowledge is power", "x", "Translate: cat"]
+
+
+def _adapter(base, root, name, seed, **spec):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base), LoraConfig(init_lora_weights=False, **spec)
+    )
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.mul_(3.0)  # large enough to change greedy choices
+    model.save_pretrained(root / name)
+    return root / name
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt_neox", "qwen2"])
+def setup(request, tmp_path_factory):
+    from adaptr.registry import Registry
+
+    root = tmp_path_factory.mktemp(f"serve-{request.param}")
+    base = save_tiny_base(root / "base", request.param, initializer_range=0.2)
+    if request.param == "gpt_neox":
+        targets = (["query_key_value"], ["query_key_value", "dense", "dense_4h_to_h"])
+    else:
+        targets = (["q_proj", "v_proj"], ["q_proj", "k_proj", "o_proj", "up_proj", "down_proj"])
+    reg = Registry(root / "home")
+    reg.add_base("base", base)
+    specs = {
+        "a": dict(r=4, lora_alpha=8, target_modules=targets[0]),
+        "b": dict(r=8, lora_alpha=32, target_modules=targets[1]),
+        "c": dict(r=2, lora_alpha=4, target_modules=targets[1], use_rslora=True),
+    }
+    for i, (name, spec) in enumerate(specs.items()):
+        reg.add(name, _adapter(base, root, name, 100 + i, **spec), base="base")
+    return reg, base
+
+
+def _peft_alone(reg, base, ref, prompt, tokenizer, max_new_tokens=6):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    if ref is not None:
+        model = PeftModel.from_pretrained(
+            model, reg.export(ref, reg.home.parent / f"exp-{ref}", force=True)
+        ).eval()
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, -1]
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return logits, tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_mixed_batch_matches_peft_prompt_by_prompt(setup):
+    reg, base = setup
+    server = AdapterServer(reg, "base", max_adapters=4)
+    adapters = ["a", "b", None, "c", "b"]
+    logits, mask = server.logits(PROMPTS, adapters)
+    texts = server.generate(PROMPTS, adapters, max_new_tokens=6)
+    outputs = set()
+    for i, (prompt, ref) in enumerate(zip(PROMPTS, adapters, strict=True)):
+        want_logits, want_text = _peft_alone(reg, base, ref, prompt, server.tokenizer)
+        assert (logits[i, -1] - want_logits).abs().max() < 1e-4, (prompt, ref)
+        assert texts[i] == want_text, (prompt, ref)
+        outputs.add((ref, want_text))
+    _, bare = _peft_alone(reg, base, None, PROMPTS[0], server.tokenizer)
+    _, with_a = _peft_alone(reg, base, "a", PROMPTS[0], server.tokenizer)
+    assert bare != with_a  # the adapters really change the output
+
+
+def test_switch_default_and_lru_eviction(setup):
+    reg, _ = setup
+    server = AdapterServer(reg, "base", max_adapters=2)
+    server.switch("a")
+    assert server.default == "a@1" and server.resident() == ["a@1"]
+    default_out = server.generate(["Hello there"], max_new_tokens=4)
+    assert default_out == server.generate(["Hello there"], ["a"], max_new_tokens=4)
+    server.load("b")
+    server.load("c")  # evicts a (least recently used)
+    assert server.resident() == ["b@1", "c@1"]
+    assert (
+        server.generate(["Hello there"], ["a"], max_new_tokens=4) == default_out
+    )  # reloaded on demand
+    assert server.resident() == ["c@1", "a@1"]
+    server.switch(None)
+    assert server.generate(["Hello there"], max_new_tokens=4) == server.generate(
+        ["Hello there"], [None], max_new_tokens=4
+    )
+
+
+def test_threads_share_one_server(setup):
+    reg, _ = setup
+    server = AdapterServer(reg, "base", max_adapters=3)
+    expected = {
+        ref: server.generate(["Hello there"], [ref], max_new_tokens=4)[0] for ref in ("a", "b", "c")
+    }
+    results, errors = [], []
+
+    def worker(ref):
+        try:
+            for _ in range(3):
+                results.append((ref, server.generate(["Hello there"], [ref], max_new_tokens=4)[0]))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in ("a", "b", "c", "a")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 12
+    assert all(text == expected[ref] for ref, text in results)
+
+
+def test_refusals(setup, tmp_path):
+    reg, base = setup
+    server = AdapterServer(reg, "base", max_adapters=2, max_rank=4)
+    with pytest.raises(InvalidInputError, match="above max_rank=4"):
+        server.load("b")
+    with pytest.raises(InvalidInputError, match="2 adapter\\(s\\) for 1 prompt"):
+        server.generate(["x"], ["a", "a"])
+    dora = _adapter(
+        base,
+        tmp_path,
+        "dora",
+        7,
+        r=2,
+        target_modules=["q_proj"]
+        if "llama" in str(base) or "qwen" in str(base)
+        else ["query_key_value"],
+        use_dora=True,
+    )
+    reg.add("dora", dora, base="base")
+    with pytest.raises(
+        InvalidInputError, match="uses use_dora, which the stacked LoRA path does not cover"
+    ):
+        server.load("dora")
+    reg.remove("dora")

@@ -55,17 +55,46 @@ class StackedLoRA:
 
     def _hook(self, module, inputs, output):
         rows = self.state.get("rows")
-        if rows is None or not bool(self.active[rows].any()):
+        if rows is None:
+            return output
+        gathered = self.state["cache"].get(id(self))
+        if gathered is None:  # once per batch: the rows keep their adapters for every decoding step
+            gathered = self._gather(rows)
+            self.state["cache"][id(self)] = gathered
+        if gathered is False:  # no row of this batch has weights in this layer
             return output
         x = inputs[0]
+        a, b = gathered[:2]
+        if len(gathered) == 2:  # every row on one adapter: plain matmuls
+            return output + ((x @ a.T) @ b.T).to(output.dtype)
+        mask = gathered[2]
         shape = x.shape
-        if shape[0] != rows.shape[0]:  # generate() expanded the batch (beams, several sequences)
-            rows = rows.repeat_interleave(shape[0] // rows.shape[0])
-        x3 = x.reshape(shape[0], -1, shape[-1])  # [batch, tokens, in]
-        a = self.A.index_select(0, rows)  # [batch, r, in]
-        b = self.B.index_select(0, rows)  # [batch, out, r]
-        delta = (x3 @ a.transpose(1, 2)) @ b.transpose(1, 2)
+        if shape[0] != mask.shape[0]:  # generate() expanded the batch (beams, several sequences)
+            mask = mask.repeat_interleave(shape[0] // mask.shape[0], 0)
+        # the batch's adapters side by side: two dense matmuls, each row keeps only its own block
+        h = (x.reshape(shape[0], -1, shape[-1]) @ a.T) * mask[:, None, :]
+        delta = h @ b.T
         return output + delta.reshape(*shape[:-1], delta.shape[-1]).to(output.dtype)
+
+    def _gather(self, rows):
+        """Per batch: (A, B) of its one adapter, or the side-by-side stack of its adapters and row masks."""
+        import torch
+
+        if not bool(self.active[rows].any()):
+            return False
+        uniq, inverse = rows.unique(return_inverse=True)
+        rank = self.A.shape[1]
+        if uniq.numel() == 1:
+            slot = int(uniq[0])
+            r = (
+                int((self.A[slot].abs().sum(dim=1) > 0).sum()) or 1
+            )  # drop the zero padding of smaller ranks
+            return self.A[slot, :r], self.B[slot, :, :r]
+        a = self.A.index_select(0, uniq).reshape(-1, self.A.shape[2])  # [U*r, in]
+        b = self.B.index_select(0, uniq).permute(1, 0, 2).reshape(self.B.shape[1], -1)  # [out, U*r]
+        mask = torch.zeros(rows.shape[0], uniq.numel(), rank, dtype=a.dtype)
+        mask[torch.arange(rows.shape[0]), inverse] = 1
+        return a, b, mask.reshape(rows.shape[0], -1)
 
 
 class AdapterServer:
@@ -100,7 +129,7 @@ class AdapterServer:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"
-        self._state: dict[str, Any] = {"rows": None}
+        self._state: dict[str, Any] = {"rows": None, "cache": {}}
         self._layers: dict[str, StackedLoRA] = {}
         self._slots: OrderedDict[str, int] = OrderedDict()  # ref -> slot, least recently used first
         self._free = list(range(max_adapters, 0, -1))
@@ -209,12 +238,12 @@ class AdapterServer:
         with self._lock:
             rows = self._rows(adapters, len(prompts))
             enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True)
-            self._state["rows"] = rows
+            self._state.update(rows=rows, cache={})
             try:
                 with torch.no_grad():
                     return self.model(**enc).logits, enc["attention_mask"]
             finally:
-                self._state["rows"] = None
+                self._state.update(rows=None, cache={})
 
     def generate(
         self, prompts: Sequence[str], adapters: Sequence[str | None] | None = None, **kwargs: Any
@@ -227,14 +256,14 @@ class AdapterServer:
         with self._lock:
             rows = self._rows(adapters, len(prompts))
             enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True)
-            self._state["rows"] = rows
+            self._state.update(rows=rows, cache={})
             try:
                 with torch.no_grad():
                     out = self.model.generate(
                         **enc, pad_token_id=self.tokenizer.pad_token_id, **kwargs
                     )
             finally:
-                self._state["rows"] = None
+                self._state.update(rows=None, cache={})
         width = enc["input_ids"].shape[1]
         return [self.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
 

@@ -1,0 +1,160 @@
+"""Serving benchmark: mixed-adapter batches with AdapterServer vs PEFT, in one process.
+
+Run: python bench/serve.py [--hidden 256] [--layers 4] [--adapters 8] [--requests 32] [--tokens 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def timed(fn, repeat: int) -> float:
+    fn()  # warm-up
+    runs = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t)
+    return statistics.median(runs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--adapters", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from adaptr.registry import Registry
+    from adaptr.serving import AdapterServer
+    from adaptr.tiny import save_tiny_base
+
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        heads = max(4, args.hidden // 64)
+        base = save_tiny_base(work / "base", "llama", hidden_size=args.hidden, intermediate_size=args.hidden * 2,
+                              num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads)  # fmt: skip
+        reg = Registry(work / "home")
+        reg.add_base("base", base)
+        refs = []
+        for i in range(args.adapters):
+            torch.manual_seed(i)
+            m = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=8 * (1 + i % 2), lora_alpha=16,
+                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False))  # fmt: skip
+            m.save_pretrained(work / f"a{i}")
+            refs.append(reg.add(f"task-{i}", work / f"a{i}", base="base").ref)
+        prompts = [f"request {i}: the quick brown fox" for i in range(args.requests)]
+        mixed = [refs[i % len(refs)] for i in range(args.requests)]
+        gen = {"max_new_tokens": args.tokens, "do_sample": False}
+
+        server = AdapterServer(reg, "base", max_adapters=max(args.adapters, 8))
+        for r in refs:
+            server.load(r)
+        t_single = timed(
+            lambda: server.generate(prompts, [refs[0]] * args.requests, **gen), args.repeat
+        )
+        t_mixed = timed(lambda: server.generate(prompts, mixed, **gen), args.repeat)
+        out_server = server.generate(prompts, mixed, **gen)
+
+        peft = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(base),
+            reg.export(refs[0], work / "e0"),
+            adapter_name=refs[0],
+        ).eval()
+        for i, r in enumerate(refs[1:], 1):
+            peft.load_adapter(str(reg.export(r, work / f"e{i}")), adapter_name=r)
+        tok = server.tokenizer
+        enc = tok(prompts, return_tensors="pt", padding=True)
+
+        def peft_generate(names=None):
+            with torch.no_grad():
+                kw = {"adapter_names": names} if names else {}
+                return peft.generate(**enc, pad_token_id=tok.pad_token_id, **gen, **kw)
+
+        t_peft_mixed = timed(lambda: peft_generate(mixed), args.repeat)
+        out_peft = [
+            tok.decode(row[enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            for row in peft_generate(mixed)
+        ]
+        peft.set_adapter(refs[0])
+        t_peft_single = timed(lambda: peft_generate(), args.repeat)
+
+        def naive():
+            for p, r in zip(prompts, mixed, strict=True):
+                peft.set_adapter(r)
+                ids = tok(p, return_tensors="pt").input_ids
+                with torch.no_grad():
+                    peft.generate(
+                        input_ids=ids,
+                        attention_mask=torch.ones_like(ids),
+                        pad_token_id=tok.pad_token_id,
+                        **gen,
+                    )
+
+        t_naive = timed(naive, max(1, args.repeat // 2))
+        n = 2000
+        t = time.perf_counter()
+        for i in range(n):
+            server.switch(refs[i % len(refs)])
+        t_switch = (time.perf_counter() - t) / n
+        t = time.perf_counter()
+        for i in range(200):
+            peft.set_adapter(refs[i % len(refs)])
+        t_set = (time.perf_counter() - t) / 200
+
+        print(f"base: LLaMA hidden {args.hidden}, {args.layers} layers; {args.adapters} adapters (r 8/16, q/k/v/o); "
+              f"{args.requests} requests, {args.tokens} new tokens, greedy; median of {args.repeat}")  # fmt: skip
+        rows = [("AdapterServer, single adapter", t_single), ("AdapterServer, mixed", t_mixed),
+                ("PEFT, single adapter", t_peft_single), ("PEFT mixed batch (adapter_names=)", t_peft_mixed),
+                ("naive: one request at a time, set_adapter each", t_naive)]  # fmt: skip
+        for label, sec in rows:
+            print(f"  {label:<48} {sec:7.3f} s  {args.requests * args.tokens / sec:8.0f} tokens/s")
+        print(f"  mixed / single (AdapterServer): {t_single / t_mixed:.2f}x throughput")
+        print(
+            f"  AdapterServer mixed vs PEFT mixed: {t_peft_mixed / t_mixed:.2f}x; vs naive: {t_naive / t_mixed:.2f}x"
+        )
+        print(f"  outputs identical to PEFT's mixed batch: {out_server == out_peft}")
+        print(
+            f"  switch default adapter: {t_switch * 1e3:.4f} ms; PEFT set_adapter: {t_set * 1e3:.3f} ms"
+        )
+
+        # loading: 1 resident vs 100 resident, against PeftModel.load_adapter on the same files
+        big = AdapterServer(reg, "base", max_adapters=101)
+        first = timed_load(big, reg, refs[0])
+        for i in range(99):
+            reg_ref = reg.add(f"bulk-{i}", work / f"a{i % args.adapters}", base="base").ref
+            big.load(reg_ref)
+        last = timed_load(big, reg, refs[1])
+        folder = str(reg.export(refs[1], work / "pl"))
+        t = time.perf_counter()
+        peft.load_adapter(folder, adapter_name="timed")
+        t_peft_load = time.perf_counter() - t
+        print(f"  load an adapter from the registry: {first * 1e3:.1f} ms with 1 resident, {last * 1e3:.1f} ms with 100; "
+              f"PeftModel.load_adapter on the same files: {t_peft_load * 1e3:.1f} ms")  # fmt: skip
+
+
+def timed_load(server, reg, ref) -> float:
+    t = time.perf_counter()
+    server.load(ref)
+    return time.perf_counter() - t
+
+
+if __name__ == "__main__":
+    main()

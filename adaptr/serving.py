@@ -37,6 +37,7 @@ class StackedLoRA:
         self.A = torch.zeros(slots, r_max, in_f, **kw)
         self.B = torch.zeros(slots, out_f, r_max, **kw)
         self.active = torch.zeros(slots, dtype=torch.bool)  # slots with weights in this layer
+        self.rank = [0] * slots  # each slot's real rank here (the rest is zero padding)
         self.state = state  # shared: {"rows": LongTensor of slot ids per batch row, or None}
         self.handle = layer.register_forward_hook(self._hook)
 
@@ -47,11 +48,13 @@ class StackedLoRA:
         self.A[slot, :r] = A.to(self.A.dtype)
         self.B[slot, :, :r] = B.to(self.B.dtype) * scaling
         self.active[slot] = True
+        self.rank[slot] = r
 
     def clear(self, slot: int) -> None:
         self.A[slot].zero_()
         self.B[slot].zero_()
         self.active[slot] = False
+        self.rank[slot] = 0
 
     def _hook(self, module, inputs, output):
         rows = self.state.get("rows")
@@ -64,16 +67,21 @@ class StackedLoRA:
         if gathered is False:  # no row of this batch has weights in this layer
             return output
         x = inputs[0]
-        a, b = gathered[:2]
-        if len(gathered) == 2:  # every row on one adapter: plain matmuls
-            return output + ((x @ a.T) @ b.T).to(output.dtype)
-        mask = gathered[2]
+        a_t, b_t = gathered[:2]  # pre-transposed, contiguous: [in, r], [r, out]
         shape = x.shape
-        if shape[0] != mask.shape[0]:  # generate() expanded the batch (beams, several sequences)
-            mask = mask.repeat_interleave(shape[0] // mask.shape[0], 0)
-        # the batch's adapters side by side: two dense matmuls, each row keeps only its own block
-        h = (x.reshape(shape[0], -1, shape[-1]) @ a.T) * mask[:, None, :]
-        delta = h @ b.T
+        x2 = x.reshape(-1, shape[-1])
+        if len(gathered) == 2:  # every row on one adapter: plain matmuls
+            delta = (x2 @ a_t) @ b_t
+        else:  # the batch's adapters side by side: two dense matmuls, each row keeps its own block
+            mask = gathered[2]
+            if (
+                shape[0] != mask.shape[0]
+            ):  # generate() expanded the batch (beams, several sequences)
+                mask = mask.repeat_interleave(shape[0] // mask.shape[0], 0)
+            tokens = x2.shape[0] // shape[0]
+            if tokens > 1:
+                mask = mask.repeat_interleave(tokens, 0)
+            delta = ((x2 @ a_t) * mask) @ b_t
         return output + delta.reshape(*shape[:-1], delta.shape[-1]).to(output.dtype)
 
     def _gather(self, rows):
@@ -83,18 +91,17 @@ class StackedLoRA:
         if not bool(self.active[rows].any()):
             return False
         uniq, inverse = rows.unique(return_inverse=True)
-        rank = self.A.shape[1]
+        rank = max(self.rank[int(u)] for u in uniq) or 1  # trim the padding up to max_rank
         if uniq.numel() == 1:
             slot = int(uniq[0])
-            r = (
-                int((self.A[slot].abs().sum(dim=1) > 0).sum()) or 1
-            )  # drop the zero padding of smaller ranks
-            return self.A[slot, :r], self.B[slot, :, :r]
-        a = self.A.index_select(0, uniq).reshape(-1, self.A.shape[2])  # [U*r, in]
-        b = self.B.index_select(0, uniq).permute(1, 0, 2).reshape(self.B.shape[1], -1)  # [out, U*r]
-        mask = torch.zeros(rows.shape[0], uniq.numel(), rank, dtype=a.dtype)
+            return self.A[slot, :rank].T.contiguous(), self.B[slot, :, :rank].T.contiguous()
+        a_t = self.A[uniq, :rank].reshape(-1, self.A.shape[2]).T.contiguous()  # [in, U*rank]
+        b_t = (
+            self.B[uniq, :, :rank].permute(0, 2, 1).reshape(-1, self.B.shape[1]).contiguous()
+        )  # [U*rank, out]
+        mask = torch.zeros(rows.shape[0], uniq.numel(), rank, dtype=a_t.dtype)
         mask[torch.arange(rows.shape[0]), inverse] = 1
-        return a, b, mask.reshape(rows.shape[0], -1)
+        return a_t, b_t, mask.reshape(rows.shape[0], -1)
 
 
 class AdapterServer:

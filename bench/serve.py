@@ -30,6 +30,12 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument(
+        "--targets",
+        default="attention",
+        choices=["attention", "all-linear"],
+        help="LoRA targets of the adapters",
+    )
     args = ap.parse_args()
 
     import logging
@@ -54,10 +60,13 @@ def main() -> None:
         reg = Registry(work / "home")
         reg.add_base("base", base)
         refs = []
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj"] + (
+            ["gate_proj", "up_proj", "down_proj"] if args.targets == "all-linear" else []
+        )
         for i in range(args.adapters):
             torch.manual_seed(i)
             m = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=8 * (1 + i % 2), lora_alpha=16,
-                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False))  # fmt: skip
+                               target_modules=targets, init_lora_weights=False))  # fmt: skip
             m.save_pretrained(work / f"a{i}")
             refs.append(reg.add(f"task-{i}", work / f"a{i}", base="base").ref)
         prompts = [f"request {i}: the quick brown fox" for i in range(args.requests)]
@@ -119,7 +128,7 @@ def main() -> None:
             peft.set_adapter(refs[i % len(refs)])
         t_set = (time.perf_counter() - t) / 200
 
-        print(f"base: LLaMA hidden {args.hidden}, {args.layers} layers; {args.adapters} adapters (r 8/16, q/k/v/o); "
+        print(f"base: LLaMA hidden {args.hidden}, {args.layers} layers; {args.adapters} adapters (r 8/16, {args.targets}); "
               f"{args.requests} requests, {args.tokens} new tokens, greedy; median of {args.repeat}")  # fmt: skip
         rows = [("AdapterServer, single adapter", t_single), ("AdapterServer, mixed", t_mixed),
                 ("PEFT, single adapter", t_peft_single), ("PEFT mixed batch (adapter_names=)", t_peft_mixed),

@@ -236,6 +236,11 @@ class AdapterServer:
             raise InvalidInputError(
                 f"{len(adapters)} adapter(s) for {n} prompt(s): give one per prompt (None for the base)"
             )
+        distinct = {a for a in adapters if a is not None}
+        if len(distinct) > self.max_adapters:
+            raise InvalidInputError(
+                f"{len(distinct)} different adapters in one batch, more than max_adapters={self.max_adapters}"
+            )
         return torch.tensor([0 if a is None else self.load(a) for a in adapters], dtype=torch.long)
 
     def logits(self, prompts: Sequence[str], adapters: Sequence[str | None] | None = None):

@@ -15,7 +15,7 @@ import click
 from adaptr import __version__
 from adaptr.errors import AdaptrError
 
-from . import adapters, bases, compose, plugins, store, train
+from . import adapters, bases, compose, plugins, serve, store, train
 
 
 class AdaptrGroup(click.Group):
@@ -61,7 +61,7 @@ def cli(home: str | None, debug: bool) -> None:
 for command in (
     adapters.add, adapters.list_, adapters.show, adapters.switch, adapters.tag, adapters.rm,
     store.verify, store.gc, store.export, bases.base, plugins.plugins, plugins.families, plugins.formatters,
-    train.train, compose.compose, compose.merge, compose.generate,
+    train.train, compose.compose, compose.merge, compose.generate, serve.serve,
 ):  # fmt: skip
     cli.add_command(command)
 

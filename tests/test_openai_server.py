@@ -1,0 +1,232 @@
+"""adaptr serve: the OpenAI-compatible API, driven by the official openai client."""
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+
+from adaptr import inference
+from adaptr.registry import Registry
+from adaptr.tiny import save_tiny_base
+
+
+def _adapter(base, path, seed, **spec):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base), LoraConfig(init_lora_weights=False, **spec)
+    )
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.mul_(3.0)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    import uvicorn
+
+    from adaptr.openai_server import create_app
+    from adaptr.serving import AdapterServer
+
+    root = tmp_path_factory.mktemp("http")
+    base = save_tiny_base(root / "base", "llama", initializer_range=0.2)
+    reg = Registry(root / "home")
+    reg.add_base("tiny", base)
+    reg.add(
+        "a",
+        _adapter(base, root / "a", 1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        base="tiny",
+    )
+    reg.add(
+        "b",
+        _adapter(
+            base,
+            root / "b",
+            2,
+            r=8,
+            lora_alpha=16,
+            target_modules=["q_proj", "k_proj", "o_proj", "down_proj"],
+        ),
+        base="tiny",
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(AdapterServer(reg, "tiny", max_adapters=4)),
+            host="127.0.0.1",
+            port=port,
+            log_level="error",
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    url = f"http://127.0.0.1:{port}/v1"
+    yield reg, root, url, openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def expected(reg, ref, prompt, n, chat=False):
+    model, tok, _ = inference.load(reg, [ref]) if ref else (None, None, None)
+    if ref is None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = reg.base_path("tiny")
+        model, tok = (
+            AutoModelForCausalLM.from_pretrained(path).eval(),
+            AutoTokenizer.from_pretrained(path),
+        )
+    return inference.generate(model, tok, prompt, max_new_tokens=n, chat=chat)
+
+
+def test_models_lists_base_and_adapters(served):
+    _, _, _, client = served
+    ids = [m.id for m in client.models.list().data]
+    assert ids[0] == "tiny" and {"a", "a@1", "b", "b@1"} <= set(ids)
+
+
+def test_completions_and_chat_match_the_adapter_alone(served):
+    reg, _, _, client = served
+    for ref in ("a", "b"):
+        out = client.completions.create(model=ref, prompt="Hello there", max_tokens=6)
+        assert out.choices[0].text == expected(reg, ref, "Hello there", 6)
+        assert out.usage.completion_tokens <= 6 and out.model == ref
+    bare = (
+        client.completions.create(model="tiny", prompt="Hello there", max_tokens=6).choices[0].text
+    )
+    assert bare == expected(reg, None, "Hello there", 6) and bare != expected(
+        reg, "a", "Hello there", 6
+    )
+    chat = client.chat.completions.create(
+        model="b", messages=[{"role": "user", "content": "你好"}], max_tokens=6
+    )
+    assert chat.choices[0].message.content == expected(reg, "b", "你好", 6, chat=True)
+    assert chat.choices[0].message.role == "assistant"
+
+
+def test_streaming_equals_the_whole_answer(served):
+    _, _, _, client = served
+    whole = client.completions.create(model="a", prompt="Stream me", max_tokens=8).choices[0].text
+    parts = [
+        c.choices[0].text
+        for c in client.completions.create(model="a", prompt="Stream me", max_tokens=8, stream=True)
+    ]
+    assert "".join(parts) == whole
+    whole = (
+        client.chat.completions.create(
+            model="b", messages=[{"role": "user", "content": "hi"}], max_tokens=8
+        )
+        .choices[0]
+        .message.content
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model="b", messages=[{"role": "user", "content": "hi"}], max_tokens=8, stream=True
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served):
+    _, _, url, client = served
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="ghost", prompt="x", max_tokens=2)
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model="a", prompt="x", max_tokens=0)
+    with pytest.raises(openai.BadRequestError, match="exceeds the context"):
+        client.completions.create(model="a", prompt="x" * 600, max_tokens=2)
+    r = httpx.post(
+        f"{url}/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(f"{url}/chat/completions", json={"model": "a", "messages": "hi"})
+    assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+    # a client that disconnects mid-stream
+    with httpx.stream(
+        "POST",
+        f"{url}/completions",
+        json={"model": "a", "prompt": "go", "max_tokens": 40, "stream": True},
+    ) as s:
+        next(s.iter_lines())
+    assert (
+        client.completions.create(model="a", prompt="still here", max_tokens=3).choices[0].text
+        is not None
+    )
+
+
+def test_switch_and_new_versions_are_picked_up_without_restart(served, cli):
+    reg, root, _, client = served
+    before = (
+        client.completions.create(model="a", prompt="Hello there", max_tokens=6).choices[0].text
+    )
+    base = reg.base_path("tiny")
+    reg.add(
+        "a",
+        _adapter(base, root / "a2", 9, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        base="tiny",
+    )
+    after = client.completions.create(model="a", prompt="Hello there", max_tokens=6).choices[0].text
+    assert after == expected(reg, "a@2", "Hello there", 6) and after != before
+    assert (
+        client.completions.create(model="a@1", prompt="Hello there", max_tokens=6).choices[0].text
+        == before
+    )
+    reg.switch("b")
+    assert client.completions.create(model="active", prompt="Hello there", max_tokens=6).choices[
+        0
+    ].text == expected(reg, "b", "Hello there", 6)
+    reg.deactivate("tiny")
+    assert client.completions.create(model="active", prompt="Hello there", max_tokens=6).choices[
+        0
+    ].text == expected(reg, None, "Hello there", 6)
+
+
+def test_load_500_requests_from_8_clients(served):
+    reg, _, url, _ = served
+    models = ["a@1", "b", "tiny", "a@1", "b"]
+    prompts = [f"request {i}" for i in range(5)]
+    want = {
+        (m, p): expected(reg, None if m == "tiny" else m, p, 4)
+        for m in set(models)
+        for p in prompts
+    }
+    clients = [
+        openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120) for _ in range(8)
+    ]
+
+    def one(i):
+        m, p = models[i % len(models)], prompts[(i // len(models)) % len(prompts)]
+        text = clients[i % 8].completions.create(model=m, prompt=p, max_tokens=4).choices[0].text
+        return text == want[(m, p)], (m, p, text)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(one, range(500)))
+    wrong = [r[1] for r in results if not r[0]]
+    assert len(results) == 500 and not wrong, wrong[:5]
+
+
+def test_serve_cli_refuses_an_unknown_base(cli):
+    code, _, err = cli("serve", "--base", "nope")
+    assert (
+        code != 0
+        and err.strip()
+        == "error: unknown base 'nope': register it with `adaptr base add nope PATH`"
+    )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .errors import InvalidInputError
@@ -32,17 +32,33 @@ class StackedLoRA:
         import torch
 
         self.layer = layer
-        out_f, in_f = layer.weight.shape
-        kw = {"dtype": layer.weight.dtype, "device": layer.weight.device}
-        self.A = torch.zeros(slots, r_max, in_f, **kw)
-        self.B = torch.zeros(slots, out_f, r_max, **kw)
+        self.max_slots, self.r_max = slots, r_max
+        self.A = torch.zeros(
+            1, 0, layer.weight.shape[1], dtype=layer.weight.dtype, device=layer.weight.device
+        )
+        self.B = torch.zeros(
+            1, layer.weight.shape[0], 0, dtype=layer.weight.dtype, device=layer.weight.device
+        )
         self.active = torch.zeros(slots, dtype=torch.bool)  # slots with weights in this layer
         self.rank = [0] * slots  # each slot's real rank here (the rest is zero padding)
         self.state = state  # shared: {"rows": LongTensor of slot ids per batch row, or None}
         self.handle = layer.register_forward_hook(self._hook)
 
+    def _grow(self, slot: int, r: int) -> None:
+        """Buffers grow with the slots and ranks actually used (doubling), never past the limits."""
+        cap, rank = self.A.shape[0], self.A.shape[1]
+        if slot < cap and r <= rank:
+            return
+        new_cap = max(cap, min(self.max_slots, max(slot + 1, 2 * cap)))
+        new_rank = max(rank, r)
+        A = self.A.new_zeros(new_cap, new_rank, self.A.shape[2])
+        B = self.B.new_zeros(new_cap, self.B.shape[1], new_rank)
+        A[:cap, :rank], B[:cap, :, :rank] = self.A, self.B
+        self.A, self.B = A, B
+
     def set(self, slot: int, A, B, scaling: float) -> None:
         r = A.shape[0]
+        self._grow(slot, r)
         self.A[slot].zero_()
         self.B[slot].zero_()
         self.A[slot, :r] = A.to(self.A.dtype)
@@ -51,8 +67,9 @@ class StackedLoRA:
         self.rank[slot] = r
 
     def clear(self, slot: int) -> None:
-        self.A[slot].zero_()
-        self.B[slot].zero_()
+        if slot < self.A.shape[0]:
+            self.A[slot].zero_()
+            self.B[slot].zero_()
         self.active[slot] = False
         self.rank[slot] = 0
 
@@ -88,8 +105,10 @@ class StackedLoRA:
         """Per batch: (A, B) of its one adapter, or the side-by-side stack of its adapters and row masks."""
         import torch
 
-        if not bool(self.active[rows].any()):
+        active = self.active[rows]
+        if not bool(active.any()):
             return False
+        rows = torch.where(active, rows, torch.zeros_like(rows))  # no weights here: the zero slot 0
         uniq, inverse = rows.unique(return_inverse=True)
         rank = max(self.rank[int(u)] for u in uniq) or 1  # trim the padding up to max_rank
         if uniq.numel() == 1:
@@ -278,6 +297,27 @@ class AdapterServer:
                 self._state.update(rows=None, cache={})
         width = enc["input_ids"].shape[1]
         return [self.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+
+    def stream(self, prompt: str, adapter: str | None = None, **kwargs: Any) -> Iterator[str]:
+        """Yield the completion of one prompt piece by piece as tokens are generated."""
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                self.generate([prompt], [adapter] if adapter else None, streamer=streamer, **kwargs)
+            except BaseException as e:  # re-raised in the caller's thread
+                failure.append(e)
+                streamer.end()
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        yield from (piece for piece in streamer if piece)
+        thread.join()
+        if failure:
+            raise failure[0]
 
     def chat(
         self,

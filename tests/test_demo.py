@@ -19,3 +19,10 @@ def test_demo_runs(tmp_path):
     assert "round-trips byte for byte and gives identical logits: True" in r.stdout
     assert "lineage: parents ['quotes@1']" in r.stdout
     assert "quotes@2" in r.stdout and "zh-en@1" in r.stdout and "removed quotes@1" in r.stdout
+    # the serving example runs on the demo's registry: each adapter does its own task
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "multi_task_serving.py"), "--home", str(tmp_path / "demo" / "registry")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[http] models: ['tiny-llama'" in r.stdout and "[http] zh-en" in r.stdout

@@ -157,3 +157,31 @@ def test_refusals(setup, tmp_path):
     ):
         server.load("dora")
     reg.remove("dora")
+
+
+def test_streaming_and_chat(setup):
+    reg, _ = setup
+    server = AdapterServer(reg, "base", max_adapters=3)
+    whole = server.generate(["Hello there"], ["b"], max_new_tokens=8)[0]
+    pieces = list(server.stream("Hello there", "b", max_new_tokens=8))
+    assert "".join(pieces) == whole and len(pieces) >= 1
+    server.switch("a")
+    assert (
+        "".join(server.stream("Hello there", max_new_tokens=8))
+        == server.generate(["Hello there"], max_new_tokens=8)[0]
+    )
+    conv = [{"role": "user", "content": "你好"}]
+    prompt = server.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    assert server.chat([conv], ["b"], max_new_tokens=5) == server.generate(
+        [prompt], ["b"], max_new_tokens=5
+    )
+
+
+def test_buffers_grow_with_what_is_loaded(setup):
+    reg, _ = setup
+    server = AdapterServer(reg, "base", max_adapters=50)
+    server.load("a")
+    sizes = {name: tuple(layer.A.shape[:2]) for name, layer in server._layers.items()}
+    assert all(cap <= 4 and rank == 4 for cap, rank in sizes.values())  # not 51 slots x max_rank 64
+    server.load("b")  # rank 8 and more modules
+    assert max(layer.A.shape[1] for layer in server._layers.values()) == 8

@@ -119,7 +119,6 @@ class Batcher:
 
         s = self.server
         try:
-            rows = s._rows([j.adapter for j in jobs], len(jobs))
             width = max(len(j.prompt_ids) for j in jobs)
             pad = s.tokenizer.pad_token_id
             ids = torch.tensor([[pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs])
@@ -131,19 +130,14 @@ class Batcher:
             if do_sample:
                 kwargs.update(temperature=temperature, top_p=top_p)
             streamer = _BatchStreamer(jobs, s.tokenizer.eos_token_id)
-            with s._lock:
-                s._state.update(rows=rows, cache={})
-                try:
-                    with torch.no_grad():
-                        s.model.generate(
-                            input_ids=ids,
-                            attention_mask=mask,
-                            pad_token_id=pad,
-                            streamer=streamer,
-                            **kwargs,
-                        )
-                finally:
-                    s._state.update(rows=None, cache={})
+            with s.batch([j.adapter for j in jobs], len(jobs)):
+                s.model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    pad_token_id=pad,
+                    streamer=streamer,
+                    **kwargs,
+                )
             streamer.end()
         except Exception as e:  # reported to every waiting request; the worker keeps serving
             for j in jobs:

@@ -18,6 +18,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from .errors import InvalidInputError
@@ -262,39 +263,34 @@ class AdapterServer:
             )
         return torch.tensor([0 if a is None else self.load(a) for a in adapters], dtype=torch.long)
 
-    def logits(self, prompts: Sequence[str], adapters: Sequence[str | None] | None = None):
-        """Last-layer logits of a left-padded batch (for checks against PEFT)."""
+    @contextmanager
+    def batch(self, adapters: Sequence[str | None] | None, n: int) -> Iterator[None]:
+        """Hold the server for one batch of ``n`` rows whose adapters are ``adapters``."""
         import torch
 
         with self._lock:
-            rows = self._rows(adapters, len(prompts))
-            enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True)
-            self._state.update(rows=rows, cache={})
+            self._state.update(rows=self._rows(adapters, n), cache={})
             try:
                 with torch.no_grad():
-                    return self.model(**enc).logits, enc["attention_mask"]
+                    yield
             finally:
                 self._state.update(rows=None, cache={})
+
+    def logits(self, prompts: Sequence[str], adapters: Sequence[str | None] | None = None):
+        """Logits of a left-padded batch, and its attention mask (for checks against PEFT)."""
+        enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True)
+        with self.batch(adapters, len(prompts)):
+            return self.model(**enc).logits, enc["attention_mask"]
 
     def generate(
         self, prompts: Sequence[str], adapters: Sequence[str | None] | None = None, **kwargs: Any
     ) -> list[str]:
         """Complete each prompt with its own adapter (or None: the base), in one batch."""
-        import torch
-
         kwargs.setdefault("max_new_tokens", 32)
         kwargs.setdefault("do_sample", False)
-        with self._lock:
-            rows = self._rows(adapters, len(prompts))
-            enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True)
-            self._state.update(rows=rows, cache={})
-            try:
-                with torch.no_grad():
-                    out = self.model.generate(
-                        **enc, pad_token_id=self.tokenizer.pad_token_id, **kwargs
-                    )
-            finally:
-                self._state.update(rows=None, cache={})
+        enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True)
+        with self.batch(adapters, len(prompts)):
+            out = self.model.generate(**enc, pad_token_id=self.tokenizer.pad_token_id, **kwargs)
         width = enc["input_ids"].shape[1]
         return [self.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
 

@@ -21,7 +21,9 @@ PROMPTS = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--home", default="demo-out/registry")
     ap.add_argument("--base", default="tiny-llama")
     args = ap.parse_args()
@@ -36,9 +38,15 @@ def main() -> None:
 
     # 1. Python: one batch, one adapter per prompt (None = the bare base)
     prompts = [PROMPTS["quotes"], PROMPTS["zh-en"], PROMPTS["zh-en"]]
-    for adapter, text in zip(["quotes", "zh-en", None], server.generate(prompts, ["quotes", "zh-en", None], max_new_tokens=12), strict=True):
+    for adapter, text in zip(
+        ["quotes", "zh-en", None],
+        server.generate(prompts, ["quotes", "zh-en", None], max_new_tokens=12),
+        strict=True,
+    ):
         print(f"[python] {adapter or 'base':<7} -> {text!r}")
-    print("[python] streamed:", "|".join(server.stream(PROMPTS["zh-en"], "zh-en", max_new_tokens=6)))
+    print(
+        "[python] streamed:", "|".join(server.stream(PROMPTS["zh-en"], "zh-en", max_new_tokens=6))
+    )
 
     # 2. HTTP: the same server behind the OpenAI API, driven by the official client
     import openai
@@ -49,7 +57,9 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    http = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    http = uvicorn.Server(
+        uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning")
+    )
     threading.Thread(target=http.run, daemon=True).start()
     while not http.started:
         time.sleep(0.05)
@@ -58,7 +68,9 @@ def main() -> None:
     for model in ("quotes", "zh-en"):
         out = client.completions.create(model=model, prompt=PROMPTS[model], max_tokens=12)
         print(f"[http] {model:<7} -> {out.choices[0].text!r}")
-    stream = client.completions.create(model="zh-en", prompt=PROMPTS["zh-en"], max_tokens=6, stream=True)
+    stream = client.completions.create(
+        model="zh-en", prompt=PROMPTS["zh-en"], max_tokens=6, stream=True
+    )
     print("[http] streamed:", "|".join(c.choices[0].text for c in stream))
     http.should_exit = True
 

@@ -93,3 +93,21 @@ def fake_install(site: Path, dist: str, entry_points: dict[str, str]) -> Path:
         "[adaptr]\n" + "".join(f"{k} = {v}\n" for k, v in entry_points.items())
     )
     return site
+
+
+def random_lora(base: Path, path: Path, seed: int, scale_b: float = 3.0, **spec) -> Path:
+    """A PEFT LoRA on ``base`` with random A and B (B scaled so the adapter changes greedy choices)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base), LoraConfig(init_lora_weights=False, **spec)
+    )
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.mul_(scale_b)
+    model.save_pretrained(path)
+    return path

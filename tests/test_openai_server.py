@@ -8,27 +8,12 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-import torch
 
 from adaptr import inference
 from adaptr.registry import Registry
 from adaptr.tiny import save_tiny_base
 
-
-def _adapter(base, path, seed, **spec):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(base), LoraConfig(init_lora_weights=False, **spec)
-    )
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.mul_(3.0)
-    model.save_pretrained(path)
-    return path
+from helpers import random_lora
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +29,12 @@ def served(tmp_path_factory):
     reg.add_base("tiny", base)
     reg.add(
         "a",
-        _adapter(base, root / "a", 1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        random_lora(base, root / "a", 1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
         base="tiny",
     )
     reg.add(
         "b",
-        _adapter(
+        random_lora(
             base,
             root / "b",
             2,
@@ -180,7 +165,7 @@ def test_switch_and_new_versions_are_picked_up_without_restart(served, cli):
     base = reg.base_path("tiny")
     reg.add(
         "a",
-        _adapter(base, root / "a2", 9, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        random_lora(base, root / "a2", 9, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
         base="tiny",
     )
     after = client.completions.create(model="a", prompt="Hello there", max_tokens=6).choices[0].text

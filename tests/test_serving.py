@@ -9,23 +9,9 @@ from adaptr.errors import InvalidInputError
 from adaptr.serving import AdapterServer
 from adaptr.tiny import save_tiny_base
 
+from helpers import random_lora
+
 PROMPTS = ["Hello there", "你好", "Quote: Knowledge is power", "x", "Translate: cat"]
-
-
-def _adapter(base, root, name, seed, **spec):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(base), LoraConfig(init_lora_weights=False, **spec)
-    )
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.mul_(3.0)  # large enough to change greedy choices
-    model.save_pretrained(root / name)
-    return root / name
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt_neox", "qwen2"])
@@ -46,7 +32,7 @@ def setup(request, tmp_path_factory):
         "c": dict(r=2, lora_alpha=4, target_modules=targets[1], use_rslora=True),
     }
     for i, (name, spec) in enumerate(specs.items()):
-        reg.add(name, _adapter(base, root, name, 100 + i, **spec), base="base")
+        reg.add(name, random_lora(base, root / name, 100 + i, **spec), base="base")
     return reg, base
 
 
@@ -140,10 +126,9 @@ def test_refusals(setup, tmp_path):
         server.load("b")
     with pytest.raises(InvalidInputError, match="2 adapter\\(s\\) for 1 prompt"):
         server.generate(["x"], ["a", "a"])
-    dora = _adapter(
+    dora = random_lora(
         base,
-        tmp_path,
-        "dora",
+        tmp_path / "dora",
         7,
         r=2,
         target_modules=["q_proj"]

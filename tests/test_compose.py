@@ -258,6 +258,17 @@ def test_merge_of_a_qlora_adapter_goes_through_full_precision(registry, tmp_path
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert (logits(merged) - adapter_logits(registry, "q")).abs().max() <= 1e-4
     assert merged.config.to_dict().get("quantization_config") is None
+    # and quantized again on load, as adaptr_merge.json says
+    from transformers import BitsAndBytesConfig
+
+    q = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "merged",
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32
+        ),
+    )
+    assert type(q.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert (logits(q) - logits(merged)).abs().max() < 0.5  # 4-bit rounding, same model
 
 
 def test_cli_compose_and_generate(reg, cli):

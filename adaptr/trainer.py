@@ -217,7 +217,7 @@ def sft_config(sft: dict[str, Any], output_dir: Path, *, progress: bool):
 
     kwargs: dict[str, Any] = {
         "report_to": "none",
-        "disable_tqdm": progress,
+        "disable_tqdm": True,
         **sft,
         "output_dir": str(output_dir),
     }

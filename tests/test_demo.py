@@ -26,3 +26,14 @@ def test_demo_runs(tmp_path):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert "[http] models: ['tiny-llama'" in r.stdout and "[http] zh-en" in r.stdout
+
+
+@pytest.mark.slow
+def test_quickstart_runs(tmp_path):
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--out", str(tmp_path / "qs")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "composed: blend@1 from ['zh-en@1', 'quotes@1'] by cat" in r.stdout
+    assert "served zh-en" in r.stdout and "| verify: ok" in r.stdout

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ._common import console, emit_json, json_option, with_registry
+from ._common import emit_json, json_option, with_registry
+from .table import print_table
 
 
 @click.group()
@@ -37,18 +38,14 @@ def base_list(registry, as_json: bool) -> None:
     if not recs:
         click.echo("no bases registered: add one with `adaptr base add NAME PATH`")
         return
-    from rich.table import Table
-
-    table = Table(box=None, header_style="bold")
-    for col in ("NAME", "TYPE", "PARAMS", "FINGERPRINT", "PATH"):
-        table.add_column(col)
-    for r in recs:
-        s = r.summary
-        table.add_row(
+    rows = [
+        (
             r.name,
-            str(s.get("model_type")),
-            f"{s.get('parameters', 0):,}",
+            str(r.summary.get("model_type")),
+            f"{r.summary.get('parameters', 0):,}",
             r.fingerprint[:12],
             r.path,
         )
-    console().print(table)
+        for r in recs
+    ]
+    print_table(("NAME", "TYPE", "PARAMS", "FINGERPRINT", "PATH"), rows, right=("PARAMS",))

@@ -60,7 +60,8 @@ def main() -> None:
     http = uvicorn.Server(
         uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning")
     )
-    threading.Thread(target=http.run, daemon=True).start()
+    thread = threading.Thread(target=http.run, daemon=True)
+    thread.start()
     while not http.started:
         time.sleep(0.05)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
@@ -73,6 +74,7 @@ def main() -> None:
     )
     print("[http] streamed:", "|".join(c.choices[0].text for c in stream))
     http.should_exit = True
+    thread.join(timeout=10)
 
 
 if __name__ == "__main__":

@@ -127,8 +127,9 @@ class StackedLoRA:
 class AdapterServer:
     """Serve many registry adapters on one base model, a different adapter per prompt.
 
-    ``max_adapters`` bounds the resident adapters (least recently used are evicted);
-    calls are serialised by a lock, so the server is safe to share between threads.
+    ``max_adapters`` bounds the number of resident adapters and ``max_memory_mb`` (optional)
+    the size of their weights; past either, the least recently used are evicted.
+    Calls are serialised by a lock, so the server is safe to share between threads.
     """
 
     def __init__(
@@ -138,6 +139,7 @@ class AdapterServer:
         *,
         max_adapters: int = 16,
         max_rank: int = 64,
+        max_memory_mb: float | None = None,
         dtype: str = "auto",
     ):
         from .inference import load_base_model
@@ -145,6 +147,7 @@ class AdapterServer:
         self.registry = registry
         self.max_adapters = max_adapters
         self.max_rank = max_rank
+        self.max_memory = None if max_memory_mb is None else max_memory_mb * 2**20
         self.base_key = base
         path = registry.base_path(base) if base else None
         if path is None:
@@ -163,6 +166,7 @@ class AdapterServer:
         self._lock = threading.RLock()
         self.default: str | None = None
         self.load_seconds: dict[str, float] = {}
+        self._bytes: dict[str, int] = {}  # ref -> bytes its weights take in the stacks
 
     # ------------------------------------------------------------- adapters
     def resident(self) -> list[str]:
@@ -179,17 +183,40 @@ class AdapterServer:
                 return self._slots[key]
             started = time.perf_counter()
             tensors, scaling_for = self._read(version)
-            if not self._free:
-                _, slot = self._slots.popitem(last=False)
-                for layer in self._layers.values():
-                    layer.clear(slot)
-            else:
-                slot = self._free.pop()
+            need = self._footprint(tensors)
+            if self.max_memory is not None and need > self.max_memory:
+                raise InvalidInputError(
+                    f"{key} has {need / 2**20:.3f} MB of weights, more than max_memory_mb={self.max_memory / 2**20:g}"
+                )
+            while self._slots and (
+                not self._free
+                or (self.max_memory is not None and self.memory() + need > self.max_memory)
+            ):
+                self._evict()
+            slot = self._free.pop()
             for module, (A, B) in tensors.items():
                 self._layer(module).set(slot, A, B, scaling_for(module))
             self._slots[key] = slot
+            self._bytes[key] = need
             self.load_seconds[key] = time.perf_counter() - started
             return slot
+
+    def memory(self) -> int:
+        """Bytes of the resident adapters' weights (in the serving dtype)."""
+        return sum(self._bytes.values())
+
+    def _evict(self) -> None:
+        ref, slot = self._slots.popitem(last=False)
+        for layer in self._layers.values():
+            layer.clear(slot)
+        self._free.append(slot)
+        self._bytes.pop(ref, None)
+        # a default that is evicted stays the default: _rows reloads it on its next use
+
+    def _footprint(self, tensors: dict) -> int:
+        """An adapter's own weights in the serving dtype (the stacks add each layer's rank padding)."""
+        itemsize = self.model.dtype.itemsize
+        return sum((A.numel() + B.numel()) * itemsize for A, B in tensors.values())
 
     def _read(self, v: AdapterVersion):
         from safetensors.torch import load_file

@@ -170,3 +170,29 @@ def test_buffers_grow_with_what_is_loaded(setup):
     assert all(cap <= 4 and rank == 4 for cap, rank in sizes.values())  # not 51 slots x max_rank 64
     server.load("b")  # rank 8 and more modules
     assert max(layer.A.shape[1] for layer in server._layers.values()) == 8
+
+
+def test_memory_bound_evicts_least_recently_used(setup):
+    reg, _ = setup
+    probe = AdapterServer(reg, "base", max_adapters=8)
+    size = {}
+    for ref in ("a", "b", "c"):
+        before = probe.memory()
+        probe.load(ref)
+        size[ref] = probe.memory() - before
+    assert all(v > 0 for v in size.values())
+    limit = size["b"] + max(size["a"], size["c"]) + 1
+    server = AdapterServer(reg, "base", max_adapters=8, max_memory_mb=limit / 2**20)
+    server.load("c")
+    server.load("a")  # a is the most recently used
+    expected_c = server.generate(["Hello there"], ["c"], max_new_tokens=4)
+    server.load("a")
+    server.load("b")  # a + c + b does not fit: c, the least recently used, goes
+    assert server.resident() == ["a@1", "b@1"] and server.memory() <= limit
+    assert (
+        server.generate(["Hello there"], ["c"], max_new_tokens=4) == expected_c
+    )  # reloaded on demand
+    assert server.memory() <= limit and "c@1" in server.resident()
+    small = AdapterServer(reg, "base", max_adapters=8, max_memory_mb=size["a"] / 2 / 2**20)
+    with pytest.raises(InvalidInputError, match="more than max_memory_mb"):
+        small.load("a")

@@ -1,0 +1,132 @@
+"""Registry maintenance: verify (re-hash), gc (drop unreferenced files), export (plain PEFT folders)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from adaptr.errors import ConflictError, IntegrityError, InvalidInputError
+
+from .adapter_dir import CONFIG, WEIGHTS
+from .blobs import fsync_dir, hash_file
+from .models import GcReport, StoredFile, VerifyReport
+from .refs import Ref
+
+EXPORT_FORMATS = ("peft", "vllm")
+
+
+class Maintenance:
+    """Mixed into :class:`Registry`; uses its index, blob store and writer lock."""
+
+    def verify(self, ref: str | Ref | None = None) -> VerifyReport:
+        """Re-hash every stored file (of ``ref`` only, if given) and check the index."""
+        report = VerifyReport()
+        conn = self._conn()
+        if conn is None:
+            return report
+        versions = [self.get(ref)] if ref is not None else self.list()
+        if ref is None:
+            status = conn.execute("PRAGMA integrity_check").fetchone()[0]
+            if status != "ok":
+                report.problems.append(f"index: {status}")
+        seen: dict[str, str | None] = {}
+        for v in versions:
+            report.versions += 1
+            for f in v.files:
+                report.files += 1
+                if f.sha256 not in seen:
+                    seen[f.sha256] = self._check_blob(f)
+                    report.bytes += f.size
+                if seen[f.sha256]:
+                    report.problems.append(f"{v.ref}/{f.path}: {seen[f.sha256]}")
+        return report
+
+    def _check_blob(self, f: StoredFile) -> str | None:
+        p = self.blobs.path(f.sha256)
+        if not p.is_file():
+            return "missing"
+        digest, size = hash_file(p)
+        if size != f.size:
+            return f"size {size} != recorded {f.size}"
+        if digest != f.sha256:
+            return f"content changed (sha256 {digest[:12]}…, recorded {f.sha256[:12]}…)"
+        return None
+
+    def gc(self) -> GcReport:
+        """Delete blobs no version references and files left staged by interrupted writers."""
+        report = GcReport()
+        with self._writer() as conn:
+            report.staged_removed_bytes = self.blobs.clear_tmp()
+            used = {r[0] for r in conn.execute("SELECT DISTINCT sha256 FROM files")}
+            for digest in list(self.blobs.digests()):
+                if digest not in used:
+                    report.bytes_freed += self.blobs.remove(digest)
+                    report.blobs_removed += 1
+        return report
+
+    def reclaimable(self) -> int:
+        """Bytes that :meth:`gc` would free from unreferenced blobs."""
+        used = {r[0] for r in self._rows("SELECT DISTINCT sha256 FROM files")}
+        return sum(self.blobs.path(d).stat().st_size for d in self.blobs.digests() if d not in used)
+
+    def export(
+        self, ref: str | Ref, out: str | Path, *, format: str = "peft", force: bool = False
+    ) -> Path:
+        """Write a plain PEFT adapter folder for ``ref`` (hashes re-checked while copying).
+
+        ``format="vllm"`` writes only the config and weights, and refuses what vLLM cannot load.
+        """
+        if format not in EXPORT_FORMATS:
+            raise InvalidInputError(
+                f"unknown export format {format!r}: use one of {', '.join(EXPORT_FORMATS)}"
+            )
+        v = self.get(ref)
+        out = Path(out).expanduser()
+        if out.exists() and not out.is_dir():
+            raise ConflictError(f"{out} exists and is not a folder; choose another output path")
+        if out.is_dir() and any(out.iterdir()) and not force:
+            raise ConflictError(f"{out} exists and is not empty; pass --force to replace it")
+        files = v.files
+        if format == "vllm":
+            if v.summary.get("use_dora"):
+                raise InvalidInputError(
+                    f"{v.ref} uses DoRA, which vLLM cannot serve; export with --format peft"
+                )
+            files = [f for f in files if f.path in (CONFIG, WEIGHTS)]
+        import shutil
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = out.parent / f".{out.name}.adaptr-{os.getpid()}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        try:
+            for f in files:
+                self._copy_checked(f, staging / f.path, v.ref)
+            fsync_dir(staging)
+            if out.exists():
+                old = out.parent / f".{out.name}.adaptr-{os.getpid()}.old"
+                os.replace(out, old)
+                os.replace(staging, out)
+                shutil.rmtree(old)
+            else:
+                os.replace(staging, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return out
+
+    def _copy_checked(self, f: StoredFile, dest: Path, ref: str) -> None:
+        src = self.blobs.path(f.sha256)
+        if not src.is_file():
+            raise IntegrityError(f"{ref}/{f.path} is missing from the store; run `adaptr verify`")
+        h = hashlib.sha256()
+        with open(src, "rb") as fin, open(dest, "wb") as fout:
+            while chunk := fin.read(8 << 20):
+                h.update(chunk)
+                fout.write(chunk)
+            fout.flush()
+            os.fsync(fout.fileno())
+        if h.hexdigest() != f.sha256:
+            raise IntegrityError(
+                f"{ref}/{f.path} is corrupt in the store (hash mismatch); run `adaptr verify`"
+            )

@@ -12,13 +12,15 @@ ROOT = Path(__file__).parent.parent
 @pytest.mark.slow
 def test_demo_runs(tmp_path):
     r = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "demo.py"), "--out", str(tmp_path / "demo"), "--steps", "30"],
+        [sys.executable, str(ROOT / "examples" / "demo.py"), "--out", str(tmp_path / "demo")],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "round-trips byte for byte and gives identical logits: True" in r.stdout
     assert "lineage: parents ['quotes@1']" in r.stdout
     assert "quotes@2" in r.stdout and "zh-en@1" in r.stdout and "removed quotes@1" in r.stdout
+    assert "both@1" in r.stdout and "merged zh-en loads without PEFT" in r.stdout
+    assert "mixed batch, translation exact match: base 0/24 -> zh-en" in r.stdout
     # the serving example runs on the demo's registry: each adapter does its own task
     r = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "multi_task_serving.py"), "--home", str(tmp_path / "demo" / "registry")],

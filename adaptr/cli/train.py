@@ -58,7 +58,7 @@ FLAGS = {
     "--targets", help="LoRA targets: attention, all-linear, or module names (q_proj,v_proj)."
 )
 @click.option("--r", type=int, help="LoRA rank.")
-@click.option("--alpha", type=float, help="LoRA alpha.")
+@click.option("--alpha", type=int, help="LoRA alpha.")
 @click.option("--dropout", type=float, help="LoRA dropout.")
 @click.option("--rslora/--no-rslora", default=None, help="Rank-stabilised LoRA scaling.")
 @click.option("--dora/--no-dora", default=None, help="Weight-decomposed LoRA (DoRA).")

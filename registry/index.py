@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from adaptr.errors import IntegrityError
+
 SCHEMA_VERSION = 1
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS names (
@@ -72,7 +74,18 @@ def connect(db: Path, create: bool) -> sqlite3.Connection | None:
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA foreign_keys = ON")
     conn.execute("PRAGMA synchronous = FULL")
-    if create and conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        conn.close()
+        raise IntegrityError(
+            f"{db} was written by a newer adaptr (schema {version}); upgrade adaptr to read it"
+        )
+    if version != SCHEMA_VERSION:
+        if (
+            not create
+        ):  # the first write never committed (e.g. killed while creating the schema): empty
+            conn.close()
+            return None
         conn.execute("PRAGMA journal_mode = WAL")
         with transaction(conn):
             for stmt in SCHEMA.split(";"):

@@ -247,3 +247,33 @@ def test_a_held_lock_times_out_with_one_line(home, adapter_dir):
     ]
     assert snapshot(home) == before
     assert reg.add("a", adapter_dir).version == 2  # the lock is free again once its holder dies
+
+
+def test_a_registry_whose_first_write_died_reads_as_empty(home, adapter_dir):
+    """A writer killed while creating the schema leaves a database file without tables."""
+    import sqlite3
+
+    home.mkdir(parents=True)
+    conn = sqlite3.connect(home / "registry.db")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.close()
+    reg = Registry(home)
+    assert reg.list() == [] and reg.active() == {} and reg.verify().ok
+    r = run_adaptr("list", "--json", home=home)
+    assert r.returncode == 0 and json.loads(r.stdout) == {"adapters": [], "active": {}}
+    assert reg.add("a", adapter_dir).version == 1 and [v.ref for v in Registry(home).list()] == [
+        "a@1"
+    ]
+
+
+def test_a_registry_from_a_newer_adaptr_is_refused(home, adapter_dir):
+    import sqlite3
+
+    Registry(home).add("a", adapter_dir)
+    conn = sqlite3.connect(home / "registry.db")
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    r = run_adaptr("list", home=home)
+    assert r.returncode != 0 and r.stderr.strip().endswith(
+        "was written by a newer adaptr (schema 99); upgrade adaptr to read it"
+    )

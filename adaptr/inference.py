@@ -13,6 +13,7 @@ from typing import Any
 
 from .errors import IncompatibleBaseError, InvalidInputError, NotFoundError
 from .registry import AdapterVersion, Registry
+from .registry.fingerprint import looks_like_hub_id
 
 
 def versions_on_one_base(registry: Registry, refs: Sequence[str]) -> list[AdapterVersion]:
@@ -47,9 +48,7 @@ def base_location(registry: Registry, version: AdapterVersion, override: str | N
     if not version.base:
         raise NotFoundError(f"{version.ref} records no base: pass --base PATH")
     path = registry.base_path(version.base)
-    if Path(path).expanduser().exists() or (
-        path.count("/") == 1 and not path.startswith((".", "/", "~"))
-    ):
+    if Path(path).expanduser().exists() or looks_like_hub_id(path):
         return path
     raise NotFoundError(
         f"the base of {version.ref} ({version.base}) cannot be found at {path}: pass --base PATH or register it with `adaptr base add`"

@@ -23,6 +23,7 @@ from .errors import AdaptrError, ConflictError, InvalidInputError, NotFoundError
 from .recipe import Recipe
 from .registry import AdapterVersion, Registry, check_name
 from .registry.blobs import hash_file
+from .registry.fingerprint import looks_like_hub_id
 from .registry.refs import check_tag
 
 LIBRARIES = (
@@ -84,7 +85,7 @@ def resolve_base(path_or_name: str, registry: Registry) -> tuple[str, str]:
         if not (p / "config.json").is_file():
             raise InvalidInputError(f"base {path_or_name} is not a model folder (no config.json)")
         return str(p.resolve()), str(p.resolve())
-    if path_or_name.startswith((".", "/", "~")) or path_or_name.count("/") != 1:
+    if not looks_like_hub_id(path_or_name):
         raise NotFoundError(
             f"base {path_or_name!r} not found: give a model folder, a Hub id (org/name) or a name from `adaptr base list`"
         )

@@ -64,12 +64,17 @@ def hub_cache_dir() -> Path:
     return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
 
 
+def looks_like_hub_id(text: str) -> bool:
+    """``org/name``: not a relative, absolute or home path, exactly one slash."""
+    return not text.startswith((".", "/", "~")) and text.count("/") == 1
+
+
 def find_base_dir(path_or_id: str) -> Path | None:
     """A local model folder for ``path_or_id``: the path itself, or its Hugging Face cache snapshot."""
     p = Path(path_or_id).expanduser()
     if (p / "config.json").is_file():
         return p.resolve()
-    if p.is_absolute() or path_or_id.startswith((".", "~")) or path_or_id.count("/") != 1:
+    if not looks_like_hub_id(path_or_id):
         return None
     repo = hub_cache_dir() / ("models--" + path_or_id.replace("/", "--"))
     ref = repo / "refs" / "main"

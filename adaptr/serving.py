@@ -2,10 +2,11 @@
 
 PEFT's mixed batches (``adapter_names=``) loop over the adapters of a batch in every
 layer, and ``set_adapter`` walks every module. Here each targeted linear layer keeps the
-resident adapters stacked — ``A[slot]: r_max × in``, ``B[slot]: out × r_max`` (smaller
-ranks zero-padded, which is exact) — and a batch gathers each row's slot, so a mixed
-batch costs two batched matmuls per layer whatever the number of adapters (as S-LoRA and
-Punica do on GPUs). Slot 0 is all zeros: the bare base.
+resident adapters stacked (``A[slot]``, ``B[slot]``, scaling folded into B; buffers grow
+with the slots and ranks in use). Once per batch a layer gathers its rows' adapters,
+trimmed to their largest rank, and applies them side by side: two dense matmuls and a row
+mask, whatever the number of adapters (as S-LoRA and Punica do on GPUs). Zero padding of
+smaller ranks is exact. Slot 0 is all zeros: the bare base.
 
 Covered: LoRA on ``nn.Linear`` (any rank, alpha, rsLoRA, target set). Not covered (refused
 when loading, so callers fall back to ``adaptr.inference`` / PEFT): DoRA, LoRA on
@@ -15,7 +16,6 @@ embeddings or GPT-2 Conv1D, ``lora_bias``, ``modules_to_save``.
 from __future__ import annotations
 
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -29,11 +29,11 @@ from .registry.adapter_dir import PREFIX, pattern_value
 class StackedLoRA:
     """Holds one layer's stacked adapter weights; installed as a forward hook on that layer."""
 
-    def __init__(self, layer, slots: int, r_max: int, state: dict[str, Any]):
+    def __init__(self, layer, slots: int, state: dict[str, Any]):
         import torch
 
         self.layer = layer
-        self.max_slots, self.r_max = slots, r_max
+        self.max_slots = slots
         self.A = torch.zeros(
             1, 0, layer.weight.shape[1], dtype=layer.weight.dtype, device=layer.weight.device
         )
@@ -165,7 +165,6 @@ class AdapterServer:
         self._free = list(range(max_adapters, 0, -1))
         self._lock = threading.RLock()
         self.default: str | None = None
-        self.load_seconds: dict[str, float] = {}
         self._bytes: dict[str, int] = {}  # ref -> bytes its weights take in the stacks
 
     # ------------------------------------------------------------- adapters
@@ -175,13 +174,14 @@ class AdapterServer:
 
     def load(self, ref: str) -> int:
         """Make ``ref`` resident (evicting the least recently used if full); returns its slot."""
+        return self._load(self.registry.get(ref))
+
+    def _load(self, version: AdapterVersion) -> int:
         with self._lock:
-            version = self.registry.get(ref)
             key = version.ref
             if key in self._slots:
                 self._slots.move_to_end(key)
                 return self._slots[key]
-            started = time.perf_counter()
             tensors, scaling_for = self._read(version)
             need = self._footprint(tensors)
             if self.max_memory is not None and need > self.max_memory:
@@ -198,7 +198,6 @@ class AdapterServer:
                 self._layer(module).set(slot, A, B, scaling_for(module))
             self._slots[key] = slot
             self._bytes[key] = need
-            self.load_seconds[key] = time.perf_counter() - started
             return slot
 
     def memory(self) -> int:
@@ -250,7 +249,7 @@ class AdapterServer:
             alpha = pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", r))
             return float(alpha) / (r**0.5 if cfg.get("use_rslora") else r)
 
-        return {m: (a, b) for m, (a, b) in pairs.items()}, scaling_for
+        return pairs, scaling_for
 
     def _layer(self, module: str) -> StackedLoRA:
         import torch
@@ -261,16 +260,15 @@ class AdapterServer:
                 raise InvalidInputError(
                     f"{module} is a {type(layer).__name__}: the stacked LoRA path covers nn.Linear only"
                 )
-            self._layers[module] = StackedLoRA(
-                layer, self.max_adapters + 1, self.max_rank, self._state
-            )
+            self._layers[module] = StackedLoRA(layer, self.max_adapters + 1, self._state)
         return self._layers[module]
 
     def switch(self, ref: str | None) -> None:
         """Set the default adapter for prompts that name none (``None``: the bare base)."""
         if ref is not None:
-            self.load(ref)
-            ref = self.registry.get(ref).ref
+            version = self.registry.get(ref)
+            self._load(version)
+            ref = version.ref
         self.default = ref
 
     # ----------------------------------------------------------- generation
@@ -288,7 +286,14 @@ class AdapterServer:
             raise InvalidInputError(
                 f"{len(distinct)} different adapters in one batch, more than max_adapters={self.max_adapters}"
             )
-        return torch.tensor([0 if a is None else self.load(a) for a in adapters], dtype=torch.long)
+        versions = {a: self.registry.get(a) for a in distinct}  # each ref resolved once per batch
+        slots = {a: self._load(v) for a, v in versions.items()}
+        if any(self._slots.get(v.ref) != slots[a] for a, v in versions.items()):
+            raise InvalidInputError(
+                f"the adapters of this batch do not fit max_memory_mb={self.max_memory / 2**20:g} together; "
+                "send them in smaller batches or raise the limit"
+            )
+        return torch.tensor([0 if a is None else slots[a] for a in adapters], dtype=torch.long)
 
     @contextmanager
     def batch(self, adapters: Sequence[str | None] | None, n: int) -> Iterator[None]:

@@ -196,3 +196,19 @@ def test_memory_bound_evicts_least_recently_used(setup):
     small = AdapterServer(reg, "base", max_adapters=8, max_memory_mb=size["a"] / 2 / 2**20)
     with pytest.raises(InvalidInputError, match="more than max_memory_mb"):
         small.load("a")
+
+
+def test_a_batch_whose_adapters_exceed_the_memory_bound_is_refused(setup):
+    reg, _ = setup
+    probe = AdapterServer(reg, "base", max_adapters=8)
+    size = {}
+    for ref in ("a", "c"):
+        before = probe.memory()
+        probe.load(ref)
+        size[ref] = probe.memory() - before
+    limit = max(size.values()) + 1  # each fits alone, not both together
+    server = AdapterServer(reg, "base", max_adapters=8, max_memory_mb=limit / 2**20)
+    alone = server.generate(["x"], ["c"], max_new_tokens=2)
+    with pytest.raises(InvalidInputError, match="do not fit max_memory_mb"):
+        server.generate(["x", "y"], ["a", "c"], max_new_tokens=2)
+    assert server.generate(["x"], ["c"], max_new_tokens=2) == alone  # still serving

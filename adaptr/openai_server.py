@@ -61,9 +61,9 @@ class _BatchStreamer:
             job = self.jobs[i]
             if self.done[i] or job.cancelled:
                 continue
-            if tok == self.eos or self.counts[i] >= job.max_tokens:
+            if tok == self.eos:
                 self.done[i] = True
-                job.emit(("end", "stop" if tok == self.eos else "length"))
+                job.emit(("end", "stop"))
                 continue
             self.counts[i] += 1
             job.emit(("token", tok))
@@ -115,16 +115,10 @@ class Batcher:
                     self._generate(jobs, sampling)
 
     def _generate(self, jobs: list[Job], sampling: tuple) -> None:
-        import torch
-
         s = self.server
         try:
-            width = max(len(j.prompt_ids) for j in jobs)
-            pad = s.tokenizer.pad_token_id
-            ids = torch.tensor([[pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs])
-            mask = torch.tensor(
-                [[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs]
-            )
+            # left padding (the server's tokenizer is set up for it)
+            enc = s.tokenizer.pad({"input_ids": [j.prompt_ids for j in jobs]}, return_tensors="pt")
             do_sample, temperature, top_p = sampling
             kwargs = {"do_sample": do_sample, "max_new_tokens": max(j.max_tokens for j in jobs)}
             if do_sample:
@@ -132,11 +126,7 @@ class Batcher:
             streamer = _BatchStreamer(jobs, s.tokenizer.eos_token_id)
             with s.batch([j.adapter for j in jobs], len(jobs)):
                 s.model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    pad_token_id=pad,
-                    streamer=streamer,
-                    **kwargs,
+                    **enc, pad_token_id=s.tokenizer.pad_token_id, streamer=streamer, **kwargs
                 )
             streamer.end()
         except Exception as e:  # reported to every waiting request; the worker keeps serving

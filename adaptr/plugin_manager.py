@@ -14,22 +14,31 @@ import pluggy
 from . import hookspecs
 
 ENTRY_POINT_GROUP = "adaptr"
+BUILTIN_MODULES = "adaptr.plugins."  # the built-ins register families/formatters, no events
 
 pm = pluggy.PluginManager("adaptr")
 pm.add_hookspecs(hookspecs)
 _loaded = False
+_loaded_external = False
 _broken: dict[str, str] = {}
 _sources: dict[str, str] = {}  # plugin name -> distribution it came from
 
 
-def load_plugins() -> pluggy.PluginManager:
-    """Load every plugin of the entry-point group, once; returns the manager."""
-    global _loaded
-    if _loaded:
+def load_plugins(builtins: bool = True) -> pluggy.PluginManager:
+    """Load every plugin of the entry-point group, once; returns the manager.
+
+    ``builtins=False`` skips adaptr's own plugins, which implement no event hooks: enough
+    for firing an event, and ~25 ms less on every ``add``.
+    """
+    global _loaded, _loaded_external
+    if _loaded or (_loaded_external and not builtins):
         return pm
-    _loaded = True
+    _loaded = _loaded or builtins
+    _loaded_external = True
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+            continue
+        if not builtins and ep.value.startswith(BUILTIN_MODULES):
             continue
         try:
             plugin = ep.load()
@@ -44,6 +53,11 @@ def load_plugins() -> pluggy.PluginManager:
 def hook() -> Any:
     """The hook caller, with plugins loaded."""
     return load_plugins().hook
+
+
+def event_hook() -> Any:
+    """The hook caller for events (``adaptr_version_added``): third-party plugins loaded."""
+    return load_plugins(builtins=False).hook
 
 
 def broken() -> dict[str, str]:

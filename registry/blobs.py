@@ -7,6 +7,7 @@ blob path either holds the complete content or does not exist. Blobs are read-on
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import secrets
 import threading
@@ -24,16 +25,22 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _hash_range(h, fd: int, start: int, end: int) -> None:
+    """Feed bytes ``[start, end)`` of ``fd`` to ``h`` straight from the page cache (no copy).
+
+    ``start`` is a multiple of CHUNK, hence of the mmap granularity.
+    """
+    for off in range(start, end, CHUNK):
+        with mmap.mmap(fd, min(CHUNK, end - off), access=mmap.ACCESS_READ, offset=off) as m:
+            h.update(m)
+
+
 def hash_file(path: Path) -> tuple[str, int]:
     """SHA-256 hex digest and size of a file."""
     h = hashlib.sha256()
-    size = 0
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-            size += n
+        size = os.fstat(f.fileno()).st_size
+        _hash_range(h, f.fileno(), 0, size)
     return h.hexdigest(), size
 
 
@@ -55,9 +62,10 @@ class _Progress:
             self.error = self.error or error
             self.cond.notify()
 
-    def wait_beyond(self, hashed: int) -> tuple[int, bool]:
+    def wait_for(self, needed: int) -> tuple[int, bool]:
+        """Block until ``needed`` bytes are copied or the copy ended; (bytes copied, ended)."""
         with self.cond:
-            while self.done <= hashed and not self.finished:
+            while self.done < needed and not self.finished:
                 self.cond.wait()
             return self.done, self.finished
 
@@ -95,14 +103,12 @@ def _copy_and_hash(src: Path, dest: Path) -> tuple[str, int]:
         worker.start()
         h = hashlib.sha256()
         hashed = 0
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
         while True:
-            limit, finished = progress.wait_beyond(hashed)
-            while hashed < limit:
-                n = reader.readinto(view[: min(CHUNK, limit - hashed)])
-                h.update(view[:n])
-                hashed += n
+            limit, finished = progress.wait_for(hashed + CHUNK)
+            # whole chunks only until the copy ends, so every mmap offset stays aligned
+            end = limit if finished else hashed + (limit - hashed) // CHUNK * CHUNK
+            _hash_range(h, reader.fileno(), hashed, end)
+            hashed = end
             if finished:
                 break
         worker.join()

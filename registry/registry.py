@@ -286,10 +286,10 @@ class Registry(Maintenance):
 
     def _announce(self, version: AdapterVersion) -> None:
         """Tell plugins (``adaptr_version_added``); a failing plugin is noted, never undoes the add."""
-        from adaptr.plugin_manager import hook
+        from adaptr.plugin_manager import event_hook
 
         try:
-            hook().adaptr_version_added(registry=self, version=version)
+            event_hook().adaptr_version_added(registry=self, version=version)
         except Exception as e:
             self.notes.append(
                 f"a plugin's adaptr_version_added failed ({type(e).__name__}: {e}); {version.ref} is stored"

@@ -162,6 +162,27 @@ def test_a_failing_event_hook_does_not_undo_the_add(register_plugin, registry, a
     assert registry.get("legal@1") and any("webhook down" in n for n in registry.notes)
 
 
+WEBHOOK = """
+import sys
+from adaptr import hookimpl
+
+@hookimpl
+def adaptr_version_added(registry, version):
+    builtins = sorted(m for m in sys.modules if m.startswith("adaptr.plugins."))
+    print(f"heard {version.ref}; built-ins imported: {builtins}", file=sys.stderr)
+"""
+
+
+def test_an_installed_plugin_hears_adds_without_the_builtins_loading(tmp_path):
+    site = fake_install(tmp_path / "site", "adaptr-webhook", {"webhook": "adaptr_webhook"})
+    (site / "adaptr_webhook.py").write_text(WEBHOOK)
+    env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    src = write_adapter(tmp_path / "a")
+    r = run_adaptr("add", "legal", str(src), home=tmp_path / "home", env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "legal@1"
+    assert "heard legal@1; built-ins imported: []" in r.stderr
+
+
 BROKEN = "raise ImportError('adaptr_broken needs a module that is not installed')\n"
 
 

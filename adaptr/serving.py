@@ -3,10 +3,10 @@
 PEFT's mixed batches (``adapter_names=``) loop over the adapters of a batch in every
 layer, and ``set_adapter`` walks every module. Here each targeted linear layer keeps the
 resident adapters stacked (``A[slot]``, ``B[slot]``, scaling folded into B; buffers grow
-with the slots and ranks in use). Once per batch a layer gathers its rows' adapters,
-trimmed to their largest rank, and applies them side by side: two dense matmuls and a row
-mask, whatever the number of adapters (as S-LoRA and Punica do on GPUs). Zero padding of
-smaller ranks is exact. Slot 0 is all zeros: the bare base.
+with the slots and ranks in use). Once per batch a layer gathers each row's A and B,
+trimmed to the batch's largest rank, and adds them with two batched matmuls in place on
+the layer's output, whatever the number of adapters (the BGMV scheme of Punica and
+S-LoRA). Zero padding of smaller ranks is exact. Slot 0 is all zeros: the bare base.
 
 Covered: LoRA on ``nn.Linear`` (any rank, alpha, rsLoRA, target set). Not covered (refused
 when loading, so callers fall back to ``adaptr.inference`` / PEFT): DoRA, LoRA on
@@ -27,34 +27,36 @@ from .registry.adapter_dir import PREFIX, pattern_value
 
 
 class StackedLoRA:
-    """Holds one layer's stacked adapter weights; installed as a forward hook on that layer."""
+    """Holds one layer's stacked adapter weights; installed as a forward hook on that layer.
+
+    Stacks are kept transposed for the matmuls: ``A[slot]`` is ``[in, rank]`` and ``B[slot]``
+    ``[rank, out]``, with the adapter's scaling folded into B.
+    """
 
     def __init__(self, layer, slots: int, state: dict[str, Any]):
         import torch
 
         self.layer = layer
         self.max_slots = slots
-        self.A = torch.zeros(
-            1, 0, layer.weight.shape[1], dtype=layer.weight.dtype, device=layer.weight.device
-        )
-        self.B = torch.zeros(
-            1, layer.weight.shape[0], 0, dtype=layer.weight.dtype, device=layer.weight.device
-        )
+        out_features, in_features = layer.weight.shape
+        like = {"dtype": layer.weight.dtype, "device": layer.weight.device}
+        self.A = torch.zeros(1, in_features, 0, **like)
+        self.B = torch.zeros(1, 0, out_features, **like)
         self.active = torch.zeros(slots, dtype=torch.bool)  # slots with weights in this layer
         self.rank = [0] * slots  # each slot's real rank here (the rest is zero padding)
-        self.state = state  # shared: {"rows": LongTensor of slot ids per batch row, or None}
+        self.state = state  # shared by the layers: the batch's slot per row, gathered weights
         self.handle = layer.register_forward_hook(self._hook)
 
     def _grow(self, slot: int, r: int) -> None:
         """Buffers grow with the slots and ranks actually used (doubling), never past the limits."""
-        cap, rank = self.A.shape[0], self.A.shape[1]
+        cap, rank = self.A.shape[0], self.A.shape[2]
         if slot < cap and r <= rank:
             return
         new_cap = max(cap, min(self.max_slots, max(slot + 1, 2 * cap)))
         new_rank = max(rank, r)
-        A = self.A.new_zeros(new_cap, new_rank, self.A.shape[2])
-        B = self.B.new_zeros(new_cap, self.B.shape[1], new_rank)
-        A[:cap, :rank], B[:cap, :, :rank] = self.A, self.B
+        A = self.A.new_zeros(new_cap, self.A.shape[1], new_rank)
+        B = self.B.new_zeros(new_cap, new_rank, self.B.shape[2])
+        A[:cap, :, :rank], B[:cap, :rank] = self.A, self.B
         self.A, self.B = A, B
 
     def set(self, slot: int, A, B, scaling: float) -> None:
@@ -62,8 +64,8 @@ class StackedLoRA:
         self._grow(slot, r)
         self.A[slot].zero_()
         self.B[slot].zero_()
-        self.A[slot, :r] = A.to(self.A.dtype)
-        self.B[slot, :, :r] = B.to(self.B.dtype) * scaling
+        self.A[slot, :, :r] = A.T.to(self.A.dtype)
+        self.B[slot, :r] = B.T.to(self.B.dtype) * scaling
         self.active[slot] = True
         self.rank[slot] = r
 
@@ -75,60 +77,74 @@ class StackedLoRA:
         self.rank[slot] = 0
 
     def _hook(self, module, inputs, output):
+        import torch
+
         rows = self.state.get("rows")
         if rows is None:
             return output
-        gathered = self.state["cache"].get(id(self))
+        x = inputs[0]
+        n = x.shape[0]  # generate() may expand the batch (beams, several sequences per prompt)
+        key = (id(self), n)
+        gathered = self.state["cache"].get(key)
         if gathered is None:  # once per batch: the rows keep their adapters for every decoding step
-            gathered = self._gather(rows)
-            self.state["cache"][id(self)] = gathered
+            gathered = self.state["cache"][key] = self._gather(rows, n)
         if gathered is False:  # no row of this batch has weights in this layer
             return output
-        x = inputs[0]
-        a_t, b_t = gathered[:2]  # pre-transposed, contiguous: [in, r], [r, out]
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if len(gathered) == 2:  # every row on one adapter: plain matmuls
-            delta = (x2 @ a_t) @ b_t
-        else:  # the batch's adapters side by side: two dense matmuls, each row keeps its own block
-            mask = gathered[2]
-            if (
-                shape[0] != mask.shape[0]
-            ):  # generate() expanded the batch (beams, several sequences)
-                mask = mask.repeat_interleave(shape[0] // mask.shape[0], 0)
-            tokens = x2.shape[0] // shape[0]
-            if tokens > 1:
-                mask = mask.repeat_interleave(tokens, 0)
-            delta = ((x2 @ a_t) * mask) @ b_t
-        return output + delta.reshape(*shape[:-1], delta.shape[-1]).to(output.dtype)
+        a, b = gathered
+        if a.dtype == torch.long:  # over the gather budget: index the stacks on every call
+            a, b = self._rows_weights(a, b)
+        x3 = x.reshape(n, -1, x.shape[-1]).to(a.dtype)
+        in_place = output.dtype == a.dtype and output.is_contiguous() and not output.requires_grad
+        if a.dim() == 2:  # every row on one adapter: plain matmuls
+            x2 = x3.reshape(-1, x3.shape[-1])
+            if in_place:
+                output.view(-1, output.shape[-1]).addmm_(x2 @ a, b)
+                return output
+            delta = (x2 @ a) @ b
+        else:  # one adapter per row: batched matmuls over the rows' own A and B
+            if in_place:
+                output.view(n, -1, output.shape[-1]).baddbmm_(torch.bmm(x3, a), b)
+                return output
+            delta = torch.bmm(torch.bmm(x3, a), b)
+        return output + delta.reshape(output.shape).to(output.dtype)
 
-    def _gather(self, rows):
-        """Per batch: (A, B) of its one adapter, or the side-by-side stack of its adapters and row masks."""
+    def _gather(self, rows, n: int):
+        """Per batch: ``(A, B)`` of its one adapter, or every row's own ``A``/``B`` stacked."""
         import torch
 
         active = self.active[rows]
         if not bool(active.any()):
             return False
         rows = torch.where(active, rows, torch.zeros_like(rows))  # no weights here: the zero slot 0
-        uniq, inverse = rows.unique(return_inverse=True)
+        if n != rows.shape[0]:
+            rows = rows.repeat_interleave(n // rows.shape[0])
+        uniq = rows.unique()
         rank = max(self.rank[int(u)] for u in uniq) or 1  # trim the padding up to max_rank
         if uniq.numel() == 1:
             slot = int(uniq[0])
-            return self.A[slot, :rank].T.contiguous(), self.B[slot, :, :rank].T.contiguous()
-        a_t = self.A[uniq, :rank].reshape(-1, self.A.shape[2]).T.contiguous()  # [in, U*rank]
-        b_t = (
-            self.B[uniq, :, :rank].permute(0, 2, 1).reshape(-1, self.B.shape[1]).contiguous()
-        )  # [U*rank, out]
-        mask = torch.zeros(rows.shape[0], uniq.numel(), rank, dtype=a_t.dtype)
-        mask[torch.arange(rows.shape[0]), inverse] = 1
-        return a_t, b_t, mask.reshape(rows.shape[0], -1)
+            return self.A[slot, :, :rank].contiguous(), self.B[slot, :rank].contiguous()
+        rows = rows.to(self.A.device)
+        size = n * rank * (self.A.shape[1] + self.B.shape[2]) * self.A.element_size()
+        if self.state["gathered_bytes"] + size > self.state["gather_budget"]:
+            return rows, rank  # gathered afresh on every call instead of kept for the batch
+        self.state["gathered_bytes"] += size
+        return self._rows_weights(rows, rank)
+
+    def _rows_weights(self, rows, rank: int):
+        """Each row's A ``[n, in, rank]`` and B ``[n, rank, out]`` (index_select: ~6x faster than indexing)."""
+        A, B = self.A, self.B
+        if rank < A.shape[2]:
+            A, B = A[:, :, :rank], B[:, :rank]
+        return A.index_select(0, rows), B.index_select(0, rows)
 
 
 class AdapterServer:
     """Serve many registry adapters on one base model, a different adapter per prompt.
 
     ``max_adapters`` bounds the number of resident adapters and ``max_memory_mb`` (optional)
-    the size of their weights; past either, the least recently used are evicted.
+    the size of their weights; past either, the least recently used are evicted. A mixed
+    batch keeps each row's gathered A/B for all its decoding steps up to ``gather_budget_mb``
+    (per batch), and re-gathers them on every call past it.
     Calls are serialised by a lock, so the server is safe to share between threads.
     """
 
@@ -140,6 +156,7 @@ class AdapterServer:
         max_adapters: int = 16,
         max_rank: int = 64,
         max_memory_mb: float | None = None,
+        gather_budget_mb: float = 256,
         dtype: str = "auto",
     ):
         from .inference import load_base_model
@@ -159,7 +176,8 @@ class AdapterServer:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"
-        self._state: dict[str, Any] = {"rows": None, "cache": {}}
+        self._state: dict[str, Any] = {"rows": None, "cache": {}, "gathered_bytes": 0,
+                                       "gather_budget": gather_budget_mb * 2**20}  # fmt: skip
         self._layers: dict[str, StackedLoRA] = {}
         self._slots: OrderedDict[str, int] = OrderedDict()  # ref -> slot, least recently used first
         self._free = list(range(max_adapters, 0, -1))
@@ -301,12 +319,12 @@ class AdapterServer:
         import torch
 
         with self._lock:
-            self._state.update(rows=self._rows(adapters, n), cache={})
+            self._state.update(rows=self._rows(adapters, n), cache={}, gathered_bytes=0)
             try:
                 with torch.no_grad():
                     yield
             finally:
-                self._state.update(rows=None, cache={})
+                self._state.update(rows=None, cache={}, gathered_bytes=0)
 
     def logits(self, prompts: Sequence[str], adapters: Sequence[str | None] | None = None):
         """Logits of a left-padded batch, and its attention mask (for checks against PEFT)."""

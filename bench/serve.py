@@ -13,13 +13,20 @@ from pathlib import Path
 
 
 def timed(fn, repeat: int) -> float:
-    fn()  # warm-up
-    runs = []
+    return interleaved({"": fn}, repeat)[""]
+
+
+def interleaved(sides: dict, repeat: int) -> dict[str, float]:
+    """Median wall time of each side, the sides taking turns (so host noise hits them alike)."""
+    for fn in sides.values():
+        fn()  # warm-up
+    runs: dict[str, list[float]] = {name: [] for name in sides}
     for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - t)
-    return statistics.median(runs)
+        for name, fn in sides.items():
+            t = time.perf_counter()
+            fn()
+            runs[name].append(time.perf_counter() - t)
+    return {name: statistics.median(r) for name, r in runs.items()}
 
 
 def main() -> None:
@@ -76,12 +83,6 @@ def main() -> None:
         server = AdapterServer(reg, "base", max_adapters=max(args.adapters, 8))
         for r in refs:
             server.load(r)
-        t_single = timed(
-            lambda: server.generate(prompts, [refs[0]] * args.requests, **gen), args.repeat
-        )
-        t_mixed = timed(lambda: server.generate(prompts, mixed, **gen), args.repeat)
-        out_server = server.generate(prompts, mixed, **gen)
-
         peft = PeftModel.from_pretrained(
             AutoModelForCausalLM.from_pretrained(base),
             reg.export(refs[0], work / "e0"),
@@ -89,6 +90,7 @@ def main() -> None:
         ).eval()
         for i, r in enumerate(refs[1:], 1):
             peft.load_adapter(str(reg.export(r, work / f"e{i}")), adapter_name=r)
+        peft.set_adapter(refs[0])
         tok = server.tokenizer
         enc = tok(prompts, return_tensors="pt", padding=True)
 
@@ -97,13 +99,23 @@ def main() -> None:
                 kw = {"adapter_names": names} if names else {}
                 return peft.generate(**enc, pad_token_id=tok.pad_token_id, **gen, **kw)
 
-        t_peft_mixed = timed(lambda: peft_generate(mixed), args.repeat)
+        times = interleaved(
+            {
+                "base": lambda: server.generate(prompts, [None] * args.requests, **gen),
+                "single": lambda: server.generate(prompts, [refs[0]] * args.requests, **gen),
+                "mixed": lambda: server.generate(prompts, mixed, **gen),
+                "peft single": peft_generate,
+                "peft mixed": lambda: peft_generate(mixed),
+            },
+            args.repeat,
+        )
+        t_single, t_mixed = times["single"], times["mixed"]
+        t_peft_single, t_peft_mixed = times["peft single"], times["peft mixed"]
+        out_server = server.generate(prompts, mixed, **gen)
         out_peft = [
             tok.decode(row[enc["input_ids"].shape[1] :], skip_special_tokens=True)
             for row in peft_generate(mixed)
         ]
-        peft.set_adapter(refs[0])
-        t_peft_single = timed(lambda: peft_generate(), args.repeat)
 
         def naive():
             for p, r in zip(prompts, mixed, strict=True):
@@ -130,7 +142,8 @@ def main() -> None:
 
         print(f"base: LLaMA hidden {args.hidden}, {args.layers} layers; {args.adapters} adapters (r 8/16, {args.targets}); "
               f"{args.requests} requests, {args.tokens} new tokens, greedy; median of {args.repeat}")  # fmt: skip
-        rows = [("AdapterServer, single adapter", t_single), ("AdapterServer, mixed", t_mixed),
+        rows = [("AdapterServer, bare base (no adapter, the floor)", times["base"]),
+                ("AdapterServer, single adapter", t_single), ("AdapterServer, mixed", t_mixed),
                 ("PEFT, single adapter", t_peft_single), ("PEFT mixed batch (adapter_names=)", t_peft_mixed),
                 ("naive: one request at a time, set_adapter each", t_naive)]  # fmt: skip
         for label, sec in rows:

@@ -75,6 +75,23 @@ def test_mixed_batch_matches_peft_prompt_by_prompt(setup):
     assert bare != with_a  # the adapters really change the output
 
 
+def test_gathering_on_every_call_and_expanded_batches_give_the_same_answers(setup):
+    reg, _ = setup
+    adapters = ["a", "b", None, "c", "b"]
+    kept = AdapterServer(reg, "base", max_adapters=4)
+    fresh = AdapterServer(reg, "base", max_adapters=4, gather_budget_mb=0)  # re-gathers per call
+    assert torch.equal(kept.logits(PROMPTS, adapters)[0], fresh.logits(PROMPTS, adapters)[0])
+    assert kept.generate(PROMPTS, adapters, max_new_tokens=5) == fresh.generate(
+        PROMPTS, adapters, max_new_tokens=5
+    )
+    beams = {"max_new_tokens": 4, "num_beams": 2, "num_return_sequences": 2}
+    together = kept.generate(PROMPTS, adapters, **beams)  # generate() expands the rows 2x
+    alone = [
+        t for p, a in zip(PROMPTS, adapters, strict=True) for t in kept.generate([p], [a], **beams)
+    ]
+    assert len(together) == 2 * len(PROMPTS) and together == alone
+
+
 def test_switch_default_and_lru_eviction(setup):
     reg, _ = setup
     server = AdapterServer(reg, "base", max_adapters=2)
@@ -166,10 +183,10 @@ def test_buffers_grow_with_what_is_loaded(setup):
     reg, _ = setup
     server = AdapterServer(reg, "base", max_adapters=50)
     server.load("a")
-    sizes = {name: tuple(layer.A.shape[:2]) for name, layer in server._layers.items()}
+    sizes = {name: (layer.A.shape[0], layer.A.shape[2]) for name, layer in server._layers.items()}
     assert all(cap <= 4 and rank == 4 for cap, rank in sizes.values())  # not 51 slots x max_rank 64
     server.load("b")  # rank 8 and more modules
-    assert max(layer.A.shape[1] for layer in server._layers.values()) == 8
+    assert max(layer.A.shape[2] for layer in server._layers.values()) == 8
 
 
 def test_memory_bound_evicts_least_recently_used(setup):

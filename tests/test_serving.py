@@ -229,3 +229,34 @@ def test_a_batch_whose_adapters_exceed_the_memory_bound_is_refused(setup):
     with pytest.raises(InvalidInputError, match="do not fit max_memory_mb"):
         server.generate(["x", "y"], ["a", "c"], max_new_tokens=2)
     assert server.generate(["x"], ["c"], max_new_tokens=2) == alone  # still serving
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [[1, 1, 1], [1, 2, 0]])
+def test_stacked_lora_adds_each_rows_own_delta(out_dtype, rows):
+    from adaptr.serving import StackedLoRA
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 6, bias=False)
+    state = {"rows": torch.tensor(rows), "cache": {}, "gathered_bytes": 0, "gather_budget": 2**30}
+    stacked = StackedLoRA(layer, 3, state)
+    weights = {
+        1: (torch.randn(4, 8), torch.randn(6, 4), 0.5),
+        2: (torch.randn(2, 8), torch.randn(6, 2), 2.0),
+    }
+    for slot, (A, B, scaling) in weights.items():
+        stacked.set(slot, A, B, scaling)
+    x = torch.randn(3, 5, 8)
+    stacked.handle.remove()  # called by hand below, on the plain layer's output
+    with torch.no_grad():
+        base = layer(x)
+        # a bf16 output takes the out-of-place path (the stacks stay fp32)
+        got = stacked._hook(layer, (x,), base.clone().to(out_dtype))
+    for i, slot in enumerate(rows):
+        want = base[i].clone()
+        if slot:
+            A, B, scaling = weights[slot]
+            want += (x[i] @ A.T @ B.T) * scaling
+        tol = 1e-5 if out_dtype == torch.float32 else 3e-2
+        assert got.dtype == out_dtype
+        assert (got[i].float() - want).abs().max() < tol * max(1.0, want.abs().max())

@@ -77,8 +77,6 @@ class StackedLoRA:
         self.rank[slot] = 0
 
     def _hook(self, module, inputs, output):
-        import torch
-
         rows = self.state.get("rows")
         if rows is None:
             return output
@@ -91,7 +89,7 @@ class StackedLoRA:
         if gathered is False:  # no row of this batch has weights in this layer
             return output
         a, b = gathered
-        if a.dtype == torch.long:  # over the gather budget: index the stacks on every call
+        if isinstance(b, int):  # over the gather budget: (rows, rank), indexed on every call
             a, b = self._rows_weights(a, b)
         x3 = x.reshape(n, -1, x.shape[-1]).to(a.dtype)
         in_place = output.dtype == a.dtype and output.is_contiguous() and not output.requires_grad
@@ -103,9 +101,9 @@ class StackedLoRA:
             delta = (x2 @ a) @ b
         else:  # one adapter per row: batched matmuls over the rows' own A and B
             if in_place:
-                output.view(n, -1, output.shape[-1]).baddbmm_(torch.bmm(x3, a), b)
+                output.view(n, -1, output.shape[-1]).baddbmm_(x3.bmm(a), b)
                 return output
-            delta = torch.bmm(torch.bmm(x3, a), b)
+            delta = x3.bmm(a).bmm(b)
         return output + delta.reshape(output.shape).to(output.dtype)
 
     def _gather(self, rows, n: int):

@@ -9,12 +9,17 @@ import pytest
 ROOT = Path(__file__).parent.parent
 
 
-@pytest.mark.slow
-def test_demo_runs(tmp_path):
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "demo.py"), "--out", str(tmp_path / "demo")],
+def run_example(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run ``examples/<script>`` in a new interpreter, capturing its output."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), *args],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_demo_runs(tmp_path):
+    r = run_example("demo.py", "--out", str(tmp_path / "demo"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "round-trips byte for byte and gives identical logits: True" in r.stdout
     assert "lineage: parents ['quotes@1']" in r.stdout
@@ -22,20 +27,14 @@ def test_demo_runs(tmp_path):
     assert "both@1" in r.stdout and "merged zh-en loads without PEFT" in r.stdout
     assert "mixed batch, translation exact match: base 0/24 -> zh-en" in r.stdout
     # the serving example runs on the demo's registry: each adapter does its own task
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "multi_task_serving.py"), "--home", str(tmp_path / "demo" / "registry")],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    r = run_example("multi_task_serving.py", "--home", str(tmp_path / "demo" / "registry"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "[http] models: ['tiny-llama'" in r.stdout and "[http] zh-en" in r.stdout
 
 
 @pytest.mark.slow
 def test_quickstart_runs(tmp_path):
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--out", str(tmp_path / "qs")],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    r = run_example("quickstart.py", "--out", str(tmp_path / "qs"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "composed: blend@1 from ['zh-en@1', 'quotes@1'] by cat" in r.stdout
     assert "served zh-en" in r.stdout and "| verify: ok" in r.stdout

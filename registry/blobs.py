@@ -28,7 +28,8 @@ def fsync_dir(path: Path) -> None:
 def _hash_range(h, fd: int, start: int, end: int) -> None:
     """Feed bytes ``[start, end)`` of ``fd`` to ``h`` straight from the page cache (no copy).
 
-    ``start`` is a multiple of CHUNK, hence of the mmap granularity.
+    Only for the registry's own staged files, which nobody else truncates. ``start`` is a
+    multiple of CHUNK, hence of the mmap granularity.
     """
     for off in range(start, end, CHUNK):
         with mmap.mmap(fd, min(CHUNK, end - off), access=mmap.ACCESS_READ, offset=off) as m:
@@ -36,11 +37,19 @@ def _hash_range(h, fd: int, start: int, end: int) -> None:
 
 
 def hash_file(path: Path) -> tuple[str, int]:
-    """SHA-256 hex digest and size of a file."""
+    """SHA-256 hex digest and size of a file.
+
+    Read, not mmapped: the file may be the user's (a dataset), and a mapped file that is
+    truncated meanwhile kills the process with SIGBUS.
+    """
     h = hashlib.sha256()
+    size = 0
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
-        _hash_range(h, f.fileno(), 0, size)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            size += n
     return h.hexdigest(), size
 
 

@@ -117,14 +117,16 @@ class Batcher:
     def _generate(self, jobs: list[Job], sampling: tuple) -> None:
         s = self.server
         try:
-            # left padding (the server's tokenizer is set up for it)
-            enc = s.tokenizer.pad({"input_ids": [j.prompt_ids for j in jobs]}, return_tensors="pt")
             do_sample, temperature, top_p = sampling
             kwargs = {"do_sample": do_sample, "max_new_tokens": max(j.max_tokens for j in jobs)}
             if do_sample:
                 kwargs.update(temperature=temperature, top_p=top_p)
-            streamer = _BatchStreamer(jobs, s.tokenizer.eos_token_id)
-            with s.batch([j.adapter for j in jobs], len(jobs)):
+            with s.batch([j.adapter for j in jobs], len(jobs), grouped=True) as order:
+                jobs = [jobs[i] for i in order]  # each adapter's rows together
+                streamer = _BatchStreamer(jobs, s.tokenizer.eos_token_id)
+                # left padding (the server's tokenizer is set up for it)
+                ids = {"input_ids": [j.prompt_ids for j in jobs]}
+                enc = s.tokenizer.pad(ids, return_tensors="pt")
                 s.model.generate(
                     **enc, pad_token_id=s.tokenizer.pad_token_id, streamer=streamer, **kwargs
                 )

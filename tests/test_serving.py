@@ -92,6 +92,36 @@ def test_gathering_on_every_call_and_expanded_batches_give_the_same_answers(setu
     assert len(together) == 2 * len(PROMPTS) and together == alone
 
 
+def test_rows_grouped_by_adapter_give_the_same_answers(setup):
+    reg, _ = setup
+    server = AdapterServer(reg, "base", max_adapters=4)
+    prompts, adapters = PROMPTS * 2, ["a", "b", None, "c", "b"] * 2  # grouped: runs of 2, 2, 4, 2
+    alone = [
+        server.generate([p], [a], max_new_tokens=5)[0]
+        for p, a in zip(prompts, adapters, strict=True)
+    ]
+    assert server.generate(prompts, adapters, max_new_tokens=5) == alone
+    logits, _ = server.logits(prompts, adapters)
+    assert torch.allclose(logits[:5], server.logits(PROMPTS, adapters[:5])[0], atol=1e-5)
+    assert torch.allclose(logits[5:], logits[:5])
+    with server.batch(adapters, len(adapters), grouped=True) as order:
+        assert [adapters[i] for i in order] == [None] * 2 + ["a"] * 2 + ["b"] * 4 + ["c"] * 2
+        enc = server.tokenizer([prompts[i] for i in order], return_tensors="pt", padding=True)
+        server.model(**enc)
+        gathered = [g for g in server._state["cache"].values() if g is not False]
+        assert gathered and all(a.shape[0] == 5 for a, _ in gathered)  # 10 rows, blocks of 2
+
+
+def test_block_size():
+    from adaptr.serving import _block_size
+
+    assert _block_size(torch.tensor([1, 1, 2, 2, 2, 2])) == 2
+    assert _block_size(torch.tensor([0, 0, 0, 1, 1, 1])) == 3
+    assert _block_size(torch.tensor([1, 2, 2])) == 1
+    assert _block_size(torch.tensor([3, 3, 3, 3])) == 4
+    assert _block_size(torch.tensor([1, 1, 2, 1, 1])) == 1
+
+
 def test_switch_default_and_lru_eviction(setup):
     reg, _ = setup
     server = AdapterServer(reg, "base", max_adapters=2)
@@ -232,8 +262,11 @@ def test_a_batch_whose_adapters_exceed_the_memory_bound_is_refused(setup):
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [[1, 1, 1], [1, 2, 0]])
-def test_stacked_lora_adds_each_rows_own_delta(out_dtype, rows):
+@pytest.mark.parametrize(
+    "rows, blocks",
+    [([1, 1, 1], 1), ([1, 2, 0], 3), ([2, 2, 0, 0, 1, 1], 3), ([1, 1, 2, 2, 2, 2], 3)],
+)
+def test_stacked_lora_adds_each_rows_own_delta(out_dtype, rows, blocks):
     from adaptr.serving import StackedLoRA
 
     torch.manual_seed(0)
@@ -246,12 +279,14 @@ def test_stacked_lora_adds_each_rows_own_delta(out_dtype, rows):
     }
     for slot, (A, B, scaling) in weights.items():
         stacked.set(slot, A, B, scaling)
-    x = torch.randn(3, 5, 8)
+    x = torch.randn(len(rows), 5, 8)
     stacked.handle.remove()  # called by hand below, on the plain layer's output
     with torch.no_grad():
         base = layer(x)
         # a bf16 output takes the out-of-place path (the stacks stay fp32)
         got = stacked._hook(layer, (x,), base.clone().to(out_dtype))
+    (a, b), *_ = state["cache"].values()
+    assert a.shape[0] == blocks or (blocks == 1 and a.dim() == 2)  # weights read once per block
     for i, slot in enumerate(rows):
         want = base[i].clone()
         if slot:

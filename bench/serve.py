@@ -1,14 +1,17 @@
 """Serving benchmark: mixed-adapter batches with AdapterServer vs PEFT, in one process.
 
 Run: python bench/serve.py [--hidden 256] [--layers 4] [--adapters 8] [--requests 32] [--tokens 16]
+     [--targets all-linear|attention] [--repeat 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 
@@ -39,9 +42,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument(
         "--targets",
-        default="attention",
+        default="all-linear",
         choices=["attention", "all-linear"],
-        help="LoRA targets of the adapters",
+        help="LoRA targets of the adapters (all-linear: the shape of the issue's PEFT figures)",
     )
     args = ap.parse_args()
 
@@ -77,7 +80,9 @@ def main() -> None:
             m.save_pretrained(work / f"a{i}")
             refs.append(reg.add(f"task-{i}", work / f"a{i}", base="base").ref)
         prompts = [f"request {i}: the quick brown fox" for i in range(args.requests)]
-        mixed = [refs[i % len(refs)] for i in range(args.requests)]
+        mixed = [refs[i % len(refs)] for i in range(args.requests)]  # as many rows per adapter
+        rng = random.Random(0)
+        uneven = [rng.choice(refs) for _ in range(args.requests)]  # runs of unequal lengths
         gen = {"max_new_tokens": args.tokens, "do_sample": False}
 
         server = AdapterServer(reg, "base", max_adapters=max(args.adapters, 8))
@@ -104,6 +109,7 @@ def main() -> None:
                 "base": lambda: server.generate(prompts, [None] * args.requests, **gen),
                 "single": lambda: server.generate(prompts, [refs[0]] * args.requests, **gen),
                 "mixed": lambda: server.generate(prompts, mixed, **gen),
+                "mixed uneven": lambda: server.generate(prompts, uneven, **gen),
                 "peft single": peft_generate,
                 "peft mixed": lambda: peft_generate(mixed),
             },
@@ -144,11 +150,13 @@ def main() -> None:
               f"{args.requests} requests, {args.tokens} new tokens, greedy; median of {args.repeat}")  # fmt: skip
         rows = [("AdapterServer, bare base (no adapter, the floor)", times["base"]),
                 ("AdapterServer, single adapter", t_single), ("AdapterServer, mixed", t_mixed),
+                (f"AdapterServer, mixed uneven {sorted(Counter(uneven).values())}", times["mixed uneven"]),
                 ("PEFT, single adapter", t_peft_single), ("PEFT mixed batch (adapter_names=)", t_peft_mixed),
                 ("naive: one request at a time, set_adapter each", t_naive)]  # fmt: skip
         for label, sec in rows:
-            print(f"  {label:<48} {sec:7.3f} s  {args.requests * args.tokens / sec:8.0f} tokens/s")
-        print(f"  mixed / single (AdapterServer): {t_single / t_mixed:.2f}x throughput")
+            print(f"  {label:<58} {sec:7.3f} s  {args.requests * args.tokens / sec:8.0f} tokens/s")
+        print(f"  mixed / single (AdapterServer): {t_single / t_mixed:.2f}x throughput "
+              f"({t_single / times['mixed uneven']:.2f}x uneven)")  # fmt: skip
         print(
             f"  AdapterServer mixed vs PEFT mixed: {t_peft_mixed / t_mixed:.2f}x; vs naive: {t_naive / t_mixed:.2f}x"
         )

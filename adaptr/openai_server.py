@@ -84,6 +84,7 @@ class Batcher:
     def __init__(self, server: AdapterServer):
         self.server = server
         self.jobs: queue.Queue[Job] = queue.Queue()
+        self.largest = (0, 0)  # the largest batch so far: (rows, distinct adapters)
         self.thread = threading.Thread(target=self._run, daemon=True, name="adaptr-batcher")
         self.thread.start()
 
@@ -121,7 +122,9 @@ class Batcher:
             kwargs = {"do_sample": do_sample, "max_new_tokens": max(j.max_tokens for j in jobs)}
             if do_sample:
                 kwargs.update(temperature=temperature, top_p=top_p)
-            with s.batch([j.adapter for j in jobs], len(jobs), grouped=True) as order:
+            adapters = [j.adapter for j in jobs]
+            self.largest = max(self.largest, (len(jobs), len(set(adapters))))
+            with s.batch(adapters, len(jobs), grouped=True) as order:
                 jobs = [jobs[i] for i in order]  # each adapter's rows together
                 streamer = _BatchStreamer(jobs, s.tokenizer.eos_token_id)
                 # left padding (the server's tokenizer is set up for it)
@@ -147,7 +150,7 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
 def create_app(server: AdapterServer):
     """The FastAPI app serving ``server`` (see the module docstring)."""
     app = FastAPI(title="adaptr", version="1")
-    batcher = Batcher(server)
+    batcher = app.state.batcher = Batcher(server)
     registry = server.registry
     context = getattr(server.model.config, "max_position_embeddings", None)
 

@@ -47,9 +47,10 @@ def served(tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    app = create_app(AdapterServer(reg, "tiny", max_adapters=4))
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(AdapterServer(reg, "tiny", max_adapters=4)),
+            app,
             host="127.0.0.1",
             port=port,
             log_level="error",
@@ -62,7 +63,8 @@ def served(tmp_path_factory):
         time.sleep(0.05)
     assert server.started
     url = f"http://127.0.0.1:{port}/v1"
-    yield reg, root, url, openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+    yield reg, root, url, client, app
     server.should_exit = True
     thread.join(timeout=10)
 
@@ -81,13 +83,13 @@ def expected(reg, ref, prompt, n, chat=False):
 
 
 def test_models_lists_base_and_adapters(served):
-    _, _, _, client = served
+    _, _, _, client, _ = served
     ids = [m.id for m in client.models.list().data]
     assert ids[0] == "tiny" and {"a", "a@1", "b", "b@1"} <= set(ids)
 
 
 def test_completions_and_chat_match_the_adapter_alone(served):
-    reg, _, _, client = served
+    reg, _, _, client, _ = served
     for ref in ("a", "b"):
         out = client.completions.create(model=ref, prompt="Hello there", max_tokens=6)
         assert out.choices[0].text == expected(reg, ref, "Hello there", 6)
@@ -106,7 +108,7 @@ def test_completions_and_chat_match_the_adapter_alone(served):
 
 
 def test_streaming_equals_the_whole_answer(served):
-    _, _, _, client = served
+    _, _, _, client, _ = served
     whole = client.completions.create(model="a", prompt="Stream me", max_tokens=8).choices[0].text
     parts = [
         c.choices[0].text
@@ -130,7 +132,7 @@ def test_streaming_equals_the_whole_answer(served):
 
 
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served):
-    _, _, url, client = served
+    _, _, url, client, _ = served
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="ghost", prompt="x", max_tokens=2)
     assert e.value.body["code"] == "model_not_found"
@@ -158,7 +160,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served):
 
 
 def test_switch_and_new_versions_are_picked_up_without_restart(served, cli):
-    reg, root, _, client = served
+    reg, root, _, client, _ = served
     before = (
         client.completions.create(model="a", prompt="Hello there", max_tokens=6).choices[0].text
     )
@@ -185,7 +187,7 @@ def test_switch_and_new_versions_are_picked_up_without_restart(served, cli):
 
 
 def test_load_500_requests_from_8_clients(served):
-    reg, _, url, _ = served
+    reg, _, url, _, app = served
     models = ["a@1", "b", "tiny", "a@1", "b"]
     prompts = [f"request {i}" for i in range(5)]
     want = {
@@ -206,6 +208,8 @@ def test_load_500_requests_from_8_clients(served):
         results = list(pool.map(one, range(500)))
     wrong = [r[1] for r in results if not r[0]]
     assert len(results) == 500 and not wrong, wrong[:5]
+    rows, adapters = app.state.batcher.largest
+    assert rows > 1 and adapters > 1  # concurrent requests were batched together across adapters
 
 
 def test_serve_cli_refuses_an_unknown_base(cli):

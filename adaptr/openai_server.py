@@ -84,7 +84,7 @@ class Batcher:
     def __init__(self, server: AdapterServer):
         self.server = server
         self.jobs: queue.Queue[Job] = queue.Queue()
-        self.largest = (0, 0)  # the largest batch so far: (rows, distinct adapters)
+        self.most_rows = self.most_models = 0  # largest batch so far; most models in one batch
         self.thread = threading.Thread(target=self._run, daemon=True, name="adaptr-batcher")
         self.thread.start()
 
@@ -123,7 +123,8 @@ class Batcher:
             if do_sample:
                 kwargs.update(temperature=temperature, top_p=top_p)
             adapters = [j.adapter for j in jobs]
-            self.largest = max(self.largest, (len(jobs), len(set(adapters))))
+            self.most_rows = max(self.most_rows, len(jobs))
+            self.most_models = max(self.most_models, len(set(adapters)))  # the base (None) too
             with s.batch(adapters, len(jobs), grouped=True) as order:
                 jobs = [jobs[i] for i in order]  # each adapter's rows together
                 streamer = _BatchStreamer(jobs, s.tokenizer.eos_token_id)

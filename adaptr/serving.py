@@ -124,6 +124,11 @@ class StackedLoRA:
         if not bool(active.any()):
             return False
         rows = torch.where(active, rows, torch.zeros_like(rows))  # no weights here: the zero slot 0
+        if n % rows.shape[0]:
+            raise InvalidInputError(
+                f"{type(self.layer).__name__} got {n} rows for a batch of {rows.shape[0]}: "
+                "the stacked LoRA path needs the batch as the inputs' first dimension"
+            )
         if n != rows.shape[0]:
             rows = rows.repeat_interleave(n // rows.shape[0])
         uniq = rows.unique()
@@ -147,6 +152,12 @@ class StackedLoRA:
         if rank < A.shape[2]:
             A, B = A[:, :, :rank], B[:, :rank]
         return A.index_select(0, rows), B.index_select(0, rows)
+
+
+# generate() arguments that see rows by their position in the batch: such batches keep their order
+ROW_AWARE_KWARGS = frozenset(
+    {"streamer", "prefix_allowed_tokens_fn", "logits_processor", "stopping_criteria"}
+)
 
 
 def _block_size(rows) -> int:
@@ -367,12 +378,17 @@ class AdapterServer:
     def generate(
         self, prompts: Sequence[str], adapters: Sequence[str | None] | None = None, **kwargs: Any
     ) -> list[str]:
-        """Complete each prompt with its own adapter (or None: the base), in one batch."""
+        """Complete each prompt with its own adapter (or None: the base), in one batch.
+
+        The rows run grouped by adapter, unless ``kwargs`` hold something that sees rows by
+        position (a streamer, ``prefix_allowed_tokens_fn``, custom processors or criteria).
+        """
         kwargs.setdefault("max_new_tokens", 32)
         kwargs.setdefault("do_sample", False)
         enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True)
         n = len(prompts)
-        with self.batch(adapters, n, grouped=True) as order:
+        grouped = not ROW_AWARE_KWARGS.intersection(kwargs)
+        with self.batch(adapters, n, grouped=grouped) as order:
             enc = {key: value[order] for key, value in enc.items()}
             out = self.model.generate(**enc, pad_token_id=self.tokenizer.pad_token_id, **kwargs)
         width, per = enc["input_ids"].shape[1], out.shape[0] // n  # per: sequences per prompt

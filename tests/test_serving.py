@@ -112,6 +112,24 @@ def test_rows_grouped_by_adapter_give_the_same_answers(setup):
         assert gathered and all(a.shape[0] == 5 for a, _ in gathered)  # 10 rows, blocks of 2
 
 
+def test_row_aware_generate_arguments_keep_the_callers_order(setup):
+    reg, _ = setup
+    server = AdapterServer(reg, "base", max_adapters=4)
+    vocab = list(range(len(server.tokenizer)))
+    forced = server.tokenizer.convert_tokens_to_ids(server.tokenizer.tokenize("x"))[0]
+
+    def only_x_for_the_first(batch_id, ids):  # sees rows by position
+        return [forced] if batch_id == 0 else vocab
+
+    texts = server.generate(
+        ["Hello there", "Translate: cat"],
+        ["c", "a"],  # grouped, these rows would swap
+        max_new_tokens=3,
+        prefix_allowed_tokens_fn=only_x_for_the_first,
+    )
+    assert texts[0] == server.tokenizer.decode([forced] * 3) != texts[1]
+
+
 def test_block_size():
     from adaptr.serving import _block_size
 
@@ -287,6 +305,10 @@ def test_stacked_lora_adds_each_rows_own_delta(out_dtype, rows, blocks):
         got = stacked._hook(layer, (x,), base.clone().to(out_dtype))
     (a, b), *_ = state["cache"].values()
     assert a.shape[0] == blocks or (blocks == 1 and a.dim() == 2)  # weights read once per block
+    if len(rows) > 3:  # inputs whose first dimension is not the batch's rows are refused
+        with pytest.raises(InvalidInputError, match="first dimension"):
+            n = len(rows) + 1  # e.g. tokens flattened across the batch
+            stacked._hook(layer, (x.reshape(-1, 8)[:n],), base.reshape(-1, 6)[:n].clone())
     for i, slot in enumerate(rows):
         want = base[i].clone()
         if slot:

@@ -46,8 +46,8 @@ class StackedLoRA:
         like = {"dtype": layer.weight.dtype, "device": layer.weight.device}
         self.A = torch.zeros(1, in_features, 0, **like)
         self.B = torch.zeros(1, 0, out_features, **like)
-        self.active = torch.zeros(slots, dtype=torch.bool)  # slots with weights in this layer
-        self.rank = [0] * slots  # each slot's real rank here (the rest is zero padding)
+        # each slot's real rank here (0: no weights in this layer; the rest is zero padding)
+        self.ranks = torch.zeros(slots, dtype=torch.long)
         self.state = state  # shared by the layers: the batch's slot per row, gathered weights
         self.handle = layer.register_forward_hook(self._hook)
 
@@ -70,15 +70,13 @@ class StackedLoRA:
         self.B[slot].zero_()
         self.A[slot, :, :r] = A.T.to(self.A.dtype)
         self.B[slot, :r] = B.T.to(self.B.dtype) * scaling
-        self.active[slot] = True
-        self.rank[slot] = r
+        self.ranks[slot] = r
 
     def clear(self, slot: int) -> None:
         if slot < self.A.shape[0]:
             self.A[slot].zero_()
             self.B[slot].zero_()
-        self.active[slot] = False
-        self.rank[slot] = 0
+        self.ranks[slot] = 0
 
     def _hook(self, module, inputs, output):
         rows = self.state.get("rows")
@@ -95,16 +93,16 @@ class StackedLoRA:
         a, b = gathered
         if isinstance(b, int):  # over the gather budget: (rows, rank), indexed on every call
             a, b = self._rows_weights(a, b)
-        blocks = a.shape[0] if a.dim() == 3 else n  # runs of rows that share an adapter
-        x3 = x.reshape(blocks, -1, x.shape[-1]).to(a.dtype)
         in_place = output.dtype == a.dtype and output.is_contiguous() and not output.requires_grad
         if a.dim() == 2:  # every row on one adapter: plain matmuls
-            x2 = x3.reshape(-1, x3.shape[-1])
+            x2 = x.reshape(-1, x.shape[-1]).to(a.dtype)
             if in_place:
                 output.view(-1, output.shape[-1]).addmm_(x2 @ a, b)
                 return output
             delta = (x2 @ a) @ b
         else:  # one adapter per block of rows: batched matmuls over the blocks' own A and B
+            blocks = a.shape[0]
+            x3 = x.reshape(blocks, -1, x.shape[-1]).to(a.dtype)
             if in_place:
                 output.view(blocks, -1, output.shape[-1]).baddbmm_(x3.bmm(a), b)
                 return output
@@ -120,10 +118,11 @@ class StackedLoRA:
         """
         import torch
 
-        active = self.active[rows]
-        if not bool(active.any()):
+        ranks = self.ranks[rows]
+        if not bool(ranks.any()):
             return False
-        rows = torch.where(active, rows, torch.zeros_like(rows))  # no weights here: the zero slot 0
+        rows = torch.where(ranks > 0, rows, 0)  # no weights in this layer: the zero slot 0
+        rank = int(ranks.max())  # trim the padding up to max_rank
         if n % rows.shape[0]:
             raise InvalidInputError(
                 f"{type(self.layer).__name__} got {n} rows for a batch of {rows.shape[0]}: "
@@ -131,10 +130,8 @@ class StackedLoRA:
             )
         if n != rows.shape[0]:
             rows = rows.repeat_interleave(n // rows.shape[0])
-        uniq = rows.unique()
-        rank = max(self.rank[int(u)] for u in uniq) or 1  # trim the padding up to max_rank
-        if uniq.numel() == 1:
-            slot = int(uniq[0])
+        if bool((rows == rows[0]).all()):
+            slot = int(rows[0])
             return self.A[slot, :, :rank].contiguous(), self.B[slot, :rank].contiguous()
         rows = rows[:: _block_size(rows)].to(self.A.device)
         size = rows.shape[0] * rank * (self.A.shape[1] + self.B.shape[2]) * self.A.element_size()
@@ -158,6 +155,14 @@ class StackedLoRA:
 ROW_AWARE_KWARGS = frozenset(
     {"streamer", "prefix_allowed_tokens_fn", "logits_processor", "stopping_criteria"}
 )
+
+
+def _inverse(order: list[int]) -> list[int]:
+    """The permutation that puts rows taken in ``order`` back where they were."""
+    back = [0] * len(order)
+    for i, row in enumerate(order):
+        back[row] = i
+    return back
 
 
 def _block_size(rows) -> int:
@@ -370,10 +375,7 @@ class AdapterServer:
         enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True)
         with self.batch(adapters, len(prompts), grouped=True) as order:
             logits = self.model(**{key: value[order] for key, value in enc.items()}).logits
-        back = [0] * len(order)
-        for i, row in enumerate(order):
-            back[row] = i
-        return logits[back], enc["attention_mask"]
+        return logits[_inverse(order)], enc["attention_mask"]
 
     def generate(
         self, prompts: Sequence[str], adapters: Sequence[str | None] | None = None, **kwargs: Any
@@ -391,13 +393,10 @@ class AdapterServer:
         with self.batch(adapters, n, grouped=grouped) as order:
             enc = {key: value[order] for key, value in enc.items()}
             out = self.model.generate(**enc, pad_token_id=self.tokenizer.pad_token_id, **kwargs)
-        width, per = enc["input_ids"].shape[1], out.shape[0] // n  # per: sequences per prompt
-        texts = [""] * out.shape[0]
-        for i, row in enumerate(out):  # back to the caller's order
-            texts[order[i // per] * per + i % per] = self.tokenizer.decode(
-                row[width:], skip_special_tokens=True
-            )
-        return texts
+        # back to the caller's order; each prompt's sequences (beams, samples) stay together
+        out = out.view(n, -1, out.shape[-1])[_inverse(order)].flatten(0, 1)
+        width = enc["input_ids"].shape[1]
+        return [self.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
 
     def stream(self, prompt: str, adapter: str | None = None, **kwargs: Any) -> Iterator[str]:
         """Yield the completion of one prompt piece by piece as tokens are generated."""

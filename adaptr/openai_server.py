@@ -105,10 +105,9 @@ class Batcher:
                 if job.cancelled:
                     continue
                 parts = groups.setdefault(job.sampling, [[]])
+                # a new batch when this one's adapters would not all stay resident
                 adapters = {j.adapter for j in parts[-1]} | {job.adapter}
-                if (
-                    len(adapters - {None}) > self.server.max_adapters
-                ):  # keep every batch's adapters resident
+                if len(adapters - {None}) > self.server.max_adapters:
                     parts.append([])
                 parts[-1].append(job)
             for sampling, parts in groups.items():

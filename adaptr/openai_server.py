@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import queue
 import threading
 import time
@@ -18,12 +19,17 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .errors import AdaptrError, InvalidInputError, NotFoundError
+from .openai_request import RequestParams, find_stop, held_back, parse_params
 from .serving import AdapterServer
+
+log = logging.getLogger(__name__)
 
 MAX_BATCH = 32
 BATCH_WINDOW_S = 0.01
@@ -39,19 +45,26 @@ class Job:
     sampling: tuple
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: bool = False
+    cancelled: bool = False  # the request wants no more tokens (a stop string, a client gone)
+    tokens: int = 0  # tokens generated for it so far
 
     def emit(self, item: Any) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
 
 
-class _BatchStreamer:
-    """A transformers streamer that hands each row's new token to its job."""
+class _BatchStreamer(StoppingCriteria):
+    """A transformers streamer that hands each row's new token to its job.
+
+    Also a stopping criterion: a row is finished once its job has its tokens (EOS, its own
+    ``max_tokens``) or wants no more (a stop string, a client gone), and the batch ends
+    when every row is, not at the longest request's ``max_tokens``.
+    """
 
     def __init__(self, jobs: list[Job], eos: int | None):
         self.jobs, self.eos, self.first = jobs, eos, True
         self.counts = [0] * len(jobs)
         self.done = [False] * len(jobs)
+        self.emitted = False
 
     def put(self, value) -> None:
         if self.first:  # the prompt ids
@@ -61,6 +74,7 @@ class _BatchStreamer:
             job = self.jobs[i]
             if self.done[i] or job.cancelled:
                 continue
+            self.emitted = True
             if tok == self.eos:
                 self.done[i] = True
                 job.emit(("end", "stop"))
@@ -76,6 +90,10 @@ class _BatchStreamer:
             if not self.done[i]:
                 self.done[i] = True
                 job.emit(("end", "stop"))
+
+    def __call__(self, input_ids, scores, **kwargs: Any):
+        flags = [d or j.cancelled for d, j in zip(self.done, self.jobs, strict=True)]
+        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
 
 
 class Batcher:
@@ -115,28 +133,103 @@ class Batcher:
                     self._generate(jobs, sampling)
 
     def _generate(self, jobs: list[Job], sampling: tuple) -> None:
-        s = self.server
         try:
-            do_sample, temperature, top_p = sampling
-            kwargs = {"do_sample": do_sample, "max_new_tokens": max(j.max_tokens for j in jobs)}
-            if do_sample:
-                kwargs.update(temperature=temperature, top_p=top_p)
-            adapters = [j.adapter for j in jobs]
-            self.most_rows = max(self.most_rows, len(jobs))
-            self.most_models = max(self.most_models, len(set(adapters)))  # the base (None) too
+            self._batch(jobs, sampling)
+        except _NotStarted as e:  # an adapter that cannot be loaded: fail its own jobs only
+            by_adapter: dict[str | None, list[Job]] = {}
+            for j in jobs:
+                by_adapter.setdefault(j.adapter, []).append(j)
+            if len(by_adapter) == 1:
+                for j in jobs:
+                    j.emit(("error", e.error))
+            else:
+                for part in by_adapter.values():
+                    self._generate(part, sampling)
+        except Exception as e:  # reported to every waiting request; the worker keeps serving
+            log.exception("generation failed for a batch of %d", len(jobs))
+            for j in jobs:
+                j.emit(("error", e))
+
+    def _batch(self, jobs: list[Job], sampling: tuple) -> None:
+        s = self.server
+        do_sample, temperature, top_p = sampling
+        kwargs = {"do_sample": do_sample, "max_new_tokens": max(j.max_tokens for j in jobs)}
+        if do_sample:
+            kwargs.update(temperature=temperature, top_p=top_p)
+        adapters = [j.adapter for j in jobs]
+        streamer = None
+        try:
             with s.batch(adapters, len(jobs), grouped=True) as order:
+                self.most_rows = max(self.most_rows, len(jobs))
+                self.most_models = max(self.most_models, len(set(adapters)))  # the base too
                 jobs = [jobs[i] for i in order]  # each adapter's rows together
                 streamer = _BatchStreamer(jobs, s.tokenizer.eos_token_id)
                 # left padding (the server's tokenizer is set up for it)
-                ids = {"input_ids": [j.prompt_ids for j in jobs]}
-                enc = s.tokenizer.pad(ids, return_tensors="pt")
-                s.model.generate(
-                    **enc, pad_token_id=s.tokenizer.pad_token_id, streamer=streamer, **kwargs
+                enc = s.tokenizer.pad(
+                    {"input_ids": [j.prompt_ids for j in jobs]}, return_tensors="pt"
                 )
-            streamer.end()
-        except Exception as e:  # reported to every waiting request; the worker keeps serving
-            for j in jobs:
-                j.emit(("error", e))
+                s.model.generate(**enc, pad_token_id=s.tokenizer.pad_token_id, streamer=streamer,
+                                 stopping_criteria=StoppingCriteriaList([streamer]), **kwargs)  # fmt: skip
+        except AdaptrError as e:
+            if streamer is None or not streamer.emitted:
+                raise _NotStarted(e) from e
+            raise
+        streamer.end()
+
+
+class _NotStarted(Exception):
+    """A batch refused before any token went out (so its jobs can be retried apart)."""
+
+    def __init__(self, error: AdaptrError):
+        super().__init__(str(error))
+        self.error = error
+
+
+@dataclass
+class Reply:
+    """The OpenAI-shaped answers to one request: whole, or as SSE chunks."""
+
+    id: str
+    model: str
+    chat: bool
+    prompt_tokens: int
+
+    def _body(self, choices: list, **extra: Any) -> dict:
+        kind = "chat.completion" if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": int(time.time()), "model": self.model,
+                "choices": choices, **extra}  # fmt: skip
+
+    def usage(self, completion_tokens: int) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens}  # fmt: skip
+
+    def whole(self, text: str, reason: str, completion_tokens: int) -> dict:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": reason}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice.update(text=text, logprobs=None)
+        return self._body([choice], usage=self.usage(completion_tokens))
+
+    def _sse(self, body: dict) -> str:
+        if self.chat:
+            body["object"] = "chat.completion.chunk"
+        return "data: " + json.dumps(body) + "\n\n"
+
+    def chunk(self, delta: str | dict | None, reason: str | None) -> str:
+        """One SSE event: new text (or the chat's opening role), or the finish reason."""
+        choice: dict[str, Any] = {"index": 0, "finish_reason": reason}
+        if self.chat:
+            choice["delta"] = (
+                delta if isinstance(delta, dict) else {"content": delta} if delta else {}
+            )
+        else:
+            choice.update(text=delta or "", logprobs=None)
+        return self._sse(self._body([choice]))
+
+    def usage_chunk(self, completion_tokens: int) -> str:
+        """The last event when ``stream_options.include_usage``: no choices, the usage."""
+        return self._sse(self._body([], usage=self.usage(completion_tokens)))
 
 
 def _error(status: int, message: str, param: str | None = None, code: str | None = None):
@@ -199,113 +292,85 @@ def create_app(server: AdapterServer):
             raise InvalidInputError("the request body must be a JSON object")
         return body
 
-    def params(body: dict) -> tuple[int, tuple]:
-        max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 16))
-        if (
-            not isinstance(max_tokens, int)
-            or isinstance(max_tokens, bool)
-            or not 1 <= max_tokens <= 4096
-        ):
-            raise InvalidInputError("'max_tokens' must be an integer between 1 and 4096")
-        temperature = body.get("temperature", 0) or 0
-        top_p = body.get("top_p", 1) or 1
-        if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
-            raise InvalidInputError("'temperature' must be a number between 0 and 2")
-        return max_tokens, (temperature > 0, float(temperature), float(top_p))
-
-    async def run(request: Request, body: dict, prompt: str, chat: bool):
+    async def run(body: dict, prompt: str, chat: bool):
         adapter = resolve(body.get("model"))
-        max_tokens, sampling = params(body)
+        p = parse_params(body)
         ids = server.tokenizer(prompt, add_special_tokens=not chat).input_ids
-        if context and len(ids) + max_tokens > context:
+        if context and len(ids) + p.max_tokens > context:
             raise InvalidInputError(
-                f"the prompt has {len(ids)} tokens; with max_tokens={max_tokens} it exceeds the context of {context}"
+                f"the prompt has {len(ids)} tokens; with max_tokens={p.max_tokens} it exceeds the context of {context}"
             )
-        job = Job(ids, adapter, max_tokens, sampling, asyncio.get_running_loop())
+        job = Job(ids, adapter, p.max_tokens, p.sampling, asyncio.get_running_loop())
         batcher.submit(job)
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        model = body["model"]
-        if body.get("stream"):
-            return StreamingResponse(
-                stream(request, job, rid, model, chat), media_type="text/event-stream"
-            )
-        tokens, reason = [], "stop"
+        reply = Reply(
+            f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+            body["model"],
+            chat,
+            len(ids),
+        )
+        if p.stream:
+            return StreamingResponse(stream(job, p, reply), media_type="text/event-stream")
+        text, reason = "", "stop"
+        try:
+            async for piece, end in pieces(job, p):
+                text += piece
+                reason = end or reason
+        finally:
+            job.cancelled = True  # nothing more is read: the batch stops generating this row
+        return reply.whole(text, reason, job.tokens)
+
+    async def pieces(job: Job, p: RequestParams):
+        """The completion's text as it comes: (new text, None) pairs, then (the rest, finish reason).
+
+        Text that could be the beginning of a stop string is held back until it is not; a
+        stop string ends the completion (it is not part of the text) and its row in the batch.
+        A whole answer with no stop strings is decoded once, at the end.
+        """
+        tokens: list[int] = []
+        sent = 0
         while True:
             kind, value = await job.out.get()
-            if kind == "token":
-                tokens.append(value)
-            elif kind == "error":
+            if kind == "error":
                 raise value
-            else:
-                reason = value
-                break
-        text = server.tokenizer.decode(tokens, skip_special_tokens=True)
-        usage = {
-            "prompt_tokens": len(ids),
-            "completion_tokens": len(tokens),
-            "total_tokens": len(ids) + len(tokens),
-        }
-        choice = {"index": 0, "finish_reason": reason}
-        choice.update(
-            {"message": {"role": "assistant", "content": text}}
-            if chat
-            else {"text": text, "logprobs": None}
-        )
-        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": model, "choices": [choice], "usage": usage}  # fmt: skip
+            if kind == "end":
+                text = server.tokenizer.decode(tokens, skip_special_tokens=True)
+                cut = find_stop(text, p.stop)
+                yield (text[sent:], value) if cut is None else (text[sent:cut], "stop")
+                return
+            tokens.append(value)
+            job.tokens = len(tokens)
+            if not (p.stream or p.stop):
+                continue
+            text = server.tokenizer.decode(tokens, skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the rest
+                continue
+            cut = find_stop(text, p.stop)
+            if cut is not None:
+                job.cancelled = True
+                yield text[sent:cut], "stop"
+                return
+            upto = len(text) - held_back(text, p.stop)
+            if upto > sent:
+                yield text[sent:upto], None
+                sent = upto
 
-    async def stream(request: Request, job: Job, rid: str, model: str, chat: bool):
-        tokens: list[int] = []
-        sent = ""
-        kind_name = "chat.completion.chunk" if chat else "text_completion"
-
-        def chunk(delta: str | None, reason: str | None) -> str:
-            choice: dict[str, Any] = {"index": 0, "finish_reason": reason}
-            if chat:
-                choice["delta"] = {"content": delta} if delta is not None else {}
-            else:
-                choice.update(text=delta or "", logprobs=None)
-            return (
-                "data: "
-                + json.dumps(
-                    {
-                        "id": rid,
-                        "object": kind_name,
-                        "created": int(time.time()),
-                        "model": model,
-                        "choices": [choice],
-                    }
-                )
-                + "\n\n"
-            )
-
+    async def stream(job: Job, p: RequestParams, reply: Reply):
         try:
-            if chat:
-                yield "data: " + json.dumps({"id": rid, "object": kind_name, "created": int(time.time()), "model": model,
-                                             "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}) + "\n\n"  # fmt: skip
-            while True:
-                kind, value = await job.out.get()
-                if kind == "token":
-                    tokens.append(value)
-                    text = server.tokenizer.decode(tokens, skip_special_tokens=True)
-                    if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the rest
-                        continue
-                    delta, sent = text[len(sent) :], text
-                    if delta:
-                        yield chunk(delta, None)
-                elif kind == "error":
-                    yield (
-                        "data: "
-                        + json.dumps({"error": {"message": str(value), "type": "server_error"}})
-                        + "\n\n"
-                    )
-                    return
-                else:
-                    yield chunk(None, value)
-                    yield "data: [DONE]\n\n"
-                    return
+            if reply.chat:
+                yield reply.chunk({"role": "assistant"}, None)
+            async for piece, reason in pieces(job, p):
+                if piece:
+                    yield reply.chunk(piece, None)
+                if reason:
+                    yield reply.chunk(None, reason)
+            if p.include_usage:
+                yield reply.usage_chunk(job.tokens)
+            yield "data: [DONE]\n\n"
+        except Exception as e:  # headers are sent: the error goes in the stream
+            error = {"message": str(e), "type": "server_error"}
+            yield "data: " + json.dumps({"error": error}) + "\n\n"
         finally:
-            job.cancelled = True  # a client that went away stops receiving; the batch goes on
+            job.cancelled = True  # a client that went away stops its row; the batch goes on
 
     def guarded(handler):
         async def wrapper(request: Request):
@@ -315,7 +380,10 @@ def create_app(server: AdapterServer):
             except NotFoundError as e:
                 return _error(404, str(e), "model", "model_not_found")
             except AdaptrError as e:
-                return _error(400, str(e))
+                return _error(400, str(e), getattr(e, "param", None))
+            except Exception as e:  # a bug or a failed batch: an OpenAI-shaped 500, logged
+                log.exception("request failed")
+                return _error(500, f"generation failed: {e}")
 
         return wrapper
 
@@ -325,7 +393,7 @@ def create_app(server: AdapterServer):
             prompt = prompt[0]
         if not isinstance(prompt, str):
             raise InvalidInputError("'prompt' must be a string (one prompt per request)")
-        return await run(request, body, prompt, chat=False)
+        return await run(body, prompt, chat=False)
 
     async def chat_completions(request: Request, body: dict):
         messages = body.get("messages")
@@ -341,7 +409,7 @@ def create_app(server: AdapterServer):
             )
         except Exception as e:
             raise InvalidInputError(f"cannot apply the chat template: {e}") from None
-        return await run(request, body, prompt, chat=True)
+        return await run(body, prompt, chat=True)
 
     app.add_api_route("/v1/completions", guarded(completions), methods=["POST"])
     app.add_api_route("/v1/chat/completions", guarded(chat_completions), methods=["POST"])

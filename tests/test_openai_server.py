@@ -219,3 +219,97 @@ def test_serve_cli_refuses_an_unknown_base(cli):
         and err.strip()
         == "error: unknown base 'nope': register it with `adaptr base add nope PATH`"
     )
+
+
+def _stop_inside(text: str) -> tuple[str, str]:
+    """A two-character stop string that first occurs a few characters into ``text``."""
+    k = next(i for i in range(3, len(text) - 2) if text.find(text[i : i + 2]) == i)
+    return text[k : k + 2], text[:k]
+
+
+def test_stop_strings_end_the_answer_and_its_row_in_the_batch(served):
+    _, _, _, client, app = served
+    whole = client.completions.create(model="b", prompt="Stop me", max_tokens=12).choices[0].text
+    stop, want = _stop_inside(whole)
+    out = client.completions.create(model="b", prompt="Stop me", max_tokens=12, stop=[stop, "\x00"])
+    assert out.choices[0].text == want and out.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(
+        model="b", prompt="Stop me", max_tokens=12, stop=stop, stream=True
+    )
+    parts = [(c.choices[0].text, c.choices[0].finish_reason) for c in streamed]
+    assert "".join(t for t, _ in parts) == want and parts[-1][1] == "stop"
+    assert (
+        client.completions.create(model="b", prompt="Stop me", max_tokens=12, stop="\x00")
+        .choices[0]
+        .text
+        == whole
+    )  # a stop string that never comes changes nothing
+
+    # the row stops at the stop string, not at max_tokens: count the decoding steps (the
+    # answer returns at the stop string; the next request's batch starts once that one ends)
+    model = app.state.batcher.server.model
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        out = client.completions.create(model="b", prompt="Stop me", max_tokens=300, stop=stop)
+        client.completions.create(model="b", prompt="Stop me", max_tokens=1)
+    finally:
+        hook.remove()
+    assert out.choices[0].text == want and len(calls) <= out.usage.completion_tokens + 4 < 20
+
+
+def test_stream_usage_and_openai_error_params(served):
+    _, _, url, client, _ = served
+    whole = client.chat.completions.create(
+        model="a", messages=[{"role": "user", "content": "count"}], max_tokens=5
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model="a",
+            messages=[{"role": "user", "content": "count"}],
+            max_tokens=5,
+            stream=True,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
+    )
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == (
+        whole.choices[0].message.content
+    )
+    for extra, param in [({"n": 2}, "n"), ({"top_p": "abc"}, "top_p"), ({"logprobs": 1}, "logprobs"),
+                         ({"presence_penalty": 1.0}, "presence_penalty"), ({"stop": [1]}, "stop")]:  # fmt: skip
+        r = httpx.post(f"{url}/completions", json={"model": "a", "prompt": "x", **extra})
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == param, (extra, error)
+        assert error["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="a", prompt="x", max_tokens=2, n=3)
+    assert e.value.body["param"] == "n"
+
+
+def test_an_adapter_that_cannot_load_fails_only_its_own_requests(served):
+    from adaptr.openai_server import Job
+
+    reg, _, _, _, app = served
+    batcher = app.state.batcher
+    prompt_ids = batcher.server.tokenizer("Hello there").input_ids
+
+    class Recorded(Job):
+        def emit(self, item):
+            self.items.append(item)
+
+    def job(adapter):
+        j = Recorded(prompt_ids, adapter, 6, (False, 0.0, 1.0), None)
+        j.items = []
+        return j
+
+    # a@1 loads; "gone@1" was resolved by a request, then removed before its batch ran
+    jobs = [job("a@1"), job("gone@1"), job(None), job("a@1")]
+    batcher._generate(jobs, (False, 0.0, 1.0))
+    kinds = [[k for k, _ in j.items] for j in jobs]
+    assert kinds[1] == ["error"] and "gone" in str(jobs[1].items[0][1])
+    tok = batcher.server.tokenizer
+    for j, ref in ((jobs[0], "a@1"), (jobs[2], None), (jobs[3], "a@1")):
+        assert j.items[-1][0] == "end" and "error" not in [k for k, _ in j.items]
+        text = tok.decode([v for k, v in j.items if k == "token"], skip_special_tokens=True)
+        assert text == expected(reg, ref, "Hello there", 6)

@@ -1,0 +1,81 @@
+"""The OpenAI request parameters adaptr serve accepts, refuses, and its stop-string scanning."""
+
+import pytest
+
+from adaptr.openai_request import ParamError, find_stop, held_back, parse_params
+
+
+def test_defaults_are_greedy_16_tokens_no_stop():
+    p = parse_params({})
+    assert (p.max_tokens, p.sampling, p.stop, p.stream, p.include_usage) == (
+        16,
+        (False, 0.0, 1.0),
+        (),
+        False,
+        False,
+    )
+
+
+def test_accepted_values():
+    p = parse_params(
+        {"max_completion_tokens": 7, "temperature": 0.7, "top_p": 0.9, "stop": "###", "n": 1,
+         "stream": True, "stream_options": {"include_usage": True}, "seed": 3, "user": "u",
+         "presence_penalty": 0, "logprobs": None, "response_format": {"type": "text"}}
+    )  # fmt: skip
+    assert p.max_tokens == 7 and p.sampling == (True, 0.7, 0.9)
+    assert p.stop == ("###",) and p.stream and p.include_usage
+    assert parse_params({"stop": ["a", "bc"], "max_tokens": 3}).stop == ("a", "bc")
+    # greedy ignores top_p, so greedy requests batch together whatever top_p they send
+    assert parse_params({"temperature": 0, "top_p": 0.5}).sampling == (False, 0.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 5000}, "max_tokens"),
+        ({"max_tokens": "5"}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"temperature": 3}, "temperature"),
+        ({"temperature": True}, "temperature"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"top_p": "abc"}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_p": 0}, "top_p"),
+        ({"n": 2}, "n"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stop": [""]}, "stop"),
+        ({"stop": 5}, "stop"),
+        ({"stop": ["a", 1]}, "stop"),
+        ({"stream": "yes"}, "stream"),
+        ({"stream_options": [1]}, "stream_options"),
+        ({"logprobs": True}, "logprobs"),
+        ({"logprobs": 2}, "logprobs"),
+        ({"echo": True}, "echo"),
+        ({"best_of": 3}, "best_of"),
+        ({"suffix": "end"}, "suffix"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"frequency_penalty": -1}, "frequency_penalty"),
+        ({"logit_bias": {"50": 10}}, "logit_bias"),
+        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+    ],
+)
+def test_bad_or_unsupported_values_name_their_parameter(body, param):
+    with pytest.raises(ParamError) as e:
+        parse_params(body)
+    assert e.value.param == param and f"'{param}'" in str(e.value)
+
+
+def test_find_stop_takes_the_earliest():
+    assert find_stop("abc###def\n\n", ("\n\n", "###")) == 3
+    assert find_stop("abc", ("x",)) is None and find_stop("abc", ()) is None
+
+
+def test_held_back_is_the_longest_tail_that_may_begin_a_stop():
+    assert held_back("hello #", ("###",)) == 1
+    assert held_back("hello ##", ("###", "#!")) == 2
+    assert held_back("hello", ("###",)) == 0
+    assert held_back("ab", ("abc",)) == 2
+    assert held_back("xab", ("abab",)) == 2
+    assert held_back("anything", ()) == 0

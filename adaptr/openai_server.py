@@ -133,6 +133,11 @@ class Batcher:
                     self._generate(jobs, sampling)
 
     def _generate(self, jobs: list[Job], sampling: tuple) -> None:
+        parts = self.server.partition([j.adapter for j in jobs], len(jobs))
+        if len(parts) > 1:  # adapters PEFT must run apart (DoRA, ...)
+            for part in parts:
+                self._generate([jobs[i] for i in part], sampling)
+            return
         try:
             self._batch(jobs, sampling)
         except _NotStarted as e:  # an adapter that cannot be loaded: fail its own jobs only

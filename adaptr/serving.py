@@ -10,9 +10,11 @@ in place on the layer's output, whatever the number of adapters (the BGMV scheme
 Punica and S-LoRA, reading each weight once per block rather than once per row). Zero
 padding of smaller ranks is exact. Slot 0 is all zeros: the bare base.
 
-Covered: LoRA on ``nn.Linear`` (any rank, alpha, rsLoRA, target set). Not covered (refused
-when loading, so callers fall back to ``adaptr.inference`` / PEFT): DoRA, LoRA on
-embeddings or GPT-2 Conv1D, ``lora_bias``, ``modules_to_save``.
+Stacked: LoRA on ``nn.Linear`` (any rank up to ``max_rank``, alpha, rsLoRA, target set).
+Served by PEFT's own path instead (:mod:`adaptr.peft_fallback`, same base, same batch):
+DoRA (in batches of its own), ``lora_bias``, ``modules_to_save``, trainable tokens, LoRA
+on embeddings or other non-linear layers, ranks above ``max_rank``. Refused: PEFT methods
+other than LoRA (IA3, LoHa, …): serve those with ``adaptr.inference``.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from itertools import pairwise
 from typing import Any
 
-from .errors import InvalidInputError
+from .errors import AdaptrError, InvalidInputError
+from .peft_fallback import BASE, PeftFallback
 from .registry import AdapterVersion, Registry
 from .registry.adapter_dir import PREFIX, pattern_value
 
@@ -151,18 +154,13 @@ class StackedLoRA:
         return A.index_select(0, rows), B.index_select(0, rows)
 
 
+# module kinds PEFT's mixed batches (adapter_names) cover in modules_to_save
+MIXABLE = frozenset({"Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d"})
+
 # generate() arguments that see rows by their position in the batch: such batches keep their order
 ROW_AWARE_KWARGS = frozenset(
     {"streamer", "prefix_allowed_tokens_fn", "logits_processor", "stopping_criteria"}
 )
-
-
-def _inverse(order: list[int]) -> list[int]:
-    """The permutation that puts rows taken in ``order`` back where they were."""
-    back = [0] * len(order)
-    for i, row in enumerate(order):
-        back[row] = i
-    return back
 
 
 def _block_size(rows) -> int:
@@ -219,6 +217,7 @@ class AdapterServer:
         self._lock = threading.RLock()
         self.default: str | None = None
         self._bytes: dict[str, int] = {}  # ref -> bytes its weights take in the stacks
+        self._fallback = PeftFallback(self.model, registry)  # slot 0 in the stacks: PEFT's
 
     # ------------------------------------------------------------- adapters
     def resident(self) -> list[str]:
@@ -235,23 +234,31 @@ class AdapterServer:
             if key in self._slots:
                 self._slots.move_to_end(key)
                 return self._slots[key]
-            tensors, scaling_for = self._read(version)
+            tensors, scaling_for, stackable = self._read(version)
             need = self._footprint(tensors)
             if self.max_memory is not None and need > self.max_memory:
                 raise InvalidInputError(
                     f"{key} has {need / 2**20:.3f} MB of weights, more than max_memory_mb={self.max_memory / 2**20:g}"
                 )
             while self._slots and (
-                not self._free
+                len(self._slots) >= self.max_adapters
                 or (self.max_memory is not None and self.memory() + need > self.max_memory)
             ):
                 self._evict()
-            slot = self._free.pop()
-            for module, (A, B) in tensors.items():
-                self._layer(module).set(slot, A, B, scaling_for(module))
+            if stackable:
+                slot = self._free.pop()
+                for module, (A, B) in tensors.items():
+                    self._layer(module).set(slot, A, B, scaling_for(module))
+            else:
+                slot = 0  # no stacked weights: PEFT's layers serve its rows
+                self._fallback.load(version)
             self._slots[key] = slot
             self._bytes[key] = need
             return slot
+
+    def served_by_peft(self) -> list[str]:
+        """Refs of the resident adapters that PEFT's path serves (the stacks cannot)."""
+        return [ref for ref, slot in self._slots.items() if slot == 0]
 
     def memory(self) -> int:
         """Bytes of the resident adapters' weights (in the serving dtype)."""
@@ -259,42 +266,47 @@ class AdapterServer:
 
     def _evict(self) -> None:
         ref, slot = self._slots.popitem(last=False)
-        for layer in self._layers.values():
-            layer.clear(slot)
-        self._free.append(slot)
+        if slot == 0:
+            self._fallback.unload(ref)
+        else:
+            for layer in self._layers.values():
+                layer.clear(slot)
+            self._free.append(slot)
         self._bytes.pop(ref, None)
         # a default that is evicted stays the default: _rows reloads it on its next use
 
     def _footprint(self, tensors: dict) -> int:
         """An adapter's own weights in the serving dtype (the stacks add each layer's rank padding)."""
         itemsize = self.model.dtype.itemsize
-        return sum((A.numel() + B.numel()) * itemsize for A, B in tensors.values())
+        return sum(t.numel() * itemsize for pair in tensors.values() for t in pair)
 
     def _read(self, v: AdapterVersion):
+        """(tensors by module, scaling per module, whether the stacks can hold it)."""
         from safetensors.torch import load_file
 
-        s = v.summary
-        unsupported = [k for k in ("use_dora", "lora_bias", "modules_to_save") if s.get(k)]
-        if v.peft_type != "LORA" or unsupported:
+        if v.peft_type != "LORA":
             raise InvalidInputError(
-                f"{v.ref} uses {', '.join(unsupported) or v.peft_type}, which the stacked LoRA path does not cover; "
-                "serve it with adaptr.inference (PEFT)"
+                f"{v.ref} is a {v.peft_type} adapter; AdapterServer serves LoRA adapters: "
+                "use adaptr.inference (PEFT) for it"
             )
         weights = load_file(str(self.registry.path(v.ref)["adapter_model.safetensors"]))
         pairs: dict[str, list] = {}
+        other = False  # weights that are not a linear layer's lora_A / lora_B
         for key, t in weights.items():
             for part, idx in ((".lora_A.weight", 0), (".lora_B.weight", 1)):
                 if key.endswith(part):
                     pairs.setdefault(key[len(PREFIX) : -len(part)], [None, None])[idx] = t
-        if not pairs:
-            raise InvalidInputError(
-                f"{v.ref} has no linear LoRA weights the stacked path can serve"
-            )
-        for module, (A, _) in pairs.items():
-            if A.shape[0] > self.max_rank:
-                raise InvalidInputError(
-                    f"{v.ref} has rank {A.shape[0]} at {module}, above max_rank={self.max_rank}"
-                )
+                    break
+            else:
+                other = True
+        s = v.summary
+        stackable = not (
+            other
+            or any(s.get(k) for k in ("use_dora", "lora_bias", "modules_to_save"))
+            or v.config.get("trainable_token_indices")
+            or any(None in pair or pair[0].shape[0] > self.max_rank for pair in pairs.values())
+            or not all(self._is_linear(module) for module in pairs)
+        )
         cfg = v.config
 
         def scaling_for(module: str) -> float:
@@ -302,13 +314,26 @@ class AdapterServer:
             alpha = pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", r))
             return float(alpha) / (r**0.5 if cfg.get("use_rslora") else r)
 
-        return pairs, scaling_for
+        return pairs if stackable else {k: [weights[k]] for k in weights}, scaling_for, stackable
+
+    def _base_layer(self, module: str):
+        layer = self.model.get_submodule(module)
+        # PEFT's wrapper when PEFT serves an adapter here too: the stacks hook the layer inside
+        return layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+
+    def _is_linear(self, module: str) -> bool:
+        import torch
+
+        try:
+            return isinstance(self._base_layer(module), torch.nn.Linear)
+        except AttributeError:  # no such module in this base
+            return False
 
     def _layer(self, module: str) -> StackedLoRA:
         import torch
 
         if module not in self._layers:
-            layer = self.model.get_submodule(module)
+            layer = self._base_layer(module)
             if not isinstance(layer, torch.nn.Linear):
                 raise InvalidInputError(
                     f"{module} is a {type(layer).__name__}: the stacked LoRA path covers nn.Linear only"
@@ -326,14 +351,11 @@ class AdapterServer:
 
     # ----------------------------------------------------------- generation
     def _rows(self, adapters: Sequence[str | None] | None, n: int):
+        """Each row's slot in the stacks (0: none) and its adapter's name for PEFT (BASE: none)."""
         import torch
 
         if adapters is None:
             adapters = [self.default] * n
-        if len(adapters) != n:
-            raise InvalidInputError(
-                f"{len(adapters)} adapter(s) for {n} prompt(s): give one per prompt (None for the base)"
-            )
         distinct = {a for a in adapters if a is not None}
         if len(distinct) > self.max_adapters:
             raise InvalidInputError(
@@ -346,7 +368,45 @@ class AdapterServer:
                 f"the adapters of this batch do not fit max_memory_mb={self.max_memory / 2**20:g} together; "
                 "send them in smaller batches or raise the limit"
             )
-        return torch.tensor([0 if a is None else slots[a] for a in adapters], dtype=torch.long)
+        rows = torch.tensor([0 if a is None else slots[a] for a in adapters], dtype=torch.long)
+        peft = {a: v.ref for a, v in versions.items() if slots[a] == 0}
+        return rows, [peft.get(a, BASE) for a in adapters]
+
+    def partition(self, adapters: Sequence[str | None] | None, n: int) -> list[list[int]]:
+        """The rows of a batch as the batches it must run as: each adapter that PEFT cannot
+        mix with others (:meth:`_apart`) gets its rows apart; everything else runs together."""
+        if adapters is not None and len(adapters) != n:
+            raise InvalidInputError(
+                f"{len(adapters)} adapter(s) for {n} prompt(s): give one per prompt (None for the base)"
+            )
+        if adapters is None or len(set(adapters)) < 2:
+            return [list(range(n))]
+        alone = {a: self._apart(a) for a in set(adapters)}
+        apart: dict[str, list[int]] = {}
+        together: list[int] = []
+        for i, a in enumerate(adapters):
+            (apart.setdefault(a, []) if alone[a] else together).append(i)
+        return ([together] if together else []) + list(apart.values())
+
+    def _apart(self, ref: str | None) -> bool:
+        """Whether PEFT must run ``ref``'s rows as a batch of their own: DoRA, or a module to
+        save of a kind PEFT's mixed batches do not cover (a norm, say)."""
+        if ref is None:
+            return False
+        try:
+            v = self.registry.get(ref)
+        except AdaptrError:  # the batch itself reports it
+            return False
+        if v.peft_type != "LORA":
+            return False
+        if v.summary.get("use_dora"):
+            return True
+        saved = v.config.get("modules_to_save") or []
+        return any(
+            type(getattr(m, "original_module", m)).__name__ not in MIXABLE  # under PEFT's wrapper
+            for name, m in self.model.named_modules()
+            if any(name == s or name.endswith("." + s) for s in saved)
+        )
 
     @contextmanager
     def batch(
@@ -356,26 +416,43 @@ class AdapterServer:
 
         Yields the order the rows must take: with ``grouped`` the rows of each adapter are
         brought together (each block of rows then reads its adapter's weights once), else
-        the order given.
+        the order given. The rows must make one batch of :meth:`partition`.
         """
         import torch
 
+        if len(self.partition(adapters, n)) > 1:
+            raise InvalidInputError(
+                "this batch mixes adapters that PEFT must run apart (DoRA, a norm to save): "
+                "run the batches of partition() one by one, as generate() does"
+            )
         with self._lock:
-            rows = self._rows(adapters, n)
+            rows, names = self._rows(adapters, n)
             order = rows.argsort(stable=True) if grouped else torch.arange(n)
             self._state.update(rows=rows[order], cache={}, gathered_bytes=0)
             try:
-                with torch.no_grad():
+                with torch.no_grad(), self._fallback.rows([names[i] for i in order.tolist()]):
                     yield order.tolist()
             finally:
                 self._state.update(rows=None, cache={}, gathered_bytes=0)
 
+    def _batches(self, adapters, n: int, grouped: bool) -> Iterator[tuple[list[int], Any]]:
+        """Runs the batches of :meth:`partition`: yields each one's rows, in the order to take."""
+        for part in self.partition(adapters, n):
+            sub = None if adapters is None else [adapters[i] for i in part]
+            with self.batch(sub, len(part), grouped=grouped) as order:
+                yield [part[i] for i in order]
+
     def logits(self, prompts: Sequence[str], adapters: Sequence[str | None] | None = None):
         """Logits of a left-padded batch, and its attention mask (for checks against PEFT)."""
         enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True)
-        with self.batch(adapters, len(prompts), grouped=True) as order:
-            logits = self.model(**{key: value[order] for key, value in enc.items()}).logits
-        return logits[_inverse(order)], enc["attention_mask"]
+        logits = None
+        with closing(self._batches(adapters, len(prompts), grouped=True)) as batches:
+            for take in batches:
+                part = self.model(**{key: value[take] for key, value in enc.items()}).logits
+                if logits is None:
+                    logits = part.new_empty(len(prompts), *part.shape[1:])
+                logits[take] = part
+        return logits, enc["attention_mask"]
 
     def generate(
         self, prompts: Sequence[str], adapters: Sequence[str | None] | None = None, **kwargs: Any
@@ -384,19 +461,32 @@ class AdapterServer:
 
         The rows run grouped by adapter, unless ``kwargs`` hold something that sees rows by
         position (a streamer, ``prefix_allowed_tokens_fn``, custom processors or criteria).
+        Returns each prompt's sequences (``num_return_sequences``) in the prompts' order.
         """
         kwargs.setdefault("max_new_tokens", 32)
         kwargs.setdefault("do_sample", False)
         enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True)
-        n = len(prompts)
+        n, width = len(prompts), enc["input_ids"].shape[1]
         grouped = not ROW_AWARE_KWARGS.intersection(kwargs)
-        with self.batch(adapters, n, grouped=grouped) as order:
-            enc = {key: value[order] for key, value in enc.items()}
-            out = self.model.generate(**enc, pad_token_id=self.tokenizer.pad_token_id, **kwargs)
-        # back to the caller's order; each prompt's sequences (beams, samples) stay together
-        out = out.view(n, -1, out.shape[-1])[_inverse(order)].flatten(0, 1)
-        width = enc["input_ids"].shape[1]
-        return [self.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+        if not grouped and len(self.partition(adapters, n)) > 1:
+            raise InvalidInputError(
+                f"{', '.join(sorted(ROW_AWARE_KWARGS.intersection(kwargs)))} cannot follow a batch "
+                "whose adapters PEFT must run apart (DoRA, a norm to save): send them apart"
+            )
+        texts: list[list[str]] = [[] for _ in range(n)]
+        with closing(self._batches(adapters, n, grouped)) as batches:
+            for take in batches:
+                out = self.model.generate(
+                    **{key: value[take] for key, value in enc.items()},
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    **kwargs,
+                )
+                # each prompt's sequences (beams, samples) are consecutive rows
+                for i, seqs in zip(take, out.view(len(take), -1, out.shape[-1]), strict=True):
+                    texts[i] = [
+                        self.tokenizer.decode(s[width:], skip_special_tokens=True) for s in seqs
+                    ]
+        return [t for seqs in texts for t in seqs]
 
     def stream(self, prompt: str, adapter: str | None = None, **kwargs: Any) -> Iterator[str]:
         """Yield the completion of one prompt piece by piece as tokens are generated."""

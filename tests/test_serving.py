@@ -186,27 +186,80 @@ def test_threads_share_one_server(setup):
 
 def test_refusals(setup, tmp_path):
     reg, base = setup
-    server = AdapterServer(reg, "base", max_adapters=2, max_rank=4)
-    with pytest.raises(InvalidInputError, match="above max_rank=4"):
-        server.load("b")
+    server = AdapterServer(reg, "base", max_adapters=2)
     with pytest.raises(InvalidInputError, match="2 adapter\\(s\\) for 1 prompt"):
         server.generate(["x"], ["a", "a"])
-    dora = random_lora(
-        base,
-        tmp_path / "dora",
-        7,
-        r=2,
-        target_modules=["q_proj"]
-        if "llama" in str(base) or "qwen" in str(base)
-        else ["query_key_value"],
-        use_dora=True,
+    from peft import IA3Config, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    neox = "gpt_neox" in str(reg.base_path("base"))
+    targets = ["query_key_value", "dense_4h_to_h"] if neox else ["k_proj", "down_proj"]
+    ia3 = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        IA3Config(target_modules=targets, feedforward_modules=targets[1:]),
     )
-    reg.add("dora", dora, base="base")
-    with pytest.raises(
-        InvalidInputError, match="uses use_dora, which the stacked LoRA path does not cover"
-    ):
-        server.load("dora")
-    reg.remove("dora")
+    ia3.save_pretrained(tmp_path / "ia3")
+    reg.add("ia3", tmp_path / "ia3", base="base")
+    try:
+        with pytest.raises(InvalidInputError, match="is a IA3 adapter; AdapterServer serves LoRA"):
+            server.load("ia3")
+    finally:
+        reg.remove("ia3")
+
+
+def test_adapters_the_stacks_cannot_hold_are_served_by_peft_in_the_same_batch(setup, tmp_path):
+    reg, base = setup
+    neox = "gpt_neox" in str(reg.base_path("base"))
+    lin = ["query_key_value"] if neox else ["q_proj", "v_proj"]
+    emb, norm = ("embed_in", "final_layer_norm") if neox else ("embed_tokens", "norm")
+    specs = {
+        "dora": dict(r=2, target_modules=lin, use_dora=True),
+        "bias": dict(r=2, target_modules=lin, lora_bias=True),
+        "norm": dict(r=2, target_modules=lin, modules_to_save=[norm]),
+        "head": dict(r=2, target_modules=lin, modules_to_save=["lm_head"]),
+        "embed": dict(r=4, target_modules=[emb, lin[0]]),
+        "big": dict(r=8, lora_alpha=16, target_modules=lin),  # above max_rank=4 here
+    }
+    for i, (name, spec) in enumerate(specs.items()):
+        reg.add(name, random_lora(base, tmp_path / name, 50 + i, **spec), base="base")
+    try:
+        server = AdapterServer(reg, "base", max_adapters=9, max_rank=4)
+        prompts = PROMPTS + ["abc", "zz", "hm", "Hello there"]
+        adapters = ["a", "dora", "bias", None, "norm", "embed", "big", "head", "c"]
+        # PEFT cannot mix DoRA or a saved norm with other adapters: those run apart
+        assert server.partition(adapters, 9) == [[0, 2, 3, 5, 6, 7, 8], [1], [4]]
+        texts = server.generate(prompts, adapters, max_new_tokens=6)
+        logits, _ = server.logits(prompts, adapters)
+        assert sorted(server.served_by_peft()) == sorted(f"{n}@1" for n in specs)
+        for i, (prompt, ref) in enumerate(zip(prompts, adapters, strict=True)):
+            want_logits, want_text = _peft_alone(reg, base, ref, prompt, server.tokenizer)
+            assert texts[i] == want_text, (prompt, ref)
+            assert (logits[i, -1] - want_logits).abs().max() < 1e-4, (prompt, ref)
+        beams = {"max_new_tokens": 4, "num_beams": 2, "num_return_sequences": 2}
+        alone = [
+            t
+            for p, a in zip(prompts, adapters, strict=True)
+            for t in server.generate([p], [a], **beams)
+        ]
+        assert server.generate(prompts, adapters, **beams) == alone
+        with pytest.raises(InvalidInputError, match="run apart"), server.batch(adapters, 9):
+            pass
+        # PEFT's layers add nothing to a batch of stacked adapters only
+        plain = AdapterServer(reg, "base", max_adapters=4)
+        assert server.generate(PROMPTS, ["a", "b", None, "c", "b"], max_new_tokens=6) == (
+            plain.generate(PROMPTS, ["a", "b", None, "c", "b"], max_new_tokens=6)
+        )
+        # evicted from PEFT like any other adapter, and loaded back on demand
+        small = AdapterServer(reg, "base", max_adapters=2, max_rank=4)
+        first = small.generate(prompts[:3], ["dora"] * 3, max_new_tokens=6)
+        small.load("embed")
+        small.load("a")
+        assert small.resident() == ["embed@1", "a@1"] and small.served_by_peft() == ["embed@1"]
+        assert "dora@1" not in small._fallback.peft.peft_config
+        assert small.generate(prompts[:3], ["dora"] * 3, max_new_tokens=6) == first
+    finally:
+        for name in specs:
+            reg.remove(name)
 
 
 def test_streaming_and_chat(setup):

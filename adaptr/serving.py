@@ -218,6 +218,7 @@ class AdapterServer:
         self.default: str | None = None
         self._bytes: dict[str, int] = {}  # ref -> bytes its weights take in the stacks
         self._fallback = PeftFallback(self.model, registry)  # slot 0 in the stacks: PEFT's
+        self._apart_refs: dict[str, bool] = {}  # version ref -> PEFT runs its rows apart
 
     # ------------------------------------------------------------- adapters
     def resident(self) -> list[str]:
@@ -381,7 +382,8 @@ class AdapterServer:
             )
         if adapters is None or len(set(adapters)) < 2:
             return [list(range(n))]
-        alone = {a: self._apart(a) for a in set(adapters)}
+        with self._lock:  # not while another thread injects PEFT layers
+            alone = {a: self._apart(a) for a in set(adapters)}
         apart: dict[str, list[int]] = {}
         together: list[int] = []
         for i, a in enumerate(adapters):
@@ -397,16 +399,17 @@ class AdapterServer:
             v = self.registry.get(ref)
         except AdaptrError:  # the batch itself reports it
             return False
-        if v.peft_type != "LORA":
-            return False
-        if v.summary.get("use_dora"):
-            return True
-        saved = v.config.get("modules_to_save") or []
-        return any(
-            type(getattr(m, "original_module", m)).__name__ not in MIXABLE  # under PEFT's wrapper
-            for name, m in self.model.named_modules()
-            if any(name == s or name.endswith("." + s) for s in saved)
-        )
+        if v.ref not in self._apart_refs:
+            saved = v.config.get("modules_to_save") or []
+            self._apart_refs[v.ref] = v.peft_type == "LORA" and (
+                bool(v.summary.get("use_dora"))
+                or any(
+                    type(getattr(m, "original_module", m)).__name__ not in MIXABLE  # PEFT-wrapped
+                    for name, m in self.model.named_modules()
+                    if any(name == s or name.endswith("." + s) for s in saved)
+                )
+            )
+        return self._apart_refs[v.ref]
 
     @contextmanager
     def batch(

@@ -290,9 +290,14 @@ def test_stream_usage_and_openai_error_params(served):
 def test_an_adapter_that_cannot_load_fails_only_its_own_requests(served):
     from adaptr.openai_server import Job
 
-    reg, _, _, _, app = served
+    reg, root, _, _, app = served
     batcher = app.state.batcher
     prompt_ids = batcher.server.tokenizer("Hello there").input_ids
+    # a DoRA adapter: served by PEFT, in a batch of its own
+    dora = random_lora(
+        reg.base_path("tiny"), root / "dora", 5, r=2, target_modules=["q_proj"], use_dora=True
+    )
+    reg.add("dora", dora, base="tiny")
 
     class Recorded(Job):
         def emit(self, item):
@@ -304,12 +309,13 @@ def test_an_adapter_that_cannot_load_fails_only_its_own_requests(served):
         return j
 
     # a@1 loads; "gone@1" was resolved by a request, then removed before its batch ran
-    jobs = [job("a@1"), job("gone@1"), job(None), job("a@1")]
+    jobs = [job("a@1"), job("gone@1"), job(None), job("dora@1"), job("a@1")]
     batcher._generate(jobs, (False, 0.0, 1.0))
     kinds = [[k for k, _ in j.items] for j in jobs]
     assert kinds[1] == ["error"] and "gone" in str(jobs[1].items[0][1])
     tok = batcher.server.tokenizer
-    for j, ref in ((jobs[0], "a@1"), (jobs[2], None), (jobs[3], "a@1")):
+    for j, ref in ((jobs[0], "a@1"), (jobs[2], None), (jobs[3], "dora@1"), (jobs[4], "a@1")):
         assert j.items[-1][0] == "end" and "error" not in [k for k, _ in j.items]
         text = tok.decode([v for k, v in j.items if k == "token"], skip_special_tokens=True)
-        assert text == expected(reg, ref, "Hello there", 6)
+        assert text == expected(reg, ref, "Hello there", 6), ref
+    assert batcher.server.served_by_peft() == ["dora@1"]

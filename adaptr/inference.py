@@ -76,11 +76,15 @@ def attach(
     workdir: Path,
     *,
     trainable: bool = False,
+    into=None,
 ):
-    """A PeftModel with each version loaded as an adapter named by its ref (exports into workdir)."""
+    """A PeftModel with each version loaded as an adapter named by its ref (exports into workdir).
+
+    ``into``: a PeftModel already wrapping ``model`` to load them into, instead of a new one.
+    """
     from peft import PeftModel
 
-    peft = None
+    peft = into
     for v in versions:
         folder = registry.export(v.ref, workdir / v.ref.replace("@", "-"), force=True)
         if peft is None:

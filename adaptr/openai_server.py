@@ -64,7 +64,6 @@ class _BatchStreamer(StoppingCriteria):
         self.jobs, self.eos, self.first = jobs, eos, True
         self.counts = [0] * len(jobs)
         self.done = [False] * len(jobs)
-        self.emitted = False
 
     def put(self, value) -> None:
         if self.first:  # the prompt ids
@@ -74,7 +73,6 @@ class _BatchStreamer(StoppingCriteria):
             job = self.jobs[i]
             if self.done[i] or job.cancelled:
                 continue
-            self.emitted = True
             if tok == self.eos:
                 self.done[i] = True
                 job.emit(("end", "stop"))
@@ -84,6 +82,11 @@ class _BatchStreamer(StoppingCriteria):
             if self.counts[i] >= job.max_tokens:
                 self.done[i] = True
                 job.emit(("end", "length"))
+
+    @property
+    def emitted(self) -> bool:
+        """Whether any job has had a token or its end yet."""
+        return any(self.counts) or any(self.done)
 
     def end(self) -> None:
         for i, job in enumerate(self.jobs):

@@ -37,15 +37,10 @@ class PeftFallback:
 
     def load(self, version: AdapterVersion) -> None:
         """Load ``version`` into the base through PEFT (named by its ref, disabled until used)."""
-        from peft import PeftModel
+        from .inference import attach
 
-        ref = version.ref
         with tempfile.TemporaryDirectory(prefix="adaptr-serve-") as tmp:
-            folder = str(self.registry.export(ref, Path(tmp) / "adapter", force=True))
-            if self.peft is None:
-                self.peft = PeftModel.from_pretrained(self.model, folder, adapter_name=ref)
-            else:
-                self.peft.load_adapter(folder, adapter_name=ref, is_trainable=False)
+            self.peft = attach(self.model, self.registry, [version], Path(tmp), into=self.peft)
         self.peft.eval()
         self.peft.base_model.disable_adapter_layers()
 

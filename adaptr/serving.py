@@ -235,8 +235,7 @@ class AdapterServer:
             if key in self._slots:
                 self._slots.move_to_end(key)
                 return self._slots[key]
-            tensors, scaling_for, stackable = self._read(version)
-            need = self._footprint(tensors)
+            pairs, scaling_for, stackable, need = self._read(version)
             if self.max_memory is not None and need > self.max_memory:
                 raise InvalidInputError(
                     f"{key} has {need / 2**20:.3f} MB of weights, more than max_memory_mb={self.max_memory / 2**20:g}"
@@ -248,7 +247,7 @@ class AdapterServer:
                 self._evict()
             if stackable:
                 slot = self._free.pop()
-                for module, (A, B) in tensors.items():
+                for module, (A, B) in pairs.items():
                     self._layer(module).set(slot, A, B, scaling_for(module))
             else:
                 slot = 0  # no stacked weights: PEFT's layers serve its rows
@@ -276,13 +275,9 @@ class AdapterServer:
         self._bytes.pop(ref, None)
         # a default that is evicted stays the default: _rows reloads it on its next use
 
-    def _footprint(self, tensors: dict) -> int:
-        """An adapter's own weights in the serving dtype (the stacks add each layer's rank padding)."""
-        itemsize = self.model.dtype.itemsize
-        return sum(t.numel() * itemsize for pair in tensors.values() for t in pair)
-
     def _read(self, v: AdapterVersion):
-        """(tensors by module, scaling per module, whether the stacks can hold it)."""
+        """(lora A/B by module, scaling per module, whether the stacks can hold it, and the bytes
+        of its weights in the serving dtype; the stacks add each layer's rank padding)."""
         from safetensors.torch import load_file
 
         if v.peft_type != "LORA":
@@ -315,7 +310,8 @@ class AdapterServer:
             alpha = pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", r))
             return float(alpha) / (r**0.5 if cfg.get("use_rslora") else r)
 
-        return pairs if stackable else {k: [weights[k]] for k in weights}, scaling_for, stackable
+        need = sum(t.numel() for t in weights.values()) * self.model.dtype.itemsize
+        return pairs, scaling_for, stackable, need
 
     def _base_layer(self, module: str):
         layer = self.model.get_submodule(module)
@@ -331,14 +327,9 @@ class AdapterServer:
             return False
 
     def _layer(self, module: str) -> StackedLoRA:
-        import torch
-
+        """The stacks of ``module``, an ``nn.Linear`` (:meth:`_read` sends the rest to PEFT)."""
         if module not in self._layers:
             layer = self._base_layer(module)
-            if not isinstance(layer, torch.nn.Linear):
-                raise InvalidInputError(
-                    f"{module} is a {type(layer).__name__}: the stacked LoRA path covers nn.Linear only"
-                )
             self._layers[module] = StackedLoRA(layer, self.max_adapters + 1, self._state)
         return self._layers[module]
 
@@ -355,14 +346,18 @@ class AdapterServer:
         """Each row's slot in the stacks (0: none) and its adapter's name for PEFT (BASE: none)."""
         import torch
 
-        if adapters is None:
-            adapters = [self.default] * n
+        adapters = self._per_row(adapters, n)
         distinct = {a for a in adapters if a is not None}
         if len(distinct) > self.max_adapters:
             raise InvalidInputError(
                 f"{len(distinct)} different adapters in one batch, more than max_adapters={self.max_adapters}"
             )
         versions = {a: self.registry.get(a) for a in distinct}  # each ref resolved once per batch
+        if len(set(adapters)) > 1 and any(self._apart(v) for v in versions.values()):
+            raise InvalidInputError(
+                "this batch mixes adapters that PEFT must run apart (DoRA, a norm to save): "
+                "run the batches of partition() one by one, as generate() does"
+            )
         slots = {a: self._load(v) for a, v in versions.items()}
         if any(self._slots.get(v.ref) != slots[a] for a, v in versions.items()):
             raise InvalidInputError(
@@ -373,32 +368,39 @@ class AdapterServer:
         peft = {a: v.ref for a, v in versions.items() if slots[a] == 0}
         return rows, [peft.get(a, BASE) for a in adapters]
 
-    def partition(self, adapters: Sequence[str | None] | None, n: int) -> list[list[int]]:
-        """The rows of a batch as the batches it must run as: each adapter that PEFT cannot
-        mix with others (:meth:`_apart`) gets its rows apart; everything else runs together."""
-        if adapters is not None and len(adapters) != n:
+    def _per_row(self, adapters: Sequence[str | None] | None, n: int) -> Sequence[str | None]:
+        """``adapters``, one per row (the default adapter for every row when None)."""
+        if adapters is None:
+            return [self.default] * n
+        if len(adapters) != n:
             raise InvalidInputError(
                 f"{len(adapters)} adapter(s) for {n} prompt(s): give one per prompt (None for the base)"
             )
-        if adapters is None or len(set(adapters)) < 2:
+        return adapters
+
+    def partition(self, adapters: Sequence[str | None] | None, n: int) -> list[list[int]]:
+        """The rows of a batch as the batches it must run as: each adapter that PEFT cannot
+        mix with others (:meth:`_apart`) gets its rows apart; everything else runs together."""
+        adapters = self._per_row(adapters, n)
+        if len(set(adapters)) < 2:
             return [list(range(n))]
         with self._lock:  # not while another thread injects PEFT layers
-            alone = {a: self._apart(a) for a in set(adapters)}
+            alone = {a: a is not None and self._apart_ref(a) for a in set(adapters)}
         apart: dict[str, list[int]] = {}
         together: list[int] = []
         for i, a in enumerate(adapters):
             (apart.setdefault(a, []) if alone[a] else together).append(i)
         return ([together] if together else []) + list(apart.values())
 
-    def _apart(self, ref: str | None) -> bool:
-        """Whether PEFT must run ``ref``'s rows as a batch of their own: DoRA, or a module to
-        save of a kind PEFT's mixed batches do not cover (a norm, say)."""
-        if ref is None:
-            return False
+    def _apart_ref(self, ref: str) -> bool:
         try:
-            v = self.registry.get(ref)
-        except AdaptrError:  # the batch itself reports it
+            return self._apart(self.registry.get(ref))
+        except AdaptrError:  # an unknown ref: the batch itself reports it
             return False
+
+    def _apart(self, v: AdapterVersion) -> bool:
+        """Whether PEFT must run ``v``'s rows as a batch of their own: DoRA, or a module to
+        save of a kind PEFT's mixed batches do not cover (a norm, say)."""
         if v.ref not in self._apart_refs:
             saved = v.config.get("modules_to_save") or []
             self._apart_refs[v.ref] = v.peft_type == "LORA" and (
@@ -423,11 +425,6 @@ class AdapterServer:
         """
         import torch
 
-        if len(self.partition(adapters, n)) > 1:
-            raise InvalidInputError(
-                "this batch mixes adapters that PEFT must run apart (DoRA, a norm to save): "
-                "run the batches of partition() one by one, as generate() does"
-            )
         with self._lock:
             rows, names = self._rows(adapters, n)
             order = rows.argsort(stable=True) if grouped else torch.arange(n)
@@ -438,9 +435,10 @@ class AdapterServer:
             finally:
                 self._state.update(rows=None, cache={}, gathered_bytes=0)
 
-    def _batches(self, adapters, n: int, grouped: bool) -> Iterator[tuple[list[int], Any]]:
-        """Runs the batches of :meth:`partition`: yields each one's rows, in the order to take."""
-        for part in self.partition(adapters, n):
+    def _batches(self, parts: list[list[int]], adapters, grouped: bool) -> Iterator[list[int]]:
+        """Runs the batches ``parts`` (of :meth:`partition`): yields each one's rows, in the
+        order to take."""
+        for part in parts:
             sub = None if adapters is None else [adapters[i] for i in part]
             with self.batch(sub, len(part), grouped=grouped) as order:
                 yield [part[i] for i in order]
@@ -449,7 +447,8 @@ class AdapterServer:
         """Logits of a left-padded batch, and its attention mask (for checks against PEFT)."""
         enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True)
         logits = None
-        with closing(self._batches(adapters, len(prompts), grouped=True)) as batches:
+        parts = self.partition(adapters, len(prompts))
+        with closing(self._batches(parts, adapters, grouped=True)) as batches:
             for take in batches:
                 part = self.model(**{key: value[take] for key, value in enc.items()}).logits
                 if logits is None:
@@ -471,13 +470,14 @@ class AdapterServer:
         enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True)
         n, width = len(prompts), enc["input_ids"].shape[1]
         grouped = not ROW_AWARE_KWARGS.intersection(kwargs)
-        if not grouped and len(self.partition(adapters, n)) > 1:
+        parts = self.partition(adapters, n)
+        if not grouped and len(parts) > 1:
             raise InvalidInputError(
                 f"{', '.join(sorted(ROW_AWARE_KWARGS.intersection(kwargs)))} cannot follow a batch "
                 "whose adapters PEFT must run apart (DoRA, a norm to save): send them apart"
             )
         texts: list[list[str]] = [[] for _ in range(n)]
-        with closing(self._batches(adapters, n, grouped)) as batches:
+        with closing(self._batches(parts, adapters, grouped)) as batches:
             for take in batches:
                 out = self.model.generate(
                     **{key: value[take] for key, value in enc.items()},

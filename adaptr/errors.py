@@ -6,6 +6,33 @@ as it is. Library callers catch :class:`AdaptrError` for all of them.
 
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
+BRIEF_LIMIT = 80
+
+
+def brief(value: Any, limit: int = BRIEF_LIMIT) -> str:
+    """A short ``repr`` of a user-given value for a message: at most ``limit`` characters.
+
+    Bounded work whatever the value (huge strings, deep or self-referencing structures):
+    ``reprlib`` abbreviates containers, and what is still too long is cut with "…".
+    """
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother, short.maxlong = 3, 2 * limit, limit, 2 * limit
+    for attr in ("maxtuple", "maxlist", "maxarray", "maxdict", "maxset", "maxfrozenset", "maxdeque"):
+        setattr(short, attr, 6)
+    if isinstance(value, int) and value.bit_length() > 4 * limit:
+        return f"<an integer of about {int(value.bit_length() * 0.30103)} digits>"
+    if isinstance(value, (str, bytes)):
+        value = value[: limit + 1]  # the cut below marks it
+    try:
+        text = short.repr(value)
+    except Exception:  # a hostile __repr__: say what it is, not what it claims
+        text = f"<{type(value).__name__}>"
+    text = " ".join(text.split()) if any(c in text for c in "\n\r\t") else text
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
 
 class AdaptrError(Exception):
     """Base class: a problem with the user's input or environment, not a bug."""

@@ -33,3 +33,29 @@ def test_parse_refs():
 def test_bad_refs(text):
     with pytest.raises(InvalidInputError):
         Ref.parse(text)
+
+
+@pytest.mark.parametrize(
+    "text", ["p0@²", "p0@٣", "p0@３", "p0@99999999999999999999999", "p0@9223372036854775808",
+             "p0@" + "9" * 5000, "p0@00", "p0@-1"],
+)  # fmt: skip
+def test_versions_are_ascii_digits_within_sqlite_int64(text):
+    with pytest.raises(InvalidInputError) as e:
+        Ref.parse(text)
+    assert len(str(e.value)) < 300
+
+
+def test_largest_version_parses():
+    assert Ref.parse("p0@9223372036854775807").version == 2**63 - 1
+    assert Ref.parse("p0@007").version == 7
+
+
+def test_non_text_reference_is_refused():
+    with pytest.raises(InvalidInputError, match="is text"):
+        Ref.parse(7)
+
+
+def test_long_names_are_cut_in_messages():
+    with pytest.raises(InvalidInputError) as e:
+        check_name("X" * 100_000)
+    assert len(str(e.value)) < 300 and "…" in str(e.value)

@@ -20,7 +20,15 @@ def brief(value: Any, limit: int = BRIEF_LIMIT) -> str:
     """
     short = reprlib.Repr()
     short.maxlevel, short.maxstring, short.maxother, short.maxlong = 3, 2 * limit, limit, 2 * limit
-    for attr in ("maxtuple", "maxlist", "maxarray", "maxdict", "maxset", "maxfrozenset", "maxdeque"):
+    for attr in (
+        "maxtuple",
+        "maxlist",
+        "maxarray",
+        "maxdict",
+        "maxset",
+        "maxfrozenset",
+        "maxdeque",
+    ):
         setattr(short, attr, 6)
     if isinstance(value, int) and value.bit_length() > 4 * limit:
         return f"<an integer of about {int(value.bit_length() * 0.30103)} digits>"

@@ -12,13 +12,19 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adaptr.errors import InvalidAdapterError, InvalidInputError
+from adaptr.errors import InvalidAdapterError, InvalidInputError, brief
 
 from .safetensors_header import TensorInfo, read_header
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# Besides the config and safetensors weights, what save_pretrained / push_to_hub put beside
+# an adapter: the model card, tokenizer files, chat templates, training results.
+TEXT_SUFFIXES = (".json", ".md", ".txt", ".jinja", ".model", ".tiktoken", ".yaml", ".yml")
+MAX_WEIGHTS = 20 * 1024**3  # a LoRA of a 405B model at r=256 is a few GB
+MAX_OTHER = 50 * 1024**2  # the largest tokenizer.json files are ~35 MB
+MAX_PATTERN = 1000  # characters of a target_modules / rank_pattern regex
 PREFIX = "base_model.model."
 _LORA_KEY = re.compile(
     r"^(?P<module>.+?)\.(?:(?P<ab>lora_A|lora_B)\.weight|(?P<emb>lora_embedding_A|lora_embedding_B)"
@@ -69,6 +75,8 @@ def lora_modules(tensors: dict[str, TensorInfo]) -> dict[str, dict[str, TensorIn
 
 def targets(module: str, target_modules) -> bool:
     """PEFT's rule: a list matches exact names or dotted suffixes, a string is a full regex."""
+    if target_modules == "all-linear":  # PEFT expands it on the model: every linear layer
+        return True
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, module) is not None
     return any(module == t or module.endswith("." + t) for t in target_modules)
@@ -82,14 +90,21 @@ def pattern_value(patterns: dict, module: str, default):
     return default
 
 
-def inspect_adapter(source: str | Path) -> AdapterSource:
-    """Validate ``source`` as a PEFT adapter folder; raise InvalidAdapterError saying what is wrong."""
+def inspect_adapter(source: str | Path, *, allow_large: bool = False) -> AdapterSource:
+    """Validate ``source`` as a PEFT adapter folder; raise InvalidAdapterError saying what is wrong.
+
+    Stored: the config, safetensors weights (at most 20 GB each) and the text files an adapter
+    folder holds (README, tokenizer files…, at most 50 MB each); ``allow_large`` lifts the two
+    size limits. Skipped with a note: folders, hidden files, pickles and files of other kinds.
+    """
     root = Path(source).expanduser()
+    if root.is_symlink() and not root.exists():
+        raise InvalidAdapterError(f"{root} is a broken symlink or a symlink loop; fix or remove it")
     if not root.exists():
         raise InvalidAdapterError(f"adapter folder {root} does not exist")
     if not root.is_dir():
         raise InvalidAdapterError(f"{root} is not a folder: give the folder save_pretrained wrote")
-    real_root = root.resolve()
+    real_root = _resolve(root)
     entries = sorted(root.iterdir())
     if not entries:
         raise InvalidAdapterError(
@@ -98,7 +113,7 @@ def inspect_adapter(source: str | Path) -> AdapterSource:
     files, skipped = [], []
     for entry in entries:
         if entry.is_symlink():
-            target = entry.resolve()
+            target = _resolve(entry)
             if not target.is_relative_to(real_root):
                 raise InvalidAdapterError(
                     f"{entry} is a symlink to {target}, outside the adapter folder; "
@@ -112,7 +127,12 @@ def inspect_adapter(source: str | Path) -> AdapterSource:
             skipped.append(f"{entry.name} (hidden)")
         elif entry.suffix in PICKLE_SUFFIXES:
             skipped.append(f"{entry.name} (pickle, never loaded or stored)")
-        elif entry.is_file():
+        elif not entry.is_file():
+            skipped.append(f"{entry.name} (not a regular file)")
+        elif entry.name != CONFIG and entry.suffix not in (".safetensors", *TEXT_SUFFIXES):
+            skipped.append(f"{entry.name} (not an adapter file: not stored)")
+        else:
+            _check_size(entry, allow_large)
             files.append(entry)
     names = {f.name for f in files}
     if CONFIG not in names:
@@ -150,6 +170,35 @@ def inspect_adapter(source: str | Path) -> AdapterSource:
     return adapter
 
 
+def _resolve(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):  # Python 3.11 raises RuntimeError on a symlink loop
+        raise InvalidAdapterError(
+            f"{path} is a symlink loop; remove it or point it at a file"
+        ) from None
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _check_size(path: Path, allow_large: bool) -> None:
+    weights = path.suffix == ".safetensors"
+    limit = MAX_WEIGHTS if weights else MAX_OTHER
+    size = path.stat().st_size
+    if size > limit and not allow_large:
+        what = "safetensors weights" if weights else "a file beside the weights"
+        raise InvalidAdapterError(
+            f"{path} is {_human(size)}, more than an adapter holds ({what}: at most {_human(limit)}); "
+            "remove it, or add with --allow-large if it really belongs to the adapter"
+        )
+
+
 def _read_config(path: Path) -> dict:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -159,18 +208,100 @@ def _read_config(path: Path) -> dict:
         raise InvalidAdapterError(
             f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})"
         ) from None
+    except RecursionError:
+        raise InvalidAdapterError(f"{path} is nested too deeply to be an adapter config") from None
     if not isinstance(config, dict):
         raise InvalidAdapterError(f"{path} must hold a JSON object")
     if not isinstance(config.get("peft_type"), str):
         raise InvalidAdapterError(f"{path} has no peft_type: is this a PEFT adapter config?")
+    base = config.get("base_model_name_or_path")
+    if base is not None and (
+        not isinstance(base, str) or len(base) > 1024 or not base.isprintable()
+    ):
+        raise InvalidAdapterError(
+            f"{path}: base_model_name_or_path must be a model id or path, got {brief(base)}; "
+            "fix it or set it to null and pass --base"
+        )
     if config["peft_type"] == "LORA":
-        r = config.get("r")
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise InvalidAdapterError(f"{path}: r must be a positive integer, got {r!r}")
-        tm = config.get("target_modules")
-        if tm is not None and not isinstance(tm, (str, list)):
-            raise InvalidAdapterError(f"{path}: target_modules must be a list or a regex string")
+        _check_lora_config(path, config)
     return config
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _regex(path: Path, what: str, pattern: str, template: str = "{}") -> None:
+    if len(pattern) > MAX_PATTERN:
+        raise InvalidAdapterError(
+            f"{path}: {what} {brief(pattern)} is longer than {MAX_PATTERN} characters"
+        )
+    try:
+        re.compile(template.format(pattern))
+    except (re.error, RecursionError, OverflowError) as e:
+        raise InvalidAdapterError(
+            f"{path}: {what} {brief(pattern)} is not a valid regular expression ({e}); "
+            "PEFT matches it with re.fullmatch: fix it or give a list of module names"
+        ) from None
+
+
+def _check_lora_config(path: Path, config: dict) -> None:
+    """The LoraConfig fields adaptr and PEFT read: types PEFT can load, regexes that compile."""
+
+    def bad(key: str, need: str) -> InvalidAdapterError:
+        return InvalidAdapterError(f"{path}: {key} must be {need}, got {brief(config[key])}")
+
+    r = config.get("r")
+    if not _is_int(r) or r < 1:
+        raise InvalidAdapterError(f"{path}: r must be a positive integer, got {brief(r)}")
+    for key in ("target_modules", "exclude_modules"):
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            _regex(path, key, value)
+        elif not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+            raise bad(key, "a list of module names or a regex string")
+    for key, check, need in (
+        ("rank_pattern", lambda v: _is_int(v) and v >= 1, "positive integers"),
+        ("alpha_pattern", _is_number, "numbers"),
+    ):
+        patterns = config.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise bad(key, f"a mapping of module-name patterns to {need}")
+        for pattern, value in patterns.items():
+            _regex(path, f"{key} key", pattern, r"(.*\.)?({})$")
+            if not check(value):
+                raise InvalidAdapterError(
+                    f"{path}: {key}[{brief(pattern)}] must be one of {need}, got {brief(value)}"
+                )
+    if "lora_alpha" in config and not _is_number(config["lora_alpha"]):
+        raise bad("lora_alpha", "a number")
+    dropout = config.get("lora_dropout")
+    if dropout is not None and not (_is_number(dropout) and 0 <= dropout <= 1):
+        raise bad("lora_dropout", "a number between 0 and 1")
+    for key in ("use_dora", "use_rslora", "fan_in_fan_out", "lora_bias", "inference_mode"):
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            raise bad(key, "true or false")
+    if config.get("bias") is not None and config["bias"] not in ("none", "all", "lora_only"):
+        raise bad("bias", "'none', 'all' or 'lora_only'")
+    saved = config.get("modules_to_save")
+    if saved is not None and (
+        not isinstance(saved, list) or not all(isinstance(m, str) for m in saved)
+    ):
+        raise bad("modules_to_save", "a list of module names")
+    layers = config.get("layers_to_transform")
+    if layers is not None and not (
+        (_is_int(layers) and layers >= 0)
+        or (isinstance(layers, list) and all(_is_int(i) and i >= 0 for i in layers))
+    ):
+        raise bad("layers_to_transform", "a layer index or a list of them")
 
 
 def _check_lora(adapter: AdapterSource) -> None:
@@ -184,22 +315,30 @@ def _check_lora(adapter: AdapterSource) -> None:
     for module, parts in sorted(modules.items()):
         if "lora_A" not in parts or "lora_B" not in parts:
             have = "lora_A" if "lora_A" in parts else "lora_B"
-            raise InvalidAdapterError(f"{where}: {module} has {have} but not its partner")
-        rank_a, rank_b = (
-            parts["lora_A"].shape[0],
-            parts["lora_B"].shape[1] if len(parts["lora_B"].shape) > 1 else -1,
-        )
+            raise InvalidAdapterError(f"{where}: {brief(module)} has {have} but not its partner")
+        a, b = parts["lora_A"].shape, parts["lora_B"].shape
+        if len(a) != 2 or len(b) != 2 or 0 in a or 0 in b:
+            raise InvalidAdapterError(
+                f"{where}: {brief(module)} has lora_A {list(a)} and lora_B {list(b)}; "
+                "LoRA weights are non-empty matrices (adaptr stores LoRA on linear and embedding layers)"
+            )
+        rank_a, rank_b = a[0], b[1]
         expected = pattern_value(cfg.get("rank_pattern"), module, cfg["r"])
         if rank_a != expected or rank_b != expected:
             raise InvalidAdapterError(
-                f"{where}: {module} has rank {rank_a}/{rank_b} (lora_A/lora_B) but the config says r={expected}"
+                f"{where}: {brief(module)} has rank {rank_a}/{rank_b} (lora_A/lora_B) but the config says r={expected}"
+            )
+        bias = parts.get("bias")
+        if bias is not None and bias.shape != (b[0],):
+            raise InvalidAdapterError(
+                f"{where}: {brief(module)} has a lora_B bias of shape {list(bias.shape)}, not [{b[0]}]"
             )
         if tm and not targets(module, tm):
             raise InvalidAdapterError(
-                f"{where}: {module} has LoRA weights but is not in target_modules {tm}"
+                f"{where}: {brief(module)} has LoRA weights but is not in target_modules {brief(tm)}"
             )
         if ("magnitude" in parts) != use_dora:
             state = "has" if "magnitude" in parts else "lacks"
             raise InvalidAdapterError(
-                f"{where}: {module} {state} a DoRA magnitude vector but use_dora={use_dora}"
+                f"{where}: {brief(module)} {state} a DoRA magnitude vector but use_dora={use_dora}"
             )

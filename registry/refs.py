@@ -45,7 +45,9 @@ class Ref:
     def parse(cls, text: str) -> Ref:
         """Parse ``NAME``, ``NAME@N``, ``NAME@TAG`` or ``NAME@latest``."""
         if not isinstance(text, str):
-            raise InvalidInputError(f"an adapter reference is text (NAME, NAME@VERSION or NAME@TAG), got {brief(text)}")
+            raise InvalidInputError(
+                f"an adapter reference is text (NAME, NAME@VERSION or NAME@TAG), got {brief(text)}"
+            )
         if not text:
             raise InvalidInputError("empty adapter reference: use NAME, NAME@VERSION or NAME@TAG")
         name, sep, selector = text.partition("@")

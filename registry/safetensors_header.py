@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from adaptr.errors import InvalidInputError
+from adaptr.errors import InvalidInputError, brief
 
 DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
@@ -22,6 +22,12 @@ DTYPE_BYTES = {
     "I64": 8, "U64": 8, "F64": 8,
 }  # fmt: skip
 MAX_HEADER = 100 * 1024 * 1024
+MAX_DIMS = 16
+
+
+def _is_count(value) -> bool:
+    """A JSON integer >= 0 (not a bool, float or string), as the safetensors format requires."""
+    return type(value) is int and 0 <= value < 2**64
 
 
 @dataclass(frozen=True)
@@ -52,24 +58,36 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise bad("header is not valid JSON") from None
+    except RecursionError:
+        raise bad("header is nested too deeply") from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise bad("__metadata__ is not a mapping of strings")
     tensors: dict[str, TensorInfo] = {}
     spans = []
     for name, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            shape = tuple(int(d) for d in shape)
-        except (KeyError, TypeError, ValueError):
-            raise bad(f"tensor {name!r} has a malformed entry") from None
-        if dtype not in DTYPE_BYTES:
-            raise bad(f"tensor {name!r} has unknown dtype {dtype!r}")
-        if any(d < 0 for d in shape) or not (0 <= begin <= end):
-            raise bad(f"tensor {name!r} has a negative size or offset")
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise bad(
+                f"tensor {brief(name)} has a malformed entry (needs dtype, shape, data_offsets)"
+            )
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+            raise bad(f"tensor {brief(name)} has unknown dtype {brief(dtype)}")
+        if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(map(_is_count, shape)):
+            raise bad(f"tensor {brief(name)} has shape {brief(shape)}: not a list of sizes")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
+            raise bad(f"tensor {brief(name)} has data_offsets {brief(offsets)}: not [begin, end]")
+        begin, end = offsets
+        if begin > end:
+            raise bad(f"tensor {brief(name)} ends before it begins")
         if (end - begin) != math.prod(shape) * DTYPE_BYTES[dtype]:
-            raise bad(f"tensor {name!r} has {end - begin} bytes for shape {list(shape)} {dtype}")
-        tensors[name] = TensorInfo(dtype, shape)
+            raise bad(
+                f"tensor {brief(name)} has {end - begin} bytes for shape {brief(shape)} {dtype}"
+            )
+        tensors[name] = TensorInfo(dtype, tuple(shape))
         spans.append((begin, end))
     spans.sort()
     pos = 0

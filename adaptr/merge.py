@@ -9,9 +9,7 @@ is merged into the dequantized (full-precision) weights, never into quantized on
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any
 
 from .errors import ConflictError, InvalidInputError
 from .registry import Registry
+from .registry.atomic import replace_dir, work_dir
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -57,9 +56,9 @@ def merge(
     )
     started = time.time()
     model, tokenizer = load_base_model(path, dtype)
-    work_root = out.parent if out.parent.exists() else None
-    with tempfile.TemporaryDirectory(prefix=".adaptr-merge-", dir=work_root) as tmp:
-        work = Path(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = work_dir("merge", out.parent)  # beside out: the result moves in by rename
+    try:
         peft = attach(model, registry, versions, work / "adapters")
         names = [v.ref for v in versions]
         merged = peft.merge_and_unload(adapter_names=names, progressbar=False)
@@ -78,8 +77,7 @@ def merge(
             "seconds": round(time.time() - started, 3),
         }  # fmt: skip
         (staging / "adaptr_merge.json").write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, out)
+        replace_dir(staging, out)  # the old folder stays whole until the new one takes its place
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return record

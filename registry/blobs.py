@@ -10,6 +10,7 @@ import hashlib
 import mmap
 import os
 import secrets
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -147,18 +148,26 @@ class BlobStore:
         part = self.tmp / f"{os.getpid()}-{secrets.token_hex(6)}.part"
         try:
             digest, size = _copy_and_hash(src, part)
-            final = self.path(digest)
-            if final.exists() and final.stat().st_size == size:
-                part.unlink()
-                return digest, size
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.chmod(part, 0o444)
-            os.replace(part, final)
-            fsync_dir(final.parent)
+            self.adopt(part, digest, size)
             return digest, size
         except BaseException:
             part.unlink(missing_ok=True)
             raise
+
+    def stage(self, src: Path, dest: Path) -> tuple[str, int]:
+        """Copy ``src`` to ``dest`` (under ``tmp/``), fsynced; the digest and size of the copy."""
+        return _copy_and_hash(src, dest)
+
+    def adopt(self, staged: Path, digest: str, size: int) -> None:
+        """Move a staged copy whose digest is known into the store (dropped if already there)."""
+        final = self.path(digest)
+        if final.exists() and final.stat().st_size == size:
+            staged.unlink()
+            return
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(staged, 0o444)
+        os.replace(staged, final)
+        fsync_dir(final.parent)
 
     def digests(self) -> Iterator[str]:
         """Every stored digest."""
@@ -184,6 +193,10 @@ class BlobStore:
         freed = 0
         if self.tmp.is_dir():
             for part in self.tmp.iterdir():
-                freed += part.stat().st_size
-                part.unlink()
+                if part.is_dir() and not part.is_symlink():
+                    freed += sum(f.stat().st_size for f in part.rglob("*") if f.is_file())
+                    shutil.rmtree(part, ignore_errors=True)
+                else:
+                    freed += part.stat().st_size
+                    part.unlink()
         return freed

@@ -72,9 +72,19 @@ def connect(db: Path, create: bool) -> sqlite3.Connection | None:
         return None
     conn = sqlite3.connect(db, isolation_level=None, timeout=60.0, check_same_thread=False)
     conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA foreign_keys = ON")
-    conn.execute("PRAGMA synchronous = FULL")
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    try:
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA synchronous = FULL")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == SCHEMA_VERSION:
+            conn.execute("SELECT 1 FROM names LIMIT 1").fetchall()
+    except sqlite3.DatabaseError as e:
+        conn.close()
+        raise IntegrityError(
+            f"the registry index {db} is unreadable ({e}); the adapter files are safe in "
+            f"{db.parent / 'blobs'}: run `adaptr reindex` to rebuild the index from the stored "
+            "manifests (the damaged file is kept beside it)"
+        ) from None
     if version > SCHEMA_VERSION:
         conn.close()
         raise IntegrityError(

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 from adaptr.errors import ConflictError, IntegrityError, InvalidInputError
 
 from .adapter_dir import CONFIG, WEIGHTS
+from .atomic import replace_dir, work_dir
 from .blobs import fsync_dir, hash_file
 from .models import GcReport, StoredFile, VerifyReport
 from .refs import Ref
@@ -16,20 +18,36 @@ from .refs import Ref
 EXPORT_FORMATS = ("peft", "vllm")
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:  # removed by a concurrent gc
+        return 0
+
+
 class Maintenance:
     """Mixed into :class:`Registry`; uses its index, blob store and writer lock."""
 
     def verify(self, ref: str | Ref | None = None) -> VerifyReport:
-        """Re-hash every stored file (of ``ref`` only, if given) and check the index."""
+        """Re-hash every stored file (of ``ref`` only, if given) and check the index.
+
+        The index is read as one snapshot; what a concurrent ``rm``/``gc`` removes meanwhile
+        is re-checked against the index before it is called a problem. A full check also
+        compares the index with the version manifests and counts unreferenced blobs.
+        """
         report = VerifyReport()
         conn = self._conn()
         if conn is None:
             return report
-        versions = [self.get(ref)] if ref is not None else self.list()
-        if ref is None:
-            status = conn.execute("PRAGMA integrity_check").fetchone()[0]
-            if status != "ok":
-                report.problems.append(f"index: {status}")
+        conn.execute("BEGIN")  # one read snapshot (WAL): writers go on meanwhile
+        try:
+            versions = [self.get(ref)] if ref is not None else self.list()
+            if ref is None:
+                status = conn.execute("PRAGMA integrity_check").fetchone()[0]
+                if status != "ok":
+                    report.problems.append(f"index: {status}")
+        finally:
+            conn.execute("COMMIT")
         seen: dict[str, str | None] = {}
         for v in versions:
             report.versions += 1
@@ -38,9 +56,43 @@ class Maintenance:
                 if f.sha256 not in seen:
                     seen[f.sha256] = self._check_blob(f)
                     report.bytes += f.size
-                if seen[f.sha256]:
+                if seen[f.sha256] and self._indexed(v.name, v.version):
                     report.problems.append(f"{v.ref}/{f.path}: {seen[f.sha256]}")
+        if ref is None:
+            self._check_manifests(report, {(v.name, v.version) for v in versions})
+            used = {f.sha256 for v in versions for f in v.files}
+            for digest in self.blobs.digests():
+                if digest not in used:
+                    report.unreferenced += 1
+                    report.unreferenced_bytes += _size(self.blobs.path(digest))
         return report
+
+    def _indexed(self, name: str, version: int) -> bool:
+        """Whether the index lists ``name@version`` now (a fresh read, not the snapshot)."""
+        return bool(
+            self._rows("SELECT 1 FROM versions WHERE name=? AND version=?", (name, version))
+        )
+
+    def _check_manifests(self, report: VerifyReport, indexed: set[tuple[str, int]]) -> None:
+        if not self.journal.exists():
+            report.notes.append(
+                "no version manifests yet: the next write to the registry adds them"
+            )
+            return
+        on_disk = {(p.parent.name, int(p.stem)) for p in self.journal.committed_paths()}
+        for name, version in sorted(on_disk - indexed):
+            # checked again in the order writers move manifests, so concurrent writes never count
+            if not self._indexed(name, version) and self.journal.committed(name, version).exists():
+                report.problems.append(
+                    f"{name}@{version}: stored (manifest and files) but missing from the index; "
+                    "run `adaptr reindex` to restore it"
+                )
+        for name, version in sorted(indexed - on_disk):
+            if self._indexed(name, version) and not self.journal.has_manifest(name, version):
+                report.problems.append(
+                    f"{name}@{version}: indexed but its manifest is missing; run `adaptr reindex`"
+                    " after a backup of registry.db, or re-add the version"
+                )
 
     def _check_blob(self, f: StoredFile) -> str | None:
         p = self.blobs.path(f.sha256)
@@ -54,11 +106,20 @@ class Maintenance:
         return None
 
     def gc(self) -> GcReport:
-        """Delete blobs no version references and files left staged by interrupted writers."""
+        """Delete blobs no version references and files left staged by interrupted writers.
+
+        Refused when the index has lost its records (see ``index_lost``); blobs that a
+        version manifest references are kept even when the index does not list the version.
+        """
         report = GcReport()
         with self._writer() as conn:
             report.staged_removed_bytes = self.blobs.clear_tmp()
             used = {r[0] for r in conn.execute("SELECT DISTINCT sha256 FROM files")}
+            indexed = {(r[0], r[1]) for r in conn.execute("SELECT name, version FROM versions")}
+            for rec in self.journal.manifests():
+                if (rec.get("name"), rec.get("version")) not in indexed:
+                    report.kept_unindexed.append(f"{rec.get('name')}@{rec.get('version')}")
+                    used.update(f.get("sha256") for f in rec.get("files", []))
             for digest in list(self.blobs.digests()):
                 if digest not in used:
                     report.bytes_freed += self.blobs.remove(digest)
@@ -94,23 +155,13 @@ class Maintenance:
                     f"{v.ref} uses DoRA, which vLLM cannot serve; export with --format peft"
                 )
             files = [f for f in files if f.path in (CONFIG, WEIGHTS)]
-        import shutil
-
         out.parent.mkdir(parents=True, exist_ok=True)
-        staging = out.parent / f".{out.name}.adaptr-{os.getpid()}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
+        staging = work_dir("export", out.parent)
         try:
             for f in files:
                 self._copy_checked(f, staging / f.path, v.ref)
             fsync_dir(staging)
-            if out.exists():
-                old = out.parent / f".{out.name}.adaptr-{os.getpid()}.old"
-                os.replace(out, old)
-                os.replace(staging, out)
-                shutil.rmtree(old)
-            else:
-                os.replace(staging, out)
+            replace_dir(staging, out)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return out

@@ -83,6 +83,9 @@ class VerifyReport:
     files: int = 0
     bytes: int = 0
     problems: list[str] = field(default_factory=list)
+    unreferenced: int = 0  # blobs no version references (``gc`` frees them): not a problem
+    unreferenced_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -97,6 +100,7 @@ class GcReport:
     blobs_removed: int = 0
     bytes_freed: int = 0
     staged_removed_bytes: int = 0
+    kept_unindexed: list[str] = field(default_factory=list)  # manifests the index lacks
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 import sqlite3
 import threading
 import time
@@ -27,19 +29,41 @@ from adaptr.errors import (
     ConflictError,
     IncompatibleBaseError,
     IntegrityError,
+    InvalidAdapterError,
     InvalidInputError,
     NotFoundError,
 )
 
 from . import index
-from .adapter_dir import inspect_adapter, lora_modules
+from .adapter_dir import AdapterSource, inspect_adapter, lora_modules
 from .blobs import BlobStore
 from .fingerprint import BaseInfo, check_adapter_fits, find_base_dir, read_base
+from .journal import Journal, RebuildReport, insert_version, rebuild
 from .lock import writer_lock
 from .maintenance import Maintenance
 from .models import AdapterVersion, BaseRecord, StoredFile
 from .refs import Ref, check_name, check_tag
-from .safetensors_header import read_header
+
+
+def _recheck(checked: AdapterSource, staged: Path) -> AdapterSource:
+    """Inspect the staged copy; refuse it unless it holds what the source was checked to hold.
+
+    The source folder can change between its check and its copy (another process saving
+    into it): only the copy's own bytes are stored, so only they are trusted.
+    """
+    changed = f"{checked.root} changed while it was being added"
+    try:
+        copy = inspect_adapter(staged)
+    except InvalidInputError as e:
+        raise InvalidAdapterError(f"{changed} ({e}); nothing was stored: add it again") from None
+    if copy.config != checked.config or copy.tensors != checked.tensors:
+        what = "config" if copy.config != checked.config else "tensor shapes"
+        raise InvalidAdapterError(
+            f"{changed} (its {what} differ from what was checked); nothing was stored: "
+            "add it again once nothing is writing to it"
+        )
+    copy.root = checked.root
+    return copy
 
 
 def default_home() -> Path:
@@ -53,6 +77,7 @@ class Registry(Maintenance):
     def __init__(self, home: str | Path | None = None):
         self.home = Path(home).expanduser() if home else default_home()
         self.blobs = BlobStore(self.home)
+        self.journal = Journal(self.home)
         self._local = threading.local()
         self.notes: list[str] = []  # warnings from the last write (skipped files, unknown base…)
 
@@ -64,16 +89,65 @@ class Registry(Maintenance):
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = index.connect(self.home / "registry.db", create=create)
+            if not create:
+                self._refuse_lost_index(conn)
             self._local.conn = conn
         return conn
 
+    def _drop_conn(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def index_lost(self, conn: sqlite3.Connection | None) -> str | None:
+        """Why the index cannot be trusted to be complete, or None.
+
+        An index with no adapter names (missing, emptied, recreated) while the store holds
+        version manifests, or blobs from before manifests existed, has lost its records.
+        """
+        if conn is not None and conn.execute("SELECT 1 FROM names LIMIT 1").fetchone():
+            return None
+        manifests = len(self.journal.committed_paths())
+        if manifests > 0:
+            what = f"{manifests} version manifest(s)"
+        elif not self.journal.exists() and next(self.blobs.digests(), None) is not None:
+            what = f"{sum(1 for _ in self.blobs.digests())} stored file(s)"
+        else:
+            return None
+        state = "is missing" if conn is None else "holds no adapters"
+        return (
+            f"the registry index {self.home / 'registry.db'} {state} but {self.home} holds {what}: "
+            "the index was lost or replaced; nothing was changed. Run `adaptr reindex` to rebuild it "
+            "from the stored manifests"
+        )
+
+    def _refuse_lost_index(self, conn: sqlite3.Connection | None) -> None:
+        why = self.index_lost(conn)
+        if why:
+            if conn is not None:
+                conn.close()
+            raise IntegrityError(why)
+
     @contextmanager
-    def _writer(self) -> Iterator[sqlite3.Connection]:
-        """Hold the writer lock; yields a connection to an index that exists."""
+    def _writer(self, *, rebuilding: bool = False) -> Iterator[sqlite3.Connection]:
+        """Hold the writer lock; yields a connection to an index that exists and can be trusted.
+
+        Before the write: intents of writers that died are settled, and a registry made
+        before manifests existed gets them. After a committed write: ``state.json``.
+        """
         self.home.mkdir(parents=True, exist_ok=True)
         timeout = float(os.environ.get("ADAPTR_LOCK_TIMEOUT", "600"))
         with writer_lock(self.home / "lock", timeout):
-            yield self._conn(create=True)
+            conn = self._conn(create=True)
+            if not rebuilding:
+                self._refuse_lost_index(conn)
+                if self.journal.exists():
+                    self.journal.settle(conn)
+                else:
+                    self.journal.backfill(conn)
+            yield conn
+            self.journal.write_state(conn)
 
     def _rows(self, sql: str, args: Sequence = ()) -> list[sqlite3.Row]:
         conn = self._conn()
@@ -233,56 +307,76 @@ class Registry(Maintenance):
         check_name(name)
         for t in tags:
             check_tag(t)
-        adapter = inspect_adapter(source)
+        adapter = inspect_adapter(source)  # refuses a bad folder before anything is copied
         self.notes = [f"skipped {s}" for s in adapter.skipped]
         base_key, fingerprint, base_info = self._attach_base(
             base, adapter.config.get("base_model_name_or_path")
         )
         if base_info is not None:
             check_adapter_fits(adapter.lora_modules, base_info, f"adapter {adapter.root}")
-        summary = adapter.summary()
         lineage = {**(lineage or {}), "source": origin or str(adapter.root.resolve())}
         if base_key is not None:
             lineage.setdefault("base", base_key)
             lineage.setdefault("base_fingerprint", fingerprint)
         with self._writer() as conn:
-            stored = []
-            for f in adapter.files:
-                digest, size = self.blobs.put(f)
-                if f.suffix == ".safetensors":
-                    read_header(self.blobs.path(digest))  # the stored copy is whole, too
-                stored.append((f.name, digest, size))
-            with index.transaction(conn):
-                row = conn.execute(
-                    "SELECT next_version FROM names WHERE name=?", (name,)
-                ).fetchone()
-                version = row[0] if row else 1
-                conn.execute(
-                    "INSERT INTO names(name, next_version) VALUES (?, ?) "
-                    "ON CONFLICT(name) DO UPDATE SET next_version=excluded.next_version",
-                    (name, version + 1),
-                )
-                cur = conn.execute(
-                    "INSERT INTO versions(name, version, created, base, base_fingerprint, peft_type, r, size,"
-                    " summary, config, lineage, metrics, source) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (
-                        name, version, time.time(), base_key, fingerprint, summary.get("peft_type"),
-                        summary.get("r"), sum(s for _, _, s in stored), json.dumps(summary),
-                        json.dumps(adapter.config), json.dumps(lineage, default=str),
-                        json.dumps(metrics or {}, default=str), lineage["source"],
-                    ),
-                )  # fmt: skip
-                conn.executemany(
-                    "INSERT INTO files(version_id, path, sha256, size) VALUES (?,?,?,?)",
-                    [(cur.lastrowid, *s) for s in stored],
-                )
-                conn.executemany(
-                    "INSERT OR REPLACE INTO tags(name, tag, version) VALUES (?,?,?)",
-                    [(name, t, version) for t in tags],
-                )
+            self._check_one_base(conn, name, base_key, fingerprint)
+            stage = self.blobs.tmp / f"add-{os.getpid()}-{secrets.token_hex(6)}"
+            stage.mkdir(parents=True)
+            try:
+                stored = [(f.name, *self.blobs.stage(f, stage / f.name)) for f in adapter.files]
+                adapter = _recheck(adapter, stage)  # what is stored is what was checked
+                if base_info is not None:
+                    check_adapter_fits(adapter.lora_modules, base_info, f"adapter {source}")
+                for fname, digest, size in stored:
+                    self.blobs.adopt(stage / fname, digest, size)
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
+            summary = adapter.summary()
+            pending = None
+            try:
+                with index.transaction(conn):
+                    row = conn.execute(
+                        "SELECT next_version FROM names WHERE name=?", (name,)
+                    ).fetchone()
+                    version = row[0] if row else 1
+                    record = {
+                        "name": name, "version": version, "created": time.time(), "base": base_key,
+                        "base_fingerprint": fingerprint, "peft_type": summary.get("peft_type"),
+                        "r": summary.get("r"), "size": sum(s for _, _, s in stored),
+                        "summary": summary, "config": adapter.config, "lineage": lineage,
+                        "metrics": metrics or {}, "source": lineage["source"],
+                        "files": [{"path": n, "sha256": d, "size": z} for n, d, z in stored],
+                    }  # fmt: skip
+                    pending = self.journal.begin_add(record)
+                    insert_version(conn, record)
+                    conn.executemany(
+                        "INSERT OR REPLACE INTO tags(name, tag, version) VALUES (?,?,?)",
+                        [(name, t, version) for t in tags],
+                    )
+            except BaseException:
+                if pending is not None:
+                    pending.unlink(missing_ok=True)
+                raise
+            self.journal.finish_add(pending, name, version)
         added = self.get(f"{name}@{version}")
         self._announce(added)
         return added
+
+    @staticmethod
+    def _check_one_base(
+        conn: sqlite3.Connection, name: str, base: str | None, fingerprint: str | None
+    ) -> None:
+        """A name keeps one base, so ``NAME`` and ``NAME@tag`` never change base under a user."""
+        for row in conn.execute(
+            "SELECT DISTINCT base, base_fingerprint FROM versions WHERE name=?", (name,)
+        ):
+            same_model = fingerprint is not None and row["base_fingerprint"] == fingerprint
+            if row["base"] != base and not same_model:
+                raise IncompatibleBaseError(
+                    f"{name} holds versions on base {row['base'] or '(none recorded)'}, and this "
+                    f"adapter is on {base or '(none recorded)'}: a name keeps one base; add it "
+                    f"under another name (or pass --base {row['base']} if that is its base)"
+                )
 
     def _announce(self, version: AdapterVersion) -> None:
         """Tell plugins (``adaptr_version_added``); a failing plugin is noted, never undoes the add."""
@@ -393,7 +487,7 @@ class Registry(Maintenance):
         Files stay until :meth:`gc`, so the removal itself is one transaction.
         """
         r = ref if isinstance(ref, Ref) else Ref.parse(ref)
-        with self._writer() as conn, index.transaction(conn):
+        with self._writer() as conn:
             if all_versions:
                 if r.version or r.tag:
                     raise InvalidInputError(
@@ -429,10 +523,24 @@ class Registry(Maintenance):
                     f"{why}: pass --force to remove it anyway (its tags go with it)"
                 )
             gone = {(v.name, v.version) for v in victims}
-            for v in victims:
-                conn.execute("DELETE FROM tags WHERE name=? AND version=?", (v.name, v.version))
-                conn.execute("DELETE FROM versions WHERE name=? AND version=?", (v.name, v.version))
-            self._prune_active(conn, gone)
+            moved: list[tuple[Path, str, int]] = []
+            try:
+                with index.transaction(conn):
+                    for v in victims:
+                        conn.execute(
+                            "DELETE FROM tags WHERE name=? AND version=?", (v.name, v.version)
+                        )
+                        conn.execute(
+                            "DELETE FROM versions WHERE name=? AND version=?", (v.name, v.version)
+                        )
+                        intent = self.journal.begin_remove(v.name, v.version)
+                        if intent is not None:
+                            moved.append((intent, v.name, v.version))
+                    self._prune_active(conn, gone)
+            except BaseException:
+                self.journal.abort_remove(moved)
+                raise
+            self.journal.finish_remove(moved)
         return victims
 
     def _prune_active(self, conn: sqlite3.Connection, gone: set[tuple[str, int]]) -> None:
@@ -451,6 +559,38 @@ class Registry(Maintenance):
                     "INSERT INTO active(base, position, ref) VALUES (?,?,?)",
                     [(base, i, r) for i, r in enumerate(keep)],
                 )
+
+    def reindex(self) -> RebuildReport:
+        """Rebuild the index from the version manifests and ``state.json``.
+
+        The old ``registry.db`` (if any) is moved aside, never deleted; versions whose
+        stored files are missing are skipped and reported.
+        """
+        if not self.journal.exists():
+            raise NotFoundError(
+                f"{self.home} has no version manifests to rebuild from (a registry made by an "
+                "adaptr older than manifests, or not a registry home); nothing was changed"
+            )
+        self.home.mkdir(parents=True, exist_ok=True)
+        timeout = float(os.environ.get("ADAPTR_LOCK_TIMEOUT", "600"))
+        with writer_lock(self.home / "lock", timeout):
+            self._drop_conn()
+            db = self.home / "registry.db"
+            aside = None
+            if db.exists():
+                aside = self.home / f"registry.db.old-{time.strftime('%Y%m%d-%H%M%S')}"
+                for suffix in ("", "-wal", "-shm"):
+                    src = Path(f"{db}{suffix}")
+                    if src.exists():
+                        os.replace(src, f"{aside}{suffix}")
+            conn = self._conn(create=True)
+            with index.transaction(conn):
+                report = rebuild(conn, self.journal, lambda d: self.blobs.path(d).is_file())
+                self._prune_active(conn, set())
+            self.journal.settle(conn)
+            self.journal.write_state(conn)
+        report.moved_aside = str(aside) if aside else None
+        return report
 
     # ------------------------------------------------------------------ bases
     def add_base(self, name: str, path: str | Path, *, force: bool = False) -> BaseRecord:

@@ -197,6 +197,23 @@ def test_merge_writes_a_standalone_model_matching_base_plus_adapter(reg, tmp_pat
     )
 
 
+def test_merge_force_replaces_the_folder_whole_and_tidies_a_killed_runs_leftovers(reg, tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = tmp_path / f".adaptr-merge-{dead.pid}-x1y2"  # a merge killed mid-write
+    (leftover / "model").mkdir(parents=True)
+    merge(reg, ["a"], tmp_path / "merged")
+    assert not leftover.exists()
+    before = json.loads((tmp_path / "merged" / "adaptr_merge.json").read_text())
+    merge(reg, ["b"], tmp_path / "merged", force=True)
+    after = json.loads((tmp_path / "merged" / "adaptr_merge.json").read_text())
+    assert before["refs"] == ["a@1"] and after["refs"] == ["b@1"]
+    assert sorted(p.name for p in tmp_path.iterdir() if "adaptr" in p.name) == []
+
+
 def test_merge_several_refs_equals_them_stacked(reg, tmp_path, cli):
     from transformers import AutoModelForCausalLM
 

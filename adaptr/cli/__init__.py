@@ -60,7 +60,7 @@ def cli(home: str | None, debug: bool) -> None:
 
 for command in (
     adapters.add, adapters.list_, adapters.show, adapters.switch, adapters.tag, adapters.rm,
-    store.verify, store.gc, store.export, bases.base, plugins.plugins, plugins.families, plugins.formatters,
+    store.verify, store.gc, store.reindex, store.export, bases.base, plugins.plugins, plugins.families, plugins.formatters,
     train.train, compose.compose, compose.merge, compose.generate, serve.serve,
 ):  # fmt: skip
     cli.add_command(command)

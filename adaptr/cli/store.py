@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from ._common import emit_json, human_size, json_option, with_registry
+from ._common import emit_json, human_size, json_option, note, with_registry
 
 
 @click.command()
@@ -21,6 +21,13 @@ def verify(registry, ref: str | None, as_json: bool) -> None:
     else:
         for p in report.problems:
             click.echo(f"BAD  {p}", err=True)
+        for n in report.notes:
+            note(n)
+        if report.unreferenced:
+            note(
+                f"{report.unreferenced} stored file(s), {human_size(report.unreferenced_bytes)}, "
+                "belong to no version (removed ones): `adaptr gc` frees them"
+            )
         state = "ok" if report.ok else f"{len(report.problems)} problem(s)"
         click.echo(
             f"{state}: {report.versions} version(s), {report.files} file(s), {human_size(report.bytes)} checked"
@@ -38,8 +45,36 @@ def gc(registry, as_json: bool) -> None:
     if as_json:
         emit_json(report.to_dict())
         return
+    if report.kept_unindexed:
+        note(
+            f"kept the files of {len(report.kept_unindexed)} version(s) missing from the index "
+            f"({', '.join(report.kept_unindexed[:5])}): run `adaptr verify`, then `adaptr reindex`"
+        )
     click.echo(
         f"removed {report.blobs_removed} unreferenced file(s), freed {human_size(report.bytes_freed + report.staged_removed_bytes)}"
+    )
+
+
+@click.command()
+@json_option
+@with_registry
+def reindex(registry, as_json: bool) -> None:
+    """Rebuild the index (registry.db) from the stored version manifests.
+
+    For a registry.db that was deleted, emptied or damaged: versions, tags, active
+    adapters and bases come back; the old file is kept beside it.
+    """
+    report = registry.reindex()
+    if as_json:
+        emit_json(report.to_dict())
+        return
+    for s in report.skipped:
+        note(f"skipped {s}")
+    if report.moved_aside:
+        note(f"the previous index is kept at {report.moved_aside}")
+    click.echo(
+        f"rebuilt the index of {registry.home.resolve()}: {report.versions} version(s), "
+        f"{report.tags} tag(s), {report.bases} base(s)"
     )
 
 

@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from adaptr.registry import Registry  # noqa: E402
 
-from helpers import write_adapter  # noqa: E402
+from helpers import throwaway_plugins, write_adapter  # noqa: E402
 
 
 @pytest.fixture
@@ -103,16 +103,5 @@ def copy_dir(tmp_path: Path):
 @pytest.fixture
 def register_plugin():
     """Register throwaway plugin objects for one test; they are unregistered afterwards."""
-    from adaptr.plugin_manager import load_plugins
-
-    pm = load_plugins()
-    added = []
-
-    def register(plugin, name: str):
-        pm.register(plugin, name=name)
-        added.append(plugin)
-        return plugin
-
-    yield register
-    for plugin in added:
-        pm.unregister(plugin)
+    with throwaway_plugins() as register:
+        yield register

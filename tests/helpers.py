@@ -7,6 +7,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,26 @@ def snapshot(home: Path) -> dict:
             if p.is_file():
                 out["files"][str(p.relative_to(home))] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
+
+
+@contextmanager
+def throwaway_plugins():
+    """Yield ``register(plugin, name)``; every plugin registered is unregistered on exit."""
+    from adaptr.plugin_manager import load_plugins
+
+    pm = load_plugins()
+    added = []
+
+    def register(plugin, name: str):
+        pm.register(plugin, name=name)
+        added.append(plugin)
+        return plugin
+
+    try:
+        yield register
+    finally:
+        for plugin in added:
+            pm.unregister(plugin)
 
 
 def run_adaptr(

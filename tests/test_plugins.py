@@ -13,7 +13,7 @@ from adaptr.families import families, family_for
 from adaptr.formatters import formatters
 from adaptr.plugin_manager import load_plugins, plugins
 
-from helpers import fake_install, run_adaptr, write_adapter
+from helpers import fake_install, run_adaptr, throwaway_plugins, write_adapter
 
 ROOT = Path(__file__).parent.parent
 BUILTIN = {"llama", "gpt-neox", "qwen", "deepseek", "formatters"}
@@ -75,7 +75,10 @@ def test_throwaway_plugin_adds_a_family_and_a_formatter(register_plugin, cli):
     assert "phi" in json.dumps(json.loads(cli("plugins", "--json")[1]))
 
 
-def test_unregistered_after_the_test():
+def test_throwaway_plugins_are_unregistered_on_exit():
+    with throwaway_plugins() as register:  # what the register_plugin fixture runs
+        register(PhiPlugin(), "phi")
+        assert "phi3" in families()
     assert "phi3" not in families()
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from adaptr.errors import ConflictError, InvalidInputError, NotFoundError
+from adaptr.errors import ConflictError, IncompatibleBaseError, InvalidInputError, NotFoundError
 from adaptr.registry import Registry
 
 from helpers import write_adapter
@@ -69,7 +69,7 @@ def test_switch_records_active_adapters_per_base(registry, tmp_path):
     registry.switch("a", "b")  # stacked
     assert registry.active("org/base-one") == {"org/base-one": ["a", "b"]}
     assert registry.get("b").active and registry.get("c").active is not False
-    with pytest.raises(Exception, match="different bases"):
+    with pytest.raises(IncompatibleBaseError, match="different bases"):
         registry.switch("a", "c")
     assert registry.active("org/base-one")["org/base-one"] == ["a", "b"]
     registry.deactivate("org/base-one")

@@ -24,6 +24,8 @@ HELPERS = str(Path(__file__).parent)
 # A writer that adds fresh adapters in a loop and says what it did; the test kills it.
 # Each record is one os.write of a whole line, so a kill (even with PYTHONUNBUFFERED set,
 # where print() writes each argument apart) never leaves half a record in the pipe.
+# With a phase ("blobs.adopt", "journal.finish_add:before", …) the writer stops inside
+# that step of an add on its N-th call and says "inside": the kill lands there for sure.
 WRITER = textwrap.dedent(
     """
     import os, sys, time
@@ -34,6 +36,22 @@ WRITER = textwrap.dedent(
     reg, work, seed = Registry({home!r}), Path({work!r}), {seed}
     reg.list()
     say = lambda *words: os.write(1, (" ".join(map(str, words)) + "\\n").encode())
+    phase, nth = {phase!r}, {nth}
+    if phase:
+        where, _, when = phase.partition(":")
+        owner, attr = where.split(".")
+        obj = getattr(reg, owner)
+        real, calls = getattr(obj, attr), [0]
+        def hooked(*a, **k):
+            calls[0] += 1
+            stop = calls[0] == nth
+            if stop and when == "before":
+                say("inside", phase); time.sleep(600)
+            out = real(*a, **k)
+            if stop:
+                say("inside", phase); time.sleep(600)
+            return out
+        setattr(obj, attr, hooked)
     say("ready")
     for i in range(1000):
         src = write_adapter(work / f"s{{seed}}-{{i}}", r=32, hidden=1024, seed=seed * 1000 + i,
@@ -43,6 +61,12 @@ WRITER = textwrap.dedent(
         say("done", v.ref, src)
     """
 )
+# Where the deterministic kills land: each step of an add (3 files per adapter), on
+# a later add each time, so every trial has whole versions before the kill.
+PHASES = [
+    ("blobs.stage", 2), ("blobs.adopt", 5), ("journal.begin_add", 2),
+    ("journal.finish_add:before", 3), ("journal.finish_add", 2), ("journal.write_state", 4),
+]  # fmt: skip
 
 
 def _expected_hashes(src: Path) -> dict[str, str]:
@@ -56,15 +80,25 @@ def test_sigkill_during_add_never_leaves_a_partial_version(tmp_path):
     started: list[Path] = []
     trials = 30
     for trial in range(trials):
+        # every third kill at a random instant (anywhere), the others inside a chosen step
+        phase, nth = PHASES[trial % len(PHASES)] if trial % 3 else ("", 0)
         code = WRITER.format(
-            helpers=HELPERS, home=str(home), work=str(tmp_path / "src"), seed=trial
-        )
+            helpers=HELPERS, home=str(home), work=str(tmp_path / "src"), seed=trial,
+            phase=phase, nth=nth,
+        )  # fmt: skip
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
         first = proc.stdout.readline().strip()
         assert first == "ready", f"trial {trial}: writer did not start: {first!r}"
-        time.sleep(rng.uniform(0.0, 0.4))
+        lines = []
+        if phase:
+            while not (line := proc.stdout.readline()).startswith("inside"):
+                assert line, f"trial {trial}: the writer ended before reaching {phase}"
+                lines.append(line)
+        else:
+            time.sleep(rng.uniform(0.0, 0.4))
         proc.send_signal(signal.SIGKILL)
-        out, _ = proc.communicate()
+        out, _ = proc.communicate(timeout=120)
+        out = "".join(lines) + out
         assert proc.returncode == -signal.SIGKILL
         for line in out.splitlines(keepends=True):
             if not line.endswith("\n"):
@@ -94,12 +128,7 @@ def test_sigkill_during_add_never_leaves_a_partial_version(tmp_path):
         assert versions == list(range(1, len(versions) + 1))
         if stored:
             assert reg.get("victim@last").version == versions[-1]
-    assert len(done) >= 5, (
-        f"the kills should land after some adds completed ({len(done)} of {len(started)})"
-    )
-    assert len(started) > len(done), (
-        f"some kills should land inside an add ({len(done)} of {len(started)})"
-    )
+    assert len(done) >= 20 and len(started) - len(done) >= 20  # by construction of PHASES
     reg = Registry(home)
     reg.gc()
     assert reg.verify().ok
@@ -110,7 +139,7 @@ def test_sigkill_during_add_never_leaves_a_partial_version(tmp_path):
 
 CONCURRENT = textwrap.dedent(
     """
-    import sys, json
+    import sys, json, time
     sys.path.insert(0, {helpers!r})
     from pathlib import Path
     from helpers import write_adapter
@@ -118,8 +147,8 @@ CONCURRENT = textwrap.dedent(
     reg = Registry({home!r})
     srcs = [write_adapter(Path({work!r}) / f"w{{{worker}}}-{{i}}", seed={worker} * 100 + i) for i in range({n})]
     Path({work!r}, "ready-{worker}").touch()
-    while len(list(Path({work!r}).glob("ready-*"))) < {workers}:
-        pass
+    while not Path({work!r}, "go").exists():  # all start adding together (no busy-wait)
+        time.sleep(0.005)
     refs = [reg.add("shared", s).ref for s in srcs] + [reg.add("own-{worker}", srcs[0]).ref]
     print(json.dumps(refs))
     """
@@ -143,6 +172,11 @@ def test_concurrent_writers_get_unique_consecutive_versions(tmp_path):
         )  # fmt: skip
         for w in range(workers)
     ]
+    deadline = time.monotonic() + 300
+    while len(list(work.glob("ready-*"))) < workers:
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.05)
+    (work / "go").touch()
     results = []
     for p in procs:
         out, _ = p.communicate(timeout=300)

@@ -64,12 +64,10 @@ def test_mixed_batch_matches_peft_prompt_by_prompt(setup):
     adapters = ["a", "b", None, "c", "b"]
     logits, mask = server.logits(PROMPTS, adapters)
     texts = server.generate(PROMPTS, adapters, max_new_tokens=6)
-    outputs = set()
     for i, (prompt, ref) in enumerate(zip(PROMPTS, adapters, strict=True)):
         want_logits, want_text = _peft_alone(reg, base, ref, prompt, server.tokenizer)
         assert (logits[i, -1] - want_logits).abs().max() < 1e-4, (prompt, ref)
         assert texts[i] == want_text, (prompt, ref)
-        outputs.add((ref, want_text))
     _, bare = _peft_alone(reg, base, None, PROMPTS[0], server.tokenizer)
     _, with_a = _peft_alone(reg, base, "a", PROMPTS[0], server.tokenizer)
     assert bare != with_a  # the adapters really change the output
@@ -102,8 +100,10 @@ def test_rows_grouped_by_adapter_give_the_same_answers(setup):
     ]
     assert server.generate(prompts, adapters, max_new_tokens=5) == alone
     logits, _ = server.logits(prompts, adapters)
-    assert torch.allclose(logits[:5], server.logits(PROMPTS, adapters[:5])[0], atol=1e-5)
-    assert torch.allclose(logits[5:], logits[:5])
+    # fp32 logits of magnitude ~5 from a different grouping of rows (other matmul blocking):
+    # equal up to summation order, i.e. a few ulps of 5 (~5e-7 each); 1e-4 bounds that loosely
+    assert torch.allclose(logits[:5], server.logits(PROMPTS, adapters[:5])[0], rtol=0, atol=1e-4)
+    assert torch.allclose(logits[5:], logits[:5], rtol=0, atol=1e-4)
     with server.batch(adapters, len(adapters), grouped=True) as order:
         assert [adapters[i] for i in order] == [None] * 2 + ["a"] * 2 + ["b"] * 4 + ["c"] * 2
         enc = server.tokenizer([prompts[i] for i in order], return_tensors="pt", padding=True)
@@ -179,7 +179,8 @@ def test_threads_share_one_server(setup):
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(timeout=300)
+        assert not t.is_alive(), "a generate() call hung"
     assert not errors and len(results) == 12
     assert all(text == expected[ref] for ref, text in results)
 

@@ -45,7 +45,7 @@ from .models import AdapterVersion, BaseRecord, StoredFile
 from .refs import Ref, check_name, check_tag
 
 
-def _recheck(checked: AdapterSource, staged: Path) -> AdapterSource:
+def _recheck(checked: AdapterSource, staged: Path, allow_large: bool) -> AdapterSource:
     """Inspect the staged copy; refuse it unless it holds what the source was checked to hold.
 
     The source folder can change between its check and its copy (another process saving
@@ -53,7 +53,7 @@ def _recheck(checked: AdapterSource, staged: Path) -> AdapterSource:
     """
     changed = f"{checked.root} changed while it was being added"
     try:
-        copy = inspect_adapter(staged)
+        copy = inspect_adapter(staged, allow_large=allow_large)
     except InvalidInputError as e:
         raise InvalidAdapterError(f"{changed} ({e}); nothing was stored: add it again") from None
     if copy.config != checked.config or copy.tensors != checked.tensors:
@@ -298,16 +298,18 @@ class Registry(Maintenance):
         lineage: dict | None = None,
         metrics: dict | None = None,
         origin: str | None = None,
+        allow_large: bool = False,
     ) -> AdapterVersion:
         """Store the PEFT adapter folder ``source`` as the next version of ``name``.
 
         ``origin`` describes where it came from when the folder is temporary (training,
-        composing); by default it is the folder's path.
+        composing); by default it is the folder's path. ``allow_large`` lifts the size
+        limits on the folder's files.
         """
         check_name(name)
         for t in tags:
             check_tag(t)
-        adapter = inspect_adapter(source)  # refuses a bad folder before anything is copied
+        adapter = inspect_adapter(source, allow_large=allow_large)  # refused before any copy
         self.notes = [f"skipped {s}" for s in adapter.skipped]
         base_key, fingerprint, base_info = self._attach_base(
             base, adapter.config.get("base_model_name_or_path")
@@ -324,7 +326,7 @@ class Registry(Maintenance):
             stage.mkdir(parents=True)
             try:
                 stored = [(f.name, *self.blobs.stage(f, stage / f.name)) for f in adapter.files]
-                adapter = _recheck(adapter, stage)  # what is stored is what was checked
+                adapter = _recheck(adapter, stage, allow_large)  # the stored bytes are checked
                 if base_info is not None:
                     check_adapter_fits(adapter.lora_modules, base_info, f"adapter {source}")
                 for fname, digest, size in stored:

@@ -17,10 +17,17 @@ from .table import print_table
     "--base", help="Base model: a name from `adaptr base list`, a model folder, or a Hub id."
 )
 @click.option("--tag", "tags", multiple=True, help="Tag the new version (repeatable).")
+@click.option(
+    "--allow-large",
+    is_flag=True,
+    help="Store files past the size limits (weights over 20 GB, other files over 50 MB).",
+)
 @with_registry
-def add(registry, name: str, source_dir: str, base: str | None, tags: tuple[str, ...]) -> None:
+def add(
+    registry, name: str, source_dir: str, base: str | None, tags: tuple[str, ...], allow_large: bool
+) -> None:
     """Import a PEFT adapter folder as the next version of NAME; prints NAME@N."""
-    v = registry.add(name, source_dir, base=base, tags=tags)
+    v = registry.add(name, source_dir, base=base, tags=tags, allow_large=allow_large)
     for n in registry.notes:
         note(n)
     click.echo(v.ref)

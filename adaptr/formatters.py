@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, brief
 
 KINDS = ("text", "prompt-completion", "messages")
 
@@ -64,10 +64,14 @@ class Formatter:
 
     def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """The full option set (defaults filled in); raises on an unknown option."""
-        unknown = set(options) - set(self.options)
+        if not isinstance(options, dict):
+            raise InvalidInputError(
+                f"format {self.name} options must be a mapping, got {brief(options)}"
+            )
+        unknown = [k for k in options if k not in self.options]
         if unknown:
             raise InvalidInputError(
-                f"format {self.name} has no option {sorted(unknown)[0]!r}; options: {', '.join(self.options) or 'none'}"
+                f"format {self.name} has no option {brief(unknown[0])}; options: {', '.join(self.options) or 'none'}"
             )
         return {**self.options, **options}
 
@@ -94,6 +98,6 @@ def get_formatter(name: str) -> Formatter:
         close = difflib.get_close_matches(name, list(fmts), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise InvalidInputError(
-            f"unknown format {name!r}: {hint}choose one of {', '.join(sorted(fmts))}"
+            f"unknown format {brief(name)}: {hint}choose one of {', '.join(sorted(fmts))}"
         )
     return fmts[name]

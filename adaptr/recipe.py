@@ -22,7 +22,7 @@ import difflib
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, brief
 
 SECTIONS = {"name", "tags", "from", "base", "data", "lora", "sft"}
 BASE_KEYS = {
@@ -39,11 +39,90 @@ DATA_KEYS = {
 }
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATION = ("none", "8bit", "4bit")
+MAX_RECIPE_BYTES = 1024 * 1024
+MAX_YAML_VALUES = 10_000  # scalars, lists and mappings after expanding YAML aliases
 
 
-def _suggest(key: str, known: set[str] | list[str]) -> str:
+def _suggest(key: Any, known: set[str] | list[str]) -> str:
+    if not isinstance(key, str) or len(key) > 200:
+        return ""
     close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _key(key: Any) -> str:
+    """A recipe key as written (``sft.max_steps``), or its short repr if it is odd."""
+    if isinstance(key, str) and len(key) <= 80 and key.isprintable():
+        return key
+    return brief(key)
+
+
+def _yaml_children(node) -> list:
+    import yaml
+
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _check_expansion(root, where: str) -> None:
+    """Refuse a YAML graph whose aliases expand past MAX_YAML_VALUES values, or loop."""
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        if finished:
+            on_path.discard(key)
+            sizes[key] = 1 + sum(sizes[id(c)] for c in _yaml_children(node))
+            if sizes[key] > MAX_YAML_VALUES:
+                raise InvalidInputError(
+                    f"{where} expands to more than {MAX_YAML_VALUES:,} values through YAML aliases "
+                    "(&anchor / *alias); write the values out instead"
+                )
+            continue
+        if key in sizes:
+            continue
+        on_path.add(key)
+        stack.append((node, True))
+        for child in _yaml_children(node):
+            if id(child) in on_path:
+                raise InvalidInputError(
+                    f"{where} holds a YAML alias that refers to itself (a recursive structure); "
+                    "write the values out instead"
+                )
+            if id(child) not in sizes:
+                stack.append((child, False))
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` that refuses alias bombs, self-references and deep nesting."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def compose_document(self):
+            node = super().compose_document()
+            _check_expansion(node, where)
+            return node
+
+    try:
+        return yaml.load(text, Loader=Loader)  # a SafeLoader
+    except InvalidInputError:
+        raise
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" (line {mark.line + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise InvalidInputError(f"{where} is not valid YAML{at}: {brief(problem)}") from None
+    except RecursionError:
+        raise InvalidInputError(f"{where} is nested too deeply") from None
+    except (ValueError, TypeError, OverflowError) as e:  # e.g. a date like 2024-13-45
+        raise InvalidInputError(
+            f"{where} holds a value YAML cannot read: {brief(str(e))}"
+        ) from None
 
 
 def _fields(cls: type) -> dict[str, dataclasses.Field]:
@@ -69,6 +148,16 @@ def _coerce(value: Any, f: dataclasses.Field) -> Any:
     return value
 
 
+def _tags(value: Any, where: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        raise InvalidInputError(f"tags in {where} must be a list of tag names, got {brief(value)}")
+    return list(value)
+
+
 class Recipe:
     """A validated training recipe; ``to_dict()`` is what gets stored with the version."""
 
@@ -81,12 +170,11 @@ class Recipe:
         for key in doc:
             if key not in SECTIONS:
                 raise InvalidInputError(
-                    f"unknown recipe key {key!r} in {source}{_suggest(key, SECTIONS)}"
+                    f"unknown recipe key {brief(key)} in {source}{_suggest(key, SECTIONS)}"
                 )
         self.source = source
         self.name: str | None = doc.get("name")
-        tags = doc.get("tags") or []
-        self.tags: list[str] = [tags] if isinstance(tags, str) else list(tags)
+        self.tags: list[str] = _tags(doc.get("tags"), source)
         self.parent: str | None = doc.get("from")
         self.base = self._section(doc, "base", BASE_KEYS)
         self.data = self._section(doc, "data", DATA_KEYS)
@@ -98,7 +186,7 @@ class Recipe:
         for key in given:
             if key not in keys:
                 raise InvalidInputError(
-                    f"unknown recipe key {name}.{key} in {self.source}{_suggest(key, keys)}"
+                    f"unknown recipe key {name}.{_key(key)} in {self.source}{_suggest(key, keys)}"
                 )
         return {**copy.deepcopy(keys), **given}
 
@@ -110,20 +198,25 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:
-        import yaml
-
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise InvalidInputError(f"recipe file {path} does not exist")
-        try:
-            doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" (line {mark.line + 1})" if mark else ""
+        if not path.is_file():
+            raise InvalidInputError(f"recipe {path} is not a file: give a YAML recipe file")
+        if path.stat().st_size > MAX_RECIPE_BYTES:
             raise InvalidInputError(
-                f"recipe file {path} is not valid YAML{where}: {getattr(e, 'problem', e)}"
+                f"recipe file {path} is {path.stat().st_size:,} bytes; a recipe is a few hundred: "
+                "is this the right file?"
+            )
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise InvalidInputError(
+                f"recipe file {path} line {line} (byte {e.start}) is not valid UTF-8; re-save it as UTF-8"
             ) from None
-        return cls(doc or {}, source=str(path))
+        return cls(load_yaml(text, f"recipe file {path}") or {}, source=str(path))
 
     def set(self, dotted: str, value: Any) -> None:
         """Override one setting: ``base.dtype``, ``data.format``, ``lora.r``, ``sft.max_steps``, ``name``…"""
@@ -131,27 +224,28 @@ class Recipe:
         if not key:
             if section not in ("name", "tags", "from"):
                 raise InvalidInputError(
-                    f"unknown recipe key {dotted!r}{_suggest(dotted, SECTIONS)}"
+                    f"unknown recipe key {brief(dotted)}{_suggest(dotted, SECTIONS)}"
                 )
+            if section == "tags":
+                value = _tags(value, dotted)
             setattr(self, {"from": "parent"}.get(section, section), value)
             return
         if section in ("base", "data"):
             target, known = getattr(self, section), (BASE_KEYS if section == "base" else DATA_KEYS)
             if key not in known:
-                raise InvalidInputError(f"unknown recipe key {dotted}{_suggest(key, known)}")
+                raise InvalidInputError(
+                    f"unknown recipe key {section}.{_key(key)}{_suggest(key, known)}"
+                )
             target[key] = value
         elif section in ("lora", "sft"):
             getattr(self, section)[key] = value
         else:
             raise InvalidInputError(
-                f"unknown recipe section {section!r}{_suggest(section, SECTIONS)}"
+                f"unknown recipe section {brief(section)}{_suggest(section, SECTIONS)}"
             )
 
     def validate(self) -> None:
         """Check required settings and every lora/sft key against PEFT's and TRL's configs."""
-        from peft import LoraConfig
-        from trl import SFTConfig
-
         for what, value in (
             ("name", self.name),
             ("base.path", self.base["path"]),
@@ -166,19 +260,25 @@ class Recipe:
                     "data.format": "--format",
                 }[what]
                 raise InvalidInputError(f"no {what} given: pass {flag} or set it in the recipe")
+        self._check_types()
         if self.base["dtype"] not in DTYPES:
             raise InvalidInputError(
-                f"base.dtype must be one of {', '.join(DTYPES)}, got {self.base['dtype']!r}"
+                f"base.dtype must be one of {', '.join(DTYPES)}, got {brief(self.base['dtype'])}"
             )
         if str(self.base["quantization"]) not in QUANTIZATION:
             raise InvalidInputError(
-                f"base.quantization must be one of {', '.join(QUANTIZATION)}, got {self.base['quantization']!r}"
+                f"base.quantization must be one of {', '.join(QUANTIZATION)}, got {brief(self.base['quantization'])}"
             )
         split = self.data["eval_split"]
-        if split is not None and not (isinstance(split, (int, float)) and 0 < float(split) < 1):
+        if split is not None and not (
+            isinstance(split, (int, float)) and not isinstance(split, bool) and 0 < float(split) < 1
+        ):
             raise InvalidInputError(
-                f"data.eval_split must be a fraction between 0 and 1, got {split!r}"
+                f"data.eval_split must be a fraction between 0 and 1, got {brief(split)}"
             )
+        from peft import LoraConfig
+        from trl import SFTConfig
+
         for section, cls, skip in (
             ("lora", LoraConfig, {"peft_type", "task_type"}),
             ("sft", SFTConfig, {"output_dir"}),
@@ -188,9 +288,53 @@ class Recipe:
             for key in list(values):
                 if key not in known or key in skip:
                     raise InvalidInputError(
-                        f"unknown recipe key {section}.{key} (not a {cls.__name__} field you can set){_suggest(key, set(known) - skip)}"
+                        f"unknown recipe key {section}.{_key(key)} (not a {cls.__name__} field you can set){_suggest(key, set(known) - skip)}"
                     )
                 values[key] = _coerce(values[key], known[key])
+
+    def _check_types(self) -> None:
+        """Settings adaptr itself reads must have the type it reads them as."""
+
+        def need(what: str, value: Any, ok: bool, kind: str) -> None:
+            if not ok:
+                raise InvalidInputError(f"{what} must be {kind}, got {brief(value)}")
+
+        def text(what: str, value: Any, optional: bool = False) -> None:
+            ok = (value is None and optional) or (isinstance(value, str) and 0 < len(value) <= 4096)
+            need(what, value, ok, "text" + (" (or unset)" if optional else ""))
+
+        text("name", self.name)
+        text("base.path", self.base["path"])
+        text("data.path", self.data["path"])
+        text("data.format", self.data["format"])
+        text("data.eval_path", self.data["eval_path"], optional=True)
+        text("base.family", self.base["family"], optional=True)
+        text("from", self.parent, optional=True)
+        need("tags", self.tags, all(isinstance(t, str) for t in self.tags), "a list of tag names")
+        options = self.data["options"]
+        need("data.options", options, options is None or isinstance(options, dict), "a mapping")
+        limit = self.data["limit"]
+        need(
+            "data.limit", limit,
+            limit is None or (type(limit) is int and limit > 0), "a positive whole number",
+        )  # fmt: skip
+        for key in ("trust_remote_code", "double_quant"):
+            need(f"base.{key}", self.base[key], isinstance(self.base[key], bool), "true or false")
+        compute = self.base["compute_dtype"]
+        need(
+            "base.compute_dtype", compute,
+            compute is None or compute in DTYPES[1:], f"one of {', '.join(DTYPES[1:])}",
+        )  # fmt: skip
+        quant_type = self.base["bnb_4bit_quant_type"]
+        need("base.bnb_4bit_quant_type", quant_type, quant_type in ("nf4", "fp4"), "nf4 or fp4")
+        targets = self.lora.get("target_modules")
+        need(
+            "lora.target_modules", targets,
+            targets is None
+            or (isinstance(targets, str) and len(targets) <= 4096)
+            or (isinstance(targets, list) and all(isinstance(t, str) and len(t) <= 256 for t in targets)),
+            "a preset (attention, all-linear) or a list of module names",
+        )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy({

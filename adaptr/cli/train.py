@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from adaptr.errors import brief
+
 from ._common import note, with_registry
 
 # CLI flag -> recipe key; flags override the recipe file
@@ -103,9 +105,7 @@ def train(
     registry, recipe_file, format_options, tags, settings, resume, restart, keep_run, **flags
 ) -> None:
     """Fine-tune a LoRA adapter with TRL's SFTTrainer and store it as NAME's next version."""
-    import yaml
-
-    from adaptr.recipe import Recipe
+    from adaptr.recipe import Recipe, load_yaml
     from adaptr.trainer import train as run_training
 
     recipe = Recipe.from_yaml(recipe_file) if recipe_file else Recipe()
@@ -119,13 +119,14 @@ def train(
     for item in format_options:
         key, sep, value = item.partition("=")
         if not sep:
-            raise click.UsageError(f"--format-option takes KEY=VALUE, got {item!r}")
-        recipe.data["options"] = {**(recipe.data.get("options") or {}), key: yaml.safe_load(value)}
+            raise click.UsageError(f"--format-option takes KEY=VALUE, got {brief(item)}")
+        value = load_yaml(value, f"--format-option {key}")
+        recipe.data["options"] = {**(recipe.data.get("options") or {}), key: value}
     for item in settings:
         key, sep, value = item.partition("=")
         if not sep:
-            raise click.UsageError(f"--set takes SECTION.KEY=VALUE, got {item!r}")
-        recipe.set(key, yaml.safe_load(value))
+            raise click.UsageError(f"--set takes SECTION.KEY=VALUE, got {brief(item)}")
+        recipe.set(key, load_yaml(value, f"--set {key}"))
     if tags:
         recipe.tags = [*recipe.tags, *tags]
     result = run_training(

@@ -10,37 +10,66 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, brief
 from .formatters import Formatter, MissingField, get_formatter
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
+def _not_utf8(path: Path, line: int, byte: int) -> InvalidInputError:
+    return InvalidInputError(
+        f"{path} line {line} (byte {byte}) is not valid UTF-8: "
+        "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+    )
+
+
+def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of each line, raising at the first byte that is not UTF-8."""
+    offset = 0
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, n, offset + e.start) from None
+            offset += len(raw)
+            yield n, text
+
+
+def _parse_json(text: str, path: Path, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        at = (
+            f" ({e.msg} at column {e.colno})"
+            if where
+            else f" (line {e.lineno}, column {e.colno}: {e.msg})"
+        )
+        raise InvalidInputError(
+            f"{path}{' ' + where if where else ''}: not valid JSON{at}"
+        ) from None
+    except RecursionError:
+        raise InvalidInputError(
+            f"{path}{' ' + where if where else ''}: JSON nested too deeply to be a record"
+        ) from None
+
+
 def read_raw(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ``(where, record)`` for each raw record; ``where`` is 'line N' or 'row N'."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise InvalidInputError(f"data file {path} does not exist")
+    if not path.is_file():
+        raise InvalidInputError(f"data file {path} is not a regular file")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InvalidInputError(
-                        f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})"
-                    ) from None
-                yield f"line {n}", _object(rec, path, f"line {n}")
+        for n, line in _utf8_lines(path):
+            if not line.strip():
+                continue
+            rec = _parse_json(line, path, f"line {n}")
+            yield f"line {n}", _object(rec, path, f"line {n}")
     elif suffix == ".json":
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise InvalidInputError(
-                f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})"
-            ) from None
+        doc = _parse_json("".join(text for _, text in _utf8_lines(path)), path, "")
         if isinstance(doc, dict) and isinstance(doc.get("data"), list):
             doc = doc["data"]
         if not isinstance(doc, list):
@@ -52,18 +81,21 @@ def read_raw(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     elif suffix in (".csv", ".parquet"):
         import datasets
 
+        if suffix == ".csv":
+            for _ in _utf8_lines(path):
+                pass
         datasets.disable_progress_bars()
         try:
             ds = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
         except Exception as e:
             raise InvalidInputError(
-                f"{path}: cannot read as {suffix[1:]} ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+                f"{path}: cannot read as {suffix[1:]} ({type(e).__name__}: {brief(' '.join(str(e).split()), 200)})"
             ) from None
         for n, rec in enumerate(ds, 1):
             yield f"row {n}", rec
     else:
         raise InvalidInputError(
-            f"{path}: unsupported data file type {suffix or '(none)'}; use {', '.join(SUFFIXES)}"
+            f"{path}: unsupported data file type {brief(suffix or '(none)')}; use {', '.join(SUFFIXES)}"
         )
 
 
@@ -88,6 +120,11 @@ def load_records(
             raise InvalidInputError(f"{path} {where}: {e}{need}") from None
         except InvalidInputError as e:
             raise InvalidInputError(f"{path} {where}: {e}") from None
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+            raise InvalidInputError(
+                f"{path} {where}: the {fmt.name} format cannot use this record "
+                f"({type(e).__name__}: {brief(str(e))}); check its fields' types"
+            ) from None
     if not out:
         raise InvalidInputError(f"data file {path} holds no records")
     return out

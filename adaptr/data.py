@@ -95,7 +95,7 @@ def read_raw(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
             yield f"row {n}", rec
     else:
         raise InvalidInputError(
-            f"{path}: unsupported data file type {brief(suffix or '(none)')}; use {', '.join(SUFFIXES)}"
+            f"{path}: unsupported data file type {suffix[:20] or '(none)'}; use {', '.join(SUFFIXES)}"
         )
 
 

@@ -1,8 +1,8 @@
 """Parameters of an OpenAI completion request, checked, and the ``stop`` strings' scanning.
 
 Supported: ``max_tokens`` (or ``max_completion_tokens``), ``temperature`` (default 0:
-greedy), ``top_p``,
-``stop``, ``stream``, ``stream_options.include_usage``, ``n`` = 1. Accepted and ignored:
+greedy; else at least 0.01), ``top_p``, ``stop`` (up to 4 strings of at most 256
+characters), ``stream``, ``stream_options.include_usage``, ``n`` = 1. Accepted and ignored:
 ``seed``, ``user``. Anything that would change the answer and is not supported
 (``logprobs``, penalties, ``logit_bias``, ``echo``, ``best_of``, ``suffix``, tools, a
 non-text ``response_format``) is refused rather than silently dropped.
@@ -16,6 +16,8 @@ from .errors import InvalidInputError
 
 MAX_TOKENS = 4096
 MAX_STOPS = 4
+MAX_STOP_CHARS = 256  # held_back() is quadratic in a stop string's length, on every token
+MIN_TEMPERATURE = 0.01  # below it the logits / temperature overflow: sampling breaks
 
 # (field, the value that means "off"): a request may send these only switched off
 _UNSUPPORTED = {
@@ -35,9 +37,9 @@ _UNSUPPORTED = {
 class ParamError(InvalidInputError):
     """A request parameter with a bad value; ``param`` names it (OpenAI's error field)."""
 
-    def __init__(self, param: str, message: str):
+    def __init__(self, param: str, message: str, code: str | None = None):
         super().__init__(message)
-        self.param = param
+        self.param, self.code = param, code
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,11 @@ def parse_params(body: dict) -> RequestParams:
             "max_tokens", f"'max_tokens' must be an integer between 1 and {MAX_TOKENS}"
         )
     temperature = _number(body, "temperature", 0.0, 0, 2)
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise ParamError(
+            "temperature",
+            f"'temperature' must be 0 (greedy) or between {MIN_TEMPERATURE:g} and 2",
+        )
     top_p = _number(body, "top_p", 1.0, 0, 1)
     if top_p == 0:
         raise ParamError("top_p", "'top_p' must be above 0 (use temperature 0 for greedy)")
@@ -90,10 +97,12 @@ def parse_params(body: dict) -> RequestParams:
     if (
         not isinstance(stops, (list, tuple))
         or len(stops) > MAX_STOPS
-        or not all(isinstance(s, str) and s for s in stops)
+        or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)
     ):
         raise ParamError(
-            "stop", f"'stop' must be a non-empty string or a list of up to {MAX_STOPS}"
+            "stop",
+            f"'stop' must be a non-empty string or a list of up to {MAX_STOPS}, "
+            f"each at most {MAX_STOP_CHARS} characters",
         )
     stream = body.get("stream") or False
     if not isinstance(stream, bool):

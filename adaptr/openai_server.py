@@ -3,194 +3,98 @@
 ``model`` names an adapter ref (``NAME``, ``NAME@N``, ``NAME@tag``), the base (no adapter)
 or ``active`` (the base's active adapter from ``adaptr switch``). Refs are resolved on
 every request, so a switch or a new version is served without a restart. Concurrent
-requests are batched together across adapters by one worker thread; streaming (SSE)
-follows each row of the batch token by token.
+requests are batched together across adapters by one worker thread
+(:mod:`adaptr.openai_batcher`); streaming (SSE) follows each row of the batch token by token.
+
+One request cannot hold up the others: the body is bounded (413 past
+:attr:`Limits.max_body_bytes`, 408 when it does not arrive within
+:attr:`Limits.body_timeout_s`), a prompt longer than the context is refused (400) before it
+is tokenized when its length in characters already says so, and the JSON parsing, the chat
+template and the tokenizing run on worker threads, never on the event loop. A request whose
+client went away is cancelled: dropped before its batch starts, or its row stopped. With an
+API key every ``/v1`` route needs ``Authorization: Bearer KEY``. Every error is
+OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``), 4xx for the client's
+mistakes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
-import queue
-import threading
+import re
 import time
 import uuid
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from transformers import StoppingCriteria, StoppingCriteriaList
+from fastapi.responses import Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .errors import AdaptrError, InvalidInputError, NotFoundError
-from .openai_request import RequestParams, find_stop, held_back, parse_params
+from .openai_batcher import Batcher, Job
+from .openai_request import ParamError, RequestParams, find_stop, held_back, parse_params
 from .serving import AdapterServer
+
+__all__ = ["Batcher", "Job", "Limits", "create_app"]
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH = 32
-BATCH_WINDOW_S = 0.01
+# a ref as the registry spells it, in ASCII: NAME, NAME@N (at most 9 digits) or NAME@TAG
+_REF = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}(@([0-9]{1,9}|[a-z0-9][a-z0-9._-]{0,63}))?")
 
 
 @dataclass
-class Job:
-    """One request waiting for (or in) a batch; tokens arrive on ``out`` as they are generated."""
+class Limits:
+    """What one request may take; read on every request (a live app's limits may change)."""
 
-    prompt_ids: list[int]
-    adapter: str | None
-    max_tokens: int
-    sampling: tuple
-    loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: bool = False  # the request wants no more tokens (a stop string, a client gone)
-    tokens: int = 0  # tokens generated for it so far
-
-    def emit(self, item: Any) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+    max_body_bytes: int = 4 * 2**20
+    body_timeout_s: float = 30.0  # for the whole body to arrive once the headers have
 
 
-class _BatchStreamer(StoppingCriteria):
-    """A transformers streamer that hands each row's new token to its job.
+class _HTTPError(Exception):
+    """A refusal with its own status (413, 408...)."""
 
-    Also a stopping criterion: a row is finished once its job has its tokens (EOS, its own
-    ``max_tokens``) or wants no more (a stop string, a client gone), and the batch ends
-    when every row is, not at the longest request's ``max_tokens``.
-    """
-
-    def __init__(self, jobs: list[Job], eos: int | None):
-        self.jobs, self.eos, self.first = jobs, eos, True
-        self.counts = [0] * len(jobs)
-        self.done = [False] * len(jobs)
-
-    def put(self, value) -> None:
-        if self.first:  # the prompt ids
-            self.first = False
-            return
-        for i, tok in enumerate(value.reshape(-1).tolist()):
-            job = self.jobs[i]
-            if self.done[i] or job.cancelled:
-                continue
-            if tok == self.eos:
-                self.done[i] = True
-                job.emit(("end", "stop"))
-                continue
-            self.counts[i] += 1
-            job.emit(("token", tok))
-            if self.counts[i] >= job.max_tokens:
-                self.done[i] = True
-                job.emit(("end", "length"))
-
-    @property
-    def emitted(self) -> bool:
-        """Whether any job has had a token or its end yet."""
-        return any(self.counts) or any(self.done)
-
-    def end(self) -> None:
-        for i, job in enumerate(self.jobs):
-            if not self.done[i]:
-                self.done[i] = True
-                job.emit(("end", "stop"))
-
-    def __call__(self, input_ids, scores, **kwargs: Any):
-        flags = [d or j.cancelled for d, j in zip(self.done, self.jobs, strict=True)]
-        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
+    def __init__(self, status: int, message: str, code: str | None = None):
+        super().__init__(message)
+        self.status, self.code = status, code
 
 
-class Batcher:
-    """One worker thread: gathers waiting jobs for a few ms, then generates them as one batch."""
-
-    def __init__(self, server: AdapterServer):
-        self.server = server
-        self.jobs: queue.Queue[Job] = queue.Queue()
-        self.most_rows = self.most_models = 0  # largest batch so far; most models in one batch
-        self.thread = threading.Thread(target=self._run, daemon=True, name="adaptr-batcher")
-        self.thread.start()
-
-    def submit(self, job: Job) -> None:
-        self.jobs.put(job)
-
-    def _run(self) -> None:
-        while True:
-            batch = [self.jobs.get()]
-            deadline = time.monotonic() + BATCH_WINDOW_S
-            while len(batch) < MAX_BATCH:
-                try:
-                    batch.append(self.jobs.get(timeout=max(0.0, deadline - time.monotonic())))
-                except queue.Empty:
-                    break
-            groups: dict[tuple, list[list[Job]]] = {}
-            for job in batch:
-                if job.cancelled:
-                    continue
-                parts = groups.setdefault(job.sampling, [[]])
-                # a new batch when this one's adapters would not all stay resident
-                adapters = {j.adapter for j in parts[-1]} | {job.adapter}
-                if len(adapters - {None}) > self.server.max_adapters:
-                    parts.append([])
-                parts[-1].append(job)
-            for sampling, parts in groups.items():
-                for jobs in parts:
-                    self._generate(jobs, sampling)
-
-    def _generate(self, jobs: list[Job], sampling: tuple) -> None:
-        parts = self.server.partition([j.adapter for j in jobs], len(jobs))
-        if len(parts) > 1:  # adapters PEFT must run apart (DoRA, ...)
-            for part in parts:
-                self._generate([jobs[i] for i in part], sampling)
-            return
-        try:
-            self._batch(jobs, sampling)
-        except _NotStarted as e:  # an adapter that cannot be loaded: fail its own jobs only
-            by_adapter: dict[str | None, list[Job]] = {}
-            for j in jobs:
-                by_adapter.setdefault(j.adapter, []).append(j)
-            if len(by_adapter) == 1:
-                for j in jobs:
-                    j.emit(("error", e.error))
-            else:
-                for part in by_adapter.values():
-                    self._generate(part, sampling)
-        except Exception as e:  # reported to every waiting request; the worker keeps serving
-            log.exception("generation failed for a batch of %d", len(jobs))
-            for j in jobs:
-                j.emit(("error", e))
-
-    def _batch(self, jobs: list[Job], sampling: tuple) -> None:
-        s = self.server
-        do_sample, temperature, top_p = sampling
-        kwargs = {"do_sample": do_sample, "max_new_tokens": max(j.max_tokens for j in jobs)}
-        if do_sample:
-            kwargs.update(temperature=temperature, top_p=top_p)
-        adapters = [j.adapter for j in jobs]
-        streamer = None
-        try:
-            with s.batch(adapters, len(jobs), grouped=True) as order:
-                self.most_rows = max(self.most_rows, len(jobs))
-                self.most_models = max(self.most_models, len(set(adapters)))  # the base too
-                jobs = [jobs[i] for i in order]  # each adapter's rows together
-                streamer = _BatchStreamer(jobs, s.tokenizer.eos_token_id)
-                # left padding (the server's tokenizer is set up for it)
-                enc = s.tokenizer.pad(
-                    {"input_ids": [j.prompt_ids for j in jobs]}, return_tensors="pt"
-                )
-                s.model.generate(**enc, pad_token_id=s.tokenizer.pad_token_id, streamer=streamer,
-                                 stopping_criteria=StoppingCriteriaList([streamer]), **kwargs)  # fmt: skip
-        except AdaptrError as e:
-            if streamer is None or not streamer.emitted:
-                raise _NotStarted(e) from e
-            raise
-        streamer.end()
+def _error(
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    # ASCII JSON: a message may quote the client's text, lone surrogates included
+    return Response(json.dumps(body), status, headers, media_type="application/json")
 
 
-class _NotStarted(Exception):
-    """A batch refused before any token went out (so its jobs can be retried apart)."""
+class _APIKey:
+    """ASGI middleware: every ``/v1`` route needs ``Authorization: Bearer KEY``."""
 
-    def __init__(self, error: AdaptrError):
-        super().__init__(str(error))
-        self.error = error
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and (path == "/v1" or path.startswith("/v1/")):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                message = "invalid or missing API key: send 'Authorization: Bearer KEY' with the key adaptr serve was given"  # fmt: skip
+                response = _error(401, message, None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})  # fmt: skip
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 @dataclass
@@ -201,6 +105,7 @@ class Reply:
     model: str
     chat: bool
     prompt_tokens: int
+    finished: bool = False  # the whole stream went out
 
     def _body(self, choices: list, **extra: Any) -> dict:
         kind = "chat.completion" if self.chat else "text_completion"
@@ -240,92 +145,257 @@ class Reply:
         return self._sse(self._body([], usage=self.usage(completion_tokens)))
 
 
-def _error(status: int, message: str, param: str | None = None, code: str | None = None):
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse(
-        {"error": {"message": message, "type": kind, "param": param, "code": code}},
-        status_code=status,
+class _JobStream(StreamingResponse):
+    """The SSE answer of one job: however it ends (its end, the client gone), the job's row
+    stops, and a client that went away is logged in one line."""
+
+    def __init__(self, content, job: Job, reply: Reply):
+        super().__init__(content, media_type="text/event-stream")
+        self.job, self.reply = job, reply
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except (ClientDisconnect, OSError):
+            pass
+        finally:
+            self.job.cancelled = True
+            if not self.reply.finished:
+                log.info("%s: the client disconnected; its stream is stopped", self.reply.id)
+
+
+@dataclass
+class _Prepared:
+    model: str
+    adapter: str | None
+    params: RequestParams
+    ids: list[int]
+
+
+def _loads(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise InvalidInputError("the request body is nested too deeply") from None
+    except ValueError:  # not JSON, not UTF-8, an integer of too many digits
+        raise InvalidInputError("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidInputError("the request body must be a JSON object")
+    return body
+
+
+def _text(value: str, param: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ParamError(param, f"'{param}' is not valid Unicode (a lone surrogate)") from None
+    return value
+
+
+def _prompt(prompt: Any) -> str:
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ParamError("prompt", "'prompt' must be a string (one prompt per request)")
+    if not prompt:
+        raise ParamError("prompt", "'prompt' is empty")
+    return _text(prompt, "prompt")
+
+
+def _messages(messages: Any) -> list[dict]:
+    """``messages`` as the chat template takes them: role and text content (a list of text
+    parts is joined)."""
+    bad = ParamError(
+        "messages",
+        "'messages' must be a non-empty list of {role, content}, content a string or a list of text parts",  # fmt: skip
     )
+    if not isinstance(messages, list) or not messages:
+        raise bad
+    out = []
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise bad
+        content = m.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):  # fmt: skip
+                raise bad
+            content = "\n".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise bad
+        out.append({"role": _text(m["role"], "messages"), "content": _text(content, "messages")})
+    return out
 
 
-def create_app(server: AdapterServer):
+def create_app(server: AdapterServer, *, api_key: str | None = None, limits: Limits | None = None):
     """The FastAPI app serving ``server`` (see the module docstring)."""
+    if api_key is not None and not api_key:
+        raise InvalidInputError("the API key is empty: give a non-empty key, or none")
     app = FastAPI(title="adaptr", version="1")
+    if api_key:
+        app.add_middleware(_APIKey, key=api_key)
+    app.state.limits = limits or Limits()
     batcher = app.state.batcher = Batcher(server)
+    # JSON, chat templates and tokenizing: off the event loop
+    workers = app.state.workers = ThreadPoolExecutor(2, thread_name_prefix="adaptr-prepare")
     registry = server.registry
     context = getattr(server.model.config, "max_position_embeddings", None)
+    # no token covers more characters than the longest in the vocabulary (tokenizers do not
+    # drop characters), so a prompt past context * longest characters cannot fit
+    longest = max(map(len, server.tokenizer.get_vocab()), default=1)
+
+    async def off_loop(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(workers, fn, *args)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc):  # noqa: ANN001
         return _error(400, f"invalid request: {exc.errors()[0].get('msg', exc)}")
 
-    @app.get("/v1/models")
-    async def models():
-        now = int(time.time())
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc):  # noqa: ANN001 (an unknown route, a wrong method)
+        return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    def model_ids() -> list[str]:
         ids = [server.base_key]
         for v in registry.list():
             if v.base == server.base_key:
                 ids += [v.name, v.ref] + [f"{v.name}@{t}" for t in v.tags]
-        seen = list(dict.fromkeys(ids))
-        return {
-            "object": "list",
-            "data": [
-                {"id": i, "object": "model", "created": now, "owned_by": "adaptr"} for i in seen
-            ],
-        }
+        return list(dict.fromkeys(ids))
+
+    @app.get("/v1/models")
+    async def models():
+        now = int(time.time())
+        data = [
+            {"id": i, "object": "model", "created": now, "owned_by": "adaptr"}
+            for i in await off_loop(model_ids)
+        ]
+        return {"object": "list", "data": data}
+
+    def unknown(model: str) -> NotFoundError:
+        return NotFoundError(
+            f"the model {model[:100]!r} does not exist: name an adapter of base "
+            f"{server.base_key} (NAME, NAME@VERSION, NAME@TAG; GET /v1/models lists them), "
+            f"{server.base_key!r} or 'active'"
+        )
 
     def resolve(model: Any) -> str | None:
         if not isinstance(model, str) or not model:
-            raise InvalidInputError("'model' must name an adapter, the base, or 'active'")
+            raise ParamError("model", "'model' must name an adapter, the base, or 'active'")
         if model == server.base_key:
             return None
         if model == "active":
             refs = registry.active(server.base_key).get(server.base_key, [])
             if len(refs) > 1:
-                raise InvalidInputError(
-                    "several adapters are active (stacked); stacked adapters are not served per row"
+                raise ParamError(
+                    "model",
+                    "several adapters are active (stacked); stacked adapters are not served per row",
                 )
             return registry.get(refs[0]).ref if refs else None
-        v = registry.get(model)
+        if not _REF.fullmatch(model) or ".." in model:
+            raise unknown(model)
+        try:
+            v = registry.get(model)
+        except InvalidInputError:
+            raise unknown(model) from None
         if v.base != server.base_key:
             raise NotFoundError(f"{model} is an adapter of base {v.base}, not of {server.base_key}")
         return v.ref
 
-    async def parse(request: Request) -> dict:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise InvalidInputError("the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise InvalidInputError("the request body must be a JSON object")
-        return body
-
-    async def run(body: dict, prompt: str, chat: bool):
+    def prepare(raw: bytes, chat: bool) -> _Prepared:
+        """The request's body checked, resolved and tokenized (on a worker thread)."""
+        body = _loads(raw)
         adapter = resolve(body.get("model"))
         p = parse_params(body)
+        if chat:
+            param = "messages"
+            try:
+                prompt = server.tokenizer.apply_chat_template(
+                    _messages(body.get("messages")), tokenize=False, add_generation_prompt=True
+                )
+            except AdaptrError:
+                raise
+            except Exception as e:
+                raise ParamError("messages", f"cannot apply the chat template: {e}") from None
+        else:
+            param, prompt = "prompt", _prompt(body.get("prompt"))
+        code = "context_length_exceeded"
+        if context and len(prompt) > context * longest:
+            raise ParamError(
+                param,
+                f"the prompt ({len(prompt)} characters) exceeds the context of {context} tokens",
+                code,
+            )
         ids = server.tokenizer(prompt, add_special_tokens=not chat).input_ids
         if context and len(ids) + p.max_tokens > context:
-            raise InvalidInputError(
-                f"the prompt has {len(ids)} tokens; with max_tokens={p.max_tokens} it exceeds the context of {context}"
+            raise ParamError(
+                param if len(ids) >= context else "max_tokens",
+                f"the prompt has {len(ids)} tokens; with max_tokens={p.max_tokens} it exceeds the context of {context}",
+                code,
             )
-        job = Job(ids, adapter, p.max_tokens, p.sampling, asyncio.get_running_loop())
-        batcher.submit(job)
-        reply = Reply(
-            f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
-            body["model"],
-            chat,
-            len(ids),
+        return _Prepared(body["model"], adapter, p, ids)
+
+    async def read_body(request: Request) -> bytes:
+        limits: Limits = app.state.limits
+        too_large = _HTTPError(
+            413,
+            f"the request body is larger than {limits.max_body_bytes} bytes "
+            "(adaptr serve --max-body-mb sets the limit)",
+            "request_too_large",
         )
-        if p.stream:
-            return StreamingResponse(stream(job, p, reply), media_type="text/event-stream")
-        text, reason = "", "stop"
+        declared = request.headers.get("content-length", "")
+        if (
+            declared.isascii()
+            and declared.isdigit()
+            and (len(declared) > 15 or int(declared) > limits.max_body_bytes)
+        ):
+            raise too_large  # at once, before the body
+        chunks: list[bytes] = []
+        size = 0
+
+        async def read() -> None:
+            nonlocal size
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limits.max_body_bytes:
+                    raise too_large
+                chunks.append(chunk)
+
         try:
+            await asyncio.wait_for(read(), limits.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise _HTTPError(
+                408, f"the request body did not arrive within {limits.body_timeout_s:g} s"
+            ) from None
+        return b"".join(chunks)
+
+    async def disconnected(request: Request) -> None:
+        """Returns once the client has gone away."""
+        while (await request.receive())["type"] != "http.disconnect":
+            await asyncio.sleep(0.05)  # not expected once the body is read; no busy loop
+
+    async def whole(request: Request, job: Job, p: RequestParams, reply: Reply) -> Response:
+        async def collect() -> tuple[str, str]:
+            text, reason = "", "stop"
             async for piece, end in pieces(job, p):
                 text += piece
                 reason = end or reason
+            return text, reason
+
+        work = asyncio.ensure_future(collect())
+        gone = asyncio.ensure_future(disconnected(request))
+        gone.add_done_callback(lambda t: t.cancelled() or t.exception())  # (retrieved)
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            job.cancelled = True  # nothing more is read: the batch stops generating this row
-        return reply.whole(text, reason, job.tokens)
+            job.cancelled = True  # nothing more is read: its row stops, or it never starts
+            gone.cancel()
+            answered = work.done()
+            if not answered:
+                work.cancel()
+        if not answered:
+            log.info("%s: the client disconnected; its request is cancelled", reply.id)
+            return _error(400, "the client disconnected")  # nobody reads it
+        text, reason = work.result()
+        return Response(json.dumps(reply.whole(text, reason, job.tokens)), media_type="application/json")  # fmt: skip
 
     async def pieces(job: Job, p: RequestParams):
         """The completion's text as it comes: (new text, None) pairs, then (the rest, finish reason).
@@ -377,48 +447,38 @@ def create_app(server: AdapterServer):
         except Exception as e:  # headers are sent: the error goes in the stream
             error = {"message": str(e), "type": "server_error"}
             yield "data: " + json.dumps({"error": error}) + "\n\n"
-        finally:
-            job.cancelled = True  # a client that went away stops its row; the batch goes on
+        reply.finished = True
 
-    def guarded(handler):
-        async def wrapper(request: Request):
-            try:
-                body = await parse(request)
-                return await handler(request, body)
-            except NotFoundError as e:
-                return _error(404, str(e), "model", "model_not_found")
-            except AdaptrError as e:
-                return _error(400, str(e), getattr(e, "param", None))
-            except Exception as e:  # a bug or a failed batch: an OpenAI-shaped 500, logged
-                log.exception("request failed")
-                return _error(500, f"generation failed: {e}")
-
-        return wrapper
-
-    async def completions(request: Request, body: dict):
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise InvalidInputError("'prompt' must be a string (one prompt per request)")
-        return await run(body, prompt, chat=False)
-
-    async def chat_completions(request: Request, body: dict):
-        messages = body.get("messages")
-        if (
-            not isinstance(messages, list)
-            or not messages
-            or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)
-        ):
-            raise InvalidInputError("'messages' must be a non-empty list of {role, content}")
+    async def handle(request: Request, chat: bool) -> Response:
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         try:
-            prompt = server.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
-        except Exception as e:
-            raise InvalidInputError(f"cannot apply the chat template: {e}") from None
-        return await run(body, prompt, chat=True)
+            req = await off_loop(prepare, await read_body(request), chat)
+            job = Job(req.ids, req.adapter, req.params.max_tokens, req.params.sampling,
+                      asyncio.get_running_loop())  # fmt: skip
+            batcher.submit(job)
+            reply = Reply(rid, req.model, chat, len(req.ids))
+            if req.params.stream:
+                return _JobStream(stream(job, req.params, reply), job, reply)
+            return await whole(request, job, req.params, reply)
+        except ClientDisconnect:
+            log.info("%s: the client disconnected before its request was read", rid)
+            return _error(400, "the client disconnected")  # nobody reads it
+        except _HTTPError as e:
+            return _error(e.status, str(e), None, e.code, {"Connection": "close"})
+        except NotFoundError as e:
+            return _error(404, str(e), getattr(e, "param", "model"), "model_not_found")
+        except AdaptrError as e:
+            return _error(400, str(e), getattr(e, "param", None), getattr(e, "code", None))
+        except Exception as e:  # a bug or a failed batch: an OpenAI-shaped 500, logged
+            log.exception("request %s failed", rid)
+            return _error(500, f"generation failed: {e}")
 
-    app.add_api_route("/v1/completions", guarded(completions), methods=["POST"])
-    app.add_api_route("/v1/chat/completions", guarded(chat_completions), methods=["POST"])
+    async def completions(request: Request):
+        return await handle(request, chat=False)
+
+    async def chat_completions(request: Request):
+        return await handle(request, chat=True)
+
+    app.add_api_route("/v1/completions", completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     return app

@@ -25,6 +25,8 @@ def test_accepted_values():
     assert p.max_tokens == 7 and p.sampling == (True, 0.7, 0.9)
     assert p.stop == ("###",) and p.stream and p.include_usage
     assert parse_params({"stop": ["a", "bc"], "max_tokens": 3}).stop == ("a", "bc")
+    assert parse_params({"temperature": 0.01}).sampling == (True, 0.01, 1.0)
+    assert parse_params({"stop": "s" * 256}).stop == ("s" * 256,)
     # greedy ignores top_p, so greedy requests batch together whatever top_p they send
     assert parse_params({"temperature": 0, "top_p": 0.5}).sampling == (False, 0.0, 1.0)
 
@@ -39,6 +41,19 @@ def test_accepted_values():
         ({"temperature": 3}, "temperature"),
         ({"temperature": True}, "temperature"),
         ({"temperature": "hot"}, "temperature"),
+        ({"temperature": 1e-300}, "temperature"),  # logits / 1e-300 overflow: sampling breaks
+        ({"temperature": 0.009}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"temperature": float("-inf")}, "temperature"),
+        ({"temperature": 1e308}, "temperature"),
+        ({"temperature": 10**400}, "temperature"),
+        ({"top_p": float("nan")}, "top_p"),
+        ({"top_p": float("inf")}, "top_p"),
+        ({"top_p": -1e-300}, "top_p"),
+        ({"max_tokens": 10**30}, "max_tokens"),
+        ({"max_tokens": float("nan")}, "max_tokens"),
+        ({"max_tokens": 16.0}, "max_tokens"),
         ({"top_p": "abc"}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"top_p": 0}, "top_p"),
@@ -47,6 +62,7 @@ def test_accepted_values():
         ({"stop": [""]}, "stop"),
         ({"stop": 5}, "stop"),
         ({"stop": ["a", 1]}, "stop"),
+        ({"stop": "s" * 257}, "stop"),  # held_back() is quadratic in its length, every token
         ({"stream": "yes"}, "stream"),
         ({"stream_options": [1]}, "stream_options"),
         ({"logprobs": True}, "logprobs"),

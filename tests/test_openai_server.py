@@ -1,9 +1,11 @@
 """adaptr serve: the OpenAI-compatible API, driven by the official openai client."""
 
+import asyncio
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import openai
@@ -15,11 +17,46 @@ from adaptr.tiny import save_tiny_base
 
 from helpers import random_lora
 
+START_S = 120  # generous deadlines: the machine may be busy; a wait past one fails, saying what
+
+
+@contextmanager
+def running(app, **config):
+    """Serve ``app`` in a thread on a socket bound (and listening) here, so no other process
+    can take the port between choosing and binding it; yields the /v1 URL."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="error", **config))
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="uvicorn"
+    )
+    thread.start()
+    try:
+        wait_for(lambda: server.started or not thread.is_alive(), "the HTTP server to start")
+        assert thread.is_alive(), "the HTTP server thread died while starting"
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+        sock.close()
+    assert not thread.is_alive(), "the HTTP server did not stop within 60 s"
+
+
+def wait_for(condition, what: str, timeout: float = START_S) -> None:
+    """Wait until ``condition()`` holds; fail saying ``what`` did not happen in ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.02)
+
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    import uvicorn
-
     from adaptr.openai_server import create_app
     from adaptr.serving import AdapterServer
 
@@ -44,29 +81,10 @@ def served(tmp_path_factory):
         ),
         base="tiny",
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     app = create_app(AdapterServer(reg, "tiny", max_adapters=4))
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=port,
-            log_level="error",
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    url = f"http://127.0.0.1:{port}/v1"
-    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
-    yield reg, root, url, client, app
-    server.should_exit = True
-    thread.join(timeout=10)
+    with running(app) as url:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+        yield reg, root, url, client, app
 
 
 def expected(reg, ref, prompt, n, chat=False):
@@ -132,10 +150,10 @@ def test_streaming_equals_the_whole_answer(served):
 
 
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served):
-    _, _, url, client, _ = served
+    reg, _, url, client, _ = served
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="ghost", prompt="x", max_tokens=2)
-    assert e.value.body["code"] == "model_not_found"
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.completions.create(model="a", prompt="x", max_tokens=0)
     with pytest.raises(openai.BadRequestError, match="exceeds the context"):
@@ -153,10 +171,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served):
         json={"model": "a", "prompt": "go", "max_tokens": 40, "stream": True},
     ) as s:
         next(s.iter_lines())
-    assert (
-        client.completions.create(model="a", prompt="still here", max_tokens=3).choices[0].text
-        is not None
-    )
+    after = client.completions.create(model="a", prompt="still here", max_tokens=3)
+    assert after.choices[0].text == expected(reg, "a", "still here", 3)
 
 
 def test_switch_and_new_versions_are_picked_up_without_restart(served, cli):
@@ -208,8 +224,32 @@ def test_load_500_requests_from_8_clients(served):
         results = list(pool.map(one, range(500)))
     wrong = [r[1] for r in results if not r[0]]
     assert len(results) == 500 and not wrong, wrong[:5]
+
+
+def test_requests_queued_together_run_as_one_batch_across_models(served):
+    reg, _, url, _, app = served
     batcher = app.state.batcher
-    assert batcher.most_rows > 1 and batcher.most_models > 1  # batched together across models
+    models = ["a@1", "b", "tiny", "a@1", "b"]
+    want = [expected(reg, None if m == "tiny" else m, f"together {i}", 4) for i, m in enumerate(models)]  # fmt: skip
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=START_S)
+
+    def one(i):
+        return client.completions.create(model=models[i], prompt=f"together {i}", max_tokens=4)
+
+    batcher.most_rows = batcher.most_models = 0
+    start = batcher.submitted
+    # the worker holds until all five are queued: they then start as one batch, whatever
+    # the timing of their arrival
+    batcher.hold()
+    with ThreadPoolExecutor(len(models)) as pool:
+        try:
+            futures = [pool.submit(one, i) for i in range(len(models))]
+            wait_for(lambda: batcher.submitted >= start + len(models), "5 requests to be queued")
+        finally:
+            batcher.release()
+        texts = [f.result(timeout=START_S).choices[0].text for f in futures]
+    assert texts == want
+    assert (batcher.most_rows, batcher.most_models) == (5, 3)  # a@1, b@1 and the bare base
 
 
 def test_serve_cli_refuses_an_unknown_base(cli):
@@ -245,17 +285,36 @@ def test_stop_strings_end_the_answer_and_its_row_in_the_batch(served):
         == whole
     )  # a stop string that never comes changes nothing
 
-    # the row stops at the stop string, not at max_tokens: count the decoding steps (the
-    # answer returns at the stop string; the next request's batch starts once that one ends)
-    model = app.state.batcher.server.model
-    calls = []
-    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    # the row stops at the stop string, not at max_tokens. Before each forward of the batch
+    # the worker waits until the request has read every token sent so far (and so has seen
+    # the stop string once it is complete): the count no longer depends on the timing. The
+    # token that completes the stop string comes from forward k = completion_tokens; the
+    # request then marks its row done, so the forward after it is the row's last.
+    batcher = app.state.batcher
+    forwards = []
+
+    def before_forward(module, args):
+        jobs = list(batcher.current)
+        forwards.append(jobs)
+        for job in jobs:
+            asyncio.run_coroutine_threadsafe(_read_up(job), job.loop).result(timeout=START_S)
+
+    hook = batcher.server.model.register_forward_pre_hook(before_forward)
     try:
         out = client.completions.create(model="b", prompt="Stop me", max_tokens=300, stop=stop)
+        # a batch after it: it starts once the stopped one has ended (one worker)
         client.completions.create(model="b", prompt="Stop me", max_tokens=1)
     finally:
         hook.remove()
-    assert out.choices[0].text == want and len(calls) <= out.usage.completion_tokens + 4 < 20
+    mine = [jobs for jobs in forwards if jobs and jobs[0] is forwards[0][0]]
+    assert out.choices[0].text == want and out.choices[0].finish_reason == "stop"
+    assert len(mine) <= out.usage.completion_tokens + 1 < 20, (len(mine), out.usage)
+
+
+async def _read_up(job) -> None:
+    """Returns once the request has taken every token put on its queue so far."""
+    while not job.out.empty():
+        await asyncio.sleep(0.001)
 
 
 def test_stream_usage_and_openai_error_params(served):

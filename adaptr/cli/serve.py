@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import click
 
 from ._common import with_registry
+
+KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only listens on this machine (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 @click.command()
@@ -19,20 +33,67 @@ from ._common import with_registry
 @click.option(
     "--max-adapters", default=16, show_default=True, type=int, help="Adapters kept resident (LRU)."
 )
+@click.option(
+    "--api-key",
+    envvar="ADAPTR_API_KEY",
+    show_envvar=True,
+    default=None,
+    help="Require 'Authorization: Bearer KEY' on every /v1 route (401 otherwise).",
+)
+@click.option(
+    "--max-body-mb",
+    default=4.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Largest request body; larger ones are refused with 413.",
+)
+@click.option(
+    "--max-connections",
+    default=512,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Concurrent connections and requests; past it the server answers 503.",
+)
 @with_registry
-def serve(registry, base: str, host: str, port: int, max_adapters: int) -> None:
+def serve(
+    registry,
+    base: str,
+    host: str,
+    port: int,
+    max_adapters: int,
+    api_key: str | None,
+    max_body_mb: float,
+    max_connections: int,
+) -> None:
     """Serve BASE and its adapters over an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions)."""
     import uvicorn
 
-    from adaptr.openai_server import create_app
+    from adaptr.openai_server import Limits, create_app
     from adaptr.quiet import quiet_libraries
     from adaptr.serving import AdapterServer
 
     quiet_libraries()
     registry.get_base(base)  # a clear error for an unknown base before loading anything
-    app = create_app(AdapterServer(registry, base, max_adapters=max_adapters))
+    limits = Limits(max_body_bytes=int(max_body_mb * 2**20))
+    app = create_app(
+        AdapterServer(registry, base, max_adapters=max_adapters), api_key=api_key, limits=limits
+    )
+    if not api_key and not is_loopback(host):
+        click.echo(
+            f"warning: serving on {host} without an API key: anyone who can reach port {port} "
+            "can use it (set --api-key or ADAPTR_API_KEY)",
+            err=True,
+        )
     click.echo(
         f"serving {base} on http://{host}:{port}/v1 (model = an adapter ref, '{base}' or 'active')",
         err=True,
     )
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        timeout_keep_alive=KEEP_ALIVE_S,
+        limit_concurrency=max_connections,
+    )
+    uvicorn.Server(config).run()

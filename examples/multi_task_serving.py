@@ -14,6 +14,8 @@ import socket
 import threading
 import time
 
+START_TIMEOUT_S = 120
+
 PROMPTS = {
     "quotes": "Knowledge is",
     "zh-en": "### 指令:\n把下面的中文翻译成英文。\n\n### 输入:\n猫\n\n### 回答:\n",
@@ -54,15 +56,23 @@ def main() -> None:
 
     from adaptr.openai_server import create_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    http = uvicorn.Server(
-        uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=http.run, daemon=True)
+    # bind the socket here and hand it to uvicorn: no other process can take the port
+    # between choosing it and serving on it
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    http = uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning"))
+    thread = threading.Thread(target=http.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
+    deadline = time.monotonic() + START_TIMEOUT_S
     while not http.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise SystemExit(
+                f"error: the HTTP server did not start within {START_TIMEOUT_S} s"
+                if thread.is_alive()
+                else "error: the HTTP server failed to start (see the log above)"
+            )
         time.sleep(0.05)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
     print("[http] models:", [m.id for m in client.models.list().data])
@@ -74,7 +84,10 @@ def main() -> None:
     )
     print("[http] streamed:", "|".join(c.choices[0].text for c in stream))
     http.should_exit = True
-    thread.join(timeout=10)
+    thread.join(timeout=30)
+    sock.close()
+    if thread.is_alive():
+        raise SystemExit("error: the HTTP server did not stop within 30 s")
 
 
 if __name__ == "__main__":

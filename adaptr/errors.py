@@ -42,6 +42,12 @@ def brief(value: Any, limit: int = BRIEF_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def clip(text: str, limit: int = BRIEF_LIMIT) -> str:
+    """``text`` (an exception's message…) on one line, cut to ``limit`` characters with "…"."""
+    text = " ".join(str(text)[: 4 * limit].split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class AdaptrError(Exception):
     """Base class: a problem with the user's input or environment, not a bug."""
 

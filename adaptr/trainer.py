@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .errors import AdaptrError, ConflictError, InvalidInputError, NotFoundError
+from .errors import AdaptrError, ConflictError, InvalidInputError, NotFoundError, clip
 from .recipe import Recipe
 from .registry import AdapterVersion, Registry, check_name
 from .registry.blobs import hash_file
@@ -285,7 +285,12 @@ def train(
 
         lora = dict(recipe.lora)
         targets = lora.pop("target_modules", None)
-        peft_config, _ = lora_config(model, family=family, targets=targets, **lora)
+        try:
+            peft_config, _ = lora_config(model, family=family, targets=targets, **lora)
+        except (TypeError, ValueError) as e:
+            if isinstance(e, AdaptrError):
+                raise
+            raise InvalidInputError(f"invalid lora setting: {clip(_first_line(e), 200)}") from None
     args = sft_config(recipe.sft, run_dir, progress=progress)
     set_seed(args.seed)
     try:
@@ -314,6 +319,13 @@ def train(
             f"training of {recipe.name} interrupted at step {trainer.state.global_step}; the registry is unchanged. "
             f"Checkpoints (if any were saved) are in {run_dir}: continue with --resume"
         ) from None
+    except Exception as e:
+        if resume_from and _loading_checkpoint(e):
+            raise InvalidInputError(
+                f"checkpoint {resume_from} cannot be read ({type(e).__name__}: {clip(_first_line(e), 120)}); "
+                "start over with --restart, or delete that folder to resume from an earlier checkpoint"
+            ) from None
+        raise
     metrics = _metrics(trainer, out, eval_ds, trainable, total, started)
     version = None
     if trainer.is_world_process_zero():
@@ -336,6 +348,28 @@ def train(
     return TrainResult(version, metrics, run_dir, notes)
 
 
+# Where transformers' Trainer reads a checkpoint back (weights, optimizer, scheduler, RNG,
+# trainer state): an exception raised under one of these is a damaged checkpoint.
+CHECKPOINT_LOADERS = {
+    "_load_from_checkpoint", "_load_optimizer_and_scheduler", "_load_scaler", "_load_rng_state",
+    "_load_callback_state", "load_from_json",
+}  # fmt: skip
+
+
+def _loading_checkpoint(exc: BaseException) -> bool:
+    import traceback
+
+    return any(
+        frame.f_code.co_name in CHECKPOINT_LOADERS
+        for frame, _ in traceback.walk_tb(exc.__traceback__)
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else ""
+
+
 def _complete(checkpoint: Path) -> bool:
     """A checkpoint is whole once its trainer_state.json (written last) parses."""
     try:
@@ -346,11 +380,12 @@ def _complete(checkpoint: Path) -> bool:
 
 
 def _prepare_run_dir(run_dir: Path, *, resume: bool, restart: bool, name: str) -> str | bool | None:
-    checkpoints = (
-        sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        if run_dir.is_dir()
-        else []
-    )
+    found = run_dir.glob("checkpoint-*") if run_dir.is_dir() else []
+    steps = {c: c.name.removeprefix("checkpoint-") for c in found if c.is_dir()}
+    checkpoints = sorted(
+        (c for c, step in steps.items() if step.isascii() and step.isdigit()),
+        key=lambda c: int(steps[c]),
+    )  # Trainer's own checkpoint-<step> folders; anything else there is not ours to judge
     if resume:
         whole = [c for c in checkpoints if _complete(c)]
         if not whole:

@@ -13,7 +13,15 @@ from typing import Any
 
 from .errors import IncompatibleBaseError, InvalidInputError, NotFoundError
 from .registry import AdapterVersion, Registry
-from .registry.fingerprint import looks_like_hub_id
+from .registry.adapter_dir import WEIGHTS, lora_modules
+from .registry.fingerprint import (
+    BaseInfo,
+    check_adapter_fits,
+    find_base_dir,
+    looks_like_hub_id,
+    read_base,
+)
+from .registry.safetensors_header import TensorInfo, read_header
 
 
 def versions_on_one_base(registry: Registry, refs: Sequence[str]) -> list[AdapterVersion]:
@@ -55,6 +63,35 @@ def base_location(registry: Registry, version: AdapterVersion, override: str | N
     )
 
 
+def _modules(registry: Registry, version: AdapterVersion) -> dict[str, dict[str, TensorInfo]]:
+    """The LoRA modules of a stored version, from its weights' header."""
+    for f in version.files:
+        if f.path == WEIGHTS:
+            return lora_modules(read_header(registry.blobs.path(f.sha256))[0])
+    return {}
+
+
+def check_base_fits(registry: Registry, versions: Sequence[AdapterVersion], base: str) -> None:
+    """Refuse, before any weight is loaded, adapters whose LoRA shapes the base cannot hold.
+
+    Reads the base's config and safetensors headers (as ``adaptr add`` does); a Hub id that
+    is not in the local cache is checked on the loaded model instead (:func:`attach`).
+    """
+    found = find_base_dir(base)
+    if found is None:
+        return
+    info = read_base(found)
+    for v in versions:
+        check_adapter_fits(_modules(registry, v), info, v.ref)
+
+
+def _loaded_base(model) -> BaseInfo:
+    """What check_adapter_fits needs, from a loaded model instead of its files."""
+    tensors = {n: TensorInfo(str(t.dtype), tuple(t.shape)) for n, t in model.state_dict().items()}
+    name = getattr(model, "name_or_path", None) or type(model).__name__
+    return BaseInfo(Path(name), model.config.to_dict(), tensors, "")
+
+
 def load_base_model(path: str, dtype: str = "auto"):
     """The base model (full precision unless the checkpoint itself is quantized) and its tokenizer."""
     import torch
@@ -84,6 +121,9 @@ def attach(
     """
     from peft import PeftModel
 
+    loaded = _loaded_base(model)
+    for v in versions:
+        check_adapter_fits(_modules(registry, v), loaded, v.ref)
     peft = into
     for v in versions:
         folder = registry.export(v.ref, workdir / v.ref.replace("@", "-"), force=True)
@@ -118,7 +158,9 @@ def load(
             )
         refs = next(iter(active.values()))
     versions = versions_on_one_base(registry, refs)
-    model, tokenizer = load_base_model(base_location(registry, versions[0], base), dtype)
+    path = base_location(registry, versions[0], base)
+    check_base_fits(registry, versions, path)
+    model, tokenizer = load_base_model(path, dtype)
     with tempfile.TemporaryDirectory(prefix="adaptr-load-") as tmp:
         peft = attach(model, registry, versions, Path(tmp))
     names = [v.ref for v in versions]

@@ -32,7 +32,13 @@ def merge(
     force: bool = False,
 ) -> dict[str, Any]:
     """Merge ``refs`` (all into one base) and write the model to ``out``; returns the provenance record."""
-    from .inference import attach, base_location, load_base_model, versions_on_one_base
+    from .inference import (
+        attach,
+        base_location,
+        check_base_fits,
+        load_base_model,
+        versions_on_one_base,
+    )
 
     if dtype not in DTYPES:
         raise InvalidInputError(f"--dtype must be one of {', '.join(DTYPES)}")
@@ -41,6 +47,7 @@ def merge(
         raise ConflictError(f"{out} exists and is not empty; pass --force to replace it")
     versions = versions_on_one_base(registry, refs)
     path = base_location(registry, versions[0], base)
+    check_base_fits(registry, versions, path)
     config_file = Path(path) / "config.json"
     if config_file.is_file() and "quantization_config" in json.loads(config_file.read_text()):
         raise InvalidInputError(

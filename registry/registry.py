@@ -395,6 +395,8 @@ class Registry(Maintenance):
         self, base: str | None, declared: str | None
     ) -> tuple[str | None, str | None, BaseInfo | None]:
         """Resolve an adapter's base to (key, fingerprint, readable base or None)."""
+        from adaptr.errors import brief
+
         wanted = base or declared
         if not wanted:
             self.notes.append("no base recorded: the adapter config names none; pass --base")
@@ -418,12 +420,29 @@ class Registry(Maintenance):
             local = Path(wanted).expanduser()
             if base and (local.exists() or wanted.startswith((".", "/", "~"))):
                 raise NotFoundError(
-                    f"base {wanted!r} is not a model folder (no config.json); give a model folder, "
+                    f"base {brief(wanted)} is not a model folder (no config.json); give a model folder, "
                     "a Hub id in the local cache, or a name from `adaptr base list`"
                 )
-            self.notes.append(
-                f"base {wanted} is not available locally: recorded by name, shapes not checked"
-            )
+            if base and "/" not in wanted:  # registered names have no '/'; Hub ids mostly do
+                import difflib
+
+                names = [r["name"] for r in self._rows("SELECT name FROM bases")]
+                close = difflib.get_close_matches(wanted.lower(), names, n=1, cutoff=0.8)
+                if close:
+                    raise NotFoundError(
+                        f"unknown base {brief(wanted)}: did you mean {close[0]!r}? "
+                        "(`adaptr base list` shows the registered bases; for another model give its folder)"
+                    )
+            if base:
+                self.notes.append(
+                    f"base {brief(wanted)} is not registered, not a local folder and not in the Hugging Face "
+                    "cache: recorded as a Hub id by name, shapes not checked"
+                )
+            else:
+                self.notes.append(
+                    f"base {brief(wanted)} (from the adapter config) is not available locally: "
+                    "recorded by name, shapes not checked"
+                )
             return wanted, None, None
         info = read_base(found)
         for row in self._rows("SELECT name, fingerprint FROM bases"):

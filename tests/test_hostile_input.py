@@ -418,3 +418,64 @@ def test_folders_that_only_look_like_checkpoints_are_not_a_crash(tmp_path):
     (run / "checkpoint-3").write_text("a file")
     with pytest.raises(NotFoundError, match="nothing to resume"):
         _prepare_run_dir(run, resume=True, restart=False, name="x")
+
+
+# ------------------------------------------------------- bases that do not fit
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory):
+    from adaptr.tiny import save_tiny_base
+
+    return save_tiny_base(tmp_path_factory.mktemp("wide") / "wide-llama", "llama", hidden_size=48)
+
+
+def test_generate_and_merge_with_a_base_that_does_not_fit(
+    cli, home, tmp_path, tiny_llama, wide_llama
+):
+    assert cli("add", "p0", str(write_adapter(tmp_path / "p0")), "--base", str(tiny_llama))[0] == 0
+    before = snapshot(home)
+    want = f"p0@1 does not fit base {wide_llama}: model.layers.0.self_attn.q_proj is [48, 48] in the base"
+    out = tmp_path / "merged"
+    for command in (
+        ("generate", "p0", "hello", "--base", str(wide_llama)),
+        ("merge", "p0", "--out", str(out), "--base", str(wide_llama)),
+        ("compose", "p0", "--name", "c", "--base", str(wide_llama)),  # checked on the loaded model
+    ):
+        refused(cli, home, before, *command, match=want)
+    assert not out.exists()
+
+    from adaptr import inference
+    from adaptr.errors import IncompatibleBaseError
+    from adaptr.merge import merge
+
+    registry = Registry(home)
+    with pytest.raises(IncompatibleBaseError, match=re.escape(want)):
+        inference.load(registry, ["p0"], base=str(wide_llama))
+    with pytest.raises(IncompatibleBaseError, match=re.escape(want)):
+        merge(registry, ["p0"], out, base=str(wide_llama))
+    model, _ = inference.load_base_model(str(wide_llama))
+    with pytest.raises(IncompatibleBaseError, match="p0@1 does not fit base"):
+        inference.attach(model, registry, [registry.get("p0")], tmp_path / "work")
+    assert snapshot(home) == before
+
+
+def test_a_typo_of_a_registered_base_is_refused(cli, home, tmp_path, tiny_llama, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    assert cli("base", "add", "tiny-llama", str(tiny_llama))[0] == 0
+    before = snapshot(home)
+    src = write_adapter(tmp_path / "src")
+    refused(cli, home, before, "add", "p0", str(src), "--base", "tiny-lama",
+            match="unknown base 'tiny-lama': did you mean 'tiny-llama'?")  # fmt: skip
+    refused(cli, home, before, "add", "p0", str(src), "--base", "Tiny-Llama",
+            match="did you mean 'tiny-llama'?")  # fmt: skip
+    with pytest.raises(NotFoundError, match="did you mean 'tiny-llama'"):
+        Registry(home).add("p0", src, base="tiny-lama")
+    assert snapshot(home) == before
+    # nothing close: still a Hub id recorded by name, and the note says so
+    code, out, err = cli("add", "p0", str(src), "--base", "org/other-model")
+    assert code == 0 and out.strip() == "p0@1", err
+    assert (
+        "base 'org/other-model' is not registered, not a local folder and not in the Hugging Face cache"
+        in err
+    )
+    assert "recorded as a Hub id by name" in err
+    assert Registry(home).get("p0").base == "org/other-model"

@@ -130,12 +130,25 @@ class Registry(Maintenance):
             raise IntegrityError(why)
 
     @contextmanager
-    def _writer(self, *, rebuilding: bool = False) -> Iterator[sqlite3.Connection]:
+    def _writer(
+        self, *, rebuilding: bool = False, creates: bool = False
+    ) -> Iterator[sqlite3.Connection]:
         """Hold the writer lock; yields a connection to an index that exists and can be trusted.
 
-        Before the write: intents of writers that died are settled, and a registry made
-        before manifests existed gets them. After a committed write: ``state.json``.
+        Only writes that store something (``creates``) make a new registry home, and say
+        so in :attr:`notes`; the others refuse a home that holds no registry. Before the
+        write: intents of writers that died are settled, and a registry made before
+        manifests existed gets them. After a committed write: ``state.json``.
         """
+        if not (self.home / "registry.db").exists() and not rebuilding:
+            self._refuse_lost_index(None)
+            if not creates:
+                raise NotFoundError(
+                    f"no registry at {self.home.resolve()}: add an adapter first, or pass "
+                    "--home (or set ADAPTR_HOME) to the registry you mean"
+                )
+            if not self.home.exists():
+                self.notes.append(f"created a new registry at {self.home.resolve()}")
         self.home.mkdir(parents=True, exist_ok=True)
         timeout = float(os.environ.get("ADAPTR_LOCK_TIMEOUT", "600"))
         with writer_lock(self.home / "lock", timeout):
@@ -320,7 +333,7 @@ class Registry(Maintenance):
         if base_key is not None:
             lineage.setdefault("base", base_key)
             lineage.setdefault("base_fingerprint", fingerprint)
-        with self._writer() as conn:
+        with self._writer(creates=True) as conn:
             self._check_one_base(conn, name, base_key, fingerprint)
             stage = self.blobs.tmp / f"add-{os.getpid()}-{secrets.token_hex(6)}"
             stage.mkdir(parents=True)
@@ -623,7 +636,7 @@ class Registry(Maintenance):
                 f"no model folder at {path} (no config.json): give a local model folder or a Hub id in the local cache"
             )
         info = read_base(found)
-        with self._writer() as conn, index.transaction(conn):
+        with self._writer(creates=True) as conn, index.transaction(conn):
             old = conn.execute("SELECT fingerprint FROM bases WHERE name=?", (name,)).fetchone()
             if old and old[0] != info.fingerprint and not force:
                 raise ConflictError(

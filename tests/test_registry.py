@@ -185,3 +185,15 @@ def test_cli_verify_and_home_option(cli, tmp_path, adapter_dir):
     assert code == 0 and out.startswith("ok: 1 version(s), 3 file(s)")
     doc = json.loads(cli("verify", "x@1", "--json", "--home", str(other))[1])
     assert doc["ok"] and doc["files"] == 3
+
+
+def test_only_writes_that_store_something_create_a_registry_home(tmp_path, cli):
+    home = tmp_path / "typo"
+    for args in (("tag", "x@1", "t"), ("switch", "x"), ("rm", "x@1"), ("gc",)):
+        code, _, err = cli("--home", str(home), *args)
+        assert code == 3 and f"no registry at {home.resolve()}" in err, (args, err)
+    assert cli("--home", str(home), "list")[0] == 0 and cli("--home", str(home), "verify")[0] == 0
+    assert not home.exists()  # nothing above made it
+    code, out, err = cli("--home", str(home), "add", "x", str(write_adapter(tmp_path / "x")))
+    assert code == 0 and out.strip() == "x@1"
+    assert f"note: created a new registry at {home.resolve()}" in err

@@ -95,10 +95,10 @@ class Maintenance:
                 )
 
     def _check_blob(self, f: StoredFile) -> str | None:
-        p = self.blobs.path(f.sha256)
-        if not p.is_file():
+        try:
+            digest, size = hash_file(self.blobs.path(f.sha256))
+        except FileNotFoundError:  # never stored, or removed by a gc after the snapshot
             return "missing"
-        digest, size = hash_file(p)
         if size != f.size:
             return f"size {size} != recorded {f.size}"
         if digest != f.sha256:

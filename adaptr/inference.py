@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import IncompatibleBaseError, InvalidInputError, NotFoundError
+from .errors import IncompatibleBaseError, InvalidInputError, NotFoundError, brief
 from .registry import AdapterVersion, Registry
 from .registry.adapter_dir import WEIGHTS, lora_modules
 from .registry.fingerprint import (
@@ -183,6 +183,18 @@ def generate(
         )["input_ids"]
     else:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        raise InvalidInputError("the prompt is empty: give some text to continue")
+    window = getattr(model.config, "max_position_embeddings", None)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InvalidInputError(
+            f"max_new_tokens must be a positive whole number, got {brief(max_new_tokens)}"
+        )
+    if isinstance(window, int) and ids.shape[1] + max_new_tokens > window:
+        raise InvalidInputError(
+            f"the model reads at most {window} tokens and the prompt has {ids.shape[1]}: "
+            f"ask for at most {max(window - ids.shape[1], 0)} new tokens"
+        )
     kwargs.setdefault("do_sample", False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.no_grad():

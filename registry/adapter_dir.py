@@ -24,6 +24,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 TEXT_SUFFIXES = (".json", ".md", ".txt", ".jinja", ".model", ".tiktoken", ".yaml", ".yml")
 MAX_WEIGHTS = 20 * 1024**3  # a LoRA of a 405B model at r=256 is a few GB
 MAX_OTHER = 50 * 1024**2  # the largest tokenizer.json files are ~35 MB
+MAX_RANK = 2**31 - 1  # stored in the index; no layer is wider
 MAX_PATTERN = 1000  # characters of a target_modules / rank_pattern regex
 PREFIX = "base_model.model."
 _LORA_KEY = re.compile(
@@ -214,6 +215,19 @@ def _read_config(path: Path) -> dict:
         raise InvalidAdapterError(f"{path} must hold a JSON object")
     if not isinstance(config.get("peft_type"), str):
         raise InvalidAdapterError(f"{path} has no peft_type: is this a PEFT adapter config?")
+    if not re.fullmatch(r"[A-Za-z0-9_]{1,64}", config["peft_type"]):
+        raise InvalidAdapterError(
+            f"{path}: peft_type {brief(config['peft_type'])} is not a PEFT method name (LORA, LOHA, IA3…)"
+        )
+    r = config.get("r")
+    if r is not None and not (_is_int(r) and 1 <= r <= MAX_RANK):
+        raise InvalidAdapterError(f"{path}: r must be a positive integer, got {brief(r)}")
+    if config.get("task_type") is not None and not (
+        isinstance(config["task_type"], str) and len(config["task_type"]) <= 64
+    ):
+        raise InvalidAdapterError(
+            f"{path}: task_type must be a name such as CAUSAL_LM, got {brief(config['task_type'])}"
+        )
     base = config.get("base_model_name_or_path")
     if base is not None and (
         not isinstance(base, str) or len(base) > 1024 or not base.isprintable()

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from adaptr.errors import IncompatibleBaseError, InvalidInputError
+from adaptr.errors import IncompatibleBaseError, InvalidInputError, brief, clip
 
 from .safetensors_header import TensorInfo, read_header
 
@@ -94,18 +94,34 @@ def read_base(path: str | Path) -> BaseInfo:
     try:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidInputError(f"{cfg_path} is not valid JSON ({e})") from None
+        raise InvalidInputError(f"{cfg_path} is not valid JSON ({clip(str(e))})") from None
+    except RecursionError:
+        raise InvalidInputError(f"{cfg_path} is nested too deeply to be a model config") from None
     if not isinstance(config, dict):
         raise InvalidInputError(f"{cfg_path} must hold a JSON object")
     tensors: dict[str, TensorInfo] = {}
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError):
-            raise InvalidInputError(f"{index} is malformed") from None
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            raise InvalidInputError(
+                f'{index} is malformed: expected {{"weight_map": {{tensor: shard file}}}}'
+            ) from None
+        for shard in shards:  # plain names beside the index (Hub cache files are symlinks)
+            if not (
+                isinstance(shard, str)
+                and shard not in ("", ".", "..")
+                and "/" not in shard
+                and "\\" not in shard
+                and (path / shard).is_file()
+            ):
+                raise InvalidInputError(
+                    f"{index} names shard {brief(shard)}, which is not a file in {path}"
+                )
     else:
-        shards = sorted(p.name for p in path.glob("*.safetensors"))
+        shards = sorted(p.name for p in path.glob("*.safetensors") if p.is_file())
     for shard in shards:
         tensors.update(read_header(path / shard)[0])
     stable = {k: v for k, v in sorted(config.items()) if k not in VOLATILE_KEYS}

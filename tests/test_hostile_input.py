@@ -140,6 +140,14 @@ def _hostile_source(d, kind: str):
         _reconfig(d, base_model_name_or_path=["a", "b"])
     elif kind == "huge-r":
         _reconfig(d, r="8" * 100_000)
+    elif kind == "loha-huge-r":  # no LoRA checks apply, but r goes into the index
+        _reconfig(d, peft_type="LOHA", r=10**30)
+    elif kind == "loha-list-r":
+        _reconfig(d, peft_type="LOHA", r=[1])
+    elif kind == "long-peft-type":
+        _reconfig(d, peft_type="X" * 100_000)
+    elif kind == "list-task-type":
+        _reconfig(d, task_type=[1])
     return d
 
 
@@ -167,6 +175,10 @@ def _hostile_source(d, kind: str):
         ("dropout-big", "lora_dropout must be a number between 0 and 1"),
         ("base-name-list", "base_model_name_or_path must be a model id or path"),
         ("huge-r", "r must be a positive integer"),
+        ("loha-huge-r", "r must be a positive integer, got 1000000000000000000000000000000"),
+        ("loha-list-r", "r must be a positive integer, got [1]"),
+        ("long-peft-type", "is not a PEFT method name"),
+        ("list-task-type", "task_type must be a name such as CAUSAL_LM"),
     ],
 )
 def test_hostile_adapter_folders(cli, home, tmp_path, populated, kind, match):
@@ -479,3 +491,48 @@ def test_a_typo_of_a_registered_base_is_refused(cli, home, tmp_path, tiny_llama,
     )
     assert "recorded as a Hub id by name" in err
     assert Registry(home).get("p0").base == "org/other-model"
+
+
+@pytest.mark.parametrize(
+    "kind, match",
+    [
+        ("deep-config", "config.json is nested too deeply to be a model config"),
+        ("deep-index", 'model.safetensors.index.json is malformed: expected {"weight_map"'),
+        ("number-shard", "names shard 5, which is not a file in"),
+        ("escaping-shard", "names shard '/etc/passwd', which is not a file in"),
+        ("folder-shard", "names shard '.', which is not a file in"),
+    ],
+)
+def test_hostile_base_folders(cli, home, tmp_path, populated, tiny_llama, kind, match):
+    base = tmp_path / kind
+    shutil.copytree(tiny_llama, base)
+    deep = "[" * 100_000 + "]" * 100_000
+    index = base / "model.safetensors.index.json"
+    if kind == "deep-config":
+        (base / "config.json").write_text(deep)
+    elif kind == "deep-index":
+        index.write_text(deep)
+    else:
+        shard = {"number-shard": 5, "escaping-shard": "/etc/passwd", "folder-shard": "."}[kind]
+        index.write_text(json.dumps({"weight_map": {"lm_head.weight": shard}}))
+    refused(cli, home, populated, "base", "add", "b", str(base), match=match)
+    src = write_adapter(tmp_path / "src")
+    refused(cli, home, populated, "add", "p0", str(src), "--base", str(base), match=match)
+    with pytest.raises(InvalidInputError, match=re.escape(match)):
+        Registry(home).add_base("b", base)
+
+
+def test_generate_and_compose_options(cli, home, tmp_path, tiny_llama):
+    for name, seed in (("p0", 0), ("p1", 1)):
+        src = write_adapter(tmp_path / name, seed=seed)
+        assert cli("add", name, str(src), "--base", str(tiny_llama))[0] == 0
+    before = snapshot(home)
+    for args, match in (
+        (("generate", "p0", ""), "the prompt is empty"),
+        (("generate", "p0", "hi", "--max-new-tokens", "0"), "0 is not in the range x>=1"),
+        (("generate", "p0", "hi", "--max-new-tokens", "9" * 30), "the model reads at most 512 tokens"),
+        (("compose", "p0", "--name", "c", "--weights", "nan"), "--weights takes numbers separated by commas (finite ones)"),
+        (("compose", "p0", "p1", "--name", "c", "--weights", "1,inf"), "(finite ones), got '1,inf'"),
+        (("compose", "p0", "p1", "--name", "c", "--method", "svd", "--svd-rank", "-1"), "-1 is not in the range x>=1"),
+    ):  # fmt: skip
+        refused(cli, home, before, *args, match=match)

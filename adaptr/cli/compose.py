@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import click
+
+from adaptr.errors import brief
 
 from ._common import emit_json, json_option, with_registry
 
@@ -11,11 +15,14 @@ def _weights(text: str | None, count: int) -> list[float]:
     if text is None:
         return [1.0] * count
     try:
-        return [float(w) for w in text.split(",") if w.strip()]
+        weights = [float(w) for w in text.split(",") if w.strip()]
     except ValueError:
+        weights = []
+    if not weights or not all(math.isfinite(w) for w in weights):
         raise click.UsageError(
-            f"--weights takes numbers separated by commas, got {text!r}"
-        ) from None
+            f"--weights takes numbers separated by commas (finite ones), got {brief(text)}"
+        )
+    return weights
 
 
 @click.command()
@@ -41,7 +48,9 @@ def _weights(text: str | None, count: int) -> list[float]:
     help="Sign election (ties, dare_ties).",
 )
 @click.option(
-    "--svd-rank", type=int, help="Rank of the svd result (default: the largest input rank)."
+    "--svd-rank",
+    type=click.IntRange(min=1),
+    help="Rank of the svd result (default: the largest input rank).",
 )
 @click.option("--base", help="Base model folder, if the adapters' recorded base is not reachable.")
 @click.option("--tag", "tags", multiple=True, help="Tag the new version (repeatable).")
@@ -102,7 +111,7 @@ def merge(registry, refs, out, base, dtype, force, as_json) -> None:
     metavar="REF",
     help="Another adapter active at the same time (repeatable).",
 )
-@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
 @click.option("--base", help="Base model folder, if the recorded base is not reachable.")
 @json_option

@@ -19,10 +19,11 @@ import json
 import os
 import secrets
 import sqlite3
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .blobs import fsync_dir
+from .models import RebuildReport
 
 MANIFESTS = "manifests"
 STATE = "state.json"
@@ -204,22 +205,6 @@ def insert_version(conn: sqlite3.Connection, rec: dict) -> None:
         "INSERT INTO files(version_id, path, sha256, size) VALUES (?,?,?,?)",
         [(cur.lastrowid, f["path"], f["sha256"], f["size"]) for f in rec["files"]],
     )
-
-
-@dataclass
-class RebuildReport:
-    """What :meth:`Registry.reindex` restored from the manifests."""
-
-    versions: int = 0
-    tags: int = 0
-    bases: int = 0
-    skipped: list[str] = field(default_factory=list)
-    moved_aside: str | None = None
-
-    def to_dict(self) -> dict:
-        from dataclasses import asdict
-
-        return asdict(self)
 
 
 def rebuild(conn: sqlite3.Connection, journal: Journal, blob_exists) -> RebuildReport:

@@ -104,3 +104,17 @@ class GcReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class RebuildReport:
+    """What :meth:`Registry.reindex` restored from the manifests."""
+
+    versions: int = 0
+    tags: int = 0
+    bases: int = 0
+    skipped: list[str] = field(default_factory=list)
+    moved_aside: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -38,10 +38,10 @@ from . import index
 from .adapter_dir import AdapterSource, inspect_adapter, lora_modules
 from .blobs import BlobStore
 from .fingerprint import BaseInfo, check_adapter_fits, find_base_dir, read_base
-from .journal import Journal, RebuildReport, insert_version, rebuild
+from .journal import Journal, insert_version, rebuild
 from .lock import writer_lock
 from .maintenance import Maintenance
-from .models import AdapterVersion, BaseRecord, StoredFile
+from .models import AdapterVersion, BaseRecord, RebuildReport, StoredFile
 from .refs import Ref, check_name, check_tag
 
 

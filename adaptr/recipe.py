@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,30 @@ def _suggest(key: Any, known: set[str] | list[str]) -> str:
         return ""
     close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# SFTConfig fields that TRL/transformers take without checking and then fail on mid-setup
+SFT_RULES = {
+    "per_device_train_batch_size": (lambda v: _whole(v) and v >= 1, "a positive whole number"),
+    "per_device_eval_batch_size": (lambda v: _whole(v) and v >= 1, "a positive whole number"),
+    "gradient_accumulation_steps": (lambda v: _whole(v) and v >= 1, "a positive whole number"),
+    "max_length": (
+        lambda v: v is None or (_whole(v) and v >= 1),
+        "a positive whole number (or null)",
+    ),
+    "max_steps": (lambda v: _whole(v) and (v == -1 or v >= 1), "a positive whole number (or -1)"),
+    "num_train_epochs": (lambda v: _number(v) and v > 0, "a number above 0"),
+    "learning_rate": (lambda v: _number(v) and v >= 0, "a number of at least 0"),
+    "seed": (lambda v: _whole(v) and 0 <= v < 2**32, "a whole number from 0 to 2**32-1"),
+}
 
 
 def _key(key: Any) -> str:
@@ -291,6 +316,9 @@ class Recipe:
                         f"unknown recipe key {section}.{_key(key)} (not a {cls.__name__} field you can set){_suggest(key, set(known) - skip)}"
                     )
                 values[key] = _coerce(values[key], known[key])
+        for key, (ok, need) in SFT_RULES.items():
+            if key in self.sft and not ok(self.sft[key]):
+                raise InvalidInputError(f"sft.{key} must be {need}, got {brief(self.sft[key])}")
 
     def _check_types(self) -> None:
         """Settings adaptr itself reads must have the type it reads them as."""

@@ -257,7 +257,7 @@ def train(
         check_tag(t)
     started = time.time()
     notes: list[str] = []
-    seed = int(recipe.sft.get("seed", 42))
+    seed = 42 if recipe.sft.get("seed") is None else int(recipe.sft["seed"])
     run_dir = registry.home / "runs" / recipe.name
     resume_from = _prepare_run_dir(run_dir, resume=resume, restart=restart, name=recipe.name)
     parent = registry.get(recipe.parent) if recipe.parent else None

@@ -536,3 +536,27 @@ def test_generate_and_compose_options(cli, home, tmp_path, tiny_llama):
         (("compose", "p0", "p1", "--name", "c", "--method", "svd", "--svd-rank", "-1"), "-1 is not in the range x>=1"),
     ):  # fmt: skip
         refused(cli, home, before, *args, match=match)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (("--batch-size", "0"), "0 is not in the range x>=1"),
+        (("--grad-accum", "0"), "0 is not in the range x>=1"),
+        (("--max-length", "0"), "0 is not in the range x>=1"),
+        (("--lr", "-1"), "-1.0 is not in the range x>=0"),
+        (("--epochs", "0"), "0.0 is not in the range x>0"),
+        (("--max-steps", "-5"), "-5 is not in the range x>=1"),
+        (("--set", "sft.per_device_train_batch_size=0"), "sft.per_device_train_batch_size must be a positive whole number, got 0"),
+        (("--set", "sft.gradient_accumulation_steps=0"), "sft.gradient_accumulation_steps must be a positive whole number"),
+        (("--set", "sft.max_length=0"), "sft.max_length must be a positive whole number (or null)"),
+        (("--set", "sft.learning_rate=-1"), "sft.learning_rate must be a number of at least 0"),
+        (("--set", "sft.max_steps=-5"), "sft.max_steps must be a positive whole number (or -1)"),
+        (("--set", "sft.num_train_epochs=0"), "sft.num_train_epochs must be a number above 0"),
+        (("--set", "sft.seed=abc"), "sft.seed must be a whole number"),
+        (("--set", "sft.seed=null"), "sft.seed must be a whole number"),
+    ],
+)  # fmt: skip
+def test_training_numbers_that_would_fail_mid_setup(cli, home, populated, args, match):
+    base = ("--base", "org/model", "--data", "d.jsonl", "--format", "alpaca", "--name", "x")
+    refused(cli, home, populated, "train", *base, *args, match=match)

@@ -44,7 +44,7 @@ FLAGS = {
 )
 @click.option("--eval-split", type=float, help="Fraction of the data held out for evaluation.")
 @click.option("--eval-data", type=click.Path(), help="A separate evaluation file (same format).")
-@click.option("--limit", type=int, help="Use only the first N records.")
+@click.option("--limit", type=click.IntRange(min=1), help="Use only the first N records.")
 @click.option(
     "--quantization",
     type=click.Choice(["none", "8bit", "4bit"]),
@@ -59,17 +59,21 @@ FLAGS = {
 @click.option(
     "--targets", help="LoRA targets: attention, all-linear, or module names (q_proj,v_proj)."
 )
-@click.option("--r", type=int, help="LoRA rank.")
+@click.option("--r", type=click.IntRange(min=1), help="LoRA rank.")
 @click.option("--alpha", type=int, help="LoRA alpha.")
-@click.option("--dropout", type=float, help="LoRA dropout.")
+@click.option("--dropout", type=click.FloatRange(0, 1), help="LoRA dropout.")
 @click.option("--rslora/--no-rslora", default=None, help="Rank-stabilised LoRA scaling.")
 @click.option("--dora/--no-dora", default=None, help="Weight-decomposed LoRA (DoRA).")
-@click.option("--epochs", type=float, help="Training epochs.")
-@click.option("--max-steps", type=int, help="Stop after N optimizer steps.")
-@click.option("--lr", type=float, help="Learning rate.")
-@click.option("--batch-size", type=int, help="Per-device batch size.")
-@click.option("--grad-accum", type=int, help="Gradient accumulation steps.")
-@click.option("--max-length", type=int, help="Maximum tokens per example (or packed sequence).")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), help="Training epochs.")
+@click.option("--max-steps", type=click.IntRange(min=1), help="Stop after N optimizer steps.")
+@click.option("--lr", type=click.FloatRange(min=0), help="Learning rate.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Per-device batch size.")
+@click.option("--grad-accum", type=click.IntRange(min=1), help="Gradient accumulation steps.")
+@click.option(
+    "--max-length",
+    type=click.IntRange(min=1),
+    help="Maximum tokens per example (or packed sequence).",
+)
 @click.option(
     "--packing/--no-packing", default=None, help="Pack examples into full-length sequences."
 )

@@ -560,3 +560,12 @@ def test_generate_and_compose_options(cli, home, tmp_path, tiny_llama):
 def test_training_numbers_that_would_fail_mid_setup(cli, home, populated, args, match):
     base = ("--base", "org/model", "--data", "d.jsonl", "--format", "alpaca", "--name", "x")
     refused(cli, home, populated, "train", *base, *args, match=match)
+
+
+def test_allow_large_stores_a_file_past_the_limit(cli, home, tmp_path, registry):
+    src = write_adapter(tmp_path / "big")
+    _sparse(src / "tokenizer.json", 51 * 1024**2)
+    code, out, err = cli("add", "p0", str(src), "--allow-large")
+    assert code == 0 and out.strip() == "p0@1", err
+    sizes = {f.path: f.size for f in registry.get("p0").files}
+    assert sizes["tokenizer.json"] == 51 * 1024**2

@@ -48,6 +48,12 @@ def clip(text: str, limit: int = BRIEF_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, clipped (empty if it has none)."""
+    lines = str(exc).strip().splitlines()
+    return clip(lines[0], limit) if lines else type(exc).__name__
+
+
 class AdaptrError(Exception):
     """Base class: a problem with the user's input or environment, not a bug."""
 

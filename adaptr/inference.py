@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import IncompatibleBaseError, InvalidInputError, NotFoundError, brief
+from .errors import IncompatibleBaseError, InvalidInputError, NotFoundError, brief, first_line
 from .registry import AdapterVersion, Registry
 from .registry.adapter_dir import WEIGHTS, lora_modules
 from .registry.fingerprint import (
@@ -45,13 +45,15 @@ def base_location(registry: Registry, version: AdapterVersion, override: str | N
         p = Path(override).expanduser()
         if p.exists():
             if not (p / "config.json").is_file():
-                raise NotFoundError(f"base {override} is not a model folder (no config.json)")
+                raise NotFoundError(
+                    f"base {brief(override)} is not a model folder (no config.json)"
+                )
             return str(p)
         try:
             return registry.get_base(override).path
         except NotFoundError:
             raise NotFoundError(
-                f"base {override!r} not found: give a model folder or a name from `adaptr base list`"
+                f"base {brief(override)} not found: give a model folder or a name from `adaptr base list`"
             ) from None
     if not version.base:
         raise NotFoundError(f"{version.ref} records no base: pass --base PATH")
@@ -102,7 +104,7 @@ def load_base_model(path: str, dtype: str = "auto"):
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise InvalidInputError(f"could not load base {path}: {str(e).splitlines()[0]}") from None
+        raise InvalidInputError(f"could not load base {path}: {first_line(e)}") from None
     return model.eval(), tokenizer
 
 

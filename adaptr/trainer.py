@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .errors import AdaptrError, ConflictError, InvalidInputError, NotFoundError, clip
+from .errors import AdaptrError, ConflictError, InvalidInputError, NotFoundError, brief, first_line
 from .recipe import Recipe
 from .registry import AdapterVersion, Registry, check_name
 from .registry.blobs import hash_file
@@ -83,11 +83,13 @@ def resolve_base(path_or_name: str, registry: Registry) -> tuple[str, str]:
     p = Path(path_or_name).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
-            raise InvalidInputError(f"base {path_or_name} is not a model folder (no config.json)")
+            raise InvalidInputError(
+                f"base {brief(path_or_name)} is not a model folder (no config.json)"
+            )
         return str(p.resolve()), str(p.resolve())
     if not looks_like_hub_id(path_or_name):
         raise NotFoundError(
-            f"base {path_or_name!r} not found: give a model folder, a Hub id (org/name) or a name from `adaptr base list`"
+            f"base {brief(path_or_name)} not found: give a model folder, a Hub id (org/name) or a name from `adaptr base list`"
         )
     return path_or_name, path_or_name
 
@@ -99,14 +101,16 @@ def _check_causal_lm(path: str, trust_remote_code: bool) -> dict:
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise InvalidInputError(f"could not load base {path}: {str(e).splitlines()[0]}") from None
+        raise InvalidInputError(f"could not load base {path}: {first_line(e)}") from None
     heads = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     archs = config.architectures or []
     causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
         not archs or any(a in heads for a in archs)
     )
     if not causal and not trust_remote_code:
-        what = f"model_type {config.model_type!r}" + (f", architectures {archs}" if archs else "")
+        what = f"model_type {brief(config.model_type)}" + (
+            f", architectures {brief(archs)}" if archs else ""
+        )
         raise InvalidInputError(
             f"base {path} is not a causal language model ({what}); "
             "adaptr trains decoder-only models that AutoModelForCausalLM loads"
@@ -129,7 +133,7 @@ def load_base(
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=base["trust_remote_code"])
     except (OSError, ValueError, TypeError) as e:
         raise InvalidInputError(
-            f"could not load the tokenizer of base {path}: {str(e).splitlines()[0]}"
+            f"could not load the tokenizer of base {path}: {first_line(e)}"
         ) from None
     if family is not None:
         family.fix_tokenizer(tokenizer)
@@ -168,7 +172,7 @@ def load_base(
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
-        raise InvalidInputError(f"could not load base {path}: {str(e).splitlines()[0]}") from None
+        raise InvalidInputError(f"could not load base {path}: {first_line(e)}") from None
     if quant != "none":
         from peft import prepare_model_for_kbit_training
 
@@ -231,7 +235,7 @@ def sft_config(sft: dict[str, Any], output_dir: Path, *, progress: bool):
     try:
         return SFTConfig(**kwargs)
     except (TypeError, ValueError) as e:
-        raise InvalidInputError(f"invalid sft setting: {str(e).splitlines()[0]}") from None
+        raise InvalidInputError(f"invalid sft setting: {first_line(e)}") from None
 
 
 def train(
@@ -267,7 +271,7 @@ def train(
     tokenizer, model, family = load_base(load_path, recipe.base, gradient_checkpointing=gc)
     if family is None:
         notes.append(
-            f"no family claims model_type {model.config.model_type!r}: PEFT's default LoRA targets are used"
+            f"no family claims model_type {brief(model.config.model_type)}: PEFT's default LoRA targets are used"
         )
 
     from transformers import set_seed
@@ -290,7 +294,7 @@ def train(
         except (TypeError, ValueError) as e:
             if isinstance(e, AdaptrError):
                 raise
-            raise InvalidInputError(f"invalid lora setting: {clip(_first_line(e), 200)}") from None
+            raise InvalidInputError(f"invalid lora setting: {first_line(e)}") from None
     args = sft_config(recipe.sft, run_dir, progress=progress)
     set_seed(args.seed)
     try:
@@ -299,7 +303,7 @@ def train(
             processing_class=tokenizer, peft_config=peft_config,
         )  # fmt: skip
     except ValueError as e:
-        raise InvalidInputError(f"cannot set up training: {str(e).splitlines()[0]}") from None
+        raise InvalidInputError(f"cannot set up training: {first_line(e)}") from None
     trainable, total = trainer.model.get_nb_trainable_parameters()
     notes.append(
         f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
@@ -322,7 +326,7 @@ def train(
     except Exception as e:
         if resume_from and _loading_checkpoint(e):
             raise InvalidInputError(
-                f"checkpoint {resume_from} cannot be read ({type(e).__name__}: {clip(_first_line(e), 120)}); "
+                f"checkpoint {resume_from} cannot be read ({type(e).__name__}: {first_line(e, 120)}); "
                 "start over with --restart, or delete that folder to resume from an earlier checkpoint"
             ) from None
         raise
@@ -363,11 +367,6 @@ def _loading_checkpoint(exc: BaseException) -> bool:
         frame.f_code.co_name in CHECKPOINT_LOADERS
         for frame, _ in traceback.walk_tb(exc.__traceback__)
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else ""
 
 
 def _complete(checkpoint: Path) -> bool:

@@ -569,3 +569,15 @@ def test_allow_large_stores_a_file_past_the_limit(cli, home, tmp_path, registry)
     assert code == 0 and out.strip() == "p0@1", err
     sizes = {f.path: f.size for f in registry.get("p0").files}
     assert sizes["tokenizer.json"] == 51 * 1024**2
+
+
+def test_an_internal_error_is_still_one_short_line(cli, home, populated, monkeypatch):
+    def boom(self, name=None):
+        raise RuntimeError("size mismatch " * 1000)
+
+    monkeypatch.setattr(Registry, "list", boom)
+    code, out, err = cli("list")
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1, err[:500]
+    assert lines[0].startswith("error: internal error (RuntimeError: size mismatch size mismatch")
+    assert lines[0].endswith("rerun with --debug for the traceback") and len(lines[0]) < 400

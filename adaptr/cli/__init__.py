@@ -13,7 +13,7 @@ import traceback
 import click
 
 from adaptr import __version__
-from adaptr.errors import AdaptrError
+from adaptr.errors import AdaptrError, clip
 
 from . import adapters, bases, compose, plugins, serve, store, train
 
@@ -66,6 +66,9 @@ for command in (
     cli.add_command(command)
 
 
+MAX_MESSAGE = 2000  # a safety net: messages cut the values they echo far shorter
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         code = e.code if isinstance(e.code, int) else 1
     except Exception as e:  # a bug: still one line, with a way to see more
         code = _fail(
-            f"internal error ({type(e).__name__}: {_one_line(e)}); rerun with --debug for the traceback",
+            f"internal error ({type(e).__name__}: {clip(e, 300)}); rerun with --debug for the traceback",
             1,
             debug,
         )
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 def _fail(message: str, code: int, debug: bool) -> int:
     if debug:
         traceback.print_exc()
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"error: {clip(message, MAX_MESSAGE)}", err=True)
     return code
 
 

@@ -7,7 +7,7 @@ Layout under the registry home::
     manifests/_removing/NAME@N.json moved there before the SQL commit of a remove
     state.json                   names (next version), tags, active adapters, bases
 
-A writer (holding the lock) turns a pending manifest into ``NAME/N.json`` after its
+A writer (holding the lock) moves a pending manifest to ``NAME/N.json`` after its
 commit and deletes a removing one after its commit. A writer killed in between leaves an
 intent that the next lock holder settles against the index (:func:`settle`). ``state.json``
 is rewritten after every committed write. Every file goes through temp + fsync + rename.
@@ -77,10 +77,11 @@ class Journal:
         write_json(pending, record)
         return pending
 
-    def finish_add(self, pending: Path, name: str, version: int) -> None:
+    def place(self, manifest: Path, name: str, version: int) -> None:
+        """Move a manifest (pending, or on its way out) to its committed place."""
         final = self.committed(name, version)
         final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(pending, final)
+        os.replace(manifest, final)
         fsync_dir(final.parent)
 
     def begin_remove(self, name: str, version: int) -> Path | None:
@@ -94,7 +95,7 @@ class Journal:
 
     def abort_remove(self, moved: list[tuple[Path, str, int]]) -> None:
         for path, name, version in moved:
-            self.finish_add(path, name, version)
+            self.place(path, name, version)
 
     @staticmethod
     def finish_remove(moved: list[tuple[Path, str, int]]) -> None:
@@ -118,8 +119,7 @@ class Journal:
         """Write manifests for every indexed version (a registry made before manifests existed)."""
         for row in conn.execute("SELECT * FROM versions").fetchall():
             write_json(self.committed(row["name"], row["version"]), record_of(conn, row))
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.write_state(conn)
+        self.root.mkdir(parents=True, exist_ok=True)  # state.json follows the write
 
     def settle(self, conn: sqlite3.Connection) -> None:
         """Resolve the intents of writers that died between their manifest and their commit."""
@@ -133,7 +133,7 @@ class Journal:
                     "SELECT 1 FROM versions WHERE name=? AND version=?", (name, int(version))
                 ).fetchone()
                 if indexed:  # the add committed, or the remove did not
-                    self.finish_add(path, name, int(version))
+                    self.place(path, name, int(version))
                 else:
                     path.unlink(missing_ok=True)
 

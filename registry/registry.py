@@ -130,9 +130,15 @@ class Registry(Maintenance):
             raise IntegrityError(why)
 
     @contextmanager
-    def _writer(
-        self, *, rebuilding: bool = False, creates: bool = False
-    ) -> Iterator[sqlite3.Connection]:
+    def _locked(self) -> Iterator[None]:
+        """Hold the writer lock, waiting up to ``$ADAPTR_LOCK_TIMEOUT`` seconds (600) for it."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        timeout = float(os.environ.get("ADAPTR_LOCK_TIMEOUT", "600"))
+        with writer_lock(self.home / "lock", timeout):
+            yield
+
+    @contextmanager
+    def _writer(self, *, creates: bool = False) -> Iterator[sqlite3.Connection]:
         """Hold the writer lock; yields a connection to an index that exists and can be trusted.
 
         Only writes that store something (``creates``) make a new registry home, and say
@@ -140,7 +146,7 @@ class Registry(Maintenance):
         write: intents of writers that died are settled, and a registry made before
         manifests existed gets them. After a committed write: ``state.json``.
         """
-        if not (self.home / "registry.db").exists() and not rebuilding:
+        if not (self.home / "registry.db").exists():
             self._refuse_lost_index(None)
             if not creates:
                 raise NotFoundError(
@@ -149,16 +155,13 @@ class Registry(Maintenance):
                 )
             if not self.home.exists():
                 self.notes.append(f"created a new registry at {self.home.resolve()}")
-        self.home.mkdir(parents=True, exist_ok=True)
-        timeout = float(os.environ.get("ADAPTR_LOCK_TIMEOUT", "600"))
-        with writer_lock(self.home / "lock", timeout):
+        with self._locked():
             conn = self._conn(create=True)
-            if not rebuilding:
-                self._refuse_lost_index(conn)
-                if self.journal.exists():
-                    self.journal.settle(conn)
-                else:
-                    self.journal.backfill(conn)
+            self._refuse_lost_index(conn)
+            if self.journal.exists():
+                self.journal.settle(conn)
+            else:
+                self.journal.backfill(conn)
             yield conn
             self.journal.write_state(conn)
 
@@ -372,7 +375,7 @@ class Registry(Maintenance):
                 if pending is not None:
                     pending.unlink(missing_ok=True)
                 raise
-            self.journal.finish_add(pending, name, version)
+            self.journal.place(pending, name, version)
         added = self.get(f"{name}@{version}")
         self._announce(added)
         return added
@@ -556,7 +559,6 @@ class Registry(Maintenance):
                 raise ConflictError(
                     f"{why}: pass --force to remove it anyway (its tags go with it)"
                 )
-            gone = {(v.name, v.version) for v in victims}
             moved: list[tuple[Path, str, int]] = []
             try:
                 with index.transaction(conn):
@@ -570,14 +572,14 @@ class Registry(Maintenance):
                         intent = self.journal.begin_remove(v.name, v.version)
                         if intent is not None:
                             moved.append((intent, v.name, v.version))
-                    self._prune_active(conn, gone)
+                    self._prune_active(conn)
             except BaseException:
                 self.journal.abort_remove(moved)
                 raise
             self.journal.finish_remove(moved)
         return victims
 
-    def _prune_active(self, conn: sqlite3.Connection, gone: set[tuple[str, int]]) -> None:
+    def _prune_active(self, conn: sqlite3.Connection) -> None:
         """Drop active references that no longer resolve, keeping the rest in order."""
         for base, refs in self._active(conn).items():
             keep = []
@@ -605,9 +607,7 @@ class Registry(Maintenance):
                 f"{self.home} has no version manifests to rebuild from (a registry made by an "
                 "adaptr older than manifests, or not a registry home); nothing was changed"
             )
-        self.home.mkdir(parents=True, exist_ok=True)
-        timeout = float(os.environ.get("ADAPTR_LOCK_TIMEOUT", "600"))
-        with writer_lock(self.home / "lock", timeout):
+        with self._locked():
             self._drop_conn()
             db = self.home / "registry.db"
             aside = None
@@ -620,7 +620,7 @@ class Registry(Maintenance):
             conn = self._conn(create=True)
             with index.transaction(conn):
                 report = rebuild(conn, self.journal, lambda d: self.blobs.path(d).is_file())
-                self._prune_active(conn, set())
+                self._prune_active(conn)
             self.journal.settle(conn)
             self.journal.write_state(conn)
         report.moved_aside = str(aside) if aside else None

@@ -24,7 +24,7 @@ HELPERS = str(Path(__file__).parent)
 # A writer that adds fresh adapters in a loop and says what it did; the test kills it.
 # Each record is one os.write of a whole line, so a kill (even with PYTHONUNBUFFERED set,
 # where print() writes each argument apart) never leaves half a record in the pipe.
-# With a phase ("blobs.adopt", "journal.finish_add:before", …) the writer stops inside
+# With a phase ("blobs.adopt", "journal.place:before", …) the writer stops inside
 # that step of an add on its N-th call and says "inside": the kill lands there for sure.
 WRITER = textwrap.dedent(
     """
@@ -65,7 +65,7 @@ WRITER = textwrap.dedent(
 # a later add each time, so every trial has whole versions before the kill.
 PHASES = [
     ("blobs.stage", 2), ("blobs.adopt", 5), ("journal.begin_add", 2),
-    ("journal.finish_add:before", 3), ("journal.finish_add", 2), ("journal.write_state", 4),
+    ("journal.place:before", 3), ("journal.place", 2), ("journal.write_state", 4),
 ]  # fmt: skip
 
 

@@ -127,6 +127,8 @@ class Registry(Maintenance):
         if why:
             if conn is not None:
                 conn.close()
+                if getattr(self._local, "conn", None) is conn:
+                    self._local.conn = None  # the next call opens (and checks) the index again
             raise IntegrityError(why)
 
     @contextmanager

@@ -74,8 +74,11 @@ def test_a_lost_index_blocks_gc_and_reindex_restores_everything(home, tmp_path, 
     assert code == 6 and "reindex" in err and "no adapters yet" not in out
     code, _, err = cli("add", "alpha", str(write_adapter(tmp_path / "a3", seed=9)))
     assert code == 6 and "reindex" in err  # a write would start a fresh, smaller index
+    same = Registry(home)
     with pytest.raises(IntegrityError, match="reindex"):
-        Registry(home).gc()
+        same.gc()
+    with pytest.raises(IntegrityError, match="reindex"):  # refused again, not a closed handle
+        same.list()
 
     code, out, err = cli("reindex")
     assert code == 0 and "3 version(s), 1 tag(s)" in out, (out, err)

@@ -219,9 +219,11 @@ def _read_config(path: Path) -> dict:
         raise InvalidAdapterError(
             f"{path}: peft_type {brief(config['peft_type'])} is not a PEFT method name (LORA, LOHA, IA3…)"
         )
-    r = config.get("r")
-    if r is not None and not (_is_int(r) and 1 <= r <= MAX_RANK):
-        raise InvalidAdapterError(f"{path}: r must be a positive integer, got {brief(r)}")
+    r = config.get("r")  # OFT saves r=0 (it sizes blocks instead); LoRA's r is checked below
+    if config["peft_type"] != "LORA" and r is not None and not (_is_int(r) and 0 <= r <= MAX_RANK):
+        raise InvalidAdapterError(
+            f"{path}: r must be a whole number from 0 to {MAX_RANK}, got {brief(r)}"
+        )
     if config.get("task_type") is not None and not (
         isinstance(config["task_type"], str) and len(config["task_type"]) <= 64
     ):
@@ -270,7 +272,7 @@ def _check_lora_config(path: Path, config: dict) -> None:
         return InvalidAdapterError(f"{path}: {key} must be {need}, got {brief(config[key])}")
 
     r = config.get("r")
-    if not _is_int(r) or r < 1:
+    if not (_is_int(r) and 1 <= r <= MAX_RANK):
         raise InvalidAdapterError(f"{path}: r must be a positive integer, got {brief(r)}")
     for key in ("target_modules", "exclude_modules"):
         value = config.get(key)
@@ -331,10 +333,13 @@ def _check_lora(adapter: AdapterSource) -> None:
             have = "lora_A" if "lora_A" in parts else "lora_B"
             raise InvalidAdapterError(f"{where}: {brief(module)} has {have} but not its partner")
         a, b = parts["lora_A"].shape, parts["lora_B"].shape
-        if len(a) != 2 or len(b) != 2 or 0 in a or 0 in b:
+        linear = len(a) == len(b) == 2
+        conv = len(a) == len(b) in (3, 4, 5) and all(k == 1 for k in b[2:])  # PEFT's Conv1d-3d
+        if not (linear or conv) or 0 in a or 0 in b:
             raise InvalidAdapterError(
                 f"{where}: {brief(module)} has lora_A {list(a)} and lora_B {list(b)}; "
-                "LoRA weights are non-empty matrices (adaptr stores LoRA on linear and embedding layers)"
+                "LoRA weights are non-empty matrices (linear and embedding layers), or a "
+                "convolution's kernels with a 1x1 lora_B"
             )
         rank_a, rank_b = a[0], b[1]
         expected = pattern_value(cfg.get("rank_pattern"), module, cfg["r"])

@@ -55,7 +55,8 @@ class Ref:
         if not sep or selector == "latest":
             return cls(name)
         if selector.isascii() and selector.isdigit():  # '²' and '٣' are digits to str.isdigit
-            version = int(selector) if len(selector) <= 19 else MAX_VERSION + 1
+            digits = selector.lstrip("0") or "0"  # int() of thousands of digits is refused
+            version = int(digits) if len(digits) <= 19 else MAX_VERSION + 1
             if version < 1:
                 raise InvalidInputError(f"invalid reference {brief(text)}: versions start at 1")
             if version > MAX_VERSION:

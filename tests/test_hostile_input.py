@@ -10,7 +10,9 @@ import shutil
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from adaptr.errors import InvalidAdapterError, InvalidInputError, NotFoundError
 from adaptr.registry import Registry
@@ -175,8 +177,11 @@ def _hostile_source(d, kind: str):
         ("dropout-big", "lora_dropout must be a number between 0 and 1"),
         ("base-name-list", "base_model_name_or_path must be a model id or path"),
         ("huge-r", "r must be a positive integer"),
-        ("loha-huge-r", "r must be a positive integer, got 1000000000000000000000000000000"),
-        ("loha-list-r", "r must be a positive integer, got [1]"),
+        (
+            "loha-huge-r",
+            "r must be a whole number from 0 to 2147483647, got 1000000000000000000000000000000",
+        ),
+        ("loha-list-r", "r must be a whole number from 0 to 2147483647, got [1]"),
         ("long-peft-type", "is not a PEFT method name"),
         ("list-task-type", "task_type must be a name such as CAUSAL_LM"),
     ],
@@ -199,6 +204,37 @@ def test_regex_target_modules_that_match_are_accepted(registry, tmp_path):
     src = write_adapter(tmp_path / "rx")
     _reconfig(src, target_modules=r".*\.(q_proj|v_proj)")
     assert registry.add("rx", src).version == 1
+
+
+def test_an_oft_adapter_with_r_zero_is_accepted(registry, tmp_path):
+    """PEFT's OFT saves r=0 by default (it sizes its blocks with oft_block_size instead)."""
+    src = tmp_path / "oft"
+    src.mkdir()
+    key = "base_model.model.model.layers.0.self_attn.q_proj.oft_R.weight"
+    save_file({key: np.zeros((1, 528), dtype=np.float32)}, str(src / "adapter_model.safetensors"))
+    (src / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "OFT", "r": 0, "oft_block_size": 32, "target_modules": ["q_proj"]})
+    )
+    assert registry.add("oft", src).peft_type == "OFT"
+
+
+def test_a_convolution_lora_is_accepted_and_a_half_3d_pair_is_not(registry, tmp_path):
+    """PEFT's Conv2d LoRA: lora_A [r, in, k, k] and a 1x1 lora_B [out, r, 1, 1]."""
+    src = tmp_path / "conv"
+    src.mkdir()
+    key = "base_model.model.vision.conv"
+    tensors = {
+        f"{key}.lora_A.weight": np.zeros((4, 3, 3, 3), dtype=np.float32),
+        f"{key}.lora_B.weight": np.zeros((8, 4, 1, 1), dtype=np.float32),
+    }
+    save_file(tensors, str(src / "adapter_model.safetensors"))
+    cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["conv"]}
+    (src / "adapter_config.json").write_text(json.dumps(cfg))
+    assert registry.add("conv", src).r == 4
+    tensors[f"{key}.lora_B.weight"] = np.zeros((8, 4, 3, 3), dtype=np.float32)  # not 1x1
+    save_file(tensors, str(src / "adapter_model.safetensors"))
+    with pytest.raises(InvalidAdapterError, match="a convolution's kernels with a 1x1 lora_B"):
+        registry.add("conv", src)
 
 
 # --------------------------------------------------------------- file sizes

@@ -48,6 +48,8 @@ def test_versions_are_ascii_digits_within_sqlite_int64(text):
 def test_largest_version_parses():
     assert Ref.parse("p0@9223372036854775807").version == 2**63 - 1
     assert Ref.parse("p0@007").version == 7
+    assert Ref.parse("p0@" + "0" * 20 + "7").version == 7  # leading zeros do not make it large
+    assert Ref.parse("p0@" + "0" * 5000 + "7").version == 7
 
 
 def test_non_text_reference_is_refused():

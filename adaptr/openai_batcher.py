@@ -176,11 +176,13 @@ class Batcher:
             parts[-1].append(job)
         for sampling, parts in groups.items():
             for jobs in parts:
-                live = [j for j in jobs if not self._drop(j)]  # gone while the others ran
-                if live:
-                    self._generate(live, sampling)
+                self._generate(jobs, sampling)
 
     def _generate(self, jobs: list[Job], sampling: tuple) -> None:
+        # every part (and every retry) checks again: a client may leave while another part runs
+        jobs = [j for j in jobs if not self._drop(j)]
+        if not jobs:
+            return
         parts = self.server.partition([j.adapter for j in jobs], len(jobs))
         if len(parts) > 1:  # adapters PEFT must run apart (DoRA, ...)
             for part in parts:

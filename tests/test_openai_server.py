@@ -375,3 +375,51 @@ def test_an_adapter_that_cannot_load_fails_only_its_own_requests(served):
         text = tok.decode([v for k, v in j.items if k == "token"], skip_special_tokens=True)
         assert text == expected(reg, ref, "Hello there", 6), ref
     assert batcher.server.served_by_peft() == ["dora@1"]
+
+
+def test_a_job_cancelled_while_an_earlier_part_runs_is_dropped_not_generated(served):
+    """A batch run as several parts (an adapter PEFT runs apart, or a retry per adapter
+    after one failed to load): a job whose client leaves while an earlier part generates is
+    dropped before its own part, not loaded and prefilled."""
+    from adaptr.openai_server import Job
+
+    reg, root, _, _, app = served
+    batcher = app.state.batcher
+    prompt_ids = batcher.server.tokenizer("Hello there").input_ids
+    if not any(v.name == "dora" for v in reg.list()):  # added by the test above when it ran
+        dora = random_lora(
+            reg.base_path("tiny"), root / "dora", 5, r=2, target_modules=["q_proj"], use_dora=True
+        )
+        reg.add("dora", dora, base="tiny")
+
+    class Recorded(Job):
+        def emit(self, item):
+            self.items.append(item)
+
+    def job(adapter):
+        j = Recorded(prompt_ids, adapter, 6, (False, 0.0, 1.0), None)
+        j.items = []
+        return j
+
+    cases = [
+        ([job("a@1"), job("gone@1"), job("b@1")], 2),  # "gone@1" fails: a retry per adapter
+        ([job("a@1"), job("dora@1")], 1),  # DoRA runs in a part of its own, after a@1's
+    ]
+    for jobs, gone in cases:
+        forwards = []
+
+        def before_forward(module, args, jobs=jobs, gone=gone, forwards=forwards):
+            forwards.append(list(batcher.current))
+            jobs[gone].cancelled = True  # its client leaves while the first part runs
+
+        dropped = batcher.dropped
+        hook = batcher.server.model.register_forward_pre_hook(before_forward)
+        try:
+            batcher._generate(jobs, (False, 0.0, 1.0))
+        finally:
+            hook.remove()
+        assert forwards and [id(j) for j in forwards[0]] == [id(jobs[0])], forwards[:1]
+        assert jobs[0].items[-1][0] == "end" and "error" not in [k for k, _ in jobs[0].items]
+        assert batcher.dropped == dropped + 1, [j.adapter for j in jobs]
+        assert not any(j is jobs[gone] for f in forwards for j in f), "the dropped job ran"
+        assert jobs[gone].items == [], jobs[gone].items

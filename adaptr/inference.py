@@ -73,25 +73,42 @@ def _modules(registry: Registry, version: AdapterVersion) -> dict[str, dict[str,
     return {}
 
 
-def check_base_fits(registry: Registry, versions: Sequence[AdapterVersion], base: str) -> None:
+def check_base_fits(
+    registry: Registry, versions: Sequence[AdapterVersion], base: str
+) -> BaseInfo | None:
     """Refuse, before any weight is loaded, adapters whose LoRA shapes the base cannot hold.
 
-    Reads the base's config and safetensors headers (as ``adaptr add`` does); a Hub id that
-    is not in the local cache is checked on the loaded model instead (:func:`attach`).
+    Reads the base's config and safetensors headers (as ``adaptr add`` does) and returns
+    them; None for a Hub id that is not in the local cache, which :func:`attach` then
+    checks on the loaded model instead.
     """
     found = find_base_dir(base)
     if found is None:
-        return
+        return None
     info = read_base(found)
     for v in versions:
         check_adapter_fits(_modules(registry, v), info, v.ref)
+    return info
 
 
 def _loaded_base(model) -> BaseInfo:
     """What check_adapter_fits needs, from a loaded model instead of its files."""
-    tensors = {n: TensorInfo(str(t.dtype), tuple(t.shape)) for n, t in model.state_dict().items()}
+    tensors = {
+        n: TensorInfo(str(t.dtype), tuple(t.shape))
+        for n, t in model.named_parameters(remove_duplicate=False)  # shapes only: no state_dict
+    }
     name = getattr(model, "name_or_path", None) or type(model).__name__
     return BaseInfo(Path(name), model.config.to_dict(), tensors, "")
+
+
+def context_window(config) -> int | None:
+    """The most tokens the model reads, or None when RoPE scaling (YaRN, dynamic NTK…)
+    takes it past ``max_position_embeddings`` by an amount the config does not bound."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) != "default":
+        return None
+    window = getattr(config, "max_position_embeddings", None)
+    return window if isinstance(window, int) else None
 
 
 def load_base_model(path: str, dtype: str = "auto"):
@@ -116,16 +133,19 @@ def attach(
     *,
     trainable: bool = False,
     into=None,
+    checked: bool = False,
 ):
     """A PeftModel with each version loaded as an adapter named by its ref (exports into workdir).
 
     ``into``: a PeftModel already wrapping ``model`` to load them into, instead of a new one.
+    ``checked``: :func:`check_base_fits` already checked the versions against the base's files.
     """
     from peft import PeftModel
 
-    loaded = _loaded_base(model)
-    for v in versions:
-        check_adapter_fits(_modules(registry, v), loaded, v.ref)
+    if not checked:
+        loaded = _loaded_base(model)
+        for v in versions:
+            check_adapter_fits(_modules(registry, v), loaded, v.ref)
     peft = into
     for v in versions:
         folder = registry.export(v.ref, workdir / v.ref.replace("@", "-"), force=True)
@@ -161,10 +181,10 @@ def load(
         refs = next(iter(active.values()))
     versions = versions_on_one_base(registry, refs)
     path = base_location(registry, versions[0], base)
-    check_base_fits(registry, versions, path)
+    checked = check_base_fits(registry, versions, path) is not None
     model, tokenizer = load_base_model(path, dtype)
     with tempfile.TemporaryDirectory(prefix="adaptr-load-") as tmp:
-        peft = attach(model, registry, versions, Path(tmp))
+        peft = attach(model, registry, versions, Path(tmp), checked=checked)
     names = [v.ref for v in versions]
     peft.base_model.set_adapter(names if len(names) > 1 else names[0])
     return peft.eval(), tokenizer, names
@@ -187,12 +207,12 @@ def generate(
         ids = tokenizer(prompt, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
         raise InvalidInputError("the prompt is empty: give some text to continue")
-    window = getattr(model.config, "max_position_embeddings", None)
+    window = context_window(model.config)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InvalidInputError(
             f"max_new_tokens must be a positive whole number, got {brief(max_new_tokens)}"
         )
-    if isinstance(window, int) and ids.shape[1] + max_new_tokens > window:
+    if window is not None and ids.shape[1] + max_new_tokens > window:
         raise InvalidInputError(
             f"the model reads at most {window} tokens and the prompt has {ids.shape[1]}: "
             f"ask for at most {max(window - ids.shape[1], 0)} new tokens"

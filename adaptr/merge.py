@@ -47,9 +47,8 @@ def merge(
         raise ConflictError(f"{out} exists and is not empty; pass --force to replace it")
     versions = versions_on_one_base(registry, refs)
     path = base_location(registry, versions[0], base)
-    check_base_fits(registry, versions, path)
-    config_file = Path(path) / "config.json"
-    if config_file.is_file() and "quantization_config" in json.loads(config_file.read_text()):
+    info = check_base_fits(registry, versions, path)
+    if info is not None and info.quantized:
         raise InvalidInputError(
             f"base {path} is a quantized checkpoint: merging into quantized weights loses the adapter's precision; "
             "pass --base with the full-precision weights"
@@ -66,7 +65,7 @@ def merge(
     out.parent.mkdir(parents=True, exist_ok=True)
     work = work_dir("merge", out.parent)  # beside out: the result moves in by rename
     try:
-        peft = attach(model, registry, versions, work / "adapters")
+        peft = attach(model, registry, versions, work / "adapters", checked=info is not None)
         names = [v.ref for v in versions]
         merged = peft.merge_and_unload(adapter_names=names, progressbar=False)
         staging = work / "model"

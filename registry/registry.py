@@ -344,9 +344,8 @@ class Registry(Maintenance):
             stage.mkdir(parents=True)
             try:
                 stored = [(f.name, *self.blobs.stage(f, stage / f.name)) for f in adapter.files]
-                adapter = _recheck(adapter, stage, allow_large)  # the stored bytes are checked
-                if base_info is not None:
-                    check_adapter_fits(adapter.lora_modules, base_info, f"adapter {source}")
+                # the copy holds the tensors checked above (base fit included), or is refused
+                adapter = _recheck(adapter, stage, allow_large)
                 for fname, digest, size in stored:
                     self.blobs.adopt(stage / fname, digest, size)
             finally:

@@ -617,3 +617,13 @@ def test_an_internal_error_is_still_one_short_line(cli, home, populated, monkeyp
     assert code == 1 and len(lines) == 1, err[:500]
     assert lines[0].startswith("error: internal error (RuntimeError: size mismatch size mismatch")
     assert lines[0].endswith("rerun with --debug for the traceback") and len(lines[0]) < 400
+
+
+def test_the_context_window_is_not_enforced_past_what_rope_scaling_allows():
+    from transformers import LlamaConfig
+
+    from adaptr.inference import context_window
+
+    assert context_window(LlamaConfig(max_position_embeddings=512)) == 512
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}
+    assert context_window(LlamaConfig(max_position_embeddings=512, rope_scaling=yarn)) is None

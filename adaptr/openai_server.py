@@ -23,7 +23,6 @@ import asyncio
 import hmac
 import json
 import logging
-import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -44,9 +43,6 @@ from .serving import AdapterServer
 __all__ = ["Batcher", "Job", "Limits", "create_app"]
 
 log = logging.getLogger(__name__)
-
-# a ref as the registry spells it, in ASCII: NAME, NAME@N (at most 9 digits) or NAME@TAG
-_REF = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}(@([0-9]{1,9}|[a-z0-9][a-z0-9._-]{0,63}))?")
 
 
 @dataclass
@@ -290,11 +286,9 @@ def create_app(server: AdapterServer, *, api_key: str | None = None, limits: Lim
                     "several adapters are active (stacked); stacked adapters are not served per row",
                 )
             return registry.get(refs[0]).ref if refs else None
-        if not _REF.fullmatch(model) or ".." in model:
-            raise unknown(model)
         try:
             v = registry.get(model)
-        except InvalidInputError:
+        except InvalidInputError:  # not a ref (Ref.parse: ASCII digits, int64 versions, ...)
             raise unknown(model) from None
         if v.base != server.base_key:
             raise NotFoundError(f"{model} is an adapter of base {v.base}, not of {server.base_key}")

@@ -300,13 +300,11 @@ def create_app(server: AdapterServer, *, api_key: str | None = None, limits: Lim
         adapter = resolve(body.get("model"))
         p = parse_params(body)
         if chat:
-            param = "messages"
+            param, messages = "messages", _messages(body.get("messages"))
             try:
                 prompt = server.tokenizer.apply_chat_template(
-                    _messages(body.get("messages")), tokenize=False, add_generation_prompt=True
+                    messages, tokenize=False, add_generation_prompt=True
                 )
-            except AdaptrError:
-                raise
             except Exception as e:
                 raise ParamError("messages", f"cannot apply the chat template: {e}") from None
         else:

@@ -139,8 +139,6 @@ class Batcher:
                 log.exception("the batch worker failed on a batch of %d", len(batch))
                 for j in batch:
                     j.emit(("error", e))
-            finally:
-                self.current = []
             if held:
                 self._open.wait()
 
@@ -219,13 +217,16 @@ class Batcher:
                 self.most_models = max(self.most_models, len(set(adapters)))  # the base too
                 jobs = [jobs[i] for i in order]  # each adapter's rows together
                 self.current = jobs
-                streamer = _BatchStreamer(jobs, s.tokenizer.eos_token_id)
-                # left padding (the server's tokenizer is set up for it)
-                enc = s.tokenizer.pad(
-                    {"input_ids": [j.prompt_ids for j in jobs]}, return_tensors="pt"
-                )
-                s.model.generate(**enc, pad_token_id=s.tokenizer.pad_token_id, streamer=streamer,
-                                 stopping_criteria=StoppingCriteriaList([streamer]), **kwargs)  # fmt: skip
+                try:
+                    streamer = _BatchStreamer(jobs, s.tokenizer.eos_token_id)
+                    # left padding (the server's tokenizer is set up for it)
+                    enc = s.tokenizer.pad(
+                        {"input_ids": [j.prompt_ids for j in jobs]}, return_tensors="pt"
+                    )
+                    s.model.generate(**enc, pad_token_id=s.tokenizer.pad_token_id, streamer=streamer,
+                                     stopping_criteria=StoppingCriteriaList([streamer]), **kwargs)  # fmt: skip
+                finally:
+                    self.current = []
         except AdaptrError as e:
             if streamer is None or not streamer.emitted:
                 raise _NotStarted(e) from e

@@ -5,22 +5,15 @@ Every problem names the file and the line (or row) and says what to fix.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInputError, brief
 from .formatters import Formatter, MissingField, get_formatter
+from .values import decode_utf8, not_utf8, parse_json
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-
-
-def _not_utf8(path: Path, line: int, byte: int) -> InvalidInputError:
-    return InvalidInputError(
-        f"{path} line {line} (byte {byte}) is not valid UTF-8: "
-        "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
-    )
 
 
 def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -31,27 +24,9 @@ def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
             try:
                 text = raw.decode("utf-8-sig" if n == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                raise _not_utf8(path, n, offset + e.start) from None
+                raise not_utf8(str(path), n, offset + e.start) from None
             offset += len(raw)
             yield n, text
-
-
-def _parse_json(text: str, path: Path, where: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        at = (
-            f" ({e.msg} at column {e.colno})"
-            if where
-            else f" (line {e.lineno}, column {e.colno}: {e.msg})"
-        )
-        raise InvalidInputError(
-            f"{path}{' ' + where if where else ''}: not valid JSON{at}"
-        ) from None
-    except RecursionError:
-        raise InvalidInputError(
-            f"{path}{' ' + where if where else ''}: JSON nested too deeply to be a record"
-        ) from None
 
 
 def read_raw(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -66,10 +41,10 @@ def read_raw(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
         for n, line in _utf8_lines(path):
             if not line.strip():
                 continue
-            rec = _parse_json(line, path, f"line {n}")
+            rec = parse_json(line.rstrip("\r\n"), f"{path} line {n}", "a record")
             yield f"line {n}", _object(rec, path, f"line {n}")
     elif suffix == ".json":
-        doc = _parse_json("".join(text for _, text in _utf8_lines(path)), path, "")
+        doc = parse_json(decode_utf8(path.read_bytes(), str(path)), str(path), "a list of records")
         if isinstance(doc, dict) and isinstance(doc.get("data"), list):
             doc = doc["data"]
         if not isinstance(doc, list):
@@ -81,7 +56,7 @@ def read_raw(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     elif suffix in (".csv", ".parquet"):
         import datasets
 
-        if suffix == ".csv":
+        if suffix == ".csv":  # before datasets, which logs a traceback for a bad byte
             for _ in _utf8_lines(path):
                 pass
         datasets.disable_progress_bars()

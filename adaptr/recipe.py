@@ -19,11 +19,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import math
 from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInputError, brief
+from .values import decode_utf8, is_number, is_whole
 
 SECTIONS = {"name", "tags", "from", "base", "data", "lora", "sft"}
 BASE_KEYS = {
@@ -51,27 +51,19 @@ def _suggest(key: Any, known: set[str] | list[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def _whole(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 # SFTConfig fields that TRL/transformers take without checking and then fail on mid-setup
 SFT_RULES = {
-    "per_device_train_batch_size": (lambda v: _whole(v) and v >= 1, "a positive whole number"),
-    "per_device_eval_batch_size": (lambda v: _whole(v) and v >= 1, "a positive whole number"),
-    "gradient_accumulation_steps": (lambda v: _whole(v) and v >= 1, "a positive whole number"),
+    "per_device_train_batch_size": (lambda v: is_whole(v) and v >= 1, "a positive whole number"),
+    "per_device_eval_batch_size": (lambda v: is_whole(v) and v >= 1, "a positive whole number"),
+    "gradient_accumulation_steps": (lambda v: is_whole(v) and v >= 1, "a positive whole number"),
     "max_length": (
-        lambda v: v is None or (_whole(v) and v >= 1),
+        lambda v: v is None or (is_whole(v) and v >= 1),
         "a positive whole number (or null)",
     ),
-    "max_steps": (lambda v: _whole(v) and (v == -1 or v >= 1), "a positive whole number (or -1)"),
-    "num_train_epochs": (lambda v: _number(v) and v > 0, "a number above 0"),
-    "learning_rate": (lambda v: _number(v) and v >= 0, "a number of at least 0"),
-    "seed": (lambda v: _whole(v) and 0 <= v < 2**32, "a whole number from 0 to 2**32-1"),
+    "max_steps": (lambda v: is_whole(v) and (v == -1 or v >= 1), "a positive whole number (or -1)"),
+    "num_train_epochs": (lambda v: is_number(v) and v > 0, "a number above 0"),
+    "learning_rate": (lambda v: is_number(v) and v >= 0, "a number of at least 0"),
+    "seed": (lambda v: is_whole(v) and 0 <= v < 2**32, "a whole number from 0 to 2**32-1"),
 }
 
 
@@ -233,14 +225,7 @@ class Recipe:
                 f"recipe file {path} is {path.stat().st_size:,} bytes; a recipe is a few hundred: "
                 "is this the right file?"
             )
-        raw = path.read_bytes()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = raw.count(b"\n", 0, e.start) + 1
-            raise InvalidInputError(
-                f"recipe file {path} line {line} (byte {e.start}) is not valid UTF-8; re-save it as UTF-8"
-            ) from None
+        text = decode_utf8(path.read_bytes(), f"recipe file {path}")
         return cls(load_yaml(text, f"recipe file {path}") or {}, source=str(path))
 
     def set(self, dotted: str, value: Any) -> None:
@@ -295,9 +280,7 @@ class Recipe:
                 f"base.quantization must be one of {', '.join(QUANTIZATION)}, got {brief(self.base['quantization'])}"
             )
         split = self.data["eval_split"]
-        if split is not None and not (
-            isinstance(split, (int, float)) and not isinstance(split, bool) and 0 < float(split) < 1
-        ):
+        if split is not None and not (is_number(split) and 0 < split < 1):
             raise InvalidInputError(
                 f"data.eval_split must be a fraction between 0 and 1, got {brief(split)}"
             )
@@ -344,7 +327,7 @@ class Recipe:
         limit = self.data["limit"]
         need(
             "data.limit", limit,
-            limit is None or (type(limit) is int and limit > 0), "a positive whole number",
+            limit is None or (is_whole(limit) and limit > 0), "a positive whole number",
         )  # fmt: skip
         for key in ("trust_remote_code", "double_quant"):
             need(f"base.{key}", self.base[key], isinstance(self.base[key], bool), "true or false")

@@ -6,13 +6,13 @@ Works from ``adapter_config.json`` and safetensors headers alone (no torch, no p
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from adaptr.errors import InvalidAdapterError, InvalidInputError, brief
+from adaptr.values import human_size, is_number, is_whole, parse_json
 
 from .safetensors_header import TensorInfo, read_header
 
@@ -180,14 +180,6 @@ def _resolve(path: Path) -> Path:
         ) from None
 
 
-def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
 def _check_size(path: Path, allow_large: bool) -> None:
     weights = path.suffix == ".safetensors"
     limit = MAX_WEIGHTS if weights else MAX_OTHER
@@ -195,22 +187,13 @@ def _check_size(path: Path, allow_large: bool) -> None:
     if size > limit and not allow_large:
         what = "safetensors weights" if weights else "a file beside the weights"
         raise InvalidAdapterError(
-            f"{path} is {_human(size)}, more than an adapter holds ({what}: at most {_human(limit)}); "
+            f"{path} is {human_size(size)}, more than an adapter holds ({what}: at most {human_size(limit)}); "
             "remove it, or add with --allow-large if it really belongs to the adapter"
         )
 
 
 def _read_config(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise InvalidAdapterError(f"{path} is not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise InvalidAdapterError(
-            f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})"
-        ) from None
-    except RecursionError:
-        raise InvalidAdapterError(f"{path} is nested too deeply to be an adapter config") from None
+    config = parse_json(path.read_bytes(), str(path), "an adapter config", InvalidAdapterError)
     if not isinstance(config, dict):
         raise InvalidAdapterError(f"{path} must hold a JSON object")
     if not isinstance(config.get("peft_type"), str):
@@ -220,7 +203,7 @@ def _read_config(path: Path) -> dict:
             f"{path}: peft_type {brief(config['peft_type'])} is not a PEFT method name (LORA, LOHA, IA3…)"
         )
     r = config.get("r")  # OFT saves r=0 (it sizes blocks instead); LoRA's r is checked below
-    if config["peft_type"] != "LORA" and r is not None and not (_is_int(r) and 0 <= r <= MAX_RANK):
+    if config["peft_type"] != "LORA" and r is not None and not (is_whole(r) and 0 <= r <= MAX_RANK):
         raise InvalidAdapterError(
             f"{path}: r must be a whole number from 0 to {MAX_RANK}, got {brief(r)}"
         )
@@ -241,14 +224,6 @@ def _read_config(path: Path) -> dict:
     if config["peft_type"] == "LORA":
         _check_lora_config(path, config)
     return config
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _regex(path: Path, what: str, pattern: str, template: str = "{}") -> None:
@@ -272,7 +247,7 @@ def _check_lora_config(path: Path, config: dict) -> None:
         return InvalidAdapterError(f"{path}: {key} must be {need}, got {brief(config[key])}")
 
     r = config.get("r")
-    if not (_is_int(r) and 1 <= r <= MAX_RANK):
+    if not (is_whole(r) and 1 <= r <= MAX_RANK):
         raise InvalidAdapterError(f"{path}: r must be a positive integer, got {brief(r)}")
     for key in ("target_modules", "exclude_modules"):
         value = config.get(key)
@@ -283,8 +258,8 @@ def _check_lora_config(path: Path, config: dict) -> None:
         elif not isinstance(value, list) or not all(isinstance(t, str) for t in value):
             raise bad(key, "a list of module names or a regex string")
     for key, check, need in (
-        ("rank_pattern", lambda v: _is_int(v) and v >= 1, "positive integers"),
-        ("alpha_pattern", _is_number, "numbers"),
+        ("rank_pattern", lambda v: is_whole(v) and v >= 1, "positive integers"),
+        ("alpha_pattern", is_number, "numbers"),
     ):
         patterns = config.get(key)
         if patterns is None:
@@ -297,10 +272,10 @@ def _check_lora_config(path: Path, config: dict) -> None:
                 raise InvalidAdapterError(
                     f"{path}: {key}[{brief(pattern)}] must be one of {need}, got {brief(value)}"
                 )
-    if "lora_alpha" in config and not _is_number(config["lora_alpha"]):
+    if "lora_alpha" in config and not is_number(config["lora_alpha"]):
         raise bad("lora_alpha", "a number")
     dropout = config.get("lora_dropout")
-    if dropout is not None and not (_is_number(dropout) and 0 <= dropout <= 1):
+    if dropout is not None and not (is_number(dropout) and 0 <= dropout <= 1):
         raise bad("lora_dropout", "a number between 0 and 1")
     for key in ("use_dora", "use_rslora", "fan_in_fan_out", "lora_bias", "inference_mode"):
         if config.get(key) is not None and not isinstance(config[key], bool):
@@ -314,8 +289,8 @@ def _check_lora_config(path: Path, config: dict) -> None:
         raise bad("modules_to_save", "a list of module names")
     layers = config.get("layers_to_transform")
     if layers is not None and not (
-        (_is_int(layers) and layers >= 0)
-        or (isinstance(layers, list) and all(_is_int(i) and i >= 0 for i in layers))
+        (is_whole(layers) and layers >= 0)
+        or (isinstance(layers, list) and all(is_whole(i) and i >= 0 for i in layers))
     ):
         raise bad("layers_to_transform", "a layer index or a list of them")
 

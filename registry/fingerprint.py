@@ -13,7 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from adaptr.errors import IncompatibleBaseError, InvalidInputError, brief, clip
+from adaptr.errors import IncompatibleBaseError, InvalidInputError, brief
+from adaptr.values import parse_json
 
 from .safetensors_header import TensorInfo, read_header
 
@@ -91,21 +92,16 @@ def read_base(path: str | Path) -> BaseInfo:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise InvalidInputError(f"{path} is not a model folder (no config.json)")
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidInputError(f"{cfg_path} is not valid JSON ({clip(str(e))})") from None
-    except RecursionError:
-        raise InvalidInputError(f"{cfg_path} is nested too deeply to be a model config") from None
+    config = parse_json(cfg_path.read_bytes(), str(cfg_path), "a model config")
     if not isinstance(config, dict):
         raise InvalidInputError(f"{cfg_path} must hold a JSON object")
     tensors: dict[str, TensorInfo] = {}
     index = path / "model.safetensors.index.json"
     if index.is_file():
+        doc = parse_json(index.read_bytes(), str(index), "a weights index")
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            shards = sorted(set(doc["weight_map"].values()))
+        except (KeyError, TypeError, AttributeError):
             raise InvalidInputError(
                 f'{index} is malformed: expected {{"weight_map": {{tensor: shard file}}}}'
             ) from None

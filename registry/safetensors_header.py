@@ -7,13 +7,13 @@ file size catches truncated and corrupt files in microseconds, before anything i
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from adaptr.errors import InvalidInputError, brief
+from adaptr.values import parse_json
 
 DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
@@ -55,11 +55,9 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
             raise bad("header length points past the end of the file: truncated or not safetensors")
         raw = f.read(n)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise bad("header is not valid JSON") from None
-    except RecursionError:
-        raise bad("header is nested too deeply") from None
+        header = parse_json(raw, "its header", "a tensor table")
+    except InvalidInputError as e:
+        raise bad(str(e)) from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
     metadata = header.pop("__metadata__", None)

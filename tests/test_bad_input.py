@@ -151,7 +151,7 @@ class _Boom:
         ("empty", "is empty"),
         ("no-config", "has no adapter_config.json"),
         ("nested", "sub-folders task-a"),
-        ("bad-json", "is not valid JSON (line 1"),
+        ("bad-json", "is not valid JSON (column 30: Expecting property name"),
         ("not-object", "must hold a JSON object"),
         ("no-peft-type", "has no peft_type"),
         ("bad-r", "r must be a positive integer"),

@@ -150,7 +150,7 @@ def test_shipped_example_data_loads():
     [
         (
             '{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"\n',
-            "line 2: not valid JSON",
+            "line 2 is not valid JSON (column",
         ),
         (
             '{"instruction": "a", "output": "b"}\n\n{"instruction": "c"}\n',

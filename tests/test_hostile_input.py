@@ -323,7 +323,7 @@ BASIC = "name: x\ndata: {path: d.jsonl, format: alpaca}\nbase:\n  path: b\n"
         pytest.param(BASIC + "lora: {target_modules: [1, 2]}\n", "lora.target_modules must be", id="targets-numbers"),
         pytest.param("{1: 2}\n", "unknown recipe key 1", id="int-key"),
         pytest.param("x" * 100 + ": 1\n", "unknown recipe key 'xxxx", id="long-key"),
-        pytest.param(b"name: x\n# caf\xe9\n", "line 2 (byte 13) is not valid UTF-8; re-save it as UTF-8", id="latin-1"),
+        pytest.param(b"name: x\n# caf\xe9\n", "line 2 (byte 13) is not valid UTF-8: re-encode it as UTF-8", id="latin-1"),
     ],
 )  # fmt: skip
 def test_hostile_recipes(cli, home, tmp_path, populated, text, match):
@@ -359,12 +359,12 @@ def test_hostile_yaml_in_flags(cli, home, tmp_path, populated, option):
     "name, content, match",
     [
         pytest.param("d.jsonl", b'{"instruction": "a", "output": "b"}\n' * 2 + b'{"instruction": "caf\xe9", "output": "b"}\n',
-                     "d.jsonl line 3 (byte 92) is not valid UTF-8: re-encode the file as UTF-8", id="jsonl"),
+                     "d.jsonl line 3 (byte 92) is not valid UTF-8: re-encode it as UTF-8", id="jsonl"),
         pytest.param("d.json", b'[\n{"instruction": "a", "output": "b"},\n{"instruction": "\xff", "output": "b"}]\n',
                      "d.json line 3 (byte 56) is not valid UTF-8", id="json"),
         pytest.param("d.csv", b"instruction,output\na,b\n\xe9t\xe9,b\n", "d.csv line 3 (byte 23) is not valid UTF-8", id="csv"),
-        pytest.param("d.jsonl", b"[" * 100_000 + b"]" * 100_000 + b"\n", "d.jsonl line 1: JSON nested too deeply", id="deep-jsonl"),
-        pytest.param("d.json", b"[" * 100_000 + b"]" * 100_000, "d.json: JSON nested too deeply", id="deep-json"),
+        pytest.param("d.jsonl", b"[" * 100_000 + b"]" * 100_000 + b"\n", "d.jsonl line 1 is nested too deeply to be a record", id="deep-jsonl"),
+        pytest.param("d.json", b"[" * 100_000 + b"]" * 100_000, "d.json is nested too deeply to be a list of records", id="deep-json"),
     ],
 )  # fmt: skip
 def test_hostile_datasets(cli, home, tmp_path, populated, name, content, match):
@@ -533,7 +533,7 @@ def test_a_typo_of_a_registered_base_is_refused(cli, home, tmp_path, tiny_llama,
     "kind, match",
     [
         ("deep-config", "config.json is nested too deeply to be a model config"),
-        ("deep-index", 'model.safetensors.index.json is malformed: expected {"weight_map"'),
+        ("deep-index", "model.safetensors.index.json is nested too deeply to be a weights index"),
         ("number-shard", "names shard 5, which is not a file in"),
         ("escaping-shard", "names shard '/etc/passwd', which is not a file in"),
         ("folder-shard", "names shard '.', which is not a file in"),

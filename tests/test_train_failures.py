@@ -52,7 +52,7 @@ def _bert(tmp_path):
         ),
         ("data-missing", "data file"),
         ("data-empty", "holds no records"),
-        ("data-malformed", "line 2: not valid JSON"),
+        ("data-malformed", "line 2 is not valid JSON (column"),
         (
             "data-missing-field",
             "line 1: field 'output' is missing (the alpaca format needs instruction, output)",

@@ -58,17 +58,6 @@ def note(message: str) -> None:
     click.echo(f"note: {message}", err=True)
 
 
-def human_size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TB"
-
-
 def ago(ts: float) -> str:
     s = max(0, time.time() - ts)
     for unit, width in (("d", 86400), ("h", 3600), ("m", 60)):

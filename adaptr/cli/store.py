@@ -6,7 +6,9 @@ import sys
 
 import click
 
-from ._common import emit_json, human_size, json_option, note, with_registry
+from adaptr.values import human_size
+
+from ._common import emit_json, json_option, note, with_registry
 
 
 @click.command()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, first_line
 from .families import ModelFamily, family_for
 
 
@@ -98,5 +98,5 @@ def lora_config(
     kwargs["target_modules"] = resolve_targets(model, family, targets)
     try:
         return LoraConfig(**kwargs), family
-    except TypeError as e:
-        raise InvalidInputError(f"invalid LoRA setting: {e}") from None
+    except (TypeError, ValueError) as e:  # LoraConfig's own checks (e.g. use_dora with a bias)
+        raise InvalidInputError(f"invalid LoRA setting: {first_line(e)}") from None

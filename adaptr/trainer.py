@@ -289,12 +289,7 @@ def train(
 
         lora = dict(recipe.lora)
         targets = lora.pop("target_modules", None)
-        try:
-            peft_config, _ = lora_config(model, family=family, targets=targets, **lora)
-        except (TypeError, ValueError) as e:
-            if isinstance(e, AdaptrError):
-                raise
-            raise InvalidInputError(f"invalid lora setting: {first_line(e)}") from None
+        peft_config, _ = lora_config(model, family=family, targets=targets, **lora)
     args = sft_config(recipe.sft, run_dir, progress=progress)
     set_seed(args.seed)
     try:

@@ -1,5 +1,6 @@
 """Every built-in family: tiny model, LoRA with the family's defaults, forward + backward."""
 
+import re
 import warnings
 
 import pytest
@@ -95,6 +96,18 @@ def test_unknown_target_lists_the_models_layers():
         match="no module 'q_proj'; its linear layers are: dense, dense_4h_to_h, dense_h_to_4h, query_key_value",
     ):
         lora_config(model, targets=["q_proj"])
+
+
+@pytest.mark.parametrize(
+    "setting, match",
+    [
+        ({"layers_pattern": "layers"}, "`layers_to_transform` must also be specified"),  # ValueError
+        ({"r_typo": 4}, "unexpected keyword argument 'r_typo'"),  # TypeError
+    ],
+)
+def test_settings_loraconfig_refuses_are_one_invalid_lora_setting_error(setting, match):
+    with pytest.raises(InvalidInputError, match=f"^invalid LoRA setting: .*{re.escape(match)}"):
+        lora_config(make_model("llama"), **setting)
 
 
 def test_unclaimed_model_type_uses_peft_defaults_with_a_warning():

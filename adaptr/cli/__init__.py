@@ -69,10 +69,6 @@ for command in (
 MAX_MESSAGE = 2000  # a safety net: messages cut the values they echo far shorter
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
     args = sys.argv[1:] if argv is None else list(argv)
@@ -82,21 +78,21 @@ def main(argv: list[str] | None = None) -> int:
         rv = cli.main(args=args, prog_name="adaptr", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
     except AdaptrError as e:
-        code = _fail(_one_line(e), e.exit_code, debug)
+        code = _fail(str(e), e.exit_code, debug)
     except click.UsageError as e:
         where = (
             f"adaptr {e.ctx.command_path.partition(' ')[2]} --help".replace("  ", " ")
             if e.ctx
             else "adaptr --help"
         )
-        code = _fail(f"{_one_line(e.format_message())} (see `{where.strip()}`)", 2, debug)
+        code = _fail(f"{e.format_message()} (see `{where.strip()}`)", 2, debug)
     except click.ClickException as e:
-        code = _fail(_one_line(e.format_message()), e.exit_code, debug)
+        code = _fail(e.format_message(), e.exit_code, debug)
     except (KeyboardInterrupt, click.Abort):
         code = _fail("interrupted; nothing was stored by the unfinished command", 130, debug)
     except OSError as e:
         what = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
-        code = _fail(_one_line(what), 1, debug)
+        code = _fail(what, 1, debug)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     except Exception as e:  # a bug: still one line, with a way to see more

@@ -262,7 +262,8 @@ def create_app(server: AdapterServer, *, api_key: str | None = None, limits: Lim
         now = int(time.time())
         data = [
             {"id": i, "object": "model", "created": now, "owned_by": "adaptr"}
-            for i in await off_loop(model_ids)
+            # not on the workers: slow tokenizing there must not hold up the listing
+            for i in await asyncio.to_thread(model_ids)
         ]
         return {"object": "list", "data": data}
 

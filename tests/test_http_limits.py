@@ -160,6 +160,30 @@ def test_tokenizing_does_not_hold_up_other_requests(limited, watched):
         assert slow.result(timeout=START_S).choices[0].text == expected(reg, "p0", watched.block, 4)
 
 
+def test_the_model_list_does_not_wait_for_tokenizing(limited, watched):
+    # two slow prompts: every worker that tokenizes is busy, the listing still answers
+    reg, url, _ = limited
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=START_S)
+    with ThreadPoolExecutor(2) as pool:
+        slow = [
+            pool.submit(client.completions.create, model="p0", prompt=watched.block, max_tokens=4)
+            for _ in range(2)
+        ]
+        try:
+            wait_for(
+                lambda: watched.lengths.count(len(watched.block)) >= 2,
+                "both slow prompts to be tokenizing",
+            )
+            # the tokenizers wait up to START_S for go: an answer within half of it came
+            # while both still held their workers
+            r = httpx.get(f"{url}/models", timeout=START_S / 2)
+            assert r.status_code == 200 and "p0@3" in [m["id"] for m in r.json()["data"]]
+        finally:
+            watched.go.set()
+        want = expected(reg, "p0", watched.block, 4)
+        assert [f.result(timeout=START_S).choices[0].text for f in slow] == [want, want]
+
+
 def nested(depth: int) -> str:
     return "[" * depth + "]" * depth
 

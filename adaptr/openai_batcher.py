@@ -92,10 +92,12 @@ class _BatchStreamer(StoppingCriteria):
 
 
 _HOLD = object()  # a queue marker: the worker waits for release() when it reaches it
+_STOP = object()  # a queue marker: the worker ends when it reaches it (close())
 
 
 class Batcher:
-    """One worker thread: gathers waiting jobs for a few ms, then generates them as one batch.
+    """One worker thread: gathers waiting jobs for a few ms, then generates them as one batch
+    (until :meth:`close`).
 
     ``submitted`` and ``dropped`` count the jobs queued and the ones dropped unstarted
     (their client went away); ``current`` is the batch being generated; ``most_rows`` and
@@ -126,25 +128,37 @@ class Batcher:
     def release(self) -> None:
         self._open.set()
 
+    def close(self, timeout: float | None = None) -> bool:
+        """End the worker thread once the jobs queued before this call are done (or
+        dropped), waiting up to ``timeout`` s for it; whether it has ended."""
+        self.jobs.put(_STOP)
+        self._open.set()
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
     def _run(self) -> None:
         while True:
             first = self.jobs.get()
+            if first is _STOP:
+                return
             if first is _HOLD:
                 self._open.wait()
                 continue
-            batch, held = self._gather(first)
+            batch, mark = self._gather(first)
             try:
                 self._generate_all(batch)
             except Exception as e:  # never let the worker die: every later request would hang
                 log.exception("the batch worker failed on a batch of %d", len(batch))
                 for j in batch:
                     j.emit(("error", e))
-            if held:
+            if mark is _STOP:
+                return
+            if mark is _HOLD:
                 self._open.wait()
 
-    def _gather(self, first: Job) -> tuple[list[Job], bool]:
+    def _gather(self, first: Job) -> tuple[list[Job], object | None]:
         """``first`` and the jobs that come within the batch window, less the cancelled
-        ones; and whether a :meth:`hold` came meanwhile."""
+        ones; and the marker that ended the window early (a :meth:`hold`, a :meth:`close`)."""
         batch = [] if self._drop(first) else [first]
         deadline = time.monotonic() + BATCH_WINDOW_S
         while len(batch) < MAX_BATCH:
@@ -152,11 +166,11 @@ class Batcher:
                 job = self.jobs.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
-            if job is _HOLD:
-                return batch, True
+            if job is _HOLD or job is _STOP:
+                return batch, job
             if not self._drop(job):
                 batch.append(job)
-        return batch, False
+        return batch, None
 
     def _drop(self, job: Job) -> bool:
         if job.cancelled:

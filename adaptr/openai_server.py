@@ -26,6 +26,7 @@ import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,8 @@ from .serving import AdapterServer
 __all__ = ["Batcher", "Job", "Limits", "create_app"]
 
 log = logging.getLogger(__name__)
+
+STOP_S = 60  # how long an app's shutdown waits for the batch being generated to end
 
 
 @dataclass
@@ -226,13 +229,27 @@ def create_app(server: AdapterServer, *, api_key: str | None = None, limits: Lim
     """The FastAPI app serving ``server`` (see the module docstring)."""
     if api_key is not None and not api_key:
         raise InvalidInputError("the API key is empty: give a non-empty key, or none")
-    app = FastAPI(title="adaptr", version="1")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        """The app's threads live while it serves: the batch worker, and the workers that
+        parse, template and tokenize off the event loop."""
+        app.state.batcher = Batcher(server)
+        app.state.workers = ThreadPoolExecutor(2, thread_name_prefix="adaptr-prepare")
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(stop, app.state.batcher, app.state.workers)
+
+    def stop(batcher: Batcher, workers: ThreadPoolExecutor) -> None:
+        workers.shutdown(wait=True, cancel_futures=True)
+        if not batcher.close(STOP_S):
+            log.warning("the batch worker did not end within %d s of the shutdown", STOP_S)
+
+    app = FastAPI(title="adaptr", version="1", lifespan=lifespan)
     if api_key:
         app.add_middleware(_APIKey, key=api_key)
     app.state.limits = limits or Limits()
-    batcher = app.state.batcher = Batcher(server)
-    # JSON, chat templates and tokenizing: off the event loop
-    workers = app.state.workers = ThreadPoolExecutor(2, thread_name_prefix="adaptr-prepare")
     registry = server.registry
     context = getattr(server.model.config, "max_position_embeddings", None)
     # no token covers more characters than the longest in the vocabulary (tokenizers do not
@@ -240,7 +257,7 @@ def create_app(server: AdapterServer, *, api_key: str | None = None, limits: Lim
     longest = max(map(len, server.tokenizer.get_vocab()), default=1)
 
     async def off_loop(fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(workers, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(app.state.workers, fn, *args)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc):  # noqa: ANN001
@@ -448,7 +465,7 @@ def create_app(server: AdapterServer, *, api_key: str | None = None, limits: Lim
             req = await off_loop(prepare, await read_body(request), chat)
             job = Job(req.ids, req.adapter, req.params.max_tokens, req.params.sampling,
                       asyncio.get_running_loop())  # fmt: skip
-            batcher.submit(job)
+            app.state.batcher.submit(job)
             reply = Reply(rid, req.model, chat, len(req.ids))
             if req.params.stream:
                 return _JobStream(stream(job, req.params, reply), job, reply)

@@ -423,3 +423,20 @@ def test_a_job_cancelled_while_an_earlier_part_runs_is_dropped_not_generated(ser
         assert batcher.dropped == dropped + 1, [j.adapter for j in jobs]
         assert not any(j is jobs[gone] for f in forwards for j in f), "the dropped job ran"
         assert jobs[gone].items == [], jobs[gone].items
+
+
+def test_an_apps_threads_end_with_it(tiny_llama, tmp_path):
+    from adaptr.openai_server import create_app
+    from adaptr.serving import AdapterServer
+
+    reg = Registry(tmp_path / "home")
+    reg.add_base("tiny", tiny_llama)
+    app = create_app(AdapterServer(reg, "tiny"))
+    with running(app) as url:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=START_S)
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+        threads = [app.state.batcher.thread, *app.state.workers._threads]
+        assert len(threads) > 1 and all(t.is_alive() for t in threads), threads
+    assert not any(t.is_alive() for t in threads), threads

@@ -23,10 +23,13 @@ import asyncio
 import hmac
 import json
 import logging
+import socket
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +44,7 @@ from .openai_batcher import Batcher, Job
 from .openai_request import ParamError, RequestParams, find_stop, held_back, parse_params
 from .serving import AdapterServer
 
-__all__ = ["Batcher", "Job", "Limits", "create_app"]
+__all__ = ["Batcher", "Job", "Limits", "create_app", "serve_in_thread"]
 
 log = logging.getLogger(__name__)
 
@@ -492,3 +495,55 @@ def create_app(server: AdapterServer, *, api_key: str | None = None, limits: Lim
     app.add_api_route("/v1/completions", completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     return app
+
+
+@contextmanager
+def serve_in_thread(
+    app,
+    *,
+    host: str = "127.0.0.1",
+    start_timeout_s: float = 120.0,
+    stop_timeout_s: float = 60.0,
+    **uvicorn_config: Any,
+) -> Iterator[str]:
+    """Serve ``app`` with uvicorn in a thread; yields its ``/v1`` URL, stops it on exit.
+
+    The socket is bound (and listening) here, on a port the system chooses, and handed to
+    uvicorn: no other process can take the port between choosing it and serving on it.
+    ``uvicorn_config`` goes to ``uvicorn.Config`` (``log_level`` is ``"warning"`` unless
+    given). Raises RuntimeError when the server has not started within ``start_timeout_s``
+    or its thread ended while starting, and when it has not stopped within
+    ``stop_timeout_s`` of the block's end.
+    """
+    import uvicorn
+
+    uvicorn_config.setdefault("log_level", "warning")
+    ipv6 = ":" in host
+    sock = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET)
+    try:
+        sock.bind((host, 0))
+        sock.listen(128)
+        port = sock.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(app, **uvicorn_config))
+        thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="uvicorn"
+        )
+        thread.start()
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("the HTTP server failed to start (see the log above)")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the HTTP server did not start within {start_timeout_s:g} s")
+            time.sleep(0.02)
+        yield f"http://{f'[{host}]' if ipv6 else host}:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=stop_timeout_s)
+        sock.close()
+    if thread.is_alive():
+        raise RuntimeError(f"the HTTP server did not stop within {stop_timeout_s:g} s")

@@ -10,11 +10,9 @@ Run after the demo, on its registry:
 from __future__ import annotations
 
 import argparse
-import socket
-import threading
-import time
 
 START_TIMEOUT_S = 120
+STOP_TIMEOUT_S = 30
 
 PROMPTS = {
     "quotes": "Knowledge is",
@@ -52,42 +50,25 @@ def main() -> None:
 
     # 2. HTTP: the same server behind the OpenAI API, driven by the official client
     import openai
-    import uvicorn
 
-    from adaptr.openai_server import create_app
+    from adaptr.openai_server import create_app, serve_in_thread
 
-    # bind the socket here and hand it to uvicorn: no other process can take the port
-    # between choosing it and serving on it
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
-    port = sock.getsockname()[1]
-    http = uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning"))
-    thread = threading.Thread(target=http.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not http.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise SystemExit(
-                f"error: the HTTP server did not start within {START_TIMEOUT_S} s"
-                if thread.is_alive()
-                else "error: the HTTP server failed to start (see the log above)"
+    # on a port the system chooses, in a thread; stopped at the end of the block
+    try:
+        with serve_in_thread(
+            create_app(server), start_timeout_s=START_TIMEOUT_S, stop_timeout_s=STOP_TIMEOUT_S
+        ) as url:
+            client = openai.OpenAI(base_url=url, api_key="unused")
+            print("[http] models:", [m.id for m in client.models.list().data])
+            for model in ("quotes", "zh-en"):
+                out = client.completions.create(model=model, prompt=PROMPTS[model], max_tokens=12)
+                print(f"[http] {model:<7} -> {out.choices[0].text!r}")
+            stream = client.completions.create(
+                model="zh-en", prompt=PROMPTS["zh-en"], max_tokens=6, stream=True
             )
-        time.sleep(0.05)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
-    print("[http] models:", [m.id for m in client.models.list().data])
-    for model in ("quotes", "zh-en"):
-        out = client.completions.create(model=model, prompt=PROMPTS[model], max_tokens=12)
-        print(f"[http] {model:<7} -> {out.choices[0].text!r}")
-    stream = client.completions.create(
-        model="zh-en", prompt=PROMPTS["zh-en"], max_tokens=6, stream=True
-    )
-    print("[http] streamed:", "|".join(c.choices[0].text for c in stream))
-    http.should_exit = True
-    thread.join(timeout=30)
-    sock.close()
-    if thread.is_alive():
-        raise SystemExit("error: the HTTP server did not stop within 30 s")
+            print("[http] streamed:", "|".join(c.choices[0].text for c in stream))
+    except RuntimeError as e:  # the server did not start, or did not stop
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

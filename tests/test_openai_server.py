@@ -1,11 +1,8 @@
 """adaptr serve: the OpenAI-compatible API, driven by the official openai client."""
 
 import asyncio
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import httpx
 import openai
@@ -20,30 +17,13 @@ from helpers import random_lora
 START_S = 120  # generous deadlines: the machine may be busy; a wait past one fails, saying what
 
 
-@contextmanager
 def running(app, **config):
-    """Serve ``app`` in a thread on a socket bound (and listening) here, so no other process
-    can take the port between choosing and binding it; yields the /v1 URL."""
-    import uvicorn
+    """Serve ``app`` in a thread (:func:`adaptr.openai_server.serve_in_thread`); yields the
+    /v1 URL. Not started within START_S, or not stopped within 60 s: a RuntimeError."""
+    from adaptr.openai_server import serve_in_thread
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="error", **config))
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="uvicorn"
-    )
-    thread.start()
-    try:
-        wait_for(lambda: server.started or not thread.is_alive(), "the HTTP server to start")
-        assert thread.is_alive(), "the HTTP server thread died while starting"
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
-        sock.close()
-    assert not thread.is_alive(), "the HTTP server did not stop within 60 s"
+    config.setdefault("log_level", "error")
+    return serve_in_thread(app, start_timeout_s=START_S, stop_timeout_s=60, **config)
 
 
 def wait_for(condition, what: str, timeout: float = START_S) -> None:

@@ -132,3 +132,86 @@ def random_lora(base: Path, path: Path, seed: int, scale_b: float = 3.0, **spec)
                 p.mul_(scale_b)
     model.save_pretrained(path)
     return path
+
+
+# -- the OpenAI-compatible server (adaptr serve) in tests ------------------------------------
+
+START_S = 120  # generous deadlines: the machine may be busy; a wait past one fails, saying what
+LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}  # serve_tiny's default
+
+
+def wait_for(condition, what: str, timeout: float = START_S) -> None:
+    """Wait until ``condition()`` holds; fail saying ``what`` did not happen in ``timeout`` s."""
+    import time
+
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def running(app, **config):
+    """Serve ``app`` in a thread (:func:`adaptr.openai_server.serve_in_thread`); yields the
+    /v1 URL. Not started within START_S, or not stopped within 60 s: a RuntimeError."""
+    from adaptr.openai_server import serve_in_thread
+
+    config.setdefault("log_level", "error")
+    return serve_in_thread(app, start_timeout_s=START_S, stop_timeout_s=60, **config)
+
+
+@contextmanager
+def serve_tiny(root: Path, adapters=(), *, max_adapters: int | None = None, **app_kw):
+    """A tiny LLaMA registered as base ``tiny`` in ``root / "home"``, with ``adapters``
+    added in order (``(name, seed)`` or ``(name, seed, peft spec)``; the spec is LORA unless
+    given), served over HTTP (``app_kw`` go to ``create_app``); yields (registry, /v1 URL, app)."""
+    from adaptr.openai_server import create_app
+    from adaptr.registry import Registry
+    from adaptr.serving import AdapterServer
+    from adaptr.tiny import save_tiny_base
+
+    base = save_tiny_base(root / "base", "llama", initializer_range=0.2)
+    reg = Registry(root / "home")
+    reg.add_base("tiny", base)
+    for name, seed, *spec in adapters:
+        path = random_lora(base, root / f"{name}-{seed}", seed, **(spec[0] if spec else LORA))
+        reg.add(name, path, base="tiny")
+    server_kw = {} if max_adapters is None else {"max_adapters": max_adapters}
+    app = create_app(AdapterServer(reg, "tiny", **server_kw), **app_kw)
+    with running(app) as url:
+        yield reg, url, app
+
+
+def client(url: str, key: str = "unused", timeout: float = START_S):
+    """The official openai client for the server at ``url`` (no retries)."""
+    import openai
+
+    return openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=timeout)
+
+
+def post_raw(url: str, path: str, raw: str | bytes):
+    """POST ``raw`` as a JSON body to ``url + path``, as it is (it may not be valid JSON)."""
+    import httpx
+
+    content = raw.encode() if isinstance(raw, str) else raw
+    headers = {"content-type": "application/json"}
+    return httpx.post(f"{url}{path}", content=content, headers=headers, timeout=START_S)
+
+
+def expected(reg, ref, prompt, n, chat=False):
+    """What ``ref`` (an adapter ref, or None for the bare base ``tiny``) generates for
+    ``prompt`` on its own, greedy, ``n`` new tokens: the answer a server must give."""
+    from adaptr import inference
+
+    model, tok, _ = inference.load(reg, [ref]) if ref else (None, None, None)
+    if ref is None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = reg.base_path("tiny")
+        model, tok = (
+            AutoModelForCausalLM.from_pretrained(path).eval(),
+            AutoTokenizer.from_pretrained(path),
+        )
+    return inference.generate(model, tok, prompt, max_new_tokens=n, chat=chat)

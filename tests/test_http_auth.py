@@ -4,24 +4,17 @@ other machines can reach has none, and sets uvicorn's connection limits."""
 import httpx
 import openai
 import pytest
-from test_openai_server import START_S, expected, running
 
 from adaptr.registry import Registry
-from adaptr.tiny import save_tiny_base
+
+from helpers import START_S, client, expected, serve_tiny
 
 KEY = "sk-test-8d1f2a"
 
 
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory):
-    from adaptr.openai_server import create_app
-    from adaptr.serving import AdapterServer
-
-    root = tmp_path_factory.mktemp("http-auth")
-    reg = Registry(root / "home")
-    reg.add_base("tiny", save_tiny_base(root / "base", "llama", initializer_range=0.2))
-    app = create_app(AdapterServer(reg, "tiny"), api_key=KEY)
-    with running(app) as url:
+    with serve_tiny(tmp_path_factory.mktemp("http-auth"), api_key=KEY) as (reg, url, _):
         yield reg, url
 
 
@@ -54,11 +47,11 @@ def test_every_v1_route_needs_the_key(keyed, headers, method, path):
 
 def test_the_openai_client_with_the_key_is_served(keyed):
     reg, url = keyed
-    client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=START_S)
-    assert [m.id for m in client.models.list().data] == ["tiny"]
-    out = client.completions.create(model="tiny", prompt="Hello there", max_tokens=5)
+    api = client(url, KEY)
+    assert [m.id for m in api.models.list().data] == ["tiny"]
+    out = api.completions.create(model="tiny", prompt="Hello there", max_tokens=5)
     assert out.choices[0].text == expected(reg, None, "Hello there", 5)
-    wrong = openai.OpenAI(base_url=url, api_key="nope", max_retries=0, timeout=START_S)
+    wrong = client(url, "nope")
     with pytest.raises(openai.AuthenticationError) as e:
         wrong.models.list()
     assert e.value.body["code"] == "invalid_api_key"

@@ -11,30 +11,15 @@ import socket
 import threading
 from urllib.parse import urlsplit
 
-import openai
 import pytest
-from test_openai_server import START_S, expected, running, wait_for
 
-from adaptr.registry import Registry
-from adaptr.tiny import save_tiny_base
-
-from helpers import random_lora
+from helpers import START_S, client, expected, serve_tiny, wait_for
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from adaptr.openai_server import create_app
-    from adaptr.serving import AdapterServer
-
-    root = tmp_path_factory.mktemp("http-cancel")
-    base = save_tiny_base(root / "base", "llama", initializer_range=0.2)
-    reg = Registry(root / "home")
-    reg.add_base("tiny", base)
-    spec = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    reg.add("a", random_lora(base, root / "a", 1, **spec), base="tiny")
-    app = create_app(AdapterServer(reg, "tiny", max_adapters=2))
-    with running(app) as url:
-        yield reg, url, app
+    with serve_tiny(tmp_path_factory.mktemp("http-cancel"), [("a", 1)], max_adapters=2) as s:
+        yield s
 
 
 def send_request(url: str, body: dict, path: str = "/v1/completions") -> socket.socket:
@@ -90,8 +75,7 @@ def test_a_request_whose_client_left_is_dropped_before_its_batch(served, log):
         batcher.release()
     try:
         # one worker, in order: when the next answer is back, the job before it was dealt with
-        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=START_S)
-        out = client.completions.create(model="a", prompt="next", max_tokens=4)
+        out = client(url).completions.create(model="a", prompt="next", max_tokens=4)
     finally:
         hook.remove()
     assert out.choices[0].text == expected(reg, "a", "next", 4)
@@ -124,8 +108,7 @@ def test_a_started_row_stops_when_its_client_leaves(served, log, stream):
             wait_for(lambda: job.cancelled, "the server to see that the client went away")
         finally:
             go.set()
-        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=START_S)
-        out = client.completions.create(model="a", prompt="next", max_tokens=4)  # after it
+        out = client(url).completions.create(model="a", prompt="next", max_tokens=4)  # after it
     finally:
         hook.remove()
     assert out.choices[0].text == expected(reg, "a", "next", 4)

@@ -13,31 +13,17 @@ from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 import httpx
-import openai
 import pytest
-from test_openai_server import START_S, expected, running, wait_for
 
-from adaptr.registry import Registry
-from adaptr.tiny import save_tiny_base
-
-from helpers import random_lora
+from helpers import START_S, client, expected, post_raw, serve_tiny, wait_for
 
 
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory):
-    from adaptr.openai_server import create_app
-    from adaptr.serving import AdapterServer
-
     root = tmp_path_factory.mktemp("http-limits")
-    base = save_tiny_base(root / "base", "llama", initializer_range=0.2)
-    reg = Registry(root / "home")
-    reg.add_base("tiny", base)
-    for seed in (1, 2, 3):  # p0@1..3: "p0@٣" must not pass for p0@3
-        spec = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-        reg.add("p0", random_lora(base, root / f"p0-{seed}", seed, **spec), base="tiny")
-    app = create_app(AdapterServer(reg, "tiny", max_adapters=2))
-    with running(app) as url:
-        yield reg, url, app
+    p0 = [("p0", seed) for seed in (1, 2, 3)]  # p0@1..3: "p0@٣" must not pass for p0@3
+    with serve_tiny(root, p0, max_adapters=2) as served:
+        yield served
 
 
 def raw_exchange(url: str, data: bytes) -> tuple[int, dict]:
@@ -145,11 +131,9 @@ def test_a_prompt_too_long_by_its_characters_is_refused_untokenized(limited, wat
 
 def test_tokenizing_does_not_hold_up_other_requests(limited, watched):
     reg, url, _ = limited
-    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=START_S)
+    api = client(url)
     with ThreadPoolExecutor(1) as pool:
-        slow = pool.submit(
-            client.completions.create, model="p0", prompt=watched.block, max_tokens=4
-        )
+        slow = pool.submit(api.completions.create, model="p0", prompt=watched.block, max_tokens=4)
         try:
             assert watched.entered.wait(START_S), "the slow prompt was never tokenized"
             # its tokenizing has not finished: the event loop still answers
@@ -163,10 +147,10 @@ def test_tokenizing_does_not_hold_up_other_requests(limited, watched):
 def test_the_model_list_does_not_wait_for_tokenizing(limited, watched):
     # two slow prompts: every worker that tokenizes is busy, the listing still answers
     reg, url, _ = limited
-    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=START_S)
+    api = client(url)
     with ThreadPoolExecutor(2) as pool:
         slow = [
-            pool.submit(client.completions.create, model="p0", prompt=watched.block, max_tokens=4)
+            pool.submit(api.completions.create, model="p0", prompt=watched.block, max_tokens=4)
             for _ in range(2)
         ]
         try:
@@ -228,12 +212,7 @@ BAD_COMPLETIONS = [
 @pytest.mark.parametrize("raw, status, param", BAD_COMPLETIONS, ids=lambda v: str(v)[:60])
 def test_bad_completions_are_4xx_naming_their_param(limited, raw, status, param):
     _, url, _ = limited
-    r = httpx.post(
-        f"{url}/completions",
-        content=raw.encode(),
-        headers={"content-type": "application/json"},
-        timeout=START_S,
-    )
+    r = post_raw(url, "/completions", raw)
     code = "model_not_found" if status == 404 else None
     assert_error(r.status_code, r.json(), status, param, code)
 
@@ -254,20 +233,14 @@ def test_bad_completions_are_4xx_naming_their_param(limited, raw, status, param)
 def test_bad_chat_messages_are_400_naming_messages(limited, messages):
     _, url, _ = limited
     raw = json.dumps({"model": "p0", "messages": messages})  # ASCII: lone surrogates escaped
-    r = httpx.post(
-        f"{url}/chat/completions",
-        content=raw.encode(),
-        headers={"content-type": "application/json"},
-        timeout=START_S,
-    )
+    r = post_raw(url, "/chat/completions", raw)
     assert_error(r.status_code, r.json(), 400, "messages")
 
 
 def test_text_parts_are_joined_and_unknown_routes_are_openai_shaped(limited):
     reg, url, _ = limited
-    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=START_S)
     parts = [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]
-    out = client.chat.completions.create(
+    out = client(url).chat.completions.create(
         model="p0@2", messages=[{"role": "user", "content": parts}], max_tokens=5
     )
     assert out.choices[0].message.content == expected(reg, "p0@2", "hel\nlo", 5, chat=True)
@@ -280,6 +253,5 @@ def test_text_parts_are_joined_and_unknown_routes_are_openai_shaped(limited):
 def test_the_server_still_serves_after_all_that(limited):
     reg, url, app = limited
     wait_for(lambda: app.state.batcher.jobs.empty(), "the batcher to be idle")
-    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=START_S)
-    out = client.completions.create(model="p0@3", prompt="Hello there", max_tokens=6)
+    out = client(url).completions.create(model="p0@3", prompt="Hello there", max_tokens=6)
     assert out.choices[0].text == expected(reg, "p0@3", "Hello there", 6)

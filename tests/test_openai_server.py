@@ -1,83 +1,24 @@
 """adaptr serve: the OpenAI-compatible API, driven by the official openai client."""
 
 import asyncio
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
 
-from adaptr import inference
 from adaptr.registry import Registry
-from adaptr.tiny import save_tiny_base
 
-from helpers import random_lora
+from helpers import START_S, client, expected, random_lora, running, serve_tiny, wait_for
 
-START_S = 120  # generous deadlines: the machine may be busy; a wait past one fails, saying what
-
-
-def running(app, **config):
-    """Serve ``app`` in a thread (:func:`adaptr.openai_server.serve_in_thread`); yields the
-    /v1 URL. Not started within START_S, or not stopped within 60 s: a RuntimeError."""
-    from adaptr.openai_server import serve_in_thread
-
-    config.setdefault("log_level", "error")
-    return serve_in_thread(app, start_timeout_s=START_S, stop_timeout_s=60, **config)
-
-
-def wait_for(condition, what: str, timeout: float = START_S) -> None:
-    """Wait until ``condition()`` holds; fail saying ``what`` did not happen in ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.02)
+B_SPEC = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "o_proj", "down_proj"]}
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from adaptr.openai_server import create_app
-    from adaptr.serving import AdapterServer
-
     root = tmp_path_factory.mktemp("http")
-    base = save_tiny_base(root / "base", "llama", initializer_range=0.2)
-    reg = Registry(root / "home")
-    reg.add_base("tiny", base)
-    reg.add(
-        "a",
-        random_lora(base, root / "a", 1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-        base="tiny",
-    )
-    reg.add(
-        "b",
-        random_lora(
-            base,
-            root / "b",
-            2,
-            r=8,
-            lora_alpha=16,
-            target_modules=["q_proj", "k_proj", "o_proj", "down_proj"],
-        ),
-        base="tiny",
-    )
-    app = create_app(AdapterServer(reg, "tiny", max_adapters=4))
-    with running(app) as url:
-        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
-        yield reg, root, url, client, app
-
-
-def expected(reg, ref, prompt, n, chat=False):
-    model, tok, _ = inference.load(reg, [ref]) if ref else (None, None, None)
-    if ref is None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        path = reg.base_path("tiny")
-        model, tok = (
-            AutoModelForCausalLM.from_pretrained(path).eval(),
-            AutoTokenizer.from_pretrained(path),
-        )
-    return inference.generate(model, tok, prompt, max_new_tokens=n, chat=chat)
+    with serve_tiny(root, [("a", 1), ("b", 2, B_SPEC)], max_adapters=4) as (reg, url, app):
+        yield reg, root, url, client(url, timeout=60), app
 
 
 def test_models_lists_base_and_adapters(served):
@@ -188,9 +129,7 @@ def test_load_500_requests_from_8_clients(served):
         for m in set(models)
         for p in prompts
     }
-    clients = [
-        openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120) for _ in range(8)
-    ]
+    clients = [client(url) for _ in range(8)]  # timeout=START_S: 120 s
 
     def one(i):
         m, p = models[i % len(models)], prompts[(i // len(models)) % len(prompts)]
@@ -208,10 +147,10 @@ def test_requests_queued_together_run_as_one_batch_across_models(served):
     batcher = app.state.batcher
     models = ["a@1", "b", "tiny", "a@1", "b"]
     want = [expected(reg, None if m == "tiny" else m, f"together {i}", 4) for i, m in enumerate(models)]  # fmt: skip
-    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=START_S)
+    api = client(url)
 
     def one(i):
-        return client.completions.create(model=models[i], prompt=f"together {i}", max_tokens=4)
+        return api.completions.create(model=models[i], prompt=f"together {i}", max_tokens=4)
 
     batcher.most_rows = batcher.most_models = 0
     start = batcher.submitted
@@ -413,8 +352,7 @@ def test_an_apps_threads_end_with_it(tiny_llama, tmp_path):
     reg.add_base("tiny", tiny_llama)
     app = create_app(AdapterServer(reg, "tiny"))
     with running(app) as url:
-        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=START_S)
-        client.chat.completions.create(
+        client(url).chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2
         )
         threads = [app.state.batcher.thread, *app.state.workers._threads]

@@ -40,6 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .errors import AdaptrError, InvalidInputError, NotFoundError
+from .inference import context_window
 from .openai_batcher import Batcher, Job
 from .openai_request import ParamError, RequestParams, find_stop, held_back, parse_params
 from .serving import AdapterServer
@@ -254,7 +255,7 @@ def create_app(server: AdapterServer, *, api_key: str | None = None, limits: Lim
         app.add_middleware(_APIKey, key=api_key)
     app.state.limits = limits or Limits()
     registry = server.registry
-    context = getattr(server.model.config, "max_position_embeddings", None)
+    context = context_window(server.model.config)  # None: RoPE scaling leaves it unbounded
     # no token covers more characters than the longest in the vocabulary (tokenizers do not
     # drop characters), so a prompt past context * longest characters cannot fit
     longest = max(map(len, server.tokenizer.get_vocab()), default=1)

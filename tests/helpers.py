@@ -90,6 +90,23 @@ def throwaway_plugins():
             pm.unregister(plugin)
 
 
+def refused(cli, home, before, *args, match: str, max_len: int = 400, last: bool = False) -> str:
+    """Run the CLI in-process and check the refusal: non-zero exit, one short ``error:`` line
+    (with ``last``, the last of the lines, after any notes) containing ``match``, no
+    traceback, no internal error, and the registry ``before`` unchanged (None: not checked)."""
+    code, out, err = cli(*args)
+    assert code != 0, (out, err)
+    lines = err.strip().splitlines()
+    assert lines and (last or len(lines) == 1), err[:2000]
+    line = lines[-1]
+    assert line.startswith("error: ") and "Traceback" not in err, err[:2000]
+    assert "internal error" not in line and match in line, line
+    assert len(line) <= max_len, len(line)
+    if before is not None:
+        assert snapshot(home) == before
+    return line
+
+
 def run_adaptr(
     *args: str, home: Path | None = None, env: dict | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess:

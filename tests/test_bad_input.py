@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 
-from helpers import run_adaptr, snapshot, write_adapter
+from helpers import refused, run_adaptr, snapshot, write_adapter
 
 
 @pytest.fixture
@@ -16,17 +16,6 @@ def populated(cli, home, tmp_path):
     assert cli("add", "legal", str(src), "--tag", "prod")[0] == 0
     assert cli("switch", "legal")[0] == 0
     return snapshot(home)
-
-
-def assert_refused(cli, home, before, *args, match: str):
-    code, out, err = cli(*args)
-    assert code != 0, (out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    assert match in lines[0], lines[0]
-    assert snapshot(home) == before
-    return lines[0]
 
 
 @pytest.mark.parametrize(
@@ -60,7 +49,7 @@ def test_refused_references_and_names(cli, home, tmp_path, populated, args, matc
     src = write_adapter(tmp_path / "src")
     out = tmp_path / "out"
     args = tuple(str(src) if a == "SRC" else str(out) if a == "OUT" else a for a in args)
-    assert_refused(cli, home, populated, *args, match=match)
+    refused(cli, home, populated, *args, match=match)
 
 
 def _source(tmp_path, kind: str):
@@ -173,13 +162,13 @@ def test_refused_source_folders(cli, home, tmp_path, populated, kind, match):
     if os.path.exists(marker):
         os.remove(marker)
     src = _source(tmp_path, kind)
-    assert_refused(cli, home, populated, "add", "legal", str(src), match=match)
+    refused(cli, home, populated, "add", "legal", str(src), match=match)
     assert not os.path.exists(marker)
 
 
 def test_adapter_that_does_not_fit_its_base(cli, home, tmp_path, populated, tiny_llama):
     wide = write_adapter(tmp_path / "wide", hidden=48)  # the tiny base is 32 wide
-    line = assert_refused(
+    line = refused(
         cli,
         home,
         populated,
@@ -192,7 +181,7 @@ def test_adapter_that_does_not_fit_its_base(cli, home, tmp_path, populated, tiny
     )
     assert "q_proj is [32, 32] in the base" in line
     other = write_adapter(tmp_path / "other", modules=("q_proj", "qkv_proj"))
-    assert_refused(
+    refused(
         cli,
         home,
         populated,
@@ -209,9 +198,7 @@ def test_export_into_non_empty_dir_needs_force(cli, home, tmp_path, populated):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert_refused(
-        cli, home, populated, "export", "legal", str(out), match="not empty; pass --force"
-    )
+    refused(cli, home, populated, "export", "legal", str(out), match="not empty; pass --force")
     assert (out / "keep.txt").read_text() == "mine"
     assert cli("export", "legal", str(out), "--force")[0] == 0
     assert not (out / "keep.txt").exists() and (out / "adapter_config.json").exists()

@@ -18,7 +18,7 @@ from adaptr.errors import InvalidAdapterError, InvalidInputError, NotFoundError
 from adaptr.registry import Registry
 from adaptr.registry.adapter_dir import inspect_adapter
 
-from helpers import snapshot, write_adapter
+from helpers import refused, snapshot, write_adapter
 
 
 @pytest.fixture
@@ -26,19 +26,6 @@ def populated(cli, home, tmp_path):
     """A registry holding p0@1 so that damage would show."""
     assert cli("add", "p0", str(write_adapter(tmp_path / "p0")))[0] == 0
     return snapshot(home)
-
-
-def refused(cli, home, before, *args, match: str, max_len: int = 400) -> str:
-    code, out, err = cli(*args)
-    assert code != 0, (out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err[:2000]
-    assert "internal error" not in lines[0] and "Traceback" not in err, lines[0]
-    assert match in lines[0], lines[0]
-    assert len(lines[0]) <= max_len, len(lines[0])
-    if before is not None:
-        assert snapshot(home) == before
-    return lines[0]
 
 
 # ------------------------------------------------------------------ references

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_adaptr, snapshot, write_adapter
+from helpers import refused, run_adaptr, snapshot, write_adapter
 
 ROOT = Path(__file__).parent.parent
 ZH_EN = ROOT / "examples" / "data" / "translate_zh_en.jsonl"
@@ -21,15 +21,6 @@ ZH_EN = ROOT / "examples" / "data" / "translate_zh_en.jsonl"
 def populated(cli, home, tmp_path):
     assert cli("add", "legal", str(write_adapter(tmp_path / "legal")), "--tag", "prod")[0] == 0
     return snapshot(home)
-
-
-def refused(cli, home, before, *args, match):
-    code, out, err = cli("train", *args)
-    lines = err.strip().splitlines()
-    assert code != 0 and lines and lines[-1].startswith("error: ") and "Traceback" not in err, err
-    assert match in lines[-1], lines[-1]
-    assert snapshot(home) == before
-    return lines[-1]
 
 
 def _bert(tmp_path):
@@ -125,7 +116,7 @@ def test_refused(cli, home, tmp_path, populated, tiny_llama, case, match):
     elif case == "unknown-parent":
         extra = ["--from", "ghost@1"]
     flat = [x for kv in args.items() for x in kv]
-    refused(cli, home, populated, *flat, *extra, match=match)
+    refused(cli, home, populated, "train", *flat, *extra, match=match, last=True)
 
 
 def test_quantization_where_bitsandbytes_cannot_run(cli, home, populated, tiny_llama, monkeypatch):
@@ -134,8 +125,8 @@ def test_quantization_where_bitsandbytes_cannot_run(cli, home, populated, tiny_l
     monkeypatch.setattr(
         adaptr.trainer, "bitsandbytes_problem", lambda: "no supported device (test)"
     )
-    refused(cli, home, populated, "--base", str(tiny_llama), "--data", str(ZH_EN), "--format", "alpaca", "--name", "q",
-            "--quantization", "4bit", match="quantization 4bit needs bitsandbytes, which cannot run here: no supported device (test); use --quantization none")  # fmt: skip
+    refused(cli, home, populated, "train", "--base", str(tiny_llama), "--data", str(ZH_EN), "--format", "alpaca", "--name", "q",
+            "--quantization", "4bit", match="quantization 4bit needs bitsandbytes, which cannot run here: no supported device (test); use --quantization none", last=True)  # fmt: skip
 
 
 TRAIN = ["--data", str(ZH_EN), "--format", "alpaca", "--name", "long", "--batch-size", "2", "--lr", "1e-3",

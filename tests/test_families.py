@@ -101,7 +101,10 @@ def test_unknown_target_lists_the_models_layers():
 @pytest.mark.parametrize(
     "setting, match",
     [
-        ({"layers_pattern": "layers"}, "`layers_to_transform` must also be specified"),  # ValueError
+        (
+            {"layers_pattern": "layers"},
+            "`layers_to_transform` must also be specified",
+        ),  # ValueError
         ({"r_typo": 4}, "unexpected keyword argument 'r_typo'"),  # TypeError
     ],
 )

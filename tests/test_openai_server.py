@@ -262,27 +262,39 @@ def test_stream_usage_and_openai_error_params(served):
     assert e.value.body["param"] == "n"
 
 
-def test_an_adapter_that_cannot_load_fails_only_its_own_requests(served):
-    from adaptr.openai_server import Job
+def _add_dora(reg, root) -> None:
+    """A DoRA adapter (served by PEFT, in a batch of its own), added once per module."""
+    if not any(v.name == "dora" for v in reg.list()):
+        dora = random_lora(
+            reg.base_path("tiny"), root / "dora", 5, r=2, target_modules=["q_proj"], use_dora=True
+        )
+        reg.add("dora", dora, base="tiny")
 
-    reg, root, _, _, app = served
-    batcher = app.state.batcher
-    prompt_ids = batcher.server.tokenizer("Hello there").input_ids
-    # a DoRA adapter: served by PEFT, in a batch of its own
-    dora = random_lora(
-        reg.base_path("tiny"), root / "dora", 5, r=2, target_modules=["q_proj"], use_dora=True
-    )
-    reg.add("dora", dora, base="tiny")
+
+def _recording_jobs(batcher):
+    """``job(adapter)``: a batcher job for "Hello there" (6 greedy tokens) that records what
+    it is sent in ``.items`` instead of answering a client."""
+    from adaptr.openai_server import Job
 
     class Recorded(Job):
         def emit(self, item):
             self.items.append(item)
+
+    prompt_ids = batcher.server.tokenizer("Hello there").input_ids
 
     def job(adapter):
         j = Recorded(prompt_ids, adapter, 6, (False, 0.0, 1.0), None)
         j.items = []
         return j
 
+    return job
+
+
+def test_an_adapter_that_cannot_load_fails_only_its_own_requests(served):
+    reg, root, _, _, app = served
+    batcher = app.state.batcher
+    _add_dora(reg, root)
+    job = _recording_jobs(batcher)
     # a@1 loads; "gone@1" was resolved by a request, then removed before its batch ran
     jobs = [job("a@1"), job("gone@1"), job(None), job("dora@1"), job("a@1")]
     batcher._generate(jobs, (False, 0.0, 1.0))
@@ -300,26 +312,10 @@ def test_a_job_cancelled_while_an_earlier_part_runs_is_dropped_not_generated(ser
     """A batch run as several parts (an adapter PEFT runs apart, or a retry per adapter
     after one failed to load): a job whose client leaves while an earlier part generates is
     dropped before its own part, not loaded and prefilled."""
-    from adaptr.openai_server import Job
-
     reg, root, _, _, app = served
     batcher = app.state.batcher
-    prompt_ids = batcher.server.tokenizer("Hello there").input_ids
-    if not any(v.name == "dora" for v in reg.list()):  # added by the test above when it ran
-        dora = random_lora(
-            reg.base_path("tiny"), root / "dora", 5, r=2, target_modules=["q_proj"], use_dora=True
-        )
-        reg.add("dora", dora, base="tiny")
-
-    class Recorded(Job):
-        def emit(self, item):
-            self.items.append(item)
-
-    def job(adapter):
-        j = Recorded(prompt_ids, adapter, 6, (False, 0.0, 1.0), None)
-        j.items = []
-        return j
-
+    _add_dora(reg, root)
+    job = _recording_jobs(batcher)
     cases = [
         ([job("a@1"), job("gone@1"), job("b@1")], 2),  # "gone@1" fails: a retry per adapter
         ([job("a@1"), job("dora@1")], 1),  # DoRA runs in a part of its own, after a@1's

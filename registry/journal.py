@@ -35,8 +35,9 @@ _VERSION_COLUMNS = (
 _JSON_COLUMNS = ("summary", "config", "lineage", "metrics")
 
 
-def write_json(path: Path, doc: object) -> None:
-    """Write ``doc`` to ``path`` atomically (temp file, fsync, rename, fsync the folder)."""
+def write_json(path: Path, doc: object, *, sync_dir: bool = True) -> None:
+    """Write ``doc`` to ``path`` atomically (temp file, fsync, rename, and with ``sync_dir``
+    fsync the folder, so the rename itself survives a crash)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
     try:
@@ -48,7 +49,8 @@ def write_json(path: Path, doc: object) -> None:
     except BaseException:
         part.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 @dataclass
@@ -78,11 +80,14 @@ class Journal:
         return pending
 
     def place(self, manifest: Path, name: str, version: int) -> None:
-        """Move a manifest (pending, or on its way out) to its committed place."""
+        """Move a manifest (pending, or on its way out) to its committed place.
+
+        Not fsynced: if a crash loses the rename, the intent is still there and the next
+        writer settles it the same way.
+        """
         final = self.committed(name, version)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(manifest, final)
-        fsync_dir(final.parent)
 
     def begin_remove(self, name: str, version: int) -> Path | None:
         src = self.committed(name, version)
@@ -91,6 +96,8 @@ class Journal:
         dest = self._intent(REMOVING, name, version)
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(src, dest)
+        fsync_dir(src.parent)  # durable before the commit: a crash never shows a removed
+        fsync_dir(dest.parent)  # version's manifest, nor loses a kept version's
         return dest
 
     def abort_remove(self, moved: list[tuple[Path, str, int]]) -> None:
@@ -113,7 +120,7 @@ class Journal:
                 for r in conn.execute("SELECT name, path, fingerprint, summary, created FROM bases")
             ],
         }
-        write_json(self.home / STATE, state)
+        write_json(self.home / STATE, state, sync_dir=False)  # a crash may leave the one before
 
     def backfill(self, conn: sqlite3.Connection) -> None:
         """Write manifests for every indexed version (a registry made before manifests existed)."""

@@ -10,7 +10,6 @@ import hashlib
 import mmap
 import os
 import secrets
-import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -194,6 +193,8 @@ class BlobStore:
         if self.tmp.is_dir():
             for part in self.tmp.iterdir():
                 if part.is_dir() and not part.is_symlink():
+                    import shutil
+
                     freed += sum(f.stat().st_size for f in part.rglob("*") if f.is_file())
                     shutil.rmtree(part, ignore_errors=True)
                 else:

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from pathlib import Path
 
 from adaptr.errors import ConflictError, IntegrityError, InvalidInputError
 
 from .adapter_dir import CONFIG, WEIGHTS
-from .atomic import replace_dir, work_dir
 from .blobs import fsync_dir, hash_file
 from .models import GcReport, StoredFile, VerifyReport
 from .refs import Ref
@@ -155,6 +153,10 @@ class Maintenance:
                     f"{v.ref} uses DoRA, which vLLM cannot serve; export with --format peft"
                 )
             files = [f for f in files if f.path in (CONFIG, WEIGHTS)]
+        import shutil  # shutil and atomic (tempfile) stay out of the read commands' start-up
+
+        from .atomic import replace_dir, work_dir
+
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = work_dir("export", out.parent)
         try:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import sqlite3
 import threading
 import time
@@ -348,8 +347,10 @@ class Registry(Maintenance):
                 adapter = _recheck(adapter, stage, allow_large)
                 for fname, digest, size in stored:
                     self.blobs.adopt(stage / fname, digest, size)
-            finally:
-                shutil.rmtree(stage, ignore_errors=True)
+            finally:  # empty once adopted; a failed add leaves its copies here
+                for leftover in stage.iterdir():
+                    leftover.unlink()
+                stage.rmdir()
             summary = adapter.summary()
             pending = None
             try:

@@ -15,9 +15,10 @@ import shutil
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, brief
 from .registry import AdapterVersion, Registry, check_name
 from .registry.atomic import work_dir
+from .values import is_number
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 SAME_RANK = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -33,6 +34,10 @@ def check(
     """Every constraint, up front, with a reason."""
     if method not in METHODS:
         raise InvalidInputError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    if not all(is_number(w) for w in weights):
+        raise InvalidInputError(
+            f"weights must be finite numbers (--weights), got {brief(list(weights))}"
+        )
     if len(weights) != len(versions):
         raise InvalidInputError(
             f"{len(weights)} weight(s) for {len(versions)} adapter(s): give one weight per adapter"

@@ -144,6 +144,8 @@ def test_every_method_makes_a_version(reg, method):
             "needs adapters of equal rank (a@1: r=4, r8@1: r=8); use cat or svd",
         ),
         (["a", "ghost"], [1, 1], "linear", {}, NotFoundError, "unknown adapter 'ghost'"),
+        (["a", "b"], [1, float("nan")], "linear", {}, InvalidInputError, "finite numbers"),
+        (["a", "b"], [1, float("inf")], "cat", {}, InvalidInputError, "got [1.0, inf]"),
     ],
 )
 def test_refused_up_front(reg, home, refs, weights, method, opts, error, match):

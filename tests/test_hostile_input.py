@@ -554,8 +554,8 @@ def test_generate_and_compose_options(cli, home, tmp_path, tiny_llama):
         (("generate", "p0", ""), "the prompt is empty"),
         (("generate", "p0", "hi", "--max-new-tokens", "0"), "0 is not in the range x>=1"),
         (("generate", "p0", "hi", "--max-new-tokens", "9" * 30), "the model reads at most 512 tokens"),
-        (("compose", "p0", "--name", "c", "--weights", "nan"), "--weights takes numbers separated by commas (finite ones)"),
-        (("compose", "p0", "p1", "--name", "c", "--weights", "1,inf"), "(finite ones), got '1,inf'"),
+        (("compose", "p0", "--name", "c", "--weights", "nan"), "weights must be finite numbers (--weights), got [nan]"),
+        (("compose", "p0", "p1", "--name", "c", "--weights", "1,inf"), "weights must be finite numbers (--weights), got [1.0, inf]"),
         (("compose", "p0", "p1", "--name", "c", "--method", "svd", "--svd-rank", "-1"), "-1 is not in the range x>=1"),
     ):  # fmt: skip
         refused(cli, home, before, *args, match=match)

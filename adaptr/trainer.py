@@ -311,13 +311,15 @@ def train(
         trainer.remove_callback(ProgressCallback)
         trainer.remove_callback(PrinterCallback)  # raw log dicts: the rich bar shows the loss
         trainer.add_callback(RichProgressCallback(f"training {recipe.name}"))
+    from .interrupt import StopOnInterrupt
+
+    stop = StopOnInterrupt()  # Ctrl-C ends the current step, then training
+    trainer.add_callback(stop)
     try:
-        out = trainer.train(resume_from_checkpoint=resume_from)
-    except KeyboardInterrupt:
-        raise TrainingInterrupted(
-            f"training of {recipe.name} interrupted at step {trainer.state.global_step}; the registry is unchanged. "
-            f"Checkpoints (if any were saved) are in {run_dir}: continue with --resume"
-        ) from None
+        with stop.catching_sigint():
+            out = trainer.train(resume_from_checkpoint=resume_from)
+    except KeyboardInterrupt:  # a second Ctrl-C
+        raise _interrupted(recipe.name, trainer.state.global_step, run_dir) from None
     except Exception as e:
         if resume_from and _loading_checkpoint(e):
             raise InvalidInputError(
@@ -325,6 +327,8 @@ def train(
                 "start over with --restart, or delete that folder to resume from an earlier checkpoint"
             ) from None
         raise
+    if stop.requested:
+        raise _interrupted(recipe.name, trainer.state.global_step, run_dir)
     metrics = _metrics(trainer, out, eval_ds, trainable, total, started)
     version = None
     if trainer.is_world_process_zero():
@@ -361,6 +365,13 @@ def _loading_checkpoint(exc: BaseException) -> bool:
     return any(
         frame.f_code.co_name in CHECKPOINT_LOADERS
         for frame, _ in traceback.walk_tb(exc.__traceback__)
+    )
+
+
+def _interrupted(name: str, step: int, run_dir: Path) -> TrainingInterrupted:
+    return TrainingInterrupted(
+        f"training of {name} interrupted at step {step}; the registry is unchanged. "
+        f"Checkpoints (if any were saved) are in {run_dir}: continue with --resume"
     )
 
 

@@ -230,3 +230,24 @@ def test_resume_skips_a_checkpoint_cut_short(tmp_path):
         )
     assert _prepare_run_dir(run, resume=True, restart=False, name="x").endswith("checkpoint-4")
     assert not (run / "checkpoint-6").exists()
+
+
+def test_the_first_ctrl_c_stops_training_after_its_step_and_a_second_interrupts():
+    """The first SIGINT only sets a flag the Trainer reads after each step, so it cannot be
+    lost in a finalizer ("Exception ignored in …"); a second raises KeyboardInterrupt."""
+    from transformers import TrainerControl
+
+    from adaptr.interrupt import StopOnInterrupt
+
+    stop = StopOnInterrupt()
+    before = signal.getsignal(signal.SIGINT)
+    with stop.catching_sigint():
+        control = stop.on_step_end(None, None, TrainerControl())
+        assert not control.should_training_stop
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested  # the handler ran, no KeyboardInterrupt
+        assert stop.on_step_end(None, None, TrainerControl()).should_training_stop
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the interrupt lands before this ends
+    assert signal.getsignal(signal.SIGINT) is before

@@ -145,12 +145,17 @@ def test_ctrl_c_leaves_the_registry_unchanged_and_resume_continues(home, tmp_pat
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     run_dir = home / "runs" / "long"
-    deadline = time.time() + 240
-    while time.time() < deadline and len(list(run_dir.glob("checkpoint-*"))) < 2:
-        time.sleep(0.2)
-    assert list(run_dir.glob("checkpoint-*")), "no checkpoint was written"
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and len(list(run_dir.glob("checkpoint-*"))) < 2:
+            time.sleep(0.2)
+        assert list(run_dir.glob("checkpoint-*")), "no checkpoint was written"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:  # a failure here must not leave a training process running
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 130, err[-2000:]
     last = err.strip().splitlines()[-1]
     assert (

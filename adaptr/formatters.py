@@ -2,12 +2,14 @@
 
 TRL records are ``{"text": …}`` (language modelling), ``{"prompt": …, "completion": …}``
 (loss on the completion only) or ``{"messages": [{"role", "content"}, …]}`` (chat; loss on
-assistant turns with ``assistant_only_loss``). Formatters never pre-render a chat into one
-string where TRL needs the structure.
+assistant turns with ``assistant_only_loss``), with ``"tools"`` (a JSON string) and assistant
+``tool_calls`` / ``tool`` messages for tool use (see :mod:`adaptr.chat`). Formatters never
+pre-render a chat into one string where TRL needs the structure.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,14 +17,29 @@ from typing import Any
 from .errors import InvalidInputError, brief
 
 KINDS = ("text", "prompt-completion", "messages")
+MISSING = ("is missing", "is empty")
 
 
 class MissingField(InvalidInputError):
-    """A record lacks a field the formatter needs; the loader adds file and line."""
+    """A record lacks a field the formatter needs; the loader adds file and line.
 
-    def __init__(self, name: str, why: str = "is missing"):
+    ``hint`` says how to map another field (set by :class:`Formatter` when one of its options
+    names the field); ``Formatter.explain`` puts both into one message.
+    """
+
+    def __init__(self, name: str, why: str = "is missing", hint: str | None = None):
+        self.field, self.why, self.hint = name, why, None
         super().__init__(f"field {name!r} {why}")
-        self.field = name
+        if hint:
+            self.add_hint(hint)
+
+    def add_hint(self, hint: str) -> None:
+        self.hint = hint
+        self.args = (f"field {self.field!r} {self.why}; {hint}",)
+
+
+class MultimodalData(InvalidInputError):
+    """A record holds images, audio or video (parts, record keys or placeholders)."""
 
 
 def need(record: dict[str, Any], *names: str) -> list[Any]:
@@ -31,7 +48,7 @@ def need(record: dict[str, Any], *names: str) -> list[Any]:
     for name in names:
         value = record.get(name)
         if value is None or (isinstance(value, str) and not value.strip()):
-            raise MissingField(name, "is missing" if name not in record else "is empty")
+            raise MissingField(name, MISSING[0] if name not in record else MISSING[1])
         values.append(value)
     return values
 
@@ -61,6 +78,37 @@ class Formatter:
             raise InvalidInputError(
                 f"formatter {self.name!r}: kind must be one of {', '.join(KINDS)}"
             )
+        if not getattr(self.format, "_adaptr_hints", False):
+            self.format = self._hinting(self.format)
+
+    def _hinting(self, fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+        """``fn`` whose MissingField errors say which option maps the field (see ``hint``)."""
+
+        @functools.wraps(fn)
+        def format(record: dict[str, Any], **options: Any) -> dict[str, Any]:
+            try:
+                return fn(record, **options)
+            except MissingField as e:
+                if e.hint is None and e.why in MISSING and (hint := self.hint(e.field, options)):
+                    e.add_hint(hint)
+                raise
+
+        format._adaptr_hints = True  # type: ignore[attr-defined]
+        return format
+
+    def hint(self, name: str, options: dict[str, Any] | None = None) -> str | None:
+        """How to read field ``name`` from another field: the option whose value names it."""
+        values = {**self.options, **(options or {})}
+        option = next((k for k, v in values.items() if isinstance(v, str) and v == name), None)
+        return f"map another field with --format-option {option}=NAME" if option else None
+
+    def explain(self, error: MissingField) -> str:
+        """``error`` with what this format needs and how to map a field, for one message:
+        ``field 'messages' is missing (the messages format needs messages; map another field
+        with --format-option field=NAME)``."""
+        notes = [f"the {self.name} format needs {', '.join(self.fields)}"] if self.fields else []
+        notes += [error.hint] if error.hint else []
+        return f"field {error.field!r} {error.why}" + (f" ({'; '.join(notes)})" if notes else "")
 
     def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """The full option set (defaults filled in); raises on an unknown option."""

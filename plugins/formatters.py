@@ -1,14 +1,19 @@
-"""Built-in dataset formatters: text, alpaca, dolly, sharegpt, messages, prompt-completion, translation."""
+"""Built-in dataset formatters: text, alpaca, dolly, sharegpt, messages, prompt-completion, translation.
+
+The chat formats (sharegpt, messages) read content parts, tool calls, tool results and tool
+lists through :mod:`adaptr.chat`, and refuse images, audio and video.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from adaptr import Formatter, hookimpl
+from adaptr import Formatter, chat, hookimpl
+from adaptr.errors import brief
 from adaptr.formatters import MissingField, need
 
 ALPACA = {
-    # the seeds' layout
+    # Chinese headings
     "zh": (
         "### 指令:\n{instruction}\n\n### 输入:\n{input}\n\n### 回答:\n",
         "### 指令:\n{instruction}\n\n### 回答:\n",
@@ -25,7 +30,8 @@ ALPACA = {
 LANGUAGES = {"zh": "Chinese", "en": "English", "ja": "Japanese", "ko": "Korean", "fr": "French",
              "de": "German", "es": "Spanish", "ru": "Russian", "it": "Italian", "pt": "Portuguese"}  # fmt: skip
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}  # fmt: skip
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system",
+                  "observation": "tool", "tool": "tool"}  # fmt: skip
 
 
 def text(record: dict[str, Any], field: str) -> dict[str, Any]:
@@ -36,6 +42,8 @@ def text(record: dict[str, Any], field: str) -> dict[str, Any]:
 def alpaca(record: dict[str, Any], lang: str) -> dict[str, Any]:
     if lang not in ALPACA:
         raise MissingField("lang", f"option must be one of {', '.join(ALPACA)}")
+    # LLaMA-Factory's multimodal alpaca keeps images/videos/audios beside the text
+    chat.refuse_media(record)
     instruction, output = need(record, "instruction", "output")
     extra = record.get("input") or ""
     with_input, without = ALPACA[lang]
@@ -52,43 +60,58 @@ def dolly(record: dict[str, Any], lang: str) -> dict[str, Any]:
     )
 
 
-def sharegpt(record: dict[str, Any], field: str) -> dict[str, Any]:
+def sharegpt(record: dict[str, Any], field: str, placeholders: str) -> dict[str, Any]:
+    chat.refuse_media(record)
     (turns,) = need(record, field)
     if not isinstance(turns, list):
         raise MissingField(field, "must be a list of {from, value} turns")
     messages = []
+    # LLaMA-Factory's sharegpt keeps the system prompt beside the turns
+    system = record.get("system")
+    if isinstance(system, str) and system.strip():
+        messages.append(chat.message(record, "", "system", placeholders=placeholders, key="system"))
     for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            raise MissingField(f"{field}[{i}]", "needs 'from' and 'value'")
-        role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
+        where = f"{field}[{i}]"
+        if not isinstance(turn, dict):
+            raise MissingField(where, "needs 'from' and 'value'")
+        tag = turn.get("from", turn.get("role"))  # LLaMA-Factory also reads role/content tags
+        key = "value" if "value" in turn else "content"
+        value = turn.get(key)
+        if tag is None or value is None:
+            raise MissingField(where, "needs 'from' and 'value'")
+        tag = str(tag).lower()
+        # LLaMA-Factory / glaive: value = '{"name": …, "arguments": …}' (or a list of them)
+        if tag == "function_call":
+            calls = chat.tool_calls(value, f"{where}.value")
+            messages.append({"role": "assistant", "content": "", "tool_calls": calls})
+            continue
+        role = SHAREGPT_ROLES.get(tag)
         if role is None:
             raise MissingField(
-                f"{field}[{i}].from", f"is {turn['from']!r}; use one of {', '.join(SHAREGPT_ROLES)}"
+                f"{where}.from",
+                f"is {brief(turn.get('from', turn.get('role')))}; use one of {', '.join(SHAREGPT_ROLES)}, function_call",
             )
-        messages.append({"role": role, "content": str(turn["value"])})
-    return _check_chat(messages, field)
+        messages.append(chat.message(turn, where, role, placeholders=placeholders, key=key))
+    return chat.conversation(messages, chat.tools_json(record.get("tools")), field)
 
 
-def messages(record: dict[str, Any], field: str) -> dict[str, Any]:
+def messages(record: dict[str, Any], field: str, placeholders: str) -> dict[str, Any]:
+    chat.refuse_media(record)
     (turns,) = need(record, field)
     if not isinstance(turns, list):
         raise MissingField(field, "must be a list of {role, content} messages")
     out = []
     for i, m in enumerate(turns):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        if not isinstance(m, dict) or "role" not in m:
             raise MissingField(f"{field}[{i}]", "needs 'role' and 'content'")
-        if m["role"] not in ("system", "user", "assistant", "tool"):
+        role = chat.ROLE_ALIASES.get(m["role"], m["role"]) if isinstance(m["role"], str) else None
+        if role not in chat.ROLES:
             raise MissingField(
-                f"{field}[{i}].role", f"is {m['role']!r}; use system, user, assistant or tool"
+                f"{field}[{i}].role", f"is {brief(m['role'])}; use system, user, assistant or tool"
             )
-        out.append({"role": m["role"], "content": str(m["content"])})
-    return _check_chat(out, field)
-
-
-def _check_chat(msgs: list[dict[str, str]], field: str) -> dict[str, Any]:
-    if not any(m["role"] == "assistant" for m in msgs):
-        raise MissingField(field, "has no assistant turn to learn from")
-    return {"messages": msgs}
+        out.append(chat.message(m, f"{field}[{i}]", role, placeholders=placeholders))
+    tools = record.get("tools", record.get("functions"))  # functions: OpenAI's legacy name
+    return chat.conversation(out, chat.tools_json(tools), field)
 
 
 def prompt_completion(
@@ -133,7 +156,7 @@ def adaptr_register_formatters(register):
             alpaca,
             fields=["instruction", "output"],
             options={"lang": "zh"},
-            description="instruction/input/output; lang=zh is the seeds' ### 指令/### 输入/### 回答 layout, lang=en Stanford Alpaca's.",
+            description="instruction/input/output; lang=zh is the Chinese ### 指令/### 输入/### 回答 layout, lang=en Stanford Alpaca's.",
         )
     )
     register(
@@ -151,8 +174,9 @@ def adaptr_register_formatters(register):
             sharegpt,
             kind="messages",
             fields=["conversations"],
-            options={"field": "conversations"},
-            description="ShareGPT conversations [{from: human|gpt|system, value}] -> chat messages.",
+            options={"field": "conversations", "placeholders": "refuse"},
+            description="ShareGPT conversations [{from: human|gpt|system|function_call|observation, value}] "
+            "(+ system, tools) -> chat messages; tool calls kept for the chat template.",
         )
     )
     register(
@@ -161,8 +185,9 @@ def adaptr_register_formatters(register):
             messages,
             kind="messages",
             fields=["messages"],
-            options={"field": "messages"},
-            description="OpenAI-style messages [{role, content}], kept as structure for the chat template.",
+            options={"field": "messages", "placeholders": "refuse"},
+            description="OpenAI-style messages [{role, content}] (text parts, tool_calls, tool results, "
+            "tools), kept as structure for the chat template.",
         )
     )
     register(

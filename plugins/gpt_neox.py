@@ -2,7 +2,7 @@
 
 from adaptr import ModelFamily, hookimpl
 
-from .common import LORA_DEFAULTS
+from .common import LORA_DEFAULTS, PLAIN
 
 ATTENTION = ["query_key_value", "dense"]
 MLP = ["dense_h_to_4h", "dense_4h_to_h"]
@@ -17,6 +17,7 @@ def adaptr_register_families(register):
             target_modules={"attention": ATTENTION, "all-linear": ATTENTION + MLP},
             lora_defaults=dict(LORA_DEFAULTS),
             pad_token="eos",  # Pythia ships no pad token
+            chat_template=PLAIN,  # nor a chat format: User:/Assistant: turns
             prompt_template="{prompt}",
             tiny_configs={
                 "gpt_neox": dict(

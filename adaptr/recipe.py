@@ -5,7 +5,8 @@ name: legal
 tags: [prod]
 from: legal@2                 # optional: continue training that version
 base: {path: meta-llama/Llama-2-7b-hf, dtype: auto, quantization: 4bit}
-data: {path: train.jsonl, format: alpaca, options: {lang: zh}, eval_split: 0.1}
+data: {path: train.jsonl, format: alpaca, options: {lang: zh}, eval_split: 0.1,
+       over_length: truncate}   # or drop / refuse: records longer than sft.max_length
 lora: {r: 16, lora_alpha: 32, target_modules: attention}   # any peft.LoraConfig field
 sft:  {num_train_epochs: 3, learning_rate: 2.0e-4}          # any trl.SFTConfig field
 ```
@@ -37,7 +38,9 @@ DATA_KEYS = {
     "eval_split": None,
     "eval_path": None,
     "limit": None,
+    "over_length": "truncate",
 }
+OVER_LENGTH = ("truncate", "drop", "refuse")  # what happens to records longer than sft.max_length
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATION = ("none", "8bit", "4bit")
 MAX_RECIPE_BYTES = 1024 * 1024
@@ -256,6 +259,11 @@ class Recipe:
 
     def validate(self) -> None:
         """Check required settings and every lora/sft key against PEFT's and TRL's configs."""
+        self.check()
+        self.check_settings()
+
+    def check(self) -> None:
+        """The checks that need no heavy library: required settings, types, choices."""
         for what, value in (
             ("name", self.name),
             ("base.path", self.base["path"]),
@@ -284,6 +292,13 @@ class Recipe:
             raise InvalidInputError(
                 f"data.eval_split must be a fraction between 0 and 1, got {brief(split)}"
             )
+        if self.data["over_length"] not in OVER_LENGTH:
+            raise InvalidInputError(
+                f"data.over_length must be one of {', '.join(OVER_LENGTH)}, got {brief(self.data['over_length'])}"
+            )
+
+    def check_settings(self) -> None:
+        """Every lora/sft key against PEFT's LoraConfig and TRL's SFTConfig (imports both)."""
         from peft import LoraConfig
         from trl import SFTConfig
 

@@ -9,11 +9,13 @@ the ``lora`` and ``sft`` sections reach PEFT and TRL unchanged.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -22,9 +24,9 @@ from typing import Any
 from .errors import AdaptrError, ConflictError, InvalidInputError, NotFoundError, brief, first_line
 from .recipe import Recipe
 from .registry import AdapterVersion, Registry, check_name
-from .registry.blobs import hash_file
 from .registry.fingerprint import looks_like_hub_id
 from .registry.refs import check_tag
+from .sft_data import DataSplits, LengthReport, load_splits, loss_defaults, prepare
 
 LIBRARIES = (
     "adaptr",
@@ -118,17 +120,14 @@ def _check_causal_lm(path: str, trust_remote_code: bool) -> dict:
     return config.to_dict()
 
 
-def load_base(
-    path: str, base: dict[str, Any], family=None, *, gradient_checkpointing: bool = False
-):
-    """Load tokenizer and model as the recipe's ``base`` section says; returns (tokenizer, model, family)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(path: str, base: dict[str, Any]):
+    """The base's tokenizer with its family's fix-ups; returns (tokenizer, family). No weights."""
+    from transformers import AutoTokenizer
 
     from .families import family_for, get_family
 
     config = _check_causal_lm(path, base["trust_remote_code"])
-    family = get_family(base["family"]) if base.get("family") else (family or family_for(config))
+    family = get_family(base["family"]) if base.get("family") else family_for(config)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=base["trust_remote_code"])
     except (OSError, ValueError, TypeError) as e:
@@ -141,6 +140,14 @@ def load_base(
         raise InvalidInputError(
             f"the tokenizer of base {path} has no EOS token; set eos_token in its tokenizer_config.json"
         )
+    return tokenizer, family
+
+
+def load_model(path: str, base: dict[str, Any], *, gradient_checkpointing: bool = False):
+    """The base model as the recipe's ``base`` section says (dtype, 8-bit or 4-bit NF4)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     kwargs: dict[str, Any] = {"trust_remote_code": base["trust_remote_code"]}
     kwargs["dtype"] = "auto" if base["dtype"] == "auto" else getattr(torch, base["dtype"])
     quant = str(base["quantization"])
@@ -179,40 +186,36 @@ def load_base(
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing
         )
-    return tokenizer, model, family
+    return model
 
 
-def load_data(data: dict[str, Any], seed: int) -> tuple[Any, Any, dict[str, Any]]:
-    """Formatted train and eval datasets plus what lineage records about them."""
-    from .data import load_records, to_dataset
+@dataclass
+class Plan:
+    """A checked recipe and what it resolved to, before anything heavy is loaded."""
 
-    path = Path(data["path"]).expanduser()
-    records = load_records(path, data["format"], **(data.get("options") or {}))
-    if data.get("limit"):
-        records = records[: int(data["limit"])]
-    info = {
-        "path": str(path.resolve()), "sha256": hash_file(path)[0], "format": data["format"],
-        "options": data.get("options") or {}, "records": len(records),
-    }  # fmt: skip
-    train_ds, eval_ds = to_dataset(records), None
-    if data.get("eval_path"):
-        eval_path = Path(data["eval_path"]).expanduser()
-        eval_ds = to_dataset(load_records(eval_path, data["format"], **(data.get("options") or {})))
-        info["eval"] = {
-            "path": str(eval_path.resolve()),
-            "sha256": hash_file(eval_path)[0],
-            "records": len(eval_ds),
-        }
-    elif data.get("eval_split"):
-        if len(records) < 2:
-            raise InvalidInputError(
-                f"{path} has {len(records)} record(s): too few to split off an eval set"
-            )
-        split = train_ds.train_test_split(test_size=float(data["eval_split"]), seed=seed)
-        train_ds, eval_ds = split["train"], split["test"]
-        info["eval"] = {"split": float(data["eval_split"]), "records": len(eval_ds)}
-    info["train_records"] = len(train_ds)
-    return train_ds, eval_ds, info
+    recipe: Recipe
+    load_path: str
+    base_key: str
+    parent: AdapterVersion | None
+    data: DataSplits
+    seed: int
+
+
+def plan(recipe: Recipe | dict | str | Path, registry: Registry) -> Plan:
+    """Every check that needs no model and no torch: recipe, name, tags, parent, base, data."""
+    if not isinstance(recipe, Recipe):
+        recipe = Recipe.from_yaml(recipe) if isinstance(recipe, (str, Path)) else Recipe(recipe)
+    recipe.check()
+    check_name(recipe.name)
+    for t in recipe.tags:
+        check_tag(t)
+    parent = registry.get(recipe.parent) if recipe.parent else None
+    load_path, base_key = resolve_base(recipe.base["path"], registry)
+    seed = 42 if recipe.sft.get("seed") is None else int(recipe.sft["seed"])
+    data = load_splits(recipe.data, seed)
+    loss_defaults(recipe.sft, data.kind)
+    recipe.check_settings()
+    return Plan(recipe, load_path, base_key, parent, data, seed)
 
 
 def sft_config(sft: dict[str, Any], output_dir: Path, *, progress: bool):
@@ -246,42 +249,54 @@ def train(
     restart: bool = False,
     keep_run: bool = False,
     progress: bool = True,
+    on_note: Callable[[str], None] | None = None,
 ) -> TrainResult:
-    """Train a LoRA adapter as ``recipe`` says and store it as the next version of its name."""
+    """Train a LoRA adapter as ``recipe`` says and store it as the next version of its name.
+
+    ``on_note`` hears each note as it is made (what the data lost to max_length, before the
+    model loads); all of them are also in the result's ``notes``.
+    """
     if progress:
         from .quiet import quiet_libraries
 
         quiet_libraries()
-    if not isinstance(recipe, Recipe):
-        recipe = Recipe.from_yaml(recipe) if isinstance(recipe, (str, Path)) else Recipe(recipe)
-    recipe.validate()
-    registry = registry or Registry()
-    check_name(recipe.name)
-    for t in recipe.tags:
-        check_tag(t)
     started = time.time()
     notes: list[str] = []
-    seed = 42 if recipe.sft.get("seed") is None else int(recipe.sft["seed"])
+
+    def say(message: str) -> None:
+        notes.append(message)
+        if on_note is not None:
+            on_note(message)
+
+    registry = registry or Registry()
+    p = plan(recipe, registry)
+    recipe, parent = p.recipe, p.parent
     run_dir = registry.home / "runs" / recipe.name
     resume_from = _prepare_run_dir(run_dir, resume=resume, restart=restart, name=recipe.name)
-    parent = registry.get(recipe.parent) if recipe.parent else None
-    load_path, base_key = resolve_base(recipe.base["path"], registry)
-    train_ds, eval_ds, data_info = load_data(recipe.data, seed)
+    tokenizer, family = load_tokenizer(p.load_path, recipe.base)
+    args = sft_config(recipe.sft, run_dir, progress=progress)
+    train_ds, eval_ds, reports = prepare(p.data, tokenizer, args, recipe.data["over_length"])
+    for report in reports:
+        for line in report.lines():
+            say(line)
+    data_info = _data_lineage(p.data.info, reports)
     gc = bool(recipe.sft.get("gradient_checkpointing", True))
-    tokenizer, model, family = load_base(load_path, recipe.base, gradient_checkpointing=gc)
+    model = load_model(p.load_path, recipe.base, gradient_checkpointing=gc)
     if family is None:
-        notes.append(
+        say(
             f"no family claims model_type {brief(model.config.model_type)}: PEFT's default LoRA targets are used"
         )
 
     from transformers import set_seed
     from trl import SFTTrainer
 
+    from .sft_data import for_trainer
+
     peft_config = None
     if parent is not None:
         model = _load_parent(model, registry, parent, run_dir)
         if recipe.lora:
-            notes.append(
+            say(
                 f"lora settings are ignored: training continues {parent.ref} with its own LoRA config"
             )
     else:
@@ -290,17 +305,18 @@ def train(
         lora = dict(recipe.lora)
         targets = lora.pop("target_modules", None)
         peft_config, _ = lora_config(model, family=family, targets=targets, **lora)
-    args = sft_config(recipe.sft, run_dir, progress=progress)
+    trl_args = copy.copy(args)  # the examples carry their loss masks: TRL masks nothing again
+    trl_args.assistant_only_loss, trl_args.completion_only_loss = False, None
     set_seed(args.seed)
     try:
         trainer = SFTTrainer(
-            model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-            processing_class=tokenizer, peft_config=peft_config,
+            model=model, args=trl_args, train_dataset=for_trainer(train_ds),
+            eval_dataset=for_trainer(eval_ds), processing_class=tokenizer, peft_config=peft_config,
         )  # fmt: skip
     except ValueError as e:
         raise InvalidInputError(f"cannot set up training: {first_line(e)}") from None
     trainable, total = trainer.model.get_nb_trainable_parameters()
-    notes.append(
+    say(
         f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
     )
     if progress:
@@ -336,19 +352,31 @@ def train(
         trainer.save_model(str(final))
         (final / "training_args.bin").unlink(missing_ok=True)  # a pickle: never stored
         lineage = {
-            "base": base_key, "dataset": data_info, "recipe": recipe.to_dict(), "seed": args.seed,
+            "base": p.base_key, "dataset": data_info, "recipe": recipe.to_dict(), "seed": args.seed,
             "family": family.name if family else None, "libraries": library_versions(),
             "resumed_from": str(resume_from) if resume_from else None,
             "parents": [parent.ref] if parent else [], "method": "sft",
         }  # fmt: skip
         version = registry.add(
-            recipe.name, final, base=base_key, tags=recipe.tags, lineage=lineage, metrics=metrics,
+            recipe.name, final, base=p.base_key, tags=recipe.tags, lineage=lineage, metrics=metrics,
             origin=f"adaptr train --data {data_info['path']}",
         )  # fmt: skip
-        notes.extend(n for n in registry.notes if "skipped" not in n)
+        for n in registry.notes:
+            if "skipped" not in n:
+                say(n)
         if not keep_run:
             shutil.rmtree(run_dir, ignore_errors=True)
     return TrainResult(version, metrics, run_dir, notes)
+
+
+def _data_lineage(info: dict[str, Any], reports: list[LengthReport]) -> dict[str, Any]:
+    """The dataset's lineage, with the records that trained after max_length had its say."""
+    info = copy.deepcopy(info)
+    info["lengths"] = {r.split: r.to_dict() for r in reports}
+    info["train_records"] = reports[0].kept
+    if len(reports) > 1:
+        info["eval"]["records"] = reports[1].kept
+    return info
 
 
 # Where transformers' Trainer reads a checkpoint back (weights, optimizer, scheduler, RNG,

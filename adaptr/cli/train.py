@@ -6,7 +6,7 @@ import click
 
 from adaptr.errors import brief
 
-from ._common import note, with_registry
+from ._common import console, emit_json, note, with_registry
 
 # CLI flag -> recipe key; flags override the recipe file
 FLAGS = {
@@ -19,6 +19,7 @@ FLAGS = {
     "batch_size": "sft.per_device_train_batch_size", "grad_accum": "sft.gradient_accumulation_steps",
     "max_length": "sft.max_length", "packing": "sft.packing", "seed": "sft.seed",
     "gradient_checkpointing": "sft.gradient_checkpointing", "parent": "from",
+    "over_length": "data.over_length",
 }  # fmt: skip
 
 
@@ -104,10 +105,30 @@ FLAGS = {
     "--restart", is_flag=True, help="Discard checkpoints of an interrupted run and start over."
 )
 @click.option("--keep-run", is_flag=True, help="Keep the run folder (checkpoints) after success.")
+@click.option(
+    "--over-length",
+    type=click.Choice(["truncate", "drop", "refuse"]),
+    help="Records longer than --max-length: cut them (default), leave them out, or stop.",
+)
+@click.option(
+    "--preview",
+    "preview_count",
+    type=click.IntRange(min=1),
+    is_flag=False,
+    flag_value=3,
+    default=None,
+    metavar="[N]",
+    help="Show N examples (default 3) as the model will see them, the text that carries loss "
+    "highlighted, with token counts and what --max-length cuts; loads no weights, trains nothing.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="With --preview: print it as one JSON document."
+)
 @with_registry
 def train(
-    registry, recipe_file, format_options, tags, settings, resume, restart, keep_run, **flags
-) -> None:
+    registry, recipe_file, format_options, tags, settings, resume, restart, keep_run,
+    preview_count, as_json, **flags,
+) -> None:  # fmt: skip
     """Fine-tune a LoRA adapter with TRL's SFTTrainer and store it as NAME's next version."""
     from adaptr.recipe import Recipe, load_yaml
     from adaptr.trainer import train as run_training
@@ -133,11 +154,20 @@ def train(
         recipe.set(key, load_yaml(value, f"--set {key}"))
     if tags:
         recipe.tags = [*recipe.tags, *tags]
+    if as_json and preview_count is None:
+        raise click.UsageError("--json goes with --preview (training prints its result line)")
+    if preview_count is not None:
+        from adaptr.preview import preview
+
+        shown = preview(recipe, registry=registry, count=preview_count)
+        if as_json:
+            emit_json(shown.to_dict())
+        else:
+            show_preview(shown)
+        return
     result = run_training(
-        recipe, registry=registry, resume=resume, restart=restart, keep_run=keep_run
+        recipe, registry=registry, resume=resume, restart=restart, keep_run=keep_run, on_note=note
     )
-    for n in result.notes:
-        note(n)
     if result.version is None:
         return  # a non-main process of a distributed run
     m = result.metrics
@@ -149,3 +179,46 @@ def train(
     click.echo(
         f"{result.version.ref}  ({'; '.join(summary)}; {m['steps']} steps in {m['duration_s']:.1f}s)"
     )
+
+
+def show_preview(shown) -> None:
+    """Examples with the loss-carrying text highlighted (or between ⟦ ⟧ when not a terminal)."""
+    from rich.text import Text
+
+    out = console()
+    color = out.is_terminal
+    if color:
+        out.print(Text("text in green carries loss; dim text is context only", style="italic"))
+    else:
+        out.print("text between ⟦ and ⟧ carries loss; the rest is context only")
+    for ex in shown.examples:
+        status = "  DROPPED" if ex.dropped else ""
+        out.print(
+            Text(
+                f"── record {ex.record} ({ex.split}): {ex.tokens:,} tokens, {ex.loss_tokens:,} carry loss{status}",
+                style="bold",
+            )
+        )
+        body = Text()
+        for seg in ex.segments:
+            if color:
+                body.append(seg.text, style="bold green" if seg.loss else "dim")
+            else:
+                body.append(f"⟦{seg.text}⟧" if seg.loss else seg.text)
+        out.print(body)
+        if ex.cut_tokens:
+            out.print(
+                Text(
+                    f"✂ max_length cuts {ex.cut_tokens:,} tokens from its {ex.cut_side}",
+                    style="yellow",
+                )
+            )
+    for r in shown.reports:
+        share = f" ({100 * r.loss_tokens / r.tokens:.0f}%)" if r.tokens else ""
+        out.print(
+            f"{r.split}: {r.kept:,} of {r.records:,} records train, {r.tokens:,} tokens, "
+            f"{r.loss_tokens:,} carry loss{share}; longest {r.longest:,} (max_length {r.max_length})"
+        )
+    out.print(f"loss on: {shown.loss}")
+    for line in shown.notes:
+        note(line)

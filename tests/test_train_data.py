@@ -1,0 +1,300 @@
+"""What trains is what the user meant: over-length records, loss masks, --preview, early checks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adaptr.errors import InvalidInputError
+from adaptr.preview import preview
+from adaptr.trainer import train
+
+FAST = {"max_steps": 1, "per_device_train_batch_size": 8, "gradient_checkpointing": False}
+LONG = "word " * 200  # ~1,000 characters: past max_length=64 for the tiny byte-level tokenizer
+
+
+@pytest.fixture(scope="module")
+def marked_qwen(tmp_path_factory) -> Path:
+    """A tiny Qwen2 base whose tokenizer carries ChatML with {% generation %} markers."""
+    from transformers import AutoTokenizer
+
+    from adaptr.plugins.common import CHATML
+    from adaptr.tiny import save_tiny_base
+
+    path = save_tiny_base(tmp_path_factory.mktemp("bases") / "qwen-marked", "qwen2")
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = CHATML
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def plain_qwen(tmp_path_factory) -> Path:
+    """A tiny Qwen2 base whose tokenizer's own ChatML template has no generation markers
+    (as Qwen2.5's does not)."""
+    from adaptr.tiny import save_tiny_base
+
+    return save_tiny_base(tmp_path_factory.mktemp("bases") / "qwen-plain", "qwen2")
+
+
+def alpaca_file(path: Path, long_every: int = 0, n: int = 8) -> Path:
+    """Alpaca records; every ``long_every``-th has an input past max_length=64."""
+    rows = []
+    for i in range(n):
+        extra = LONG if long_every and i % long_every == 0 else ""
+        rows.append({"instruction": f"Say {i}.", "input": extra, "output": f"{i} it is."})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def chat_file(path: Path) -> Path:
+    rows = [
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                      {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"},
+                      {"role": "assistant", "content": "6"}]},
+        {"messages": [{"role": "user", "content": "A color?"}, {"role": "assistant", "content": "Blue."}]},
+        {"messages": [{"role": "user", "content": "Long? " + LONG}, {"role": "assistant", "content": "Yes."}]},
+    ]  # fmt: skip
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+def recipe(name: str, base: Path, data: Path, fmt: str = "alpaca", data_extra=None, **sft) -> dict:
+    return {
+        "name": name,
+        "base": {"path": str(base)},
+        "data": {"path": str(data), "format": fmt, **(data_extra or {})},
+        "lora": {"r": 2, "target_modules": ["q_proj", "v_proj"]},
+        "sft": {**FAST, **sft},
+    }
+
+
+# ---- over-length records: counted, reported before training, the user's choice ----
+
+
+def test_truncation_is_reported_before_training_and_recorded(cli, registry, tiny_llama, tmp_path):
+    data = alpaca_file(tmp_path / "d.jsonl", long_every=4)
+    code, out, err = cli("train", "--base", str(tiny_llama), "--data", str(data), "--format", "alpaca",
+                         "--name", "t", "--max-length", "64", "--max-steps", "1", "--batch-size", "8",
+                         "--no-gradient-checkpointing")  # fmt: skip
+    assert code == 0, err
+    line = "note: 2 of 8 records exceed max_length=64 tokens (longest "
+    assert line in err and "records 1, 5): truncating" in err
+    # their prompt alone fills max_length: truncation leaves them no completion token
+    assert "2 of them keep no token that carries loss and are dropped (records 1, 5)" in err
+    assert err.index(line) < err.index("trainable params")  # said before training starts
+    dataset = registry.get("t").lineage["dataset"]
+    assert dataset["records"] == 8 and dataset["train_records"] == 6
+    lengths = dataset["lengths"]["train"]
+    assert lengths["over_length"] == 2 and lengths["dropped"] == 2 and lengths["kept"] == 6
+    assert lengths["policy"] == "truncate" and lengths["max_length"] == 64
+
+
+def test_drop_policy_leaves_long_records_out(registry, tiny_llama, tmp_path):
+    data = alpaca_file(tmp_path / "d.jsonl", long_every=4)
+    heard = []
+    result = train(recipe("d", tiny_llama, data, data_extra={"over_length": "drop"}, max_length=64),
+                   registry=registry, progress=False, on_note=heard.append)  # fmt: skip
+    assert any(
+        "2 of 8 records exceed max_length=64" in n
+        and n.endswith("dropped (data.over_length: drop)")
+        for n in heard
+    )
+    assert result.notes[: len(heard)] == heard
+    assert result.version.lineage["dataset"]["train_records"] == 6
+    assert result.version.lineage["recipe"]["data"]["over_length"] == "drop"
+
+
+def test_refuse_policy_stops_before_the_model_loads(
+    cli, registry, tiny_llama, tmp_path, monkeypatch
+):
+    import adaptr.trainer
+
+    data = alpaca_file(tmp_path / "d.jsonl", long_every=4)
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(adaptr.trainer, "load_model", no_model)
+    code, out, err = cli("train", "--base", str(tiny_llama), "--data", str(data), "--format", "alpaca",
+                         "--name", "r", "--max-length", "64", "--over-length", "refuse")  # fmt: skip
+    assert code != 0 and out == ""
+    assert (
+        err.startswith("error: 2 of 8 records exceed max_length=64 tokens") and err.count("\n") == 1
+    )
+    assert "raise --max-length, or set data.over_length to truncate or drop" in err
+    assert registry.list() == [] and not (registry.home / "runs" / "r").exists()
+
+
+def test_every_record_dropped_is_one_line_error(cli, registry, tiny_llama, tmp_path):
+    data = alpaca_file(tmp_path / "d.jsonl", long_every=1, n=3)
+    with pytest.raises(
+        InvalidInputError, match=r"^all 3 training records were dropped: 3 of 3 records exceed"
+    ):
+        train(recipe("x", tiny_llama, data, max_length=64), registry=registry, progress=False)
+    code, _, err = cli("train", "--base", str(tiny_llama), "--data", str(data), "--format", "alpaca",
+                       "--name", "x", "--max-length", "64")  # fmt: skip
+    assert code != 0 and err.startswith("error: all 3 training records were dropped")
+    assert "internal error" not in err and err.count("\n") == 1 and registry.list() == []
+
+
+def test_over_length_setting_is_checked(cli, tiny_llama, tmp_path):
+    data = alpaca_file(tmp_path / "d.jsonl")
+    code, _, err = cli("train", "--base", str(tiny_llama), "--data", str(data), "--format", "alpaca",
+                       "--name", "x", "--set", "data.over_length=cut")  # fmt: skip
+    assert code != 0 and "data.over_length must be one of truncate, drop, refuse, got 'cut'" in err
+
+
+def test_adaptr_tokenization_trains_exactly_as_trl_alone(registry, marked_qwen, tmp_path):
+    """Same first-step loss as TRL's own SFTTrainer on the raw records (LoRA B starts at 0, so
+    it is the base's loss on the tokens that carry loss): truncation, drops and assistant masks
+    are TRL's, only counted and reported."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    data = chat_file(tmp_path / "chat.jsonl")
+    sft = {**FAST, "max_length": 64, "learning_rate": 1e-9}
+    ours = train(
+        recipe("same", marked_qwen, data, "messages", **sft), registry=registry, progress=False
+    )
+    assert (
+        ours.version.lineage["recipe"]["sft"]["assistant_only_loss"] is True
+    )  # the default for chat
+
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    args = SFTConfig(output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True, bf16=False,
+                     assistant_only_loss=True, disable_tqdm=True, **sft)  # fmt: skip
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(marked_qwen), args=args,
+        train_dataset=Dataset.from_list(records), processing_class=AutoTokenizer.from_pretrained(marked_qwen),
+        peft_config=LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )  # fmt: skip
+    theirs = trainer.train().training_loss
+    assert ours.metrics["train_loss"] == pytest.approx(theirs, abs=1e-4)  # fp32, same tokens
+
+
+# ---- loss masks: assistant turns by default, found even without generation markers ----
+
+
+def loss_text(p, record: int) -> str:
+    ex = next(e for e in p.examples if e.record == record)
+    return "|".join(s.text for s in ex.segments if s.loss)
+
+
+@pytest.mark.parametrize("base", ["marked_qwen", "plain_qwen"])
+def test_chat_loss_is_on_assistant_turns_only(request, registry, base, tmp_path):
+    data = chat_file(tmp_path / "chat.jsonl")
+    p = preview(
+        recipe("c", request.getfixturevalue(base), data, "messages"), registry=registry, count=2
+    )
+    assert p.loss.startswith("assistant turns only")
+    # the generation markers end at <|im_end|>; rendering turn by turn also takes its newline
+    end = "<|im_end|>" if base == "marked_qwen" else "<|im_end|>\n"
+    assert loss_text(p, 1) == f"4{end}|6{end}" and loss_text(p, 2) == f"Blue.{end}"
+    context = "".join(s.text for s in p.examples[0].segments if not s.loss)
+    assert "Be brief." in context and "2+2?" in context and "And 3+3?" in context
+
+
+def test_loss_on_every_token_is_a_recipe_switch(cli, registry, plain_qwen, tmp_path):
+    data = chat_file(tmp_path / "chat.jsonl")
+    r = recipe("all", plain_qwen, data, "messages", assistant_only_loss=False)
+    p = preview(r, registry=registry, count=1)
+    assert p.loss == "every token" and all(s.loss for s in p.examples[0].segments)
+    code, _, err = cli("train", "--base", str(plain_qwen), "--data", str(data), "--format", "messages",
+                       "--name", "all", "--max-steps", "1", "--no-gradient-checkpointing",
+                       "--set", "sft.assistant_only_loss=false")  # fmt: skip
+    assert code == 0, err
+    assert registry.get("all").lineage["recipe"]["sft"]["assistant_only_loss"] is False
+
+
+def test_assistant_only_loss_on_plain_text_is_refused(cli, tiny_llama):
+    data = Path(__file__).parent.parent / "examples" / "data" / "quotes.jsonl"
+    code, _, err = cli("train", "--base", str(tiny_llama), "--data", str(data), "--format", "text",
+                       "--format-option", "field=quote", "--name", "q",
+                       "--set", "sft.assistant_only_loss=true")  # fmt: skip
+    assert code != 0 and err.startswith("error: sft.assistant_only_loss needs chat data")
+
+
+# ---- --preview: as the model will see it, no weights, nothing stored ----
+
+
+def test_preview_cli_shows_examples_counts_and_cuts(
+    cli, registry, tiny_llama, tmp_path, monkeypatch
+):
+    import adaptr.trainer
+
+    monkeypatch.setattr(adaptr.trainer, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    data = alpaca_file(tmp_path / "d.jsonl", long_every=4)
+    code, out, err = cli("train", "--base", str(tiny_llama), "--data", str(data), "--format", "alpaca",
+                         "--format-option", "lang=en", "--name", "p", "--max-length", "200",
+                         "--preview", "2")  # fmt: skip
+    assert code == 0, err
+    assert "text between ⟦ and ⟧ carries loss" in out
+    assert "── record 1 (train):" in out and "DROPPED" in out and "── record 2 (train):" in out
+    assert "### Instruction:\nSay 1.\n\n### Response:\n⟦1 it is.<|endoftext|>⟧" in out
+    assert "✂ max_length cuts" in out and "train: 6 of 8 records train" in out
+    assert "loss on: the completion only" in out
+    assert "2 of 8 records exceed max_length=200" in err
+    assert registry.list() == [] and not (registry.home / "runs").exists()
+
+
+def test_preview_says_when_training_would_stop(tiny_llama, registry, tmp_path):
+    data = alpaca_file(tmp_path / "d.jsonl", long_every=1, n=2)
+    p = preview(recipe("x", tiny_llama, data, max_length=64), registry=registry)
+    assert p.notes[-1] == "all 2 train records would be dropped: training would stop"
+
+
+def test_preview_json_and_refuse_policy_reports_instead_of_stopping(cli, tiny_llama, tmp_path):
+    data = alpaca_file(tmp_path / "d.jsonl", long_every=4)
+    code, out, err = cli("train", "--base", str(tiny_llama), "--data", str(data), "--format", "alpaca",
+                         "--name", "p", "--max-length", "64", "--over-length", "refuse",
+                         "--preview", "--json")  # fmt: skip
+    assert code == 0, err
+    doc = json.loads(out)
+    assert len(doc["examples"]) == 3 and doc["splits"][0]["over_length"] == 2
+    assert "training refuses them (data.over_length: refuse)" in doc["notes"][0]
+    ex = doc["examples"][1]
+    assert ex["record"] == 2 and ex["loss_tokens"] > 0 and ex["cut_tokens"] == 0
+    assert "".join(s["text"] for s in ex["segments"] if s["loss"]) == "1 it is.<|endoftext|>"
+
+
+def test_json_without_preview_is_a_usage_error(cli, tiny_llama):
+    code, _, err = cli("train", "--base", str(tiny_llama), "--json")
+    assert code == 2 and "--json goes with --preview" in err
+
+
+# ---- cheap checks run before torch is imported ----
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"data": {"format": "alpacca"}}, "unknown format 'alpacca': did you mean 'alpaca'?"),
+        ({"base": {"path": "/nonexistent/model"}}, "base '/nonexistent/model' not found"),
+        ({"data": {"format": "messages"}}, "field 'messages' is missing"),
+        ({"name": "Bad Name"}, "Bad Name"),
+        ({"data": {"over_length": "cut"}}, "data.over_length must be one of"),
+    ],
+)
+def test_mistakes_are_found_before_torch_loads(tiny_llama, tmp_path, change, message):
+    data = alpaca_file(tmp_path / "d.jsonl")
+    doc = recipe("ok", tiny_llama, data)
+    for key, value in change.items():
+        doc[key] = {**doc[key], **value} if isinstance(value, dict) else value
+    script = (
+        "import json, sys\nfrom adaptr.trainer import plan\nfrom adaptr.registry import Registry\n"
+        f"try:\n    plan(json.loads({json.dumps(json.dumps(doc))}), Registry({str(tmp_path / 'h')!r}))\n"
+        "except Exception as e:\n    print(type(e).__name__, e)\n"
+        "print('torch loaded' if 'torch' in sys.modules else 'no torch')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert message in out.stdout, out.stdout + out.stderr
+    assert out.stdout.rstrip().endswith("no torch")

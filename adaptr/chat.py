@@ -74,7 +74,7 @@ def refuse_placeholders(text: str, where: str) -> None:
     found = PLACEHOLDER.search(text)
     if found:
         raise MultimodalData(
-            f"{UNSUPPORTED}: {where} holds an {found.group(0)} placeholder; train on text-only "
+            f"{UNSUPPORTED}: {where} holds the placeholder {found.group(0)}; train on text-only "
             "records, or set --format-option placeholders=keep if it is meant as text"
         )
 
@@ -211,6 +211,13 @@ def message(
         raise MissingField(where, f"needs 'role' and 'content' (a {role} message without content)")
     if placeholders == "refuse":
         refuse_placeholders(text, at)
+    for weight in ("weight", "loss_weight"):  # OpenAI fine-tuning's, LLaMA-Factory v1's
+        if role == "assistant" and m.get(weight) in (0, 0.0) and m.get(weight) is not False:
+            raise MissingField(
+                f"{where}.{weight}",
+                "is 0 (do not learn this turn), which adaptr cannot honour: every assistant turn is "
+                "learned; drop the turn or the weight",
+            )
     out: dict[str, Any] = {"role": role, "content": text}
     if calls:
         out["tool_calls"] = calls

@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in args or os.environ.get("ADAPTR_DEBUG", "") not in ("", "0")
     code = 0
     try:
+        if not [a for a in args if a != "--debug"]:  # `adaptr` alone: the help, like git and uv
+            with click.Context(cli, info_name="adaptr") as ctx:
+                click.echo(cli.get_help(ctx))
+            return 0
         rv = cli.main(args=args, prog_name="adaptr", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
     except AdaptrError as e:

@@ -107,7 +107,13 @@ def merge(registry, refs, out, base, dtype, force, as_json) -> None:
     metavar="REF",
     help="Another adapter active at the same time (repeatable).",
 )
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Most tokens to generate (greedy decoding; stops earlier at EOS).",
+)
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
 @click.option("--base", help="Base model folder, if the recorded base is not reachable.")
 @json_option

@@ -29,7 +29,13 @@ def is_loopback(host: str) -> bool:
     show_default=True,
     help="Interface to listen on (loopback by default).",
 )
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option(
+    "--port",
+    default=8000,
+    show_default=True,
+    type=click.IntRange(1, 65535),
+    help="TCP port to listen on.",
+)
 @click.option(
     "--max-adapters", default=16, show_default=True, type=int, help="Adapters kept resident (LRU)."
 )

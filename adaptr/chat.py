@@ -280,9 +280,11 @@ def has_generation_markers(template: Any) -> bool:
 
 
 def training_template(tokenizer, assistant_only_loss: bool = True) -> str | None:
-    """The template TRL's SFTTrainer renders with: None for the tokenizer's own, or TRL's
-    training version of it (with generation markers) when assistant-only loss needs one.
-    Raises InvalidInputError when the loss cannot be limited to assistant turns."""
+    """The template training renders with: None for the tokenizer's own, or TRL's training
+    version of it (with generation markers) when assistant-only loss needs markers the
+    tokenizer's lacks and TRL knows the template. None too when TRL cannot patch it: adaptr's
+    trainer then finds assistant turns by rendering turn by turn (``sft_data``). Raises
+    InvalidInputError when the tokenizer has no template at all."""
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         raise InvalidInputError(
@@ -295,12 +297,8 @@ def training_template(tokenizer, assistant_only_loss: bool = True) -> str | None
 
     try:
         return get_training_chat_template(tokenizer)
-    except ValueError:
-        raise InvalidInputError(
-            "the chat template has no {% generation %} markers, so the loss cannot be limited to "
-            "assistant turns; set sft.assistant_only_loss: false to train on every token, or use a "
-            "template with the markers"
-        ) from None
+    except (ValueError, NotImplementedError):
+        return None
 
 
 def render(tokenizer, record: dict[str, Any], *, chat_template: str | None = None, **kwargs: Any):
@@ -321,8 +319,11 @@ def check_template(tokenizer, record: dict[str, Any], *, assistant_only_loss: bo
     template is the one SFTTrainer will use (see :func:`training_template`). Refused: no
     template; a rendering error; a template that ignores the ``tools``, a message's content,
     a tool call or its arguments (each is changed in turn and the rendering must change); with
-    ``assistant_only_loss``, no generation markers, or markers whose loss mask leaves out an
-    assistant turn's text or tool calls, or covers a user/system/tool message.
+    ``assistant_only_loss`` and generation markers (the template's own or TRL's patched
+    version), markers whose loss mask leaves out an assistant turn's text or tool calls, or
+    covers a user/system/tool message. A template without markers that TRL cannot patch is not
+    refused for that: the trainer finds assistant turns by rendering, which takes whatever the
+    template renders for a turn (checked above).
     """
     template = training_template(tokenizer, assistant_only_loss)
 
@@ -360,7 +361,7 @@ def check_template(tokenizer, record: dict[str, Any], *, assistant_only_loss: bo
             ]
             if not changed(i, tool_calls=probe):
                 raise InvalidInputError(f"the chat template drops the arguments of the tool calls of {what}")  # fmt: skip
-    if assistant_only_loss:
+    if assistant_only_loss and has_generation_markers(template or tokenizer.chat_template):
         _check_mask(tokenizer, record, template)
 
 

@@ -485,7 +485,7 @@ LOSS_ON_ALL = "{% generation %}" + DROPS_TOOL_RESULTS.replace("{% if m['role'] !
     "template, aol, match",
     [
         (None, False, "the chat template ignores the 'tools' list"),  # adaptr.tiny's plain ChatML
-        (None, True, "the chat template has no {% generation %} markers"),
+        (None, True, "the chat template ignores the 'tools' list"),  # no markers: turns found by rendering
         (DROPS_TOOL_RESULTS, True, "the chat template drops the content of message 4 (tool)"),
         (NAMES_ONLY, True, "drops the arguments of the tool calls of message 3"),
         (CALLS_OUTSIDE_LOSS, True, "leave the tool calls of message 3 (assistant) out of the loss"),
@@ -509,6 +509,7 @@ def test_check_templates_picks_records_that_show_each_kind_of_turn():
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
     )
     chat.check_templates(tok, [plain] * 3, assistant_only_loss=False)
+    chat.check_templates(tok, [plain], assistant_only_loss=True)  # no markers: found by rendering
     with pytest.raises(
         InvalidInputError, match="^record 3: the chat template ignores the 'tools' list"
     ):

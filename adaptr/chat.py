@@ -114,6 +114,12 @@ def content_text(content: Any, where: str, role: str) -> tuple[str, list[dict[st
             texts.append(value)
         elif kind == "tool_call":  # LLaMA-Factory v1: value = '{"name": …, "arguments": …}'
             calls.append(_json_value(part.get("value", part.get("tool_call")), f"{at}.value"))
+        elif kind in ("reasoning", "thinking"):
+            raise MissingField(
+                at,
+                f"is a {kind!r} part, which adaptr does not train yet; remove the reasoning parts "
+                "or fold them into the text (e.g. as <think>…</think>)",
+            )
         else:
             raise MissingField(
                 at,

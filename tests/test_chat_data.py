@@ -124,7 +124,11 @@ def test_text_parts_are_joined_in_both_spellings(tmp_path):
 @pytest.mark.parametrize(
     "content, match",
     [
-        ([{"type": "reasoning", "value": "hmm"}], "'reasoning' part; only text parts"),
+        (
+            [{"type": "reasoning", "value": "hmm"}],
+            "'reasoning' part, which adaptr does not train yet",
+        ),
+        ([{"type": "thinking_blocks", "value": "hmm"}], "'thinking_blocks' part; only text parts"),
         ([{"type": "text"}], "is a 'text' part without a 'text' (or 'value') string"),
         ([{"text": "no type"}], "must be a part with a 'type'"),
         ({"unexpected": "object"}, "must be a part with a 'type'"),

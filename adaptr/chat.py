@@ -181,7 +181,10 @@ def tools_json(value: Any, where: str = "tools") -> str | None:
     out = []
     for k, tool in enumerate(value):
         fn = tool.get("function") if isinstance(tool, dict) else None
-        fn = fn if isinstance(fn, dict) else tool  # a bare function schema (LLaMA-Factory, glaive)
+        if not isinstance(fn, dict) and isinstance(tool, dict):  # a bare or flat function schema
+            fn = {
+                k: v for k, v in tool.items() if k != "type"
+            }  # (LLaMA-Factory, glaive, Responses)
         if (
             not isinstance(fn, dict)
             or not isinstance(fn.get("name"), str)

@@ -226,6 +226,14 @@ def test_openai_tool_calls_train_as_structure():
     assert out["messages"][3] == {"role": "tool", "content": '{"temperature": 11, "unit": "celsius"}',
                                   "tool_call_id": "call_1", "name": "get_current_weather"}  # fmt: skip
     assert json.loads(out["tools"]) == [{"type": "function", "function": WEATHER}]
+    flat = fmt(
+        "messages", {**COOKBOOK, "tools": [{"type": "function", **WEATHER}]}
+    )  # Responses API
+    assert json.loads(flat["tools"]) == [{"type": "function", "function": WEATHER}]
+    with pytest.raises(
+        MissingField, match=re.escape("'tools[0]' must be a function schema with a 'name'")
+    ):
+        fmt("messages", {**COOKBOOK, "tools": ["get_current_weather"]})
 
 
 def test_legacy_functions_and_parallel_calls():

@@ -31,6 +31,12 @@ _LORA_KEY = re.compile(
     r"^(?P<module>.+?)\.(?:(?P<ab>lora_A|lora_B)\.weight|(?P<emb>lora_embedding_A|lora_embedding_B)"
     r"|(?P<bias>lora_B\.bias)|(?P<mag>lora_magnitude_vector)(?:\.weight)?)$"
 )
+# what a Trainer checkpoint (and LLaMA-Factory's output folder) holds besides the adapter
+TRAINING_STATE = re.compile(
+    r"(trainer_state\.json|training_args\.(bin|json|ya?ml)|(optimizer|scheduler|scaler)\.(pt|bin)"
+    r"|rng_state(_\d+)?\.pth|(all|train|eval|predict)_results\.json|trainer_log\.jsonl"
+    r"|running_log\.txt|training_loss\.png|pytorch_model_fsdp\.bin|latest|zero_to_fp32\.py)"
+)
 SUMMARY_KEYS = (
     "peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "bias",
     "use_dora", "use_rslora", "lora_bias", "modules_to_save", "rank_pattern", "alpha_pattern",
@@ -96,7 +102,8 @@ def inspect_adapter(source: str | Path, *, allow_large: bool = False) -> Adapter
 
     Stored: the config, safetensors weights (at most 20 GB each) and the text files an adapter
     folder holds (README, tokenizer files…, at most 50 MB each); ``allow_large`` lifts the two
-    size limits. Skipped with a note: folders, hidden files, pickles and files of other kinds.
+    size limits. Skipped with a note: folders, hidden files, a Trainer's training state
+    (trainer_state.json, optimizer.pt…), pickles and files of other kinds.
     """
     root = Path(source).expanduser()
     if root.is_symlink() and not root.exists():
@@ -111,7 +118,7 @@ def inspect_adapter(source: str | Path, *, allow_large: bool = False) -> Adapter
         raise InvalidAdapterError(
             f"adapter folder {root} is empty: expected {CONFIG} and {WEIGHTS}"
         )
-    files, skipped = [], []
+    files, skipped, state = [], [], []
     for entry in entries:
         if entry.is_symlink():
             target = _resolve(entry)
@@ -126,6 +133,8 @@ def inspect_adapter(source: str | Path, *, allow_large: bool = False) -> Adapter
             skipped.append(f"{entry.name}/ (folder)")
         elif entry.name.startswith("."):
             skipped.append(f"{entry.name} (hidden)")
+        elif TRAINING_STATE.fullmatch(entry.name):
+            state.append(entry.name)
         elif entry.suffix in PICKLE_SUFFIXES:
             skipped.append(f"{entry.name} (pickle, never loaded or stored)")
         elif not entry.is_file():
@@ -135,6 +144,8 @@ def inspect_adapter(source: str | Path, *, allow_large: bool = False) -> Adapter
         else:
             _check_size(entry, allow_large)
             files.append(entry)
+    if state:
+        skipped.append(f"{', '.join(state)} (training state, not part of an adapter)")
     names = {f.name for f in files}
     if CONFIG not in names:
         nested = sorted(p.parent.name for p in root.glob(f"*/{CONFIG}"))

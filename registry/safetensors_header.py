@@ -98,3 +98,31 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
             f"data is {size - 8 - n} bytes but the header describes {pos}: truncated or padded"
         )
     return tensors, metadata
+
+
+def write_renamed(src: str | Path, dest: str | Path, renames: dict[str, str]) -> None:
+    """Copy the safetensors file ``src`` to ``dest`` (fsynced) with tensors renamed.
+
+    Only the JSON header is rewritten (padded with spaces to 8 bytes, as safetensors
+    writes it); the tensor data is copied byte for byte, so no tensor library is needed.
+    The copy is not checked here: the caller reads it back with :func:`read_header`.
+    """
+    import json
+    import os
+    import shutil
+
+    with Path(src).open("rb") as fin:
+        (n,) = struct.unpack("<Q", fin.read(8))
+        if n > MAX_HEADER:
+            raise InvalidInputError(f"{src} is not a valid safetensors file (header too long)")
+        header = parse_json(fin.read(n), str(src), "a tensor table")
+        if not isinstance(header, dict):
+            raise InvalidInputError(f"{src} is not a valid safetensors file (header not an object)")
+        renamed = {renames.get(k, k): v for k, v in header.items()}
+        raw = json.dumps(renamed, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with Path(dest).open("wb") as fout:
+            fout.write(struct.pack("<Q", len(raw)) + raw)
+            shutil.copyfileobj(fin, fout, 8 << 20)
+            fout.flush()
+            os.fsync(fout.fileno())

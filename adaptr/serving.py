@@ -12,9 +12,11 @@ padding of smaller ranks is exact. Slot 0 is all zeros: the bare base.
 
 Stacked: LoRA on ``nn.Linear`` (any rank up to ``max_rank``, alpha, rsLoRA, target set).
 Served by PEFT's own path instead (:mod:`adaptr.peft_fallback`, same base, same batch):
-DoRA (in batches of its own), ``lora_bias``, ``modules_to_save``, trainable tokens, LoRA
-on embeddings or other non-linear layers, ranks above ``max_rank``. Refused: PEFT methods
-other than LoRA (IA3, LoHa, …): serve those with ``adaptr.inference``.
+DoRA and the other LoRA variants, ``lora_bias``, ``modules_to_save``, trainable tokens,
+LoRA on embeddings or other non-linear layers, ranks above ``max_rank``. What PEFT cannot
+mix in one batch runs in batches of its own (:meth:`AdapterServer.partition`; the rules are
+:mod:`adaptr.peft_fallback`'s). Refused: PEFT methods other than LoRA (IA3, LoHa, …) and
+activated LoRA: serve those with ``adaptr.inference``.
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
-from itertools import pairwise
+from itertools import combinations, pairwise
 from typing import Any
 
 from .errors import AdaptrError, InvalidInputError
-from .peft_fallback import BASE, PeftFallback
+from .peft_fallback import BASE, PeftFallback, Traits, clash
 from .registry import AdapterVersion, Registry
 from .registry.adapter_dir import PREFIX, pattern_value
 
@@ -154,9 +156,6 @@ class StackedLoRA:
         return A.index_select(0, rows), B.index_select(0, rows)
 
 
-# module kinds PEFT's mixed batches (adapter_names) cover in modules_to_save
-MIXABLE = frozenset({"Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d"})
-
 # generate() arguments that see rows by their position in the batch: such batches keep their order
 ROW_AWARE_KWARGS = frozenset(
     {"streamer", "prefix_allowed_tokens_fn", "logits_processor", "stopping_criteria"}
@@ -217,8 +216,7 @@ class AdapterServer:
         self._lock = threading.RLock()
         self.default: str | None = None
         self._bytes: dict[str, int] = {}  # ref -> bytes its weights take in the stacks
-        self._fallback = PeftFallback(self.model, registry)  # slot 0 in the stacks: PEFT's
-        self._apart_refs: dict[str, bool] = {}  # version ref -> PEFT runs its rows apart
+        self._fallback = PeftFallback(self.model, registry, path)  # slot 0 in the stacks: PEFT's
 
     # ------------------------------------------------------------- adapters
     def resident(self) -> list[str]:
@@ -229,13 +227,23 @@ class AdapterServer:
         """Make ``ref`` resident (evicting the least recently used if full); returns its slot."""
         return self._load(self.registry.get(ref))
 
-    def _load(self, version: AdapterVersion) -> int:
+    def _load(self, version: AdapterVersion, keep: frozenset[str] = frozenset()) -> int:
+        """Make ``version`` resident; ``keep``: the refs of the batch being set up (never evicted
+        for it: one that cannot stay loaded beside ``version`` is an error)."""
         with self._lock:
             key = version.ref
             if key in self._slots:
                 self._slots.move_to_end(key)
                 return self._slots[key]
-            pairs, scaling_for, stackable, need = self._read(version)
+            traits = self._fallback.traits(version)
+            for ref in list(self._slots):  # what PEFT cannot hold beside it goes first
+                other = self._fallback.known(ref)
+                why = other and clash(traits, other)
+                if why and ref in keep:
+                    raise InvalidInputError(f"{why}: send them in separate batches")
+                if why:
+                    self._evict(ref)
+            pairs, scaling_for, stackable, need = self._read(version, traits)
             if self.max_memory is not None and need > self.max_memory:
                 raise InvalidInputError(
                     f"{key} has {need / 2**20:.3f} MB of weights, more than max_memory_mb={self.max_memory / 2**20:g}"
@@ -264,8 +272,12 @@ class AdapterServer:
         """Bytes of the resident adapters' weights (in the serving dtype)."""
         return sum(self._bytes.values())
 
-    def _evict(self) -> None:
-        ref, slot = self._slots.popitem(last=False)
+    def _evict(self, ref: str | None = None) -> None:
+        """Evict ``ref`` (None: the least recently used)."""
+        if ref is None:
+            ref, slot = self._slots.popitem(last=False)
+        else:
+            slot = self._slots.pop(ref)
         if slot == 0:
             self._fallback.unload(ref)
         else:
@@ -275,7 +287,7 @@ class AdapterServer:
         self._bytes.pop(ref, None)
         # a default that is evicted stays the default: _rows reloads it on its next use
 
-    def _read(self, v: AdapterVersion):
+    def _read(self, v: AdapterVersion, traits: Traits):
         """(lora A/B by module, scaling per module, whether the stacks can hold it, and the bytes
         of its weights in the serving dtype; the stacks add each layer's rank padding)."""
         from safetensors.torch import load_file
@@ -298,8 +310,10 @@ class AdapterServer:
         s = v.summary
         stackable = not (
             other
-            or any(s.get(k) for k in ("use_dora", "lora_bias", "modules_to_save"))
+            or traits.variant  # DoRA, … : not plain LoRA math
+            or any(s.get(k) for k in ("lora_bias", "modules_to_save"))
             or v.config.get("trainable_token_indices")
+            or v.config.get("target_parameters")
             or any(None in pair or pair[0].shape[0] > self.max_rank for pair in pairs.values())
             or not all(self._is_linear(module) for module in pairs)
         )
@@ -314,17 +328,13 @@ class AdapterServer:
         return pairs, scaling_for, stackable, need
 
     def _base_layer(self, module: str):
-        layer = self.model.get_submodule(module)
-        # PEFT's wrapper when PEFT serves an adapter here too: the stacks hook the layer inside
-        return layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+        # the base's own layer, also when PEFT wraps it for an adapter it serves: the stacks hook it
+        return self._fallback.modules[module]
 
     def _is_linear(self, module: str) -> bool:
         import torch
 
-        try:
-            return isinstance(self._base_layer(module), torch.nn.Linear)
-        except AttributeError:  # no such module in this base
-            return False
+        return isinstance(self._fallback.modules.get(module), torch.nn.Linear)
 
     def _layer(self, module: str) -> StackedLoRA:
         """The stacks of ``module``, an ``nn.Linear`` (:meth:`_read` sends the rest to PEFT)."""
@@ -353,12 +363,17 @@ class AdapterServer:
                 f"{len(distinct)} different adapters in one batch, more than max_adapters={self.max_adapters}"
             )
         versions = {a: self.registry.get(a) for a in distinct}  # each ref resolved once per batch
-        if len(set(adapters)) > 1 and any(self._apart(v) for v in versions.values()):
-            raise InvalidInputError(
-                "this batch mixes adapters that PEFT must run apart (DoRA, a norm to save): "
-                "run the batches of partition() one by one, as generate() does"
-            )
-        slots = {a: self._load(v) for a, v in versions.items()}
+        traits = [self._fallback.traits(v) for v in versions.values()]
+        if len(set(adapters)) > 1:
+            why = next((f"{t.ref}: {t.alone}" for t in traits if t.alone), None)
+            why = why or next(filter(None, (clash(a, b) for a, b in combinations(traits, 2))), None)
+            if why:
+                raise InvalidInputError(
+                    f"this batch mixes adapters that PEFT must run apart ({why}): run the "
+                    "batches of partition() one by one, as generate() does"
+                )
+        keep = frozenset(v.ref for v in versions.values())
+        slots = {a: self._load(v, keep) for a, v in versions.items()}
         if any(self._slots.get(v.ref) != slots[a] for a, v in versions.items()):
             raise InvalidInputError(
                 f"the adapters of this batch do not fit max_memory_mb={self.max_memory / 2**20:g} together; "
@@ -379,39 +394,45 @@ class AdapterServer:
         return adapters
 
     def partition(self, adapters: Sequence[str | None] | None, n: int) -> list[list[int]]:
-        """The rows of a batch as the batches it must run as: each adapter that PEFT cannot
-        mix with others (:meth:`_apart`) gets its rows apart; everything else runs together."""
+        """The rows of a batch as the batches it must run as, in order of first appearance:
+        an adapter PEFT cannot mix with others (DoRA, …) gets its rows apart, and two that
+        PEFT cannot hold at once (one module changed two ways) go to different batches;
+        everything else (the base's rows too) runs together in the first."""
         adapters = self._per_row(adapters, n)
         if len(set(adapters)) < 2:
             return [list(range(n))]
-        with self._lock:  # not while another thread injects PEFT layers
-            alone = {a: a is not None and self._apart_ref(a) for a in set(adapters)}
-        apart: dict[str, list[int]] = {}
-        together: list[int] = []
+        with self._lock:  # not while another thread loads adapters
+            traits = {a: self._traits(a) for a in set(adapters) if a is not None}
+        groups: list[tuple[bool, list[Traits], list[int]]] = []  # (alone, adapters' traits, rows)
+        where: dict[str | None, int] = {}
         for i, a in enumerate(adapters):
-            (apart.setdefault(a, []) if alone[a] else together).append(i)
-        return ([together] if together else []) + list(apart.values())
+            if a not in where:
+                where[a] = self._group(groups, traits.get(a))
+            groups[where[a]][2].append(i)
+        return [rows for _, _, rows in groups]
 
-    def _apart_ref(self, ref: str) -> bool:
+    @staticmethod
+    def _group(groups: list[tuple[bool, list[Traits], list[int]]], t: Traits | None) -> int:
+        """The first group an adapter (``t``: its traits; None: the base, or a ref the batch
+        will report) can join, or a new one."""
+        alone = bool(t and t.alone)
+        fits = (
+            g
+            for g, (apart, members, _) in enumerate(groups)
+            if not (alone or apart or (t and any(clash(t, m) for m in members)))
+        )
+        g = next(fits, len(groups))
+        if g == len(groups):
+            groups.append((alone, [], []))
+        if t:
+            groups[g][1].append(t)
+        return g
+
+    def _traits(self, ref: str) -> Traits | None:
         try:
-            return self._apart(self.registry.get(ref))
-        except AdaptrError:  # an unknown ref: the batch itself reports it
-            return False
-
-    def _apart(self, v: AdapterVersion) -> bool:
-        """Whether PEFT must run ``v``'s rows as a batch of their own: DoRA, or a module to
-        save of a kind PEFT's mixed batches do not cover (a norm, say)."""
-        if v.ref not in self._apart_refs:
-            saved = v.config.get("modules_to_save") or []
-            self._apart_refs[v.ref] = v.peft_type == "LORA" and (
-                bool(v.summary.get("use_dora"))
-                or any(
-                    type(getattr(m, "original_module", m)).__name__ not in MIXABLE  # PEFT-wrapped
-                    for name, m in self.model.named_modules()
-                    if any(name == s or name.endswith("." + s) for s in saved)
-                )
-            )
-        return self._apart_refs[v.ref]
+            return self._fallback.traits(self.registry.get(ref))
+        except AdaptrError:  # an unknown or refused ref: the batch itself reports it
+            return None
 
     @contextmanager
     def batch(
@@ -474,7 +495,7 @@ class AdapterServer:
         if not grouped and len(parts) > 1:
             raise InvalidInputError(
                 f"{', '.join(sorted(ROW_AWARE_KWARGS.intersection(kwargs)))} cannot follow a batch "
-                "whose adapters PEFT must run apart (DoRA, a norm to save): send them apart"
+                "whose adapters PEFT must run in separate batches (DoRA, …): send them apart"
             )
         texts: list[list[str]] = [[] for _ in range(n)]
         with closing(self._batches(parts, adapters, grouped)) as batches:

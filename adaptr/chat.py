@@ -181,10 +181,9 @@ def tools_json(value: Any, where: str = "tools") -> str | None:
     out = []
     for k, tool in enumerate(value):
         fn = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(fn, dict) and isinstance(tool, dict):  # a bare or flat function schema
-            fn = {
-                k: v for k, v in tool.items() if k != "type"
-            }  # (LLaMA-Factory, glaive, Responses)
+        if not isinstance(fn, dict) and isinstance(tool, dict):
+            # a bare function schema (LLaMA-Factory, glaive) or a flat one (the Responses API)
+            fn = {key: v for key, v in tool.items() if key != "type"}
         if (
             not isinstance(fn, dict)
             or not isinstance(fn.get("name"), str)
@@ -231,9 +230,9 @@ def message(
     if calls:
         out["tool_calls"] = calls
     if role == "tool":
-        for key in ("tool_call_id", "name"):
-            if isinstance(m.get(key), str) and m[key]:
-                out[key] = m[key]
+        for k in ("tool_call_id", "name"):
+            if isinstance(m.get(k), str) and m[k]:
+                out[k] = m[k]
     return out
 
 

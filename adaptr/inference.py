@@ -13,7 +13,7 @@ from typing import Any
 
 from .errors import IncompatibleBaseError, InvalidInputError, NotFoundError, brief, first_line
 from .registry import AdapterVersion, Registry
-from .registry.adapter_dir import WEIGHTS, lora_modules
+from .registry.adapter_dir import PREFIX, WEIGHTS, lora_modules, saved_tensors
 from .registry.fingerprint import (
     BaseInfo,
     check_adapter_fits,
@@ -65,12 +65,32 @@ def base_location(registry: Registry, version: AdapterVersion, override: str | N
     )
 
 
-def _modules(registry: Registry, version: AdapterVersion) -> dict[str, dict[str, TensorInfo]]:
-    """The LoRA modules of a stored version, from its weights' header."""
+def _tensors(registry: Registry, version: AdapterVersion) -> dict[str, TensorInfo]:
+    """The tensors of a stored version, from its weights' header."""
     for f in version.files:
         if f.path == WEIGHTS:
-            return lora_modules(read_header(registry.blobs.path(f.sha256))[0])
+            return read_header(registry.blobs.path(f.sha256))[0]
     return {}
+
+
+def _check_fits(registry: Registry, version: AdapterVersion, base: BaseInfo) -> None:
+    """Refuse a stored version that ``base`` cannot hold, or that PEFT would load as nothing
+    (keys without PEFT's prefix, stored by an adaptr that did not check them)."""
+    tensors = _tensors(registry, version)
+    stray = [k for k in tensors if not k.startswith(PREFIX)] if version.peft_type == "LORA" else []
+    if stray:
+        raise InvalidInputError(
+            f"{version.ref} holds {len(stray)} tensors, such as {brief(stray[0])}, without PEFT's "
+            f"{PREFIX!r} prefix: PEFT would ignore them and the result would be the base unchanged; "
+            f"re-save the adapter with PeftModel.save_pretrained and add it again"
+        )
+    check_adapter_fits(
+        lora_modules(tensors),
+        base,
+        version.ref,
+        saved_tensors(tensors),
+        version.config.get("modules_to_save"),
+    )
 
 
 def check_base_fits(
@@ -87,7 +107,7 @@ def check_base_fits(
         return None
     info = read_base(found)
     for v in versions:
-        check_adapter_fits(_modules(registry, v), info, v.ref)
+        _check_fits(registry, v, info)
     return info
 
 
@@ -145,7 +165,7 @@ def attach(
     if not checked:
         loaded = _loaded_base(model)
         for v in versions:
-            check_adapter_fits(_modules(registry, v), loaded, v.ref)
+            _check_fits(registry, v, loaded)
     peft = into
     for v in versions:
         folder = registry.export(v.ref, workdir / v.ref.replace("@", "-"), force=True)

@@ -27,10 +27,17 @@ MAX_OTHER = 50 * 1024**2  # the largest tokenizer.json files are ~35 MB
 MAX_RANK = 2**31 - 1  # stored in the index; no layer is wider
 MAX_PATTERN = 1000  # characters of a target_modules / rank_pattern regex
 PREFIX = "base_model.model."
-_LORA_KEY = re.compile(
-    r"^(?P<module>.+?)\.(?:(?P<ab>lora_A|lora_B)\.weight|(?P<emb>lora_embedding_A|lora_embedding_B)"
-    r"|(?P<bias>lora_B\.bias)|(?P<mag>lora_magnitude_vector)(?:\.weight)?)$"
-)
+# The tensors of a LoRA layer, as PeftModel.save_pretrained names them after the module path:
+# lora_A.weight, lora_B.weight, lora_B.bias, lora_embedding_A, lora_embedding_B and
+# lora_magnitude_vector (DoRA). Saved from a model's own state_dict they carry the adapter's
+# name (lora_A.default.weight, lora_embedding_A.default, lora_magnitude_vector.default.weight,
+# embed_tokens.modules_to_save.default.weight). PEFT applies LoRA keys spelled so only when
+# loading under that adapter name, and fails on such modules_to_save keys: adaptr stores them
+# renamed to the save_pretrained spelling (:func:`plan_keys`), which loads under any name.
+_PAIR = ("lora_A", "lora_B")
+_EMBEDDING = ("lora_embedding_A", "lora_embedding_B")
+_MAGNITUDE = "lora_magnitude_vector"
+_ROLES = frozenset((*_PAIR, *_EMBEDDING, _MAGNITUDE))
 # what a Trainer checkpoint (and LLaMA-Factory's output folder) holds besides the adapter
 TRAINING_STATE = re.compile(
     r"(trainer_state\.json|training_args\.(bin|json|ya?ml)|(optimizer|scheduler|scaler)\.(pt|bin)"
@@ -46,13 +53,20 @@ SUMMARY_KEYS = (
 
 @dataclass
 class AdapterSource:
-    """A validated adapter folder: what to store and what it holds."""
+    """A validated adapter folder: what to store and what it holds.
+
+    ``tensors`` are keyed as PEFT's save_pretrained names them; ``renames`` maps the keys the
+    folder's weights spell otherwise (with an adapter name) to those, and is empty when the
+    weights can be stored as they are.
+    """
 
     root: Path
     files: list[Path]
     config: dict
     tensors: dict[str, TensorInfo]
     skipped: list[str] = field(default_factory=list)
+    renames: dict[str, str] = field(default_factory=dict)
+    adapter_names: list[str] = field(default_factory=list)
 
     @property
     def lora_modules(self) -> dict[str, dict[str, TensorInfo]]:
@@ -68,25 +82,166 @@ class AdapterSource:
         return out
 
 
+def canonical_key(key: str) -> tuple[str, str | None] | None:
+    """``(key as save_pretrained spells it, the adapter name the key carried or None)``.
+
+    None for a LoRA-looking key in no spelling PEFT loads (``lora_A.x.y.weight``…). Keys that
+    are not LoRA tensors (a modules_to_save copy, a saved embedding) come back unchanged,
+    less a ``modules_to_save.NAME`` part.
+    """
+    parts = key.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        role = parts[i]
+        if role in _ROLES:
+            break
+        if role == "modules_to_save":  # ModulesToSaveWrapper's: MODULE.modules_to_save.NAME.weight
+            rest = parts[i + 1 :]
+            if i == 0 or len(rest) < 2:
+                return None
+            return ".".join(parts[:i] + rest[1:]), rest[0]
+    else:
+        return key, None
+    head, rest = ".".join(parts[: i + 1]), parts[i + 1 :]
+    if role in _PAIR:
+        params = ("weight", "bias") if role == "lora_B" else ("weight",)
+        if len(rest) == 1 and rest[0] in params:
+            return key, None
+        if len(rest) == 2 and rest[1] in params:
+            return f"{head}.{rest[1]}", rest[0]
+    elif role in _EMBEDDING:  # nn.Parameters in a ParameterDict: no .weight
+        if not rest:
+            return key, None
+        if len(rest) == 1 and rest[0] not in ("weight", "bias"):
+            return head, rest[0]
+    else:  # DoRA: saved without .weight; PEFT also loads it with .weight, and NAME.weight
+        if not rest or rest == ["weight"]:
+            return head, None
+        if rest[-1] == "weight" and len(rest) == 2 or len(rest) == 1 and rest[0] != "bias":
+            return head, rest[0]  # NAME alone: an older PEFT's ParameterDict
+    return None
+
+
+def _split_lora(key: str) -> tuple[str, str] | None:
+    """``(module path, role)`` of a save_pretrained-spelled LoRA key, else None."""
+    module, _, last = key.rpartition(".")
+    if last in ("weight", "bias") and module.rpartition(".")[2] in _PAIR:
+        module, _, role = module.rpartition(".")
+        if last == "weight":
+            return module, role
+        return (module, "bias") if role == "lora_B" else None
+    if last in _EMBEDDING:
+        return module, last.replace("lora_embedding_", "lora_")
+    if last == _MAGNITUDE:
+        return module, "magnitude"
+    return None
+
+
 def lora_modules(tensors: dict[str, TensorInfo]) -> dict[str, dict[str, TensorInfo]]:
+    """Module path (without PEFT's prefix) -> its LoRA tensors keyed by role
+    (``lora_A``, ``lora_B``, ``bias``, ``magnitude``); keys spelled as save_pretrained does."""
     modules: dict[str, dict[str, TensorInfo]] = {}
     for key, info in tensors.items():
-        m = _LORA_KEY.match(key)
-        if not m:
-            continue
-        module = m["module"].removeprefix(PREFIX)
-        role = m["ab"] or m["emb"] or ("bias" if m["bias"] else "magnitude")
-        modules.setdefault(module, {})[role.replace("lora_embedding_", "lora_")] = info
+        split = _split_lora(key)
+        if split is not None:
+            module, role = split
+            modules.setdefault(module.removeprefix(PREFIX), {})[role] = info
     return modules
 
 
-def targets(module: str, target_modules) -> bool:
-    """PEFT's rule: a list matches exact names or dotted suffixes, a string is a full regex."""
-    if target_modules == "all-linear":  # PEFT expands it on the model: every linear layer
-        return True
+def saved_tensors(tensors: dict[str, TensorInfo]) -> dict[str, tuple[str, TensorInfo]]:
+    """The tensors an adapter saves whole (modules_to_save copies, resized embeddings): the
+    base model tensor each replaces -> (its key in the adapter, its shape).
+
+    PEFT loads them over the base's own tensor of that name (``MODULE.base_layer.weight``
+    is the base weight of a LoRA-wrapped module); trainable-token deltas are not included.
+    """
+    out = {}
+    for key, info in tensors.items():
+        if not key.startswith(PREFIX) or _split_lora(key) or ".token_adapter." in key:
+            continue
+        out[key.removeprefix(PREFIX).replace(".base_layer.", ".")] = (key, info)
+    return out
+
+
+def plan_keys(tensors: dict[str, TensorInfo], where: str) -> tuple[dict[str, str], list[str]]:
+    """``(renames, adapter names)``: the keys to rename to save_pretrained's spelling and the
+    adapter names they carried. Raises InvalidAdapterError for what PEFT would not load:
+    keys of several adapters, two spellings of one tensor, a whole model's state_dict
+    (``original_module``), LoRA keys in no spelling PEFT reads.
+    """
+    renames: dict[str, str] = {}
+    names: dict[str, str] = {}  # adapter name -> one key that carried it
+    seen: dict[str, str] = {}
+    twice: tuple[str, str] | None = None
+    again = "re-save the adapter with PeftModel.save_pretrained"
+    for key in tensors:
+        if ".original_module." in f".{key}.":
+            raise InvalidAdapterError(
+                f"{where}: {brief(key)} is the base model's own copy of a module in modules_to_save, "
+                f"not part of an adapter (a whole model's state_dict was saved); {again}"
+            )
+        canon = canonical_key(key)
+        if canon is None:
+            raise InvalidAdapterError(
+                f"{where}: {brief(key)} is a LoRA tensor in no spelling PEFT loads (it would be "
+                f"ignored); {again}"
+            )
+        new, name = canon
+        if name is not None:
+            names.setdefault(name, key)
+        twice = twice or (new in seen and (seen[new], key))
+        seen[new] = key
+        if new != key:
+            renames[key] = new
+    if len(names) > 1:
+        listed = ", ".join(repr(n) for n in sorted(names)[:4])
+        raise InvalidAdapterError(
+            f"{where} holds the tensors of several adapters ({listed}), PEFT loads one: save each "
+            "with save_pretrained(dir, selected_adapters=[NAME]) and add them one by one"
+        )
+    if twice:
+        raise InvalidAdapterError(
+            f"{where} holds {brief(twice[0])} and {brief(twice[1])}, two spellings of one tensor: "
+            "keep one of them"
+        )
+    return renames, sorted(names)
+
+
+def targets(module: str, target_modules, config: dict | None = None) -> bool:
+    """PEFT's rule (``check_target_module_exists``): a list matches exact names or dotted
+    suffixes, a string is a full regex; with ``config``, also its exclude_modules,
+    modules_to_save and layers_to_transform, whose modules PEFT gives no LoRA layer."""
+    config = config or {}
+    exclude = config.get("exclude_modules")
+    if isinstance(exclude, str) and re.fullmatch(exclude, module):
+        return False
+    if isinstance(exclude, list) and any(module == e or module.endswith("." + e) for e in exclude):
+        return False
+    for m in config.get("modules_to_save") or ():
+        if re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", module):
+            return False
     if isinstance(target_modules, str):
+        if target_modules.lower() == "all-linear":  # PEFT expands it to every linear layer
+            return True
         return re.fullmatch(target_modules, module) is not None
-    return any(module == t or module.endswith("." + t) for t in target_modules)
+    if module in target_modules:
+        return True
+    if not any(module.endswith("." + t) for t in target_modules):
+        return False
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    patterns = config.get("layers_pattern") or [None]
+    match = None
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        prefix = r".*?\.[^.]*" if pattern is None else rf"(?:^|.*?\.){pattern}"
+        match = re.match(rf"{prefix}\.(?P<idx>\d+)\.", module)
+        if match:
+            break
+    if match is None:
+        return False
+    index = int(match["idx"])
+    return index == layers if isinstance(layers, int) else index in layers
 
 
 def pattern_value(patterns: dict, module: str, default):
@@ -103,7 +258,9 @@ def inspect_adapter(source: str | Path, *, allow_large: bool = False) -> Adapter
     Stored: the config, safetensors weights (at most 20 GB each) and the text files an adapter
     folder holds (README, tokenizer files…, at most 50 MB each); ``allow_large`` lifts the two
     size limits. Skipped with a note: folders, hidden files, a Trainer's training state
-    (trainer_state.json, optimizer.pt…), pickles and files of other kinds.
+    (trainer_state.json, optimizer.pt…), pickles and files of other kinds. For a LoRA, the
+    weights' keys are checked and planned (:func:`plan_keys`): ``tensors`` are spelled as
+    save_pretrained writes them, whatever the file spells.
     """
     root = Path(source).expanduser()
     if root.is_symlink() and not root.exists():
@@ -178,6 +335,8 @@ def inspect_adapter(source: str | Path, *, allow_large: bool = False) -> Adapter
         raise InvalidAdapterError(f"{root / WEIGHTS} holds no tensors")
     adapter = AdapterSource(root, files, config, tensors, skipped)
     if config.get("peft_type") == "LORA":
+        adapter.renames, adapter.adapter_names = plan_keys(tensors, str(root / WEIGHTS))
+        adapter.tensors = {adapter.renames.get(k, k): t for k, t in tensors.items()}
         _check_lora(adapter)
     return adapter
 
@@ -304,6 +463,14 @@ def _check_lora_config(path: Path, config: dict) -> None:
         or (isinstance(layers, list) and all(is_whole(i) and i >= 0 for i in layers))
     ):
         raise bad("layers_to_transform", "a layer index or a list of them")
+    pattern = config.get("layers_pattern")
+    if pattern is not None:
+        if isinstance(pattern, str):
+            pattern = [pattern]
+        if not isinstance(pattern, list) or not all(isinstance(p, str) for p in pattern):
+            raise bad("layers_pattern", "a module-name pattern or a list of them")
+        for p in pattern:
+            _regex(path, "layers_pattern", p, r"(?:^|.*?\.){}\.(?P<idx>\d+)\.")
 
 
 def _check_lora(adapter: AdapterSource) -> None:
@@ -338,12 +505,34 @@ def _check_lora(adapter: AdapterSource) -> None:
             raise InvalidAdapterError(
                 f"{where}: {brief(module)} has a lora_B bias of shape {list(bias.shape)}, not [{b[0]}]"
             )
-        if tm and not targets(module, tm):
+        if tm and not targets(module, tm, cfg):
+            why = (
+                f"is not in target_modules {brief(tm)}"
+                if not targets(module, tm)
+                else "is left out by the config's exclude_modules, modules_to_save or layers_to_transform"
+            )
             raise InvalidAdapterError(
-                f"{where}: {brief(module)} has LoRA weights but is not in target_modules {brief(tm)}"
+                f"{where}: {brief(module)} has LoRA weights but {why}: PEFT gives it no LoRA layer "
+                "and would ignore them"
             )
         if ("magnitude" in parts) != use_dora:
             state = "has" if "magnitude" in parts else "lacks"
             raise InvalidAdapterError(
                 f"{where}: {brief(module)} {state} a DoRA magnitude vector but use_dora={use_dora}"
+            )
+    weights = adapter.root / WEIGHTS
+    stray = [k for k in adapter.tensors if not k.startswith(PREFIX)]
+    if stray:
+        raise InvalidAdapterError(
+            f"{weights}: {len(stray)} of {len(adapter.tensors)} tensors, such as {brief(stray[0])}, do "
+            f"not start with {PREFIX!r}, so PEFT would ignore them; re-save the adapter with "
+            f"PeftModel.save_pretrained, or put {PREFIX!r} in front of every key"
+        )
+    for name, (key, _) in saved_tensors(adapter.tensors).items():
+        module, _, param = name.rpartition(".")
+        if module in modules and ".base_layer." not in key:
+            raise InvalidAdapterError(
+                f"{weights}: {brief(key)} is a whole {param} of a module with LoRA weights: PEFT "
+                f"loads it only as {module}.base_layer.{param} and would ignore it; re-save the "
+                "adapter with PeftModel.save_pretrained"
             )

@@ -13,7 +13,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from adaptr.errors import IncompatibleBaseError, InvalidInputError, brief
+from adaptr.errors import (
+    IncompatibleBaseError,
+    InvalidAdapterError,
+    InvalidInputError,
+    brief,
+)
 from adaptr.values import parse_json
 
 from .safetensors_header import TensorInfo, read_header
@@ -129,17 +134,26 @@ def read_base(path: str | Path) -> BaseInfo:
 
 
 def check_adapter_fits(
-    modules: dict[str, dict[str, TensorInfo]], base: BaseInfo, label: str
+    modules: dict[str, dict[str, TensorInfo]],
+    base: BaseInfo,
+    label: str,
+    saved: dict[str, tuple[str, TensorInfo]] | None = None,
+    modules_to_save: list[str] | None = None,
 ) -> None:
-    """Raise IncompatibleBaseError unless every LoRA module exists in ``base`` with matching sizes."""
+    """Raise IncompatibleBaseError unless every LoRA module exists in ``base`` with matching
+    sizes, and so does every tensor the adapter saves whole (``saved``: base tensor name ->
+    (adapter key, shape), from :func:`~adaptr.registry.adapter_dir.saved_tensors`).
+
+    InvalidAdapterError if a module of ``base`` that the config's ``modules_to_save`` names
+    has no saved copy: PEFT wraps it, finds no weights for it and fails to load the adapter.
+    """
     if not base.tensors:
         return  # a pickle-only base: nothing we may read to compare against
     names = base.tensors
-    tied = base.config.get("tie_word_embeddings", False)
     for module, parts in sorted(modules.items()):
         weight = _find_weight(names, module)
         if weight is None:
-            if tied and module.split(".")[-1] in ("lm_head", "embed_out"):
+            if module.split(".")[-1] in HEADS:  # absent from the files: tied to the embedding
                 continue
             raise IncompatibleBaseError(
                 f"{label} does not fit base {base.path}: the base has no module {module}; "
@@ -150,10 +164,85 @@ def check_adapter_fits(
         a, b = parts["lora_A"].shape, parts["lora_B"].shape
         pair = (a[1], b[0]) if len(a) > 1 else None
         if pair not in ((weight.shape[1], weight.shape[0]), (weight.shape[0], weight.shape[1])):
+            if pair is not None and pair[1] == weight.shape[1]:  # an embedding: [vocab, hidden]
+                _check_vocab(base, label, f"{module}.weight", weight.shape[0], pair[0])
+            if pair is not None and pair[0] == weight.shape[1]:  # an output head: [vocab, hidden]
+                _check_vocab(base, label, f"{module}.weight", weight.shape[0], pair[1])
             raise IncompatibleBaseError(
                 f"{label} does not fit base {base.path}: {module} is {list(weight.shape)} in the base "
                 f"but the adapter expects in/out {list(pair or ())}; pass the right base with --base"
             )
+    for name, (key, info) in sorted((saved or {}).items()):
+        have = _find_tensor(base, name)
+        if have is None:
+            raise IncompatibleBaseError(
+                f"{label} does not fit base {base.path}: it saves {key} whole, and the base has no "
+                f"tensor {name} for it (PEFT would ignore it); pass the base the adapter was "
+                "trained on with --base"
+            )
+        if base.quantized or have.shape == info.shape:
+            continue
+        if len(have.shape) == len(info.shape) == 2 and have.shape[1] == info.shape[1]:
+            _check_vocab(base, label, name, have.shape[0], info.shape[0])
+        raise IncompatibleBaseError(
+            f"{label} does not fit base {base.path}: it saves {name} as {list(info.shape)} and the "
+            f"base's is {list(have.shape)}; pass the base the adapter was trained on with --base"
+        )
+    _check_saved_modules(base, label, saved or {}, modules_to_save or [])
+
+
+def _check_saved_modules(
+    base: BaseInfo, label: str, saved: dict[str, tuple[str, TensorInfo]], wanted: list[str]
+) -> None:
+    if not wanted:
+        return
+    for name in sorted(base.tensors):  # PEFT wraps every module whose path ends with a name
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            hit = next((m for m in wanted if ".".join(parts[:i]).endswith(m)), None)
+            if hit is None or name in saved or any(k.endswith(f".{name}") for k in saved):
+                continue
+            raise InvalidAdapterError(
+                f"{label}: its config's modules_to_save lists {hit!r}, and the weights hold no "
+                f"copy of {name}: PEFT would fail to load it; re-save the adapter with "
+                "PeftModel.save_pretrained"
+            )
+
+
+HEADS = ("lm_head", "embed_out", "output")
+EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
+
+
+def _check_vocab(base: BaseInfo, label: str, name: str, rows: int, want: int) -> None:
+    """Raise the resized-vocabulary refusal when ``name`` is the base's token embedding or
+    output head ([vocab, hidden]) and the adapter needs ``want`` rows instead of ``rows``."""
+    leaf = name.removesuffix(".weight").rpartition(".")[2]
+    vocab = base.config.get("vocab_size")
+    if rows == want or (leaf not in HEADS + EMBEDDINGS and rows != vocab):
+        return
+    raise IncompatibleBaseError(
+        f"{label} was trained with a resized vocabulary of {want:,} tokens ({name} has {want:,} "
+        f"rows) and base {base.path} has {rows:,}: pass --base a base whose embeddings were "
+        f"resized to {want:,} tokens (resize_token_embeddings({want}), save_pretrained, then "
+        "`adaptr base add`)"
+    )
+
+
+def _find_tensor(base: BaseInfo, name: str) -> TensorInfo | None:
+    """The base's tensor ``name`` (as the model names its parameters), also found in a base
+    saved without its LM wrapper, or a tied output head (its embedding's shape)."""
+    names = base.tensors
+    if name in names:
+        return names[name]
+    head, _, rest = name.partition(".")
+    if rest and rest in names:
+        return names[rest]
+    module, _, param = name.rpartition(".")
+    if module.rpartition(".")[2] in HEADS:  # absent from the files: tied to the embedding
+        for key, info in sorted(names.items()):
+            if key.endswith(tuple(f"{e}.{param}" for e in EMBEDDINGS)):
+                return info
+    return None
 
 
 def _find_weight(names: dict[str, TensorInfo], module: str) -> TensorInfo | None:

@@ -34,14 +34,21 @@ from adaptr.errors import (
 )
 
 from . import index
-from .adapter_dir import AdapterSource, inspect_adapter, lora_modules
-from .blobs import BlobStore
+from .adapter_dir import (
+    WEIGHTS,
+    AdapterSource,
+    inspect_adapter,
+    lora_modules,
+    saved_tensors,
+)
+from .blobs import BlobStore, hash_file
 from .fingerprint import BaseInfo, check_adapter_fits, find_base_dir, read_base
 from .journal import Journal, insert_version, rebuild
 from .lock import writer_lock
 from .maintenance import Maintenance
 from .models import AdapterVersion, BaseRecord, RebuildReport, StoredFile
 from .refs import Ref, check_name, check_tag
+from .safetensors_header import write_renamed
 
 
 def _recheck(checked: AdapterSource, staged: Path, allow_large: bool) -> AdapterSource:
@@ -55,14 +62,29 @@ def _recheck(checked: AdapterSource, staged: Path, allow_large: bool) -> Adapter
         copy = inspect_adapter(staged, allow_large=allow_large)
     except InvalidInputError as e:
         raise InvalidAdapterError(f"{changed} ({e}); nothing was stored: add it again") from None
-    if copy.config != checked.config or copy.tensors != checked.tensors:
-        what = "config" if copy.config != checked.config else "tensor shapes"
+    if copy.config != checked.config or copy.tensors != checked.tensors or copy.renames:
+        what = "config" if copy.config != checked.config else "tensor names or shapes"
         raise InvalidAdapterError(
             f"{changed} (its {what} differ from what was checked); nothing was stored: "
             "add it again once nothing is writing to it"
         )
     copy.root = checked.root
     return copy
+
+
+def _renamed_note(adapter: AdapterSource) -> str:
+    old, new = (k.split(".") for k in next(iter(adapter.renames.items())))
+    same = next((i for i, (a, b) in enumerate(zip(old, new, strict=False)) if a != b), len(new))
+    start = max(same - 2, 0)  # from the module's name on
+    example = (
+        f"{'…' * (start > 0)}{'.'.join(old[start:])} -> {'…' * (start > 0)}{'.'.join(new[start:])}"
+    )
+    names = f" (it carried the adapter name {', '.join(map(repr, adapter.adapter_names))})"
+    return (
+        f"stored {WEIGHTS} with {len(adapter.renames)} of {len(adapter.tensors)} tensor names "
+        f"as save_pretrained writes them, e.g. {example}{names if adapter.adapter_names else ''}; "
+        "the values are unchanged"
+    )
 
 
 def default_home() -> Path:
@@ -328,11 +350,18 @@ class Registry(Maintenance):
             check_tag(t)
         adapter = inspect_adapter(source, allow_large=allow_large)  # refused before any copy
         self.notes = [f"skipped {s}" for s in adapter.skipped]
-        base_key, fingerprint, base_info = self._attach_base(
-            base, adapter.config.get("base_model_name_or_path")
-        )
+        declared = adapter.config.get("base_model_name_or_path")
+        base_key, fingerprint, base_info = self._attach_base(base, declared)
         if base_info is not None:
-            check_adapter_fits(adapter.lora_modules, base_info, f"adapter {adapter.root}")
+            check_adapter_fits(
+                adapter.lora_modules,
+                base_info,
+                f"adapter {adapter.root}",
+                saved_tensors(adapter.tensors),
+                adapter.config.get("modules_to_save"),
+            )
+        if adapter.renames:
+            self.notes.append(_renamed_note(adapter))
         lineage = {**(lineage or {}), "source": origin or str(adapter.root.resolve())}
         if base_key is not None:
             lineage.setdefault("base", base_key)
@@ -342,7 +371,13 @@ class Registry(Maintenance):
             stage = self.blobs.tmp / f"add-{os.getpid()}-{secrets.token_hex(6)}"
             stage.mkdir(parents=True)
             try:
-                stored = [(f.name, *self.blobs.stage(f, stage / f.name)) for f in adapter.files]
+                stored = []
+                for f in adapter.files:
+                    if f.name == WEIGHTS and adapter.renames:  # stored as save_pretrained spells it
+                        write_renamed(f, stage / f.name, adapter.renames)
+                        stored.append((f.name, *hash_file(stage / f.name)))
+                    else:
+                        stored.append((f.name, *self.blobs.stage(f, stage / f.name)))
                 # the copy holds the tensors checked above (base fit included), or is refused
                 adapter = _recheck(adapter, stage, allow_large)
                 for fname, digest, size in stored:

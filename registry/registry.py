@@ -35,6 +35,7 @@ from adaptr.errors import (
 
 from . import index
 from .adapter_dir import (
+    CONFIG,
     WEIGHTS,
     AdapterSource,
     inspect_adapter,
@@ -360,6 +361,16 @@ class Registry(Maintenance):
                 saved_tensors(adapter.tensors),
                 adapter.config.get("modules_to_save"),
             )
+        if base and declared and not self._same_model(declared, base, base_key, base_info):
+            where = base_key
+            if base_info is not None and str(base_info.path) != base_key:
+                where = f"{base_key} ({base_info.path})"
+            self.notes.append(
+                f"the adapter config says it was trained on {declared!r}, and it is added to base "
+                f"{where}, another model"
+                + (" with the same shapes" if base_info else "")
+                + ": check that this is the base it was trained on"
+            )
         if adapter.renames:
             self.notes.append(_renamed_note(adapter))
         lineage = {**(lineage or {}), "source": origin or str(adapter.root.resolve())}
@@ -387,6 +398,7 @@ class Registry(Maintenance):
                     leftover.unlink()
                 stage.rmdir()
             summary = adapter.summary()
+            same = self._same_content(conn, name, stored)
             pending = None
             try:
                 with index.transaction(conn):
@@ -413,9 +425,69 @@ class Registry(Maintenance):
                     pending.unlink(missing_ok=True)
                 raise
             self.journal.place(pending, name, version)
+        if same is not None:
+            ref, identical = same
+            what = "identical to" if identical else "the same weights and config as"
+            other = "" if identical else " (other files differ)"
+            self.notes.append(
+                f"{name}@{version} is {what} {ref}{other}; stored anyway: `adaptr rm "
+                f"{name}@{version}` removes it if you did not mean to add it again"
+            )
         added = self.get(f"{name}@{version}")
         self._announce(added)
         return added
+
+    @staticmethod
+    def _same_content(
+        conn: sqlite3.Connection, name: str, stored: list[tuple[str, str, int]]
+    ) -> tuple[str, bool] | None:
+        """A stored version with this content: (its ref, whether every file is identical, or
+        only the config and weights); one of ``name`` first, then the newest."""
+        files = {path: digest for path, digest, _ in stored}
+        if WEIGHTS not in files or CONFIG not in files:
+            return None
+        rows = conn.execute(
+            "SELECT v.name, v.version, f.path, f.sha256 FROM versions v JOIN files f ON f.version_id = v.id "
+            "WHERE v.id IN (SELECT version_id FROM files WHERE path=? AND sha256=?)",
+            (WEIGHTS, files[WEIGHTS]),
+        ).fetchall()
+        found: dict[tuple[str, int], dict[str, str]] = {}
+        for row in rows:
+            found.setdefault((row["name"], row["version"]), {})[row["path"]] = row["sha256"]
+        matches = [
+            (key, have == files) for key, have in found.items() if have.get(CONFIG) == files[CONFIG]
+        ]
+        if not matches:
+            return None
+        (other, version), identical = max(matches, key=lambda m: (m[1], m[0][0] == name, m[0][1]))
+        return f"{other}@{version}", identical
+
+    def _same_model(
+        self, declared: str, base: str, base_key: str | None, info: BaseInfo | None
+    ) -> bool:
+        """Whether the model an adapter config names is the base it is added to: the same
+        name, Hub id or folder. (Not the fingerprint: a fine-tune has its model's shapes.)"""
+
+        def norm(text) -> str:
+            return str(text).strip().rstrip("/").casefold()
+
+        names = {base, base_key}
+        if info is not None:
+            names |= {str(info.path), info.config.get("_name_or_path")}
+            parts = Path(info.path).parts  # a Hub cache snapshot: …/models--org--name/snapshots/…
+            names |= {
+                p[len("models--") :].replace("--", "/") for p in parts if p.startswith("models--")
+            }
+        names = {norm(n) for n in names if n}
+        if norm(declared) in names:
+            return True
+        rec = self._base_row(declared)
+        found = Path(rec["path"]) if rec is not None else find_base_dir(declared)
+        if found is not None and info is not None and found.resolve() == Path(info.path).resolve():
+            return True
+        # trained on a local copy of a Hub model (or the reverse): the same last name
+        tail = norm(declared).rpartition("/")[2]
+        return bool(tail) and tail in {n.rpartition("/")[2] for n in names}
 
     @staticmethod
     def _check_one_base(

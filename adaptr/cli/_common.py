@@ -36,6 +36,11 @@ def with_registry(fn: Callable) -> Callable:
 json_option = click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON document on stdout."
 )
+wide_option = click.option(
+    "--wide",
+    is_flag=True,
+    help="Show every cell whole, however wide (default: fit the terminal, 80 columns if none).",
+)
 
 
 def emit_json(doc: Any) -> None:

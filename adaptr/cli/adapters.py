@@ -8,7 +8,7 @@ import click
 
 from adaptr.values import human_size
 
-from ._common import ago, emit_json, json_option, note, with_registry
+from ._common import ago, emit_json, json_option, note, wide_option, with_registry
 from .table import print_table
 
 
@@ -41,15 +41,26 @@ def add(
     "-a", "--all-versions", is_flag=True, help="One row per version instead of per adapter."
 )
 @json_option
+@wide_option
 @with_registry
-def list_(registry, name: str | None, all_versions: bool, as_json: bool) -> None:
-    """List adapters: versions, base, rank, size, tags, active."""
+def list_(registry, name: str | None, all_versions: bool, as_json: bool, wide: bool) -> None:
+    """List adapters: stored versions, base, rank, size, tags (TAG@N: on an older version), active."""
     versions = registry.list(name)
     if as_json:
         emit_json({"adapters": _grouped(versions), "active": registry.active()})
         return
     if not versions:
-        click.echo("no adapters yet: add one with `adaptr add NAME DIR` or `adaptr train`")
+        home = registry.home.resolve()
+        if not home.exists():
+            click.echo(
+                f"no registry at {home} (nothing was created there): add an adapter with "
+                "`adaptr add NAME DIR` or `adaptr train`, or pass --home (or set ADAPTR_HOME) "
+                "to the registry you mean"
+            )
+        else:
+            click.echo(
+                f"no adapters yet in {home}: add one with `adaptr add NAME DIR` or `adaptr train`"
+            )
         return
     rows = []
     per_version = all_versions or name is not None
@@ -57,24 +68,37 @@ def list_(registry, name: str | None, all_versions: bool, as_json: bool) -> None
         newest = group[-1]
         for v in group if per_version else [newest]:
             if per_version:
-                ver, tags, active = f"@{v.version}", ",".join(v.tags), "*" if v.active else ""
+                ver, tags, active = f"@{v.version}", ", ".join(v.tags), "*" if v.active else ""
+                row = (v.name, ver)
             else:  # one row per adapter: tags and active state of any version, marked where not newest
-                ver = f"@{v.version} ({len(group)})"
-                tags = ",".join(
+                tags = ", ".join(
                     t if o is newest else f"{t}@{o.version}" for o in group for t in o.tags
                 )
-                active = ",".join(
+                active = ", ".join(
                     "*" if o is newest else f"@{o.version}" for o in group if o.active
                 )
+                row = (v.name, _ranges([o.version for o in group]))
             rows.append((
-                v.name, ver, v.base or "-", _kind(v), str(v.r or "-"), human_size(v.size),
+                *row, v.base or "-", _kind(v), str(v.r or "-"), human_size(v.size),
                 tags or "-", active, ago(v.created),
             ))  # fmt: skip
+    head = ("NAME", "VERSION") if per_version else ("NAME", "VERSIONS")
     print_table(
-        ("NAME", "VERSION", "BASE", "TYPE", "RANK", "SIZE", "TAGS", "ACTIVE", "CREATED"),
-        rows,
-        right=("RANK", "SIZE"),
-    )
+        (*head, "BASE", "TYPE", "RANK", "SIZE", "TAGS", "ACTIVE", "CREATED"), rows,
+        right=("RANK", "SIZE"), wrap=("VERSIONS", "TAGS", "ACTIVE", "CREATED"), keep_end=("BASE",),
+        wide=wide,
+    )  # fmt: skip
+
+
+def _ranges(numbers: list[int]) -> str:
+    """Stored version numbers, compactly: ``@1-3``, ``@1, @4-6`` (the newest is the last)."""
+    runs: list[list[int]] = []
+    for n in sorted(numbers):
+        if runs and n == runs[-1][-1] + 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    return ", ".join(f"@{r[0]}" if len(r) == 1 else f"@{r[0]}-{r[-1]}" for r in runs)
 
 
 def _by_name(versions) -> dict[str, list]:
@@ -99,8 +123,9 @@ def _grouped(versions) -> list[dict]:
 @click.command()
 @click.argument("ref")
 @json_option
+@wide_option
 @with_registry
-def show(registry, ref: str, as_json: bool) -> None:
+def show(registry, ref: str, as_json: bool, wide: bool) -> None:
     """Show one version: config, lineage, metrics, files and hashes."""
     v = registry.get(ref)
     if as_json:
@@ -140,6 +165,7 @@ def show(registry, ref: str, as_json: bool) -> None:
         ("FILE", "SIZE", "SHA256"),
         [(f.path, human_size(f.size), f.sha256) for f in v.files],
         right=("SIZE",),
+        wide=wide,
     )
 
 

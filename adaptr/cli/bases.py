@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._common import emit_json, json_option, with_registry
+from ._common import emit_json, json_option, wide_option, with_registry
 from .table import print_table
 
 
@@ -28,15 +28,18 @@ def base_add(registry, name: str, path: str, force: bool) -> None:
 
 @base.command("list")
 @json_option
+@wide_option
 @with_registry
-def base_list(registry, as_json: bool) -> None:
+def base_list(registry, as_json: bool, wide: bool) -> None:
     """List registered bases with their fingerprints."""
     recs = registry.bases()
     if as_json:
         emit_json({"bases": [r.to_dict() for r in recs]})
         return
     if not recs:
-        click.echo("no bases registered: add one with `adaptr base add NAME PATH`")
+        click.echo(
+            f"no bases registered in {registry.home.resolve()}: add one with `adaptr base add NAME PATH`"
+        )
         return
     rows = [
         (
@@ -48,4 +51,7 @@ def base_list(registry, as_json: bool) -> None:
         )
         for r in recs
     ]
-    print_table(("NAME", "TYPE", "PARAMS", "FINGERPRINT", "PATH"), rows, right=("PARAMS",))
+    print_table(
+        ("NAME", "TYPE", "PARAMS", "FINGERPRINT", "PATH"), rows,
+        right=("PARAMS",), keep_end=("PATH",), wide=wide,
+    )  # fmt: skip

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
-from ._common import emit_json, json_option
+from ._common import emit_json, json_option, wide_option
 from .table import print_table
 
 
@@ -22,8 +20,9 @@ def warn_broken() -> None:
 
 
 @click.command()
+@wide_option
 @json_option
-def plugins(as_json: bool) -> None:
+def plugins(as_json: bool, wide: bool) -> None:
     """List installed plugins, the hooks they implement, and any that failed to load."""
     from adaptr.plugin_manager import plugins as all_plugins
 
@@ -41,12 +40,13 @@ def plugins(as_json: bool) -> None:
         )
         for p in found
     ]
-    print_table(("PLUGIN", "FROM", "HOOKS"), rows)
+    print_table(("PLUGIN", "FROM", "HOOKS"), rows, wrap=("HOOKS",), wide=wide)
 
 
 @click.command()
+@wide_option
 @json_option
-def families(as_json: bool) -> None:
+def families(as_json: bool, wide: bool) -> None:
     """List model families: model types, LoRA target presets, defaults."""
     from adaptr.families import families as all_families
 
@@ -59,21 +59,23 @@ def families(as_json: bool) -> None:
     for f in fams.values():
         targets = f.target_modules
         rows.append((
-            f.name, ",".join(f.model_types), _targets(targets.get("attention")), _targets(targets.get("all-linear")),
-            json.dumps(f.lora_defaults), f.plugin or "-",
+            f.name, ", ".join(f.model_types), _targets(targets.get("attention")), _targets(targets.get("all-linear")),
+            ", ".join(f"{k}={v}" for k, v in f.lora_defaults.items()), f.plugin or "-",
         ))  # fmt: skip
     print_table(
-        ("FAMILY", "MODEL TYPES", "ATTENTION", "ALL-LINEAR", "LORA DEFAULTS", "PLUGIN"), rows
-    )
+        ("FAMILY", "MODEL TYPES", "ATTENTION", "ALL-LINEAR", "LORA DEFAULTS", "PLUGIN"), rows,
+        wrap=("MODEL TYPES", "ATTENTION", "ALL-LINEAR"), below=("LORA DEFAULTS",), wide=wide,
+    )  # fmt: skip
 
 
 def _targets(value) -> str:
-    return ",".join(value) if isinstance(value, list) else str(value)
+    return ", ".join(value) if isinstance(value, list) else str(value)
 
 
 @click.command()
+@wide_option
 @json_option
-def formatters(as_json: bool) -> None:
+def formatters(as_json: bool, wide: bool) -> None:
     """List dataset formatters (the values of `--format`)."""
     from adaptr.formatters import formatters as all_formatters
 
@@ -83,6 +85,9 @@ def formatters(as_json: bool) -> None:
         emit_json({"formatters": [f.to_dict() for f in fmts.values()]})
         return
     rows = [
-        (f.name, f.kind, ",".join(f.fields), f.plugin or "-", f.description) for f in fmts.values()
+        (f.name, f.kind, ", ".join(f.fields), f.plugin or "-", f.description) for f in fmts.values()
     ]
-    print_table(("FORMAT", "EMITS", "FIELDS", "PLUGIN", "DESCRIPTION"), rows)
+    print_table(
+        ("FORMAT", "EMITS", "FIELDS", "PLUGIN", "DESCRIPTION"), rows,
+        wrap=("FIELDS",), below=("DESCRIPTION",), wide=wide,
+    )  # fmt: skip

@@ -17,6 +17,13 @@ from ._common import emit_json, json_option, note, with_registry
 @with_registry
 def verify(registry, ref: str | None, as_json: bool) -> None:
     """Re-hash stored files (all, or REF's); exits non-zero on any mismatch."""
+    if not registry.home.exists():
+        from adaptr.errors import NotFoundError
+
+        raise NotFoundError(
+            f"no registry at {registry.home.resolve()}: nothing to verify; pass --home (or set "
+            "ADAPTR_HOME) to the registry you mean"
+        )
     report = registry.verify(ref)
     if as_json:
         emit_json(report.to_dict())

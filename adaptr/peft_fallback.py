@@ -136,7 +136,8 @@ class PeftFallback:
         variant = _variant(cfg)
         if variant:
             why.insert(0, variant)
-        t = Traits(v.ref, changes, "; ".join(why) or None, variant)
+        alone = why[0] + (f" and {len(why) - 1} more" if len(why) > 1 else "") if why else None
+        t = Traits(v.ref, changes, alone, variant)
         self._traits[v.ref] = t
         return t
 

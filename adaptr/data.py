@@ -91,8 +91,7 @@ def load_records(
         try:
             out.append(fmt.format(raw, **options))
         except MissingField as e:
-            need = f" (the {fmt.name} format needs {', '.join(fmt.fields)})" if fmt.fields else ""
-            raise InvalidInputError(f"{path} {where}: {e}{need}") from None
+            raise InvalidInputError(f"{path} {where}: {fmt.explain(e)}") from None
         except InvalidInputError as e:
             raise InvalidInputError(f"{path} {where}: {e}") from None
         except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
@@ -106,7 +105,9 @@ def load_records(
 
 
 def to_dataset(records: list[dict[str, Any]]):
-    """A ``datasets.Dataset`` of TRL records."""
+    """A ``datasets.Dataset`` of TRL records. Values whose types differ between records (tool
+    call arguments, tool schemas) are kept as JSON, not merged into one Arrow type, which
+    would fail or add the other records' keys as nulls."""
     from datasets import Dataset
 
-    return Dataset.from_list(records)
+    return Dataset.from_list(records, on_mixed_types="use_json")

@@ -15,7 +15,7 @@ from typing import Any
 
 from .recipe import Recipe
 from .registry import Registry
-from .sft_data import RECORD, LengthReport, apply_max_length, tokenize
+from .sft_data import RECORD, LengthReport, apply_max_length, check_chat, tokenize
 
 
 @dataclass
@@ -78,6 +78,7 @@ def preview(
     tokenizer, _ = load_tokenizer(p.load_path, p.recipe.base)
     args = sft_config(p.recipe.sft, Path(tempfile.gettempdir()) / "adaptr-preview", progress=False)
     policy = p.recipe.data["over_length"]
+    check_chat(p.data, tokenizer, args)
     examples: list[PreviewExample] = []
     reports = []
     for split, dataset in (("train", p.data.train), ("eval", p.data.eval)):

@@ -70,6 +70,21 @@ SFT_RULES = {
 }
 
 
+def _number(value: Any) -> Any:
+    """YAML reads '2e-4' as a string: a number-like string becomes the number."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return (
+            int(number)
+            if number.is_integer() and "." not in value and "e" not in value.lower()
+            else number
+        )
+    return value
+
+
 def _key(key: Any) -> str:
     """A recipe key as written (``sft.max_steps``), or its short repr if it is odd."""
     if isinstance(key, str) and len(key) <= 80 and key.isprintable():
@@ -296,6 +311,11 @@ class Recipe:
             raise InvalidInputError(
                 f"data.over_length must be one of {', '.join(OVER_LENGTH)}, got {brief(self.data['over_length'])}"
             )
+        for key, (ok, need) in SFT_RULES.items():
+            if key in self.sft:
+                self.sft[key] = _number(self.sft[key])
+                if not ok(self.sft[key]):
+                    raise InvalidInputError(f"sft.{key} must be {need}, got {brief(self.sft[key])}")
 
     def check_settings(self) -> None:
         """Every lora/sft key against PEFT's LoraConfig and TRL's SFTConfig (imports both)."""
@@ -314,9 +334,6 @@ class Recipe:
                         f"unknown recipe key {section}.{_key(key)} (not a {cls.__name__} field you can set){_suggest(key, set(known) - skip)}"
                     )
                 values[key] = _coerce(values[key], known[key])
-        for key, (ok, need) in SFT_RULES.items():
-            if key in self.sft and not ok(self.sft[key]):
-                raise InvalidInputError(f"sft.{key} must be {need}, got {brief(self.sft[key])}")
 
     def _check_types(self) -> None:
         """Settings adaptr itself reads must have the type it reads them as."""

@@ -30,6 +30,7 @@ class DataSplits:
     eval: Any | None
     info: dict[str, Any]
     kind: str
+    records: list[dict[str, Any]] = field(default_factory=list)  # formatted, in file order
 
 
 def load_splits(data: dict[str, Any], seed: int) -> DataSplits:
@@ -68,7 +69,18 @@ def load_splits(data: dict[str, Any], seed: int) -> DataSplits:
         train, evaluation = split["train"], split["test"]
         info["eval"] = {"split": float(data["eval_split"]), "records": len(evaluation)}
     info["train_records"] = len(train)
-    return DataSplits(train, evaluation, info, fmt.kind)
+    return DataSplits(train, evaluation, info, fmt.kind, records)
+
+
+def check_chat(splits: DataSplits, tokenizer, args) -> None:
+    """Chat data only: the template renders what the records hold (tools, tool calls, every
+    message) and the loss covers the assistant's text, found before anything trains."""
+    if splits.kind == "messages":
+        from .chat import check_templates
+
+        check_templates(
+            tokenizer, splits.records, assistant_only_loss=bool(args.assistant_only_loss)
+        )
 
 
 def loss_defaults(sft: dict[str, Any], kind: str) -> None:
@@ -168,7 +180,10 @@ def tokenize(dataset, tokenizer, args, split: str = "train"):
     if args.assistant_only_loss and not has_generation_markers(template):
         try:
             chat_template = get_training_chat_template(tokenizer)
-        except (ValueError, NotImplementedError):  # a template TRL cannot patch: find turns ourselves
+        except (
+            ValueError,
+            NotImplementedError,
+        ):  # a template TRL cannot patch: find turns ourselves
             return _masked_by_rendering(dataset, tokenizer, split)
     completion_only = args.completion_only_loss
     if completion_only is None:
@@ -316,6 +331,7 @@ def for_trainer(dataset):
 
 def prepare(splits: DataSplits, tokenizer, args, policy: str):
     """Tokenize both splits, apply the over-length policy; returns (train, eval, reports)."""
+    check_chat(splits, tokenizer, args)
     train = tokenize(splits.train, tokenizer, args, "train")
     train, train_report = apply_max_length(train, args, policy, "train")
     reports = [train_report]

@@ -358,7 +358,7 @@ def test_missing_field_says_how_to_map_it(tmp_path):
     with pytest.raises(InvalidInputError) as e:
         load_records(data, "messages")
     assert (
-        "line 1: field 'messages' is missing; map another field with --format-option field=NAME"
+        "line 1: field 'messages' is missing (the messages format needs messages; map another field with --format-option field=NAME)"
         in str(e.value)
     )
     fmt_ = get_formatter("messages")

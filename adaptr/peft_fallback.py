@@ -173,13 +173,12 @@ class PeftFallback:
                 self.peft = attach(
                     self.model, self.registry, [version], Path(tmp), into=self.peft, checked=checked
                 )
-        except AdaptrError:
-            self._strip(version.ref)
-            raise
-        except Exception as e:  # PEFT's own refusals (TypeError, ValueError, KeyError…)
-            self._strip(version.ref)
+        except BaseException as e:
+            self._strip(version.ref)  # nothing half-loaded stays in the served model
+            if isinstance(e, AdaptrError) or not isinstance(e, _PEFT_REFUSALS):
+                raise
             raise InvalidInputError(
-                f"PEFT could not load {version.ref} next to the adapters this server holds "
+                f"PEFT could not load {version.ref} beside the adapters this server holds "
                 f"({type(e).__name__}: {first_line(e, 160)}): serve it from an AdapterServer of its own"
             ) from None
         self.peft.eval()
@@ -334,6 +333,11 @@ class PeftFallback:
                 continue
             handles.append(m.register_forward_pre_hook(partial(hook, own), with_kwargs=True))
         return handles
+
+
+# what PEFT raises when it cannot load an adapter (beside others): TypeError for a wrapper in a
+# wrapper, ValueError for a conflicting config, KeyError / AttributeError from its own bugs
+_PEFT_REFUSALS = (TypeError, ValueError, KeyError, AttributeError)
 
 
 def _own_keys(wrapper, own, adapter_name: str) -> dict:

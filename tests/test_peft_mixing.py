@@ -229,6 +229,30 @@ def test_what_peft_cannot_run_is_a_one_line_adaptr_error(setup):
     setup.check(server, ["dora", "emb1", None], parts=[[0], [1, 2]])
 
 
+def test_a_load_peft_fails_on_leaves_nothing_behind(setup, monkeypatch):
+    """Whatever PEFT still raises while loading (here after it wrapped the modules) is a
+    one-line AdaptrError, and the served model keeps nothing of that adapter."""
+    import adaptr.inference
+
+    server = setup.server()
+    server.load("head1")
+    real = adaptr.inference.attach
+
+    def failing(*args, **kwargs):
+        real(*args, **kwargs)
+        raise TypeError("modules_to_save cannot be applied to modules of type <lora.Embedding>")
+
+    monkeypatch.setattr(adaptr.inference, "attach", failing)
+    with pytest.raises(InvalidInputError) as e:
+        server.load("emb1")
+    _one_line(e, "PEFT could not load emb1@1 beside the adapters this server holds (TypeError")
+    monkeypatch.undo()
+    assert "emb1@1" not in server._fallback.peft.peft_config
+    assert isinstance(server.model.get_input_embeddings(), torch.nn.Embedding)  # unwrapped
+    assert server.resident() == ["head1@1"]
+    setup.check(server, ["emb1", "head1", None])
+
+
 def test_the_http_server_answers_every_mix_or_refuses_it_with_a_4xx(setup):
     from concurrent.futures import ThreadPoolExecutor
 

@@ -354,7 +354,7 @@ def check_template(tokenizer, record: dict[str, Any], *, assistant_only_loss: bo
         raise InvalidInputError(
             "the chat template ignores the 'tools' list (it renders the same without it), so the "
             "model would learn tool calls without seeing the tools; use a tokenizer whose template "
-            "renders tools (e.g. Qwen2.5's), or a base of a built-in family"
+            "renders tools (e.g. Qwen2.5's), or give one with --set sft.chat_template_path=FILE.jinja"
         )
     for i, m in enumerate(msgs):
         what = f"message {i + 1} ({m['role']})"
@@ -362,7 +362,7 @@ def check_template(tokenizer, record: dict[str, Any], *, assistant_only_loss: bo
             raise InvalidInputError(f"the chat template drops the content of {what}; use a template that renders every {m['role']} message")  # fmt: skip
         calls = m.get("tool_calls") or []
         if calls and not changed(i, tool_calls=None):
-            raise InvalidInputError(f"the chat template drops the tool calls of {what}; use a template that renders tool_calls (e.g. Qwen2.5's), or a base of a built-in family")  # fmt: skip
+            raise InvalidInputError(f"the chat template drops the tool calls of {what}; use a template that renders tool_calls (e.g. Qwen2.5's), or give one with --set sft.chat_template_path=FILE.jinja")  # fmt: skip
         if calls:
             probe = [
                 {**c, "function": {**c["function"], "arguments": {PROBE: PROBE}}} for c in calls

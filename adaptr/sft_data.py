@@ -74,7 +74,18 @@ def load_splits(data: dict[str, Any], seed: int) -> DataSplits:
 
 def check_chat(splits: DataSplits, tokenizer, args) -> None:
     """Chat data only: the template renders what the records hold (tools, tool calls, every
-    message) and the loss covers the assistant's text, found before anything trains."""
+    message) and the loss covers the assistant's text, found before anything trains.
+
+    ``sft.chat_template_path`` (a .jinja file) replaces the tokenizer's template first, as
+    SFTTrainer would, so that the examples are tokenized with it."""
+    path = getattr(args, "chat_template_path", None)
+    if path:
+        if not str(path).endswith((".jinja", ".j2")) or not Path(path).is_file():
+            raise InvalidInputError(
+                f"sft.chat_template_path {brief(str(path))} is not a .jinja file: adaptr takes the "
+                "chat template from a .jinja file"
+            )
+        tokenizer.chat_template = Path(path).read_text(encoding="utf-8")
     if splits.kind == "messages":
         from .chat import check_templates
 

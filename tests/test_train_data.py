@@ -298,3 +298,40 @@ def test_mistakes_are_found_before_torch_loads(tiny_llama, tmp_path, change, mes
     )
     assert message in out.stdout, out.stdout + out.stderr
     assert out.stdout.rstrip().endswith("no torch")
+
+
+TOOLS = {
+    "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "18C, sunny"},
+        {"role": "assistant", "content": "It is 18C and sunny."},
+    ],
+    "tools": [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}],
+}  # fmt: skip
+
+
+def test_tool_calls_train_through_a_template_that_renders_them(cli, registry, plain_qwen, tmp_path):
+    from adaptr.plugins.common import CHATML
+
+    data = tmp_path / "tools.jsonl"
+    data.write_text(json.dumps(TOOLS) + "\n" + json.dumps(TOOLS) + "\n")
+    # the tokenizer's own template ignores tools: refused, saying how to give another
+    code, _, err = cli("train", "--base", str(plain_qwen), "--data", str(data), "--format", "messages",
+                       "--name", "t", "--preview")  # fmt: skip
+    assert code != 0 and err.count("\n") == 1
+    assert "ignores the 'tools' list" in err and "sft.chat_template_path=FILE.jinja" in err
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHATML)
+    r = recipe("t", plain_qwen, data, "messages", chat_template_path=str(template))
+    p = preview(r, registry=registry, count=1)
+    context = "".join(s.text for s in p.examples[0].segments if not s.loss)
+    assert '"name": "get_weather"' in context and "18C, sunny" in context  # tools and results seen
+    assert loss_text(p, 1) == (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>'
+        "|It is 18C and sunny.<|im_end|>"
+    )
+    r["sft"]["chat_template_path"] = str(tmp_path / "template.txt")
+    with pytest.raises(InvalidInputError, match="is not a .jinja file"):
+        preview(r, registry=registry)

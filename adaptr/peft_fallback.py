@@ -186,14 +186,20 @@ class PeftFallback:
 
     @contextmanager
     def _load_fix(self) -> Iterator[None]:
-        """PEFT 0.21's TrainableTokensWrapper maps the weights of every adapter loaded after it
-        to its own (ModulesToSaveWrapper skips adapters it lacks), so loading an adapter
-        without trainable tokens next to one that has them fails with a KeyError: skip them
-        too, while loading."""
+        """Two PEFT 0.21 bugs in loading an adapter beside others. TrainableTokensWrapper maps
+        the weights of every adapter loaded after it to its own (ModulesToSaveWrapper skips
+        adapters it lacks), so loading an adapter without trainable tokens next to one that
+        has them fails with a KeyError: skip them too, while loading. And deleting the active
+        adapter can leave none active (when the first LoRA layer held only it), after which
+        loading beside a wrapper of modules to save fails (ValueError 'Please specify at
+        least one adapter to set'): make one active first (its layers stay disabled)."""
         from peft.utils.other import TrainableTokensWrapper
 
         patched = []
         if self.peft is not None:
+            tuner = self.peft.base_model
+            if not tuner.active_adapters:  # see the docstring
+                tuner.set_adapter(next(iter(self.peft.peft_config)), inference_mode=True)
             for m in self.peft.modules():
                 if isinstance(m, TrainableTokensWrapper):
                     own = m.adapter_state_dict_load_map

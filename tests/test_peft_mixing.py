@@ -172,12 +172,20 @@ def test_adapters_changing_one_module_two_ways_run_in_separate_batches(setup):
     assert server.served_by_peft() == ["tok1@1"]
 
 
-def test_loading_after_trainable_tokens_and_after_the_last_peft_adapter_left(setup):
+def test_loading_after_trainable_tokens_and_after_the_active_or_last_adapter_left(setup):
     # PEFT alone fails here: a KeyError for the trainable tokens' weights
     server = setup.server()
     server.load("tok1")
     server.load("head1")
     setup.check(server, ["tok1", "head1", None, "head1"])
+    # the active adapter evicted while the first LoRA layer (q_proj) held only it: PEFT is
+    # left with none active (ValueError 'Please specify at least one adapter to set' next)
+    server = setup.server()
+    server.load("head2")  # v_proj and a saved lm_head
+    server.generate(["hi"], ["emb2"], max_new_tokens=1)  # q_proj only; active for its batch
+    server._evict("emb2@1")
+    assert server._fallback.peft.base_model.active_adapters == []
+    setup.check(server, ["emb1", "head2", None])
     # the last PEFT adapter evicted: its wrapper goes, and a saved module loads again
     # (PEFT alone: ValueError 'Please specify at least one adapter to set')
     one = setup.server(max_adapters=1)
@@ -281,9 +289,10 @@ def test_the_http_server_answers_every_mix_or_refuses_it_with_a_4xx(setup):
             finally:
                 batcher.release()
             texts = [f.result(timeout=START_S).choices[0].text for f in futures]
-        # queued as one batch of 10, run as the batches PEFT can run: the saved embeddings with
-        # the base, stacked LoRA and the saved head (6 rows); the trainable tokens; lemb; dora
-        assert batcher.most_rows == 6
+        # queued as one batch of 10, run as the batches PEFT can run: the saved embeddings (3
+        # rows), the trainable tokens (2), lemb, dora, and the base, pl and head1 (3 rows) with
+        # the first of those that mixes to arrive: 4 to 6 rows at most
+        assert 4 <= batcher.most_rows <= 6
         for model, prompt, text in zip(models, prompts, texts, strict=True):
             ref = None if model == "tiny" else model
             assert text == expected(setup.reg, ref, prompt, 4), model

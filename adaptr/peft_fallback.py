@@ -27,9 +27,10 @@ Everything adaptr knows about what PEFT (0.21) cannot mix lives here (:meth:`Pef
   applies (it finds the invocation tokens).
 
 Worked around, PEFT bugs: an adapter loaded after one with trainable tokens failed
-(KeyError ``…token_adapter.trainable_tokens_delta``), and so did one with modules to save
-loaded after the last adapter was deleted (ValueError ``Please specify at least one adapter
-to set``). Anything PEFT still raises while loading becomes a one-line :class:`AdaptrError`.
+(KeyError ``…token_adapter.trainable_tokens_delta``), and so did one loaded beside modules to
+save after the last or the active adapter was deleted (ValueError ``Please specify at least
+one adapter to set``). What PEFT still raises while loading becomes a one-line
+:class:`AdaptrError`, and what it half-loaded is taken out.
 """
 
 from __future__ import annotations

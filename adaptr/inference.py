@@ -88,7 +88,7 @@ def _check_fits(registry: Registry, version: AdapterVersion, base: BaseInfo) -> 
         lora_modules(tensors),
         base,
         version.ref,
-        saved_tensors(tensors),
+        saved_tensors(tensors) if version.peft_type == "LORA" else {},  # IA3, LoHa…: their own keys
         version.config.get("modules_to_save"),
     )
 

@@ -358,7 +358,7 @@ class Registry(Maintenance):
                 adapter.lora_modules,
                 base_info,
                 f"adapter {adapter.root}",
-                saved_tensors(adapter.tensors),
+                saved_tensors(adapter.tensors) if adapter.config.get("peft_type") == "LORA" else {},
                 adapter.config.get("modules_to_save"),
             )
         if base and declared and not self._same_model(declared, base, base_key, base_info):

@@ -90,6 +90,11 @@ def list_(registry, name: str | None, all_versions: bool, as_json: bool, wide: b
     )  # fmt: skip
 
 
+def _sorted(value):
+    """PEFT saves target_modules from a set: its order changes from run to run."""
+    return sorted(value) if isinstance(value, list) else value
+
+
 def _ranges(numbers: list[int]) -> str:
     """Stored version numbers, compactly: ``@1-3``, ``@1, @4-6`` (the newest is the last)."""
     runs: list[list[int]] = []
@@ -140,7 +145,7 @@ def show(registry, ref: str, as_json: bool, wide: bool) -> None:
         ("base fingerprint", v.base_fingerprint or "-"),
         ("type", _kind(v)),
         ("r / alpha / dropout", f"{s.get('r')} / {s.get('lora_alpha')} / {s.get('lora_dropout')}"),
-        ("target modules", json.dumps(s.get("target_modules"))),
+        ("target modules", json.dumps(_sorted(s.get("target_modules")))),
         ("LoRA modules", str(s.get("lora_modules"))),
         ("parameters", f"{s.get('parameters', 0):,} ({', '.join(s.get('dtypes', []))})"),
         ("size", human_size(v.size)),

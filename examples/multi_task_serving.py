@@ -51,7 +51,7 @@ def main() -> None:
     # 2. HTTP: the same server behind the OpenAI API, driven by the official client
     import openai
 
-    from adaptr.openai_server import create_app, serve_in_thread
+    from adaptr.serving.openai.app import create_app, serve_in_thread
 
     # on a port the system chooses, in a thread; stopped at the end of the block
     try:

@@ -171,9 +171,9 @@ def wait_for(condition, what: str, timeout: float = START_S) -> None:
 
 
 def running(app, **config):
-    """Serve ``app`` in a thread (:func:`adaptr.openai_server.serve_in_thread`); yields the
+    """Serve ``app`` in a thread (:func:`adaptr.serving.openai.app.serve_in_thread`); yields the
     /v1 URL. Not started within START_S, or not stopped within 60 s: a RuntimeError."""
-    from adaptr.openai_server import serve_in_thread
+    from adaptr.serving.openai.app import serve_in_thread
 
     config.setdefault("log_level", "error")
     return serve_in_thread(app, start_timeout_s=START_S, stop_timeout_s=60, **config)
@@ -184,9 +184,9 @@ def serve_tiny(root: Path, adapters=(), *, max_adapters: int | None = None, **ap
     """A tiny LLaMA registered as base ``tiny`` in ``root / "home"``, with ``adapters``
     added in order (``(name, seed)`` or ``(name, seed, peft spec)``; the spec is LORA unless
     given), served over HTTP (``app_kw`` go to ``create_app``); yields (registry, /v1 URL, app)."""
-    from adaptr.openai_server import create_app
     from adaptr.registry import Registry
     from adaptr.serving import AdapterServer
+    from adaptr.serving.openai.app import create_app
     from adaptr.tiny import save_tiny_base
 
     base = save_tiny_base(root / "base", "llama", initializer_range=0.2)

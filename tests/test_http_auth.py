@@ -59,8 +59,8 @@ def test_the_openai_client_with_the_key_is_served(keyed):
 
 def test_an_empty_key_is_refused(tiny_llama, tmp_path):
     from adaptr.errors import InvalidInputError
-    from adaptr.openai_server import create_app
     from adaptr.serving import AdapterServer
+    from adaptr.serving.openai.app import create_app
 
     reg = Registry(tmp_path / "home")
     reg.add_base("tiny", tiny_llama)

@@ -38,7 +38,7 @@ def send_request(url: str, body: dict, path: str = "/v1/completions") -> socket.
 @pytest.fixture
 def log(caplog):
     """The log records of adaptr's server and of uvicorn (which does not propagate them)."""
-    caplog.set_level(logging.INFO, logger="adaptr.openai_server")
+    caplog.set_level(logging.INFO, logger="adaptr.serving.openai.app")
     uvicorn_log = logging.getLogger("uvicorn")
     uvicorn_log.addHandler(caplog.handler)
     yield caplog

@@ -2,7 +2,7 @@
 
 import pytest
 
-from adaptr.openai_request import ParamError, find_stop, held_back, parse_params
+from adaptr.serving.openai.protocol import ParamError, find_stop, held_back, parse_params
 
 
 def test_defaults_are_greedy_16_tokens_no_stop():

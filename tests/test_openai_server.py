@@ -274,7 +274,7 @@ def _add_dora(reg, root) -> None:
 def _recording_jobs(batcher):
     """``job(adapter)``: a batcher job for "Hello there" (6 greedy tokens) that records what
     it is sent in ``.items`` instead of answering a client."""
-    from adaptr.openai_server import Job
+    from adaptr.serving.openai.app import Job
 
     class Recorded(Job):
         def emit(self, item):
@@ -341,8 +341,8 @@ def test_a_job_cancelled_while_an_earlier_part_runs_is_dropped_not_generated(ser
 
 
 def test_an_apps_threads_end_with_it(tiny_llama, tmp_path):
-    from adaptr.openai_server import create_app
     from adaptr.serving import AdapterServer
+    from adaptr.serving.openai.app import create_app
 
     reg = Registry(tmp_path / "home")
     reg.add_base("tiny", tiny_llama)

@@ -266,7 +266,7 @@ def test_the_http_server_answers_every_mix_or_refuses_it_with_a_4xx(setup):
 
     import openai
 
-    from adaptr.openai_server import create_app
+    from adaptr.serving.openai.app import create_app
 
     from helpers import START_S, client, expected, running, wait_for
 

@@ -131,7 +131,7 @@ def test_row_aware_generate_arguments_keep_the_callers_order(setup):
 
 
 def test_block_size():
-    from adaptr.serving import _block_size
+    from adaptr.serving.stacks import _block_size
 
     assert _block_size(torch.tensor([1, 1, 2, 2, 2, 2])) == 2
     assert _block_size(torch.tensor([0, 0, 0, 1, 1, 1])) == 3
@@ -339,7 +339,7 @@ def test_a_batch_whose_adapters_exceed_the_memory_bound_is_refused(setup):
     [([1, 1, 1], 1), ([1, 2, 0], 3), ([2, 2, 0, 0, 1, 1], 3), ([1, 1, 2, 2, 2, 2], 3)],
 )
 def test_stacked_lora_adds_each_rows_own_delta(out_dtype, rows, blocks):
-    from adaptr.serving import StackedLoRA
+    from adaptr.serving.stacks import StackedLoRA
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(8, 6, bias=False)

@@ -74,9 +74,9 @@ def serve(
     """Serve BASE and its adapters over an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions)."""
     import uvicorn
 
-    from adaptr.openai_server import Limits, create_app
     from adaptr.quiet import quiet_libraries
     from adaptr.serving import AdapterServer
+    from adaptr.serving.openai.app import Limits, create_app
 
     quiet_libraries()
     registry.get_base(base)  # a clear error for an unknown base before loading anything

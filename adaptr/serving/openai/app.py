@@ -4,7 +4,7 @@
 or ``active`` (the base's active adapter from ``adaptr switch``). Refs are resolved on
 every request, so a switch or a new version is served without a restart. Concurrent
 requests are batched together across adapters by one worker thread
-(:mod:`adaptr.openai_batcher`); streaming (SSE) follows each row of the batch token by token.
+(:mod:`adaptr.serving.openai.batcher`); streaming (SSE) follows each row of the batch token by token.
 
 One request cannot hold up the others: the body is bounded (413 past
 :attr:`Limits.max_body_bytes`, 408 when it does not arrive within
@@ -39,11 +39,11 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from .errors import AdaptrError, InvalidInputError, NotFoundError
-from .inference import context_window
-from .openai_batcher import Batcher, Job
-from .openai_request import ParamError, RequestParams, find_stop, held_back, parse_params
-from .serving import AdapterServer
+from ...errors import AdaptrError, InvalidInputError, NotFoundError
+from ...inference import context_window
+from ..server import AdapterServer
+from .batcher import Batcher, Job
+from .protocol import ParamError, RequestParams, find_stop, held_back, parse_params
 
 __all__ = ["Batcher", "Job", "Limits", "create_app", "serve_in_thread"]
 

@@ -42,10 +42,10 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
-from .errors import AdaptrError, InvalidInputError, first_line
-from .registry import AdapterVersion, Registry
-from .registry.adapter_dir import WEIGHTS, lora_modules
-from .registry.safetensors_header import read_header
+from ..errors import AdaptrError, InvalidInputError, first_line
+from ..registry import AdapterVersion, Registry
+from ..registry.adapter_dir import WEIGHTS, lora_modules
+from ..registry.safetensors_header import read_header
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
@@ -165,7 +165,7 @@ class PeftFallback:
     # ------------------------------------------------------------------ loading
     def load(self, version: AdapterVersion) -> None:
         """Load ``version`` into the base through PEFT (named by its ref, disabled until used)."""
-        from .inference import attach, check_base_fits
+        from ..inference import attach, check_base_fits
 
         # checked against the base's files: the served model's own names have PEFT's wrappers in them
         checked = check_base_fits(self.registry, [version], self.base_path) is not None

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .errors import AdaptrError
-from .serving import AdapterServer
+from ...errors import AdaptrError
+from ..server import AdapterServer
 
 log = logging.getLogger(__name__)
 

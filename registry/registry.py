@@ -246,18 +246,22 @@ class Registry(Maintenance):
             is not None
         )
 
-    @staticmethod
-    def _unknown(name: str, conn) -> NotFoundError:
+    def _unknown(self, name: str, conn) -> NotFoundError:
+        """Names the home it looked in: a wrong ADAPTR_HOME is the usual cause."""
         import difflib
 
         names = [r[0] for r in conn.execute("SELECT DISTINCT name FROM versions")] if conn else []
         close = difflib.get_close_matches(name, names, n=1)
-        hint = (
-            f"did you mean {close[0]!r}?"
-            if close
-            else "run `adaptr list` to see the registered adapters"
-        )
-        return NotFoundError(f"unknown adapter {name!r}: {hint}")
+        home = self.home.resolve()
+        if close:
+            hint = f"did you mean {close[0]!r}?"
+        elif not home.exists():
+            hint = (
+                "there is no registry there; pass --home (or set ADAPTR_HOME) to the one you mean"
+            )
+        else:
+            hint = "run `adaptr list` to see the registered adapters"
+        return NotFoundError(f"unknown adapter {name!r} in {home}: {hint}")
 
     def _load(self, rows: list[sqlite3.Row], conn: sqlite3.Connection) -> list[AdapterVersion]:
         """Turn version rows into records with their files, tags and active flag."""

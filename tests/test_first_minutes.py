@@ -108,3 +108,16 @@ def test_read_commands_name_the_home_and_create_nothing(cli, tmp_path):
     home.mkdir()
     code, out, err = cli("--home", str(home), "list")
     assert code == 0 and out.startswith(f"no adapters yet in {home.resolve()}: add one with")
+
+
+def test_unknown_adapter_names_the_home_it_looked_in(cli, registry, adapter_dir, tmp_path):
+    home = registry.home.resolve()
+    code, _, err = cli("show", "ghost")
+    assert code == 3 and err.startswith(
+        f"error: unknown adapter 'ghost' in {home}: there is no registry there"
+    )
+    registry.add("legal", adapter_dir)
+    code, _, err = cli("show", "ghost")
+    assert err.startswith(f"error: unknown adapter 'ghost' in {home}: run `adaptr list`")
+    code, _, err = cli("show", "legl")
+    assert err.startswith(f"error: unknown adapter 'legl' in {home}: did you mean 'legal'?")

@@ -1,6 +1,6 @@
 """SFT training with TRL's SFTTrainer + PEFT LoRA/QLoRA, straight into the registry.
 
-The seeds' workflow as one call: load the base (optionally 8-bit or 4-bit NF4 through
+The usual PEFT + TRL workflow as one call: load the base (optionally 8-bit or 4-bit NF4 through
 bitsandbytes, then ``prepare_model_for_kbit_training``), build the ``LoraConfig`` from the
 model family's defaults and the recipe, format the data, run ``SFTTrainer``, and store the
 adapter as the next version with its lineage. adaptr adds defaults, never different math:

@@ -3,7 +3,7 @@
 1. builds a tiny LLaMA-architecture base (random weights) and a byte-level tokenizer;
 2. trains two LoRA adapters with `adaptr train` (TRL's SFTTrainer + PEFT, the LLaMA
    family's targets, data through the `text` and `alpaca` formatters): an English-quotes
-   task in the Pythia seed's style and an alpaca-style 中文→English translation task, the
+   task as in Pythia fine-tuning tutorials and an alpaca-style 中文→English translation task, the
    first one twice (the second run continues the first), so there are versions;
 3. drives the registry through the real `adaptr` CLI: list, tag, switch, show, export,
    verify, rm, gc;
@@ -54,7 +54,7 @@ def adaptr(*args: str, home: Path) -> str:
 
 
 def records(task: str) -> list[dict]:
-    """TRL records through adaptr's formatters: quote text (the Pythia seed's task), alpaca prompt/completion."""
+    """TRL records through adaptr's formatters: quote text (a Pythia tutorial's task), alpaca prompt/completion."""
     from adaptr.data import load_records
 
     if task == "quotes":

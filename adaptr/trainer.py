@@ -356,6 +356,7 @@ def train(
             "family": family.name if family else None, "libraries": library_versions(),
             "resumed_from": str(resume_from) if resume_from else None,
             "parents": [parent.ref] if parent else [], "method": "sft",
+            "log_history": json.loads(json.dumps(trainer.state.log_history, default=float)),
         }  # fmt: skip
         version = registry.add(
             recipe.name, final, base=p.base_key, tags=recipe.tags, lineage=lineage, metrics=metrics,

@@ -108,7 +108,7 @@ def test_rows_grouped_by_adapter_give_the_same_answers(setup):
         assert [adapters[i] for i in order] == [None] * 2 + ["a"] * 2 + ["b"] * 4 + ["c"] * 2
         enc = server.tokenizer([prompts[i] for i in order], return_tensors="pt", padding=True)
         server.model(**enc)
-        gathered = [g for g in server._state["cache"].values() if g is not False]
+        gathered = [g for g in server._state.cache.values() if g is not False]
         assert gathered and all(a.shape[0] == 5 for a, _ in gathered)  # 10 rows, blocks of 2
 
 
@@ -339,11 +339,11 @@ def test_a_batch_whose_adapters_exceed_the_memory_bound_is_refused(setup):
     [([1, 1, 1], 1), ([1, 2, 0], 3), ([2, 2, 0, 0, 1, 1], 3), ([1, 1, 2, 2, 2, 2], 3)],
 )
 def test_stacked_lora_adds_each_rows_own_delta(out_dtype, rows, blocks):
-    from adaptr.serving.stacks import StackedLoRA
+    from adaptr.serving.stacks import BatchState, StackedLoRA
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(8, 6, bias=False)
-    state = {"rows": torch.tensor(rows), "cache": {}, "gathered_bytes": 0, "gather_budget": 2**30}
+    state = BatchState(2**30, torch.tensor(rows))
     stacked = StackedLoRA(layer, 3, state)
     weights = {
         1: (torch.randn(4, 8), torch.randn(6, 4), 0.5),
@@ -357,7 +357,7 @@ def test_stacked_lora_adds_each_rows_own_delta(out_dtype, rows, blocks):
         base = layer(x)
         # a bf16 output takes the out-of-place path (the stacks stay fp32)
         got = stacked._hook(layer, (x,), base.clone().to(out_dtype))
-    (a, b), *_ = state["cache"].values()
+    (a, b), *_ = state.cache.values()
     assert a.shape[0] == blocks or (blocks == 1 and a.dim() == 2)  # weights read once per block
     if len(rows) > 3:  # inputs whose first dimension is not the batch's rows are refused
         with pytest.raises(InvalidInputError, match="first dimension"):

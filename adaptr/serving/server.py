@@ -32,7 +32,7 @@ from ..errors import AdaptrError, InvalidInputError
 from ..registry import AdapterVersion, Registry
 from ..registry.adapter_dir import PREFIX, pattern_value
 from .peft_fallback import BASE, PeftFallback, Traits, clash
-from .stacks import ROW_AWARE_KWARGS, StackedLoRA
+from .stacks import ROW_AWARE_KWARGS, BatchState, StackedLoRA
 
 
 class AdapterServer:
@@ -73,8 +73,7 @@ class AdapterServer:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"
-        self._state: dict[str, Any] = {"rows": None, "cache": {}, "gathered_bytes": 0,
-                                       "gather_budget": gather_budget_mb * 2**20}  # fmt: skip
+        self._state = BatchState(gather_budget_mb * 2**20)
         self._layers: dict[str, StackedLoRA] = {}
         self._slots: OrderedDict[str, int] = OrderedDict()  # ref -> slot, least recently used first
         self._free = list(range(max_adapters, 0, -1))
@@ -314,12 +313,12 @@ class AdapterServer:
         with self._lock:
             rows, names = self._rows(adapters, n)
             order = rows.argsort(stable=True) if grouped else torch.arange(n)
-            self._state.update(rows=rows[order], cache={}, gathered_bytes=0)
+            self._state.set_rows(rows[order])
             try:
                 with torch.no_grad(), self._fallback.rows([names[i] for i in order.tolist()]):
                     yield order.tolist()
             finally:
-                self._state.update(rows=None, cache={}, gathered_bytes=0)
+                self._state.set_rows(None)
 
     def _batches(self, parts: list[list[int]], adapters, grouped: bool) -> Iterator[list[int]]:
         """Runs the batches ``parts`` (of :meth:`partition`): yields each one's rows, in the

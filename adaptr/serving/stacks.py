@@ -13,10 +13,38 @@ Slot 0 is all zeros: the bare base.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
 from ..errors import InvalidInputError
+
+
+@dataclass
+class BatchState:
+    """What the stacks of every layer share about the batch being run.
+
+    ``rows``: each row's slot (None: no batch, the hooks add nothing); ``cache``: the
+    weights each layer gathered for these rows (reset whenever the rows change);
+    ``gathered_bytes`` of them so far, up to ``gather_budget`` bytes.
+    """
+
+    gather_budget: float
+    rows: Any = None  # a LongTensor [batch]
+    cache: dict = field(default_factory=dict)
+    gathered_bytes: int = 0
+
+    def set_rows(self, rows, cache: dict | None = None) -> None:
+        """Run ``rows`` next (None: no batch); ``cache``: the gathered weights kept for them."""
+        self.rows = rows
+        self.cache = {} if cache is None else cache
+        self.gathered_bytes = sum(_nbytes(g) for g in self.cache.values())
+
+
+def _nbytes(gathered) -> int:
+    if gathered is False or isinstance(gathered[1], int):
+        return 0
+    return sum(t.numel() * t.element_size() for t in gathered)
 
 
 class StackedLoRA:
@@ -26,7 +54,7 @@ class StackedLoRA:
     ``[rank, out]``, with the adapter's scaling folded into B.
     """
 
-    def __init__(self, layer, slots: int, state: dict[str, Any]):
+    def __init__(self, layer, slots: int, state: BatchState):
         import torch
 
         self.layer = layer
@@ -68,15 +96,15 @@ class StackedLoRA:
         self.ranks[slot] = 0
 
     def _hook(self, module, inputs, output):
-        rows = self.state.get("rows")
+        rows = self.state.rows
         if rows is None:
             return output
         x = inputs[0]
         n = x.shape[0]  # generate() may expand the batch (beams, several sequences per prompt)
         key = (id(self), n)
-        gathered = self.state["cache"].get(key)
+        gathered = self.state.cache.get(key)
         if gathered is None:  # once per batch: the rows keep their adapters for every decoding step
-            gathered = self.state["cache"][key] = self._gather(rows, n)
+            gathered = self.state.cache[key] = self._gather(rows, n)
         if gathered is False:  # no row of this batch has weights in this layer
             return output
         a, b = gathered
@@ -124,9 +152,9 @@ class StackedLoRA:
             return self.A[slot, :, :rank].contiguous(), self.B[slot, :rank].contiguous()
         rows = rows[:: _block_size(rows)].to(self.A.device)
         size = rows.shape[0] * rank * (self.A.shape[1] + self.B.shape[2]) * self.A.element_size()
-        if self.state["gathered_bytes"] + size > self.state["gather_budget"]:
+        if self.state.gathered_bytes + size > self.state.gather_budget:
             return rows, rank  # gathered afresh on every call instead of kept for the batch
-        self.state["gathered_bytes"] += size
+        self.state.gathered_bytes += size
         return self._rows_weights(rows, rank)
 
     def _rows_weights(self, rows, rank: int):

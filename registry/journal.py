@@ -3,6 +3,7 @@
 Layout under the registry home::
 
     manifests/NAME/N.json        one per committed version: its full record and files
+    manifests/NAME/N.evals/*.json  evaluation records of a version, append-only
     manifests/_pending/NAME@N.json  written before the SQL commit of an add
     manifests/_removing/NAME@N.json moved there before the SQL commit of a remove
     state.json                   names (next version), tags, active adapters, bases
@@ -143,6 +144,33 @@ class Journal:
                     self.place(path, name, int(version))
                 else:
                     path.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ evals
+    def evals_dir(self, name: str, version: int) -> Path:
+        """``manifests/NAME/N.evals/``: one file per evaluation record, never rewritten."""
+        return self.root / name / f"{version}.evals"
+
+    def add_eval(self, name: str, version: int, record: dict) -> Path:
+        """Append one evaluation record (temp + fsync + rename: whole or absent).
+
+        Records live beside the version's manifest, outside the index, so ``reindex`` keeps
+        them; file names sort by time and a random part keeps concurrent writers apart.
+        """
+        stamp = f"{int(record.get('created', 0) * 1000):015d}"
+        path = self.evals_dir(name, version) / f"{stamp}-{secrets.token_hex(4)}.json"
+        write_json(path, record)
+        return path
+
+    def evals(self, name: str, version: int) -> list[dict]:
+        """Every readable evaluation record of a version, oldest first."""
+        folder = self.evals_dir(name, version)
+        out = []
+        for path in sorted(folder.glob("[!.]*.json")) if folder.is_dir() else []:
+            try:
+                out.append(json.loads(path.read_text(encoding="utf-8")))
+            except (OSError, ValueError):
+                continue
+        return out
 
     # ------------------------------------------------------------------- reads
     def manifests(self) -> list[dict]:

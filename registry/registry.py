@@ -595,6 +595,28 @@ class Registry(Maintenance):
             )
         return self.get(f"{row['name']}@{row['version']}")
 
+    def add_evals(self, records: Sequence[tuple[str | Ref, dict]]) -> list[dict]:
+        """Append evaluation records (``(ref, record)`` pairs) to their versions.
+
+        Each record is one file written whole (temp + fsync + rename) beside the version's
+        manifest and never rewritten: evaluating again adds a record. The refs are resolved
+        first, under the writer lock, so an unknown one stores nothing.
+        """
+        with self._writer() as conn:
+            rows = [self._resolve_row(ref, conn) for ref, _ in records]
+            out = []
+            for row, (_, record) in zip(rows, records, strict=True):
+                rec = {**record, "ref": f"{row['name']}@{row['version']}"}
+                rec.setdefault("created", time.time())
+                self.journal.add_eval(row["name"], row["version"], rec)
+                out.append(rec)
+        return out
+
+    def evals(self, ref: str | Ref) -> list[dict]:
+        """The evaluation records of a version, oldest first."""
+        v = self.get(ref)
+        return self.journal.evals(v.name, v.version)
+
     def untag(self, name: str, tag: str) -> None:
         """Remove tag ``tag`` from adapter ``name``."""
         check_name(name)

@@ -30,12 +30,14 @@ _LAZY = {
     "AdapterVersion": "adaptr.registry",
     "BaseRecord": "adaptr.registry",
     "Ref": "adaptr.registry",
+    "evaluate": "adaptr.evaluation",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from .families import ModelFamily
     from .formatters import Formatter
     from .hookspecs import hookimpl
+    from .evaluation import evaluate
     from .registry import AdapterVersion, BaseRecord, Ref, Registry
 
 
@@ -48,5 +50,5 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "AdapterVersion", "AdaptrError", "BaseRecord", "ConflictError", "Formatter", "IncompatibleBaseError",
     "IntegrityError", "InvalidAdapterError", "InvalidInputError", "LockTimeoutError",
-    "ModelFamily", "NotFoundError", "Ref", "Registry", "__version__", "hookimpl",
+    "ModelFamily", "NotFoundError", "Ref", "Registry", "__version__", "evaluate", "hookimpl",
 ]  # fmt: skip

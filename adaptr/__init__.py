@@ -34,10 +34,10 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .evaluation import evaluate
     from .families import ModelFamily
     from .formatters import Formatter
     from .hookspecs import hookimpl
-    from .evaluation import evaluate
     from .registry import AdapterVersion, BaseRecord, Ref, Registry
 
 

@@ -102,5 +102,9 @@ def reindex(registry, as_json: bool) -> None:
 @with_registry
 def export(registry, ref: str, out_dir: str, fmt: str, force: bool) -> None:
     """Write REF as a plain PEFT adapter folder (loads with PeftModel.from_pretrained)."""
+    if fmt == "vllm":  # the checks `adaptr check REF --engine vllm` and the vLLM resolver make
+        from adaptr.serving.vllm.compat import check_servable
+
+        check_servable(registry, registry.get(ref))
     out = registry.export(ref, out_dir, format=fmt, force=force)
     click.echo(str(out))

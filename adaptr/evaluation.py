@@ -37,8 +37,9 @@ from .registry import Registry
 
 METRICS = ("loss", "ppl", "exact", "chrf", "bleu", "rougeL")
 GENERATION = ("exact", "chrf", "bleu", "rougeL")
-LOWER_IS_BETTER = {"loss", "ppl", "eval_loss", "train_loss", "perplexity"}
+LOWER_IS_BETTER = {"loss", "ppl", "trn_loss", "trn_eval", "trn_ppl"}
 TRAINING = ("train_loss", "eval_loss", "perplexity")  # training metrics compare shows
+TRAINING_COLUMNS = {"train_loss": "trn_loss", "eval_loss": "trn_eval", "perplexity": "trn_ppl"}
 EVAL_LIBRARIES = ("adaptr", "torch", "transformers", "peft", "trl", "sacrebleu")
 _ALIASES = {m.lower(): m for m in METRICS} | {"perplexity": "ppl", "rouge-l": "rougeL"}
 
@@ -52,6 +53,7 @@ class EvalResult:
     settings: dict[str, Any]
     signatures: dict[str, str] = field(default_factory=dict)
     records: list[dict] = field(default_factory=list)  # what was stored, one per version
+    generations: dict[str | None, list[str]] = field(default_factory=dict)  # not stored
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -265,6 +267,8 @@ def evaluate(
     result = EvalResult(
         {r: {m: scores[r][m] for m in wanted} for r in rows}, dataset, settings, signatures
     )
+    if generation:
+        result.generations = hyps
     if store:
         created = time.time()
         libs = library_versions()
@@ -495,7 +499,7 @@ def compare(
         values: dict[str, float] = {}
         for m in TRAINING:
             if isinstance(v.metrics.get(m), (int, float)):
-                values[f"train.{m}" if m != "train_loss" else m] = v.metrics[m]
+                values[TRAINING_COLUMNS[m]] = v.metrics[m]
         for metric, got in (latest_scores(registry, v.ref, sha) if sha else {}).items():
             values[metric] = got["value"]
             dataset = dataset or got["dataset"]
@@ -508,7 +512,7 @@ def compare(
     best: dict[str, list[str]] = {}  # column -> the refs with its best value (ties: all)
     for c in columns:
         have = [(r["metrics"][c], r["ref"]) for r in rows if c in r["metrics"]]
-        lower = c in LOWER_IS_BETTER or c.split(".")[-1] in LOWER_IS_BETTER
+        lower = c in LOWER_IS_BETTER
         if len(have) > 1:
             top = (min if lower else max)(value for value, _ in have)
             best[c] = [ref for value, ref in have if value == top]

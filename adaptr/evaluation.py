@@ -414,7 +414,11 @@ def check_gate(
             raise InvalidInputError(
                 f"cannot read the requirement {cond!r}: write METRIC>=VALUE (e.g. chrf>=40)"
             )
-        metric = _ALIASES.get(m.group(1).lower(), m.group(1))
+        metric = _ALIASES.get(m.group(1).lower())
+        if metric is None:
+            raise InvalidInputError(
+                f"unknown metric {m.group(1)!r} in {cond.strip()!r}: choose from {', '.join(METRICS)}"
+            )
         try:
             bound = float(m.group(3))
         except ValueError:

@@ -133,8 +133,9 @@ def _grouped(versions) -> list[dict]:
 def show(registry, ref: str, as_json: bool, wide: bool) -> None:
     """Show one version: config, lineage, metrics, files and hashes."""
     v = registry.get(ref)
+    evals = registry.evals(v.ref)
     if as_json:
-        emit_json(v.to_dict())
+        emit_json({**v.to_dict(), "evals": evals})
         return
     s = v.summary
     rows = [
@@ -159,6 +160,8 @@ def show(registry, ref: str, as_json: bool, wide: bool) -> None:
     extra = {
         k: val for k, val in v.lineage.items() if k not in ("source", "base", "base_fingerprint")
     }
+    if isinstance(extra.get("log_history"), list):  # drawn by `adaptr curves`, not listed
+        extra["log_history"] = f"{len(extra['log_history'])} entries (see `adaptr curves {v.ref}`)"
     for section, doc in (("lineage", extra), ("metrics", v.metrics)):
         rows += [
             (f"{section}.{k}", val if isinstance(val, str) else json.dumps(val, default=str))
@@ -172,15 +175,53 @@ def show(registry, ref: str, as_json: bool, wide: bool) -> None:
         right=("SIZE",),
         wide=wide,
     )
+    if evals:
+        click.echo()
+        print_table(
+            ("EVALUATED", "DATA", "SHA256", "METRICS"),
+            [
+                (
+                    ago(e.get("created", 0)),
+                    (e.get("dataset") or {}).get("path", "-"),
+                    (e.get("dataset") or {}).get("sha256", "-")[:12],
+                    "  ".join(f"{k} {val:.4g}" for k, val in (e.get("metrics") or {}).items()),
+                )
+                for e in evals
+            ],
+            wrap=("METRICS",),
+            keep_end=("DATA",),
+            wide=wide,
+        )
 
 
 @click.command()
 @click.argument("ref")
 @click.argument("tag")
 @click.option("-d", "--delete", is_flag=True, help="Remove TAG from the adapter REF names instead.")
+@click.option(
+    "--require",
+    "requires",
+    multiple=True,
+    metavar="COND",
+    help="Move the tag only if REF's stored evals meet COND, e.g. 'chrf>=40' (repeatable).",
+)
+@click.option(
+    "--require-better-than",
+    "better_than",
+    metavar="REF2",
+    help="Move the tag only if REF is no worse than REF2 (e.g. NAME@prod) on every metric "
+    "both have stored for the same data.",
+)
 @with_registry
-def tag(registry, ref: str, tag: str, delete: bool) -> None:
+def tag(
+    registry, ref: str, tag: str, delete: bool, requires: tuple[str, ...], better_than: str | None
+) -> None:
     """Point NAME@TAG at REF (moving the tag if it exists)."""
+    if (requires or better_than) and not delete:
+        from adaptr.evaluation import check_gate
+
+        for line in check_gate(registry, ref, requires, better_than):
+            note(f"gate passed: {line}")
     if delete:
         from adaptr.registry import Ref
 

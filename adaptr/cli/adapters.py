@@ -160,13 +160,14 @@ def show(registry, ref: str, as_json: bool, wide: bool) -> None:
     extra = {
         k: val for k, val in v.lineage.items() if k not in ("source", "base", "base_fingerprint")
     }
-    if isinstance(extra.get("log_history"), list):  # drawn by `adaptr curves`, not listed
-        extra["log_history"] = f"{len(extra['log_history'])} entries (see `adaptr curves {v.ref}`)"
+    history = extra.pop("log_history", None)  # drawn by `adaptr curves`, not listed
     for section, doc in (("lineage", extra), ("metrics", v.metrics)):
         rows += [
             (f"{section}.{k}", val if isinstance(val, str) else json.dumps(val, default=str))
             for k, val in doc.items()
         ]
+    if isinstance(history, list):
+        rows.append(("training log", f"{len(history)} entries: `adaptr curves {v.ref}` draws it"))
     width = max(len(k) for k, _ in rows)
     click.echo("\n".join(f"{k:<{width}}  {val}" for k, val in rows) + "\n")
     print_table(

@@ -1,0 +1,179 @@
+"""The ``vllm.general_plugins`` entry point: adaptr refs as vLLM LoRA models.
+
+:func:`register` (run by vLLM in each of its processes) registers :class:`AdaptrResolver`
+with ``LoRAResolverRegistry``, the hook vLLM consults for a ``model`` it has not loaded
+(with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``). Three things the bare hook cannot do are added
+to vLLM's ``OpenAIServingModels`` (the one object that maps a request's ``model`` to a
+``LoRARequest``), for adaptr refs only, every other name going to vLLM's own code:
+
+- follow the registry: vLLM keeps a resolved name forever, so its ``lora_requests`` map
+  re-checks an adaptr ref on each lookup and forgets it when the ref now names another
+  version (moved tag, new version) or none (removed: 404);
+- say why: a version for another base, or one vLLM cannot serve, is a 400 naming the reason
+  (vLLM's hook can only say "could not be loaded");
+- one engine adapter per version: ``qa``, ``qa@2`` and ``qa@prod`` naming the same version
+  share one ``LoRARequest`` (one LoRA slot), under the version's own name ``qa@2~SHA``;
+- ``/v1/models`` lists every ref of the served base's adapters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from http import HTTPStatus
+
+from .source import Refused, RegistrySource, Resolved
+
+log = logging.getLogger("adaptr.vllm")
+_PATCHED = False
+
+
+class AdaptrResolver:
+    """Resolves adaptr refs for vLLM; one ``LoRARequest`` (one int id) per stored version."""
+
+    def __init__(self, source: RegistrySource | None = None):
+        self._source = source
+        self._requests: dict = {}  # lora name (one per version) -> LoRARequest
+        self._lock = threading.Lock()
+        self._next_id = 1 << 30  # apart from vLLM's own counter (which starts at 1)
+
+    def source(self, served_model: str | None = None) -> RegistrySource:
+        if self._source is None:
+            self._source = RegistrySource(served_model=served_model)
+        elif served_model and self._source.served_model is None:
+            self._source.served_model = served_model
+        return self._source
+
+    def request_for(self, resolved: Resolved):
+        from vllm.lora.request import LoRARequest
+
+        with self._lock:
+            req = self._requests.get(resolved.lora_name)
+            if req is None:
+                self._next_id += 1
+                req = LoRARequest(
+                    lora_name=resolved.lora_name,
+                    lora_int_id=self._next_id,
+                    lora_path=str(resolved.path),
+                )
+                self._requests[resolved.lora_name] = req
+            return req
+
+    async def resolve_lora(self, base_model_name: str, lora_name: str):
+        """vLLM's resolver hook (used as is when the serving patch is absent)."""
+        source = self.source(base_model_name)
+        if not source.is_ref(lora_name):
+            return None
+        try:
+            resolved = source.resolve(lora_name)
+        except Refused as e:
+            log.warning("adaptr: %s", e)
+            return None
+        return None if resolved is None else self.request_for(resolved)
+
+
+RESOLVER = AdaptrResolver()
+
+
+def register() -> None:
+    """Entry point (``vllm.general_plugins``): register the resolver and the serving patch."""
+    from vllm.lora.resolver import LoRAResolverRegistry
+
+    LoRAResolverRegistry.register_resolver("adaptr", RESOLVER)
+    with contextlib.suppress(ImportError):  # a vLLM build without the OpenAI server
+        _patch_serving_models()
+
+
+class FollowingLoRAs(dict):
+    """vLLM's name -> LoRARequest map, re-checked against the registry for adaptr refs."""
+
+    def __init__(self, models, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._models = models
+
+    def __contains__(self, name) -> bool:
+        if not super().__contains__(name):
+            return False
+        req = super().__getitem__(name)
+        if not _ours(req):
+            return True
+        source = RESOLVER.source(self._models.model_config.model)
+        try:
+            from .source import lora_name
+
+            version = source.current(name)
+            if version is not None and lora_name(version) == req.lora_name:
+                return True
+        except Exception as e:  # a registry error: answer through resolve_lora
+            log.warning("adaptr: re-checking %s: %s", name, e)
+        super().pop(name, None)  # moved, new version, or removed: resolve again
+        return False
+
+
+def _ours(req) -> bool:
+    return "~" in getattr(req, "lora_name", "") and RESOLVER._requests.get(req.lora_name) is req
+
+
+def _patch_serving_models() -> None:
+    global _PATCHED
+    if _PATCHED:
+        return
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+    from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelPermission
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+    original_init = OpenAIServingModels.__init__
+    original_resolve = OpenAIServingModels.resolve_lora
+    original_models = OpenAIServingModels.show_available_models
+
+    def __init__(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.lora_requests = FollowingLoRAs(self, self.lora_requests)
+
+    async def resolve_lora(self, lora_name: str):
+        source = RESOLVER.source(self.model_config.model)
+        if self.is_base_model(lora_name) or not source.is_ref(lora_name):
+            return await original_resolve(self, lora_name)
+        async with self.lora_resolver_lock[lora_name]:
+            try:
+                resolved = source.resolve(lora_name)
+            except Refused as e:
+                return create_error_response(
+                    message=str(e), err_type="BadRequestError",
+                    status_code=HTTPStatus.BAD_REQUEST, param="model",
+                )  # fmt: skip
+            if resolved is None:  # not in the registry: perhaps another resolver's
+                return await original_resolve(self, lora_name)
+            req = RESOLVER.request_for(resolved)
+            try:
+                await self.engine_client.add_lora(req)
+            except Exception as e:
+                return create_error_response(
+                    message=f"vLLM could not load {resolved.version_ref}: {e}",
+                    err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST, param="model",
+                )  # fmt: skip
+            dict.__setitem__(self.lora_requests, lora_name, req)
+            log.info("adaptr: %s -> %s (%s)", lora_name, resolved.version_ref, resolved.path)
+            return req
+
+    async def show_available_models(self):
+        listing = await original_models(self)
+        try:
+            refs = RESOLVER.source(self.model_config.model).refs()
+        except Exception as e:
+            log.warning("adaptr: listing the registry: %s", e)
+            return listing
+        seen = {card.id for card in listing.data}
+        base = self.base_model_paths[0].name
+        listing.data.extend(
+            ModelCard(id=ref, root=ref, parent=base, permission=[ModelPermission()])
+            for ref in refs
+            if ref not in seen
+        )
+        return listing
+
+    OpenAIServingModels.__init__ = __init__
+    OpenAIServingModels.resolve_lora = resolve_lora
+    OpenAIServingModels.show_available_models = show_available_models
+    _PATCHED = True

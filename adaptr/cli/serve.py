@@ -60,10 +60,20 @@ def is_loopback(host: str) -> bool:
     type=click.IntRange(min=1),
     help="Concurrent connections and requests; past it the server answers 503.",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(["embedded", "vllm"]),
+    default="embedded",
+    show_default=True,
+    help="embedded: adaptr's own server; vllm: vLLM's OpenAI server fed by the registry.",
+)
+@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
 @with_registry
 def serve(
     registry,
     base: str,
+    engine: str,
+    vllm_args: tuple[str, ...],
     host: str,
     port: int,
     max_adapters: int,
@@ -71,7 +81,16 @@ def serve(
     max_body_mb: float,
     max_connections: int,
 ) -> None:
-    """Serve BASE and its adapters over an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions)."""
+    """Serve BASE and its adapters over an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions).
+
+    With --engine vllm, arguments after `--` go to vLLM (e.g. -- --tensor-parallel-size 2).
+    """
+    if engine == "vllm":
+        return _serve_vllm(registry, base, host, port, api_key, vllm_args)
+    if vllm_args:
+        raise click.UsageError(
+            f"unexpected arguments {' '.join(vllm_args)}: only --engine vllm takes engine arguments after --"
+        )
     import uvicorn
 
     from adaptr.quiet import quiet_libraries
@@ -103,3 +122,29 @@ def serve(
         limit_concurrency=max_connections,
     )
     uvicorn.Server(config).run()
+
+
+def _serve_vllm(registry, base: str, host: str, port: int, api_key, vllm_args) -> int:
+    """Run vLLM's OpenAI server in place of this process (signals reach it directly)."""
+    import os
+
+    from adaptr.serving.vllm.launch import command
+
+    registry.get_base(base)
+    extra = list(vllm_args)
+    if api_key and "--api-key" not in extra:
+        extra += ["--api-key", api_key]
+    argv, env = command(registry, base, host=host, port=port, extra=extra)
+    if not api_key and not is_loopback(host):
+        click.echo(
+            f"warning: serving on {host} without an API key: anyone who can reach port {port} "
+            "can use it (set --api-key or ADAPTR_API_KEY)",
+            err=True,
+        )
+    click.echo(
+        f"serving {base} on vLLM at http://{host}:{port}/v1 (model = an adapter ref or '{base}'; "
+        f"--max-lora-rank {env['ADAPTR_VLLM_MAX_LORA_RANK']})",
+        err=True,
+    )
+    os.execve(argv[0], argv, env)  # replaces this process: Ctrl-C / SIGTERM go to vLLM itself
+    return 0  # not reached

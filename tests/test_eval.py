@@ -1,0 +1,292 @@
+"""adaptr eval / compare / curves and promotion gates, on the tiny LLaMA (nothing downloaded)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from adaptr.registry import Registry
+
+from helpers import random_lora, refused, snapshot
+
+LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+PAIRS = [("Q: 2+2?\nA:", " 4"), ("Say hi:", " hello there"), ("Color of sky:", " blue"),
+         ("Q: capital of France?\nA:", " Paris"), ("Count:", " 1 2 3")]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_llama):
+    """A registry with base ``tiny``, three random LoRAs and a second base's adapter; data files."""
+    from adaptr.tiny import save_tiny_base
+
+    root = tmp_path_factory.mktemp("eval")
+    reg = Registry(root / "home")
+    reg.add_base("tiny", tiny_llama)
+    dirs = {}
+    for i, name in enumerate(("a", "b", "c")):
+        dirs[name] = random_lora(tiny_llama, root / name, 20 + i, **LORA)
+        reg.add(name, dirs[name], base="tiny")
+    other = save_tiny_base(root / "other-base", "llama", seed=5)
+    reg.add_base("other", other)
+    reg.add("elsewhere", random_lora(other, root / "elsewhere", 3, **LORA), base="other")
+    data = root / "pc.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in PAIRS))
+    chat = root / "chat.jsonl"
+    chat.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": p},
+                        {"role": "assistant", "content": c.strip()},
+                    ]
+                }
+            )
+            + "\n"
+            for p, c in PAIRS[:3]
+        )  # fmt: skip
+    )
+    text = root / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": p + c}) + "\n" for p, c in PAIRS))
+    return {"reg": reg, "root": root, "dirs": dirs, "base": tiny_llama, "data": data,
+            "chat": chat, "text": text}  # fmt: skip
+
+
+def _peft_loss(base: Path, adapter: Path | None, tokenized) -> float:
+    """Mean NLL per loss token with plain PEFT (or the bare base), one record at a time."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, labels in zip(tokenized["input_ids"], tokenized["labels"], strict=True):
+            labels_t = torch.tensor([labels])
+            out = model(input_ids=torch.tensor([ids]), labels=labels_t)
+            n = int((labels_t[:, 1:] != -100).sum())
+            total += float(out.loss) * n
+            count += n
+    return total / count
+
+
+def _tokenized(world, path: Path, fmt: str):
+    from adaptr.evaluation import _tokenized
+    from adaptr.sft_data import load_splits, loss_defaults
+    from adaptr.trainer import load_tokenizer
+
+    splits = load_splits({"path": str(path), "format": fmt}, 42)
+    tok, _ = load_tokenizer(str(world["base"]), {"trust_remote_code": False, "family": None})
+    sft: dict = {}
+    loss_defaults(sft, splits.kind)
+    return _tokenized(splits.train, tok, sft)
+
+
+@pytest.mark.parametrize("which", ["pc", "chat"])
+def test_loss_matches_peft_and_mixed_equals_alone(world, which):
+    from adaptr import evaluate
+
+    reg = world["reg"]
+    path, fmt = (
+        (world["data"], "prompt-completion") if which == "pc" else (world["chat"], "messages")
+    )
+    mixed = evaluate(["a", "b", "c"], path, fmt, "loss,ppl", registry=reg, base_line=True,
+                     batch_size=2, store=False)  # fmt: skip
+    tokenized = _tokenized(world, path, fmt)
+    # loss tokens are those training counts: the completion / the assistant turn only
+    assert all(-100 in labels for labels in tokenized["labels"])
+    for name in ("a", "b", "c", None):
+        ref = f"{name}@1" if name else None
+        want = _peft_loss(world["base"], world["dirs"][name] if name else None, tokenized)
+        assert mixed.scores[ref]["loss"] == pytest.approx(want, abs=1e-4)
+        assert mixed.scores[ref]["ppl"] == pytest.approx(math.exp(mixed.scores[ref]["loss"]))
+        if name:
+            alone = evaluate([name], path, fmt, "loss", registry=reg, batch_size=3, store=False)
+            assert alone.scores[ref]["loss"] == pytest.approx(mixed.scores[ref]["loss"], abs=1e-5)
+    assert len({round(s["loss"], 6) for s in mixed.scores.values()}) == 4  # adapters differ
+
+
+def test_generation_metrics_agree_with_sacrebleu_and_alone(world):
+    import sacrebleu
+
+    from adaptr import evaluate
+    from adaptr.serving import AdapterServer
+
+    reg = world["reg"]
+    metrics = "exact,chrf,bleu,rougeL"
+    mixed = evaluate(["a", "b"], world["data"], "prompt-completion", metrics, registry=reg,
+                     base_line=True, max_new_tokens=6, batch_size=2, store=False)  # fmt: skip
+    refs = [c for _, c in PAIRS]
+    server = AdapterServer(reg, "tiny")
+    for ref in ("a@1", "b@1", None):
+        hyps = mixed.generations[ref]
+        # greedy generations equal the server's for that adapter alone
+        assert hyps == server.generate([p for p, _ in PAIRS], [ref] * len(PAIRS), max_new_tokens=6)
+        s = mixed.scores[ref]
+        assert s["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score)
+        assert s["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
+        assert s["exact"] == pytest.approx(
+            100 * sum(h.strip() == r.strip() for h, r in zip(hyps, refs, strict=True)) / 5
+        )
+    assert (
+        mixed.signatures["chrf"].startswith("nrefs:1|") and "version:" in mixed.signatures["bleu"]
+    )
+    alone = evaluate(["b"], world["data"], "prompt-completion", metrics, registry=reg,
+                     max_new_tokens=6, store=False)  # fmt: skip
+    assert alone.scores["b@1"] == pytest.approx(mixed.scores["b@1"])
+
+
+def test_text_scores_against_sacrebleu_and_known_rouge():
+    import sacrebleu
+
+    from adaptr.evaluation import rouge_l, text_scores
+
+    hyps = ["the cat sat on the mat", "a quick brown fox", "hello"]
+    refs = ["the cat is on the mat", "the quick brown fox jumps", "hello"]
+    got, sigs = text_scores(hyps, refs, ["exact", "chrf", "bleu", "rougeL"])
+    assert got["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score)
+    assert got["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
+    assert got["exact"] == pytest.approx(100 / 3)
+    # LCS("the cat sat on the mat", "the cat is on the mat") = 5 of 6 and 6 words: F1 5/6
+    assert rouge_l(hyps[0], refs[0]) == pytest.approx(5 / 6)
+    assert rouge_l("a quick brown fox", "the quick brown fox jumps") == pytest.approx(
+        2 * (3 / 4) * (3 / 5) / (3 / 4 + 3 / 5)
+    )
+    assert got["rougeL"] == pytest.approx(100 * (5 / 6 + 2 * 0.75 * 0.6 / 1.35 + 1) / 3)
+    assert set(sigs) == {"chrf", "bleu"}
+
+
+def test_stored_append_only_survives_reindex_show_compare_and_gates(tmp_path, tiny_llama, cli):
+    reg = Registry(tmp_path / "home")
+    reg.add_base("tiny", tiny_llama)
+    for i in range(2):
+        reg.add("m", random_lora(tiny_llama, tmp_path / f"m{i}", 40 + i, **LORA), base="tiny",
+                metrics={"train_loss": 2.0 - i})  # fmt: skip
+    data = tmp_path / "pc.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in PAIRS))
+    home = str(tmp_path / "home")
+    code, out, err = cli("--home", home, "eval", "m@1", "m@2", "--data", str(data), "--format",
+                         "prompt-completion", "--metrics", "loss,chrf", "--max-new-tokens", "4", "--json")  # fmt: skip
+    assert code == 0, err
+    doc = json.loads(out)
+    assert [s["ref"] for s in doc["scores"]] == ["m@1", "m@2"] and doc["stored"] == 2
+    first = reg.evals("m@1")
+    assert len(first) == 1 and set(first[0]["metrics"]) == {"loss", "chrf"}
+    rec = first[0]
+    assert (
+        rec["dataset"]["sha256"] == doc["dataset"]["sha256"]
+        and rec["dataset"]["format"] == "prompt-completion"
+    )
+    assert (
+        rec["libraries"]["sacrebleu"]
+        and rec["settings"]["decoding"] == "greedy"
+        and rec["created"] > 0
+    )
+    assert rec["signatures"]["chrf"].startswith("nrefs:1")
+    # evaluating again appends; the index can be rebuilt without losing them
+    code, _, err = cli(
+        "--home", home, "eval", "m@1", "--data", str(data), "--format", "prompt-completion"
+    )
+    assert code == 0, err
+    assert len(reg.evals("m@1")) == 2 and len(reg.evals("m@2")) == 1
+    (tmp_path / "home" / "registry.db").unlink()
+    reg.reindex()
+    assert reg.evals("m@1")[:1] == first and len(reg.evals("m@1")) == 2
+    code, out, _ = cli("--home", home, "show", "m@1")
+    assert "EVALUATED" in out and "loss" in out
+    code, out, _ = cli("--home", home, "show", "m@1", "--json")
+    assert len(json.loads(out)["evals"]) == 2
+    # compare: both versions, best marked
+    losses = {r: reg.evals(r)[-1]["metrics"]["loss"] for r in ("m@1", "m@2")}
+    code, out, err = cli("--home", home, "compare", "m@1", "m@2", "--data", str(data), "--json")
+    assert code == 0, err
+    cmp = json.loads(out)
+    assert cmp["best"]["loss"] == [min(losses, key=losses.get)] and cmp["best"]["trn_loss"] == [
+        "m@2"
+    ]
+    code, out, _ = cli("--home", home, "compare", "m@1", "m@2")
+    assert code == 0 and "VERSION" in out and "*" in out
+    # gates
+    worse, better = sorted(losses, key=losses.get, reverse=True)
+    assert cli("--home", home, "tag", better, "prod")[0] == 0
+    before = snapshot(tmp_path / "home")
+    line = refused(cli, tmp_path / "home", before, "--home", home, "tag", worse, "prod",
+                   "--require-better-than", "m@prod", match="worse than m@prod", last=True)  # fmt: skip
+    assert "loss" in line
+    refused(cli, tmp_path / "home", before, "--home", home, "tag", worse, "prod", "--require",
+            f"loss<={losses[worse] - 1}", match="fails the requirement loss<=", last=True)  # fmt: skip
+    refused(cli, tmp_path / "home", before, "--home", home, "tag", worse, "prod", "--require",
+            "bleu>=1", match="no stored bleu", last=True)  # fmt: skip
+    assert reg.get("m@prod").ref == better
+    code, out, err = cli(
+        "--home", home, "tag", worse, "prod", "--require", f"loss<={losses[worse] + 1}"
+    )
+    assert code == 0 and reg.get("m@prod").ref == worse, err
+    code, out, err = cli("--home", home, "tag", better, "prod", "--require-better-than", "m@prod")
+    assert code == 0 and reg.get("m@prod").ref == better, err
+
+
+def test_bad_input_is_one_line_and_stores_nothing(world, cli):
+    home = world["reg"].home
+    before = snapshot(home)
+    base = ("--home", str(home), "eval")
+    d, t = str(world["data"]), str(world["text"])
+    refused(
+        cli,
+        home,
+        before,
+        *base,
+        "a",
+        "--data",
+        d,
+        "--format",
+        "alpaca",
+        match="field 'instruction' is missing",
+    )
+    refused(cli, home, before, *base, "a", "--data", t, "--format", "text", "--metrics", "chrf",
+            match="need references")  # fmt: skip
+    refused(cli, home, before, *base, "a", "elsewhere", "--data", d, "--format", "prompt-completion",
+            match="different bases")  # fmt: skip
+    refused(cli, home, before, *base, "a", "--data", d, "--format", "prompt-completion", "--metrics",
+            "loss,meteor", match="unknown metric 'meteor'")  # fmt: skip
+    refused(cli, home, before, *base, "a", "--data", str(world["root"] / "nope.jsonl"), "--format",
+            "prompt-completion", match="nope.jsonl")  # fmt: skip
+    refused(cli, home, before, "--home", str(home), "tag", "a", "prod", "--require", "chrf>=1",
+            match="no stored chrf")  # fmt: skip
+    refused(cli, home, before, "--home", str(home), "tag", "a", "prod", "--require", "chrf=>1",
+            match="cannot read the requirement")  # fmt: skip
+
+
+def test_curves_terminal_and_png(tmp_path, tiny_llama, cli):
+    reg = Registry(tmp_path / "home")
+    reg.add_base("tiny", tiny_llama)
+    history = [
+        {"step": s, "loss": 3 / s, "learning_rate": 1e-4 * (1 - s / 10)} for s in range(1, 10)
+    ]
+    history.append({"step": 9, "eval_loss": 0.9})
+    reg.add("c", random_lora(tiny_llama, tmp_path / "c", 1, **LORA), base="tiny",
+            lineage={"log_history": history})  # fmt: skip
+    reg.add("c", random_lora(tiny_llama, tmp_path / "c2", 2, **LORA), base="tiny",
+            lineage={"log_history": history[:5], "parents": ["c@1"]})  # fmt: skip
+    png = tmp_path / "curves.png"
+    code, out, err = cli(
+        "--home", str(tmp_path / "home"), "curves", "c@1", "c@2", "--png", str(png)
+    )
+    assert code == 0, err
+    assert "c@1" in out and "c@2" in out and "eval_loss" in out and "3.0000 -> 0.3333" in out
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    from matplotlib import image
+
+    assert image.imread(png).shape[:2] == (450, 800)
+    code, out, _ = cli("--home", str(tmp_path / "home"), "show", "c@1")
+    assert "training log" in out and "10 entries" in out
+    reg.add("plain", random_lora(tiny_llama, tmp_path / "p", 3, **LORA), base="tiny")
+    refused(cli, None, None, "--home", str(tmp_path / "home"), "curves", "plain",
+            match="no stored training log")  # fmt: skip

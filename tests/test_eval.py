@@ -290,3 +290,30 @@ def test_curves_terminal_and_png(tmp_path, tiny_llama, cli):
     reg.add("plain", random_lora(tiny_llama, tmp_path / "p", 3, **LORA), base="tiny")
     refused(cli, None, None, "--home", str(tmp_path / "home"), "curves", "plain",
             match="no stored training log")  # fmt: skip
+
+
+def test_training_stores_its_log_history_for_curves(tmp_path, tiny_llama, cli):
+    from adaptr import evaluate
+    from adaptr.trainer import train
+
+    zh_en = Path(__file__).parent.parent / "examples" / "data" / "translate_zh_en.jsonl"
+    reg = Registry(tmp_path / "home")
+    reg.add_base("tiny", tiny_llama)
+    result = train(
+        {"name": "zh", "base": {"path": "tiny"},
+         "data": {"path": str(zh_en), "format": "alpaca", "eval_split": 0.25},
+         "lora": {"r": 2, "target_modules": ["q_proj", "v_proj"]},
+         "sft": {"max_steps": 3, "logging_steps": 1, "per_device_train_batch_size": 4,
+                 "gradient_checkpointing": False, "learning_rate": 1e-2}},
+        registry=reg, progress=False,
+    )  # fmt: skip
+    history = result.version.lineage["log_history"]
+    assert [h["step"] for h in history if "loss" in h] == [1, 2, 3]
+    assert any("eval_loss" in h for h in history) and any("learning_rate" in h for h in history)
+    code, out, err = cli("--home", str(tmp_path / "home"), "curves", "zh@1", "--json")
+    assert code == 0, err
+    assert [p[0] for p in json.loads(out)["curves"]["zh@1"]["loss"]] == [1, 2, 3]
+    # a trained version is scored like any other, with Chinese references
+    r = evaluate(["zh@1"], zh_en, "alpaca", "loss,chrf", registry=reg, limit=3, max_new_tokens=4)
+    assert r.scores["zh@1"]["loss"] > 0 and 0 <= r.scores["zh@1"]["chrf"] <= 100
+    assert len(reg.evals("zh@1")) == 1

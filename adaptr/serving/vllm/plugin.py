@@ -136,26 +136,31 @@ def _patch_serving_models() -> None:
         if self.is_base_model(lora_name) or not source.is_ref(lora_name):
             return await original_resolve(self, lora_name)
         async with self.lora_resolver_lock[lora_name]:
-            try:
-                resolved = source.resolve(lora_name)
-            except Refused as e:
-                return create_error_response(
-                    message=str(e), err_type="BadRequestError",
-                    status_code=HTTPStatus.BAD_REQUEST, param="model",
-                )  # fmt: skip
-            if resolved is None:  # not in the registry: perhaps another resolver's
-                return await original_resolve(self, lora_name)
-            req = RESOLVER.request_for(resolved)
-            try:
-                await self.engine_client.add_lora(req)
-            except Exception as e:
-                return create_error_response(
-                    message=f"vLLM could not load {resolved.version_ref}: {e}",
-                    err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST, param="model",
-                )  # fmt: skip
-            dict.__setitem__(self.lora_requests, lora_name, req)
-            log.info("adaptr: %s -> %s (%s)", lora_name, resolved.version_ref, resolved.path)
-            return req
+            found = await _resolve_ref(self, source, lora_name)
+        # not in the registry: perhaps another resolver's (outside the lock: vLLM takes it)
+        return await original_resolve(self, lora_name) if found is None else found
+
+    async def _resolve_ref(self, source, lora_name: str):
+        try:
+            resolved = source.resolve(lora_name)
+        except Refused as e:
+            return create_error_response(
+                message=str(e), err_type="BadRequestError",
+                status_code=HTTPStatus.BAD_REQUEST, param="model",
+            )  # fmt: skip
+        if resolved is None:
+            return None
+        req = RESOLVER.request_for(resolved)
+        try:
+            await self.engine_client.add_lora(req)
+        except Exception as e:
+            return create_error_response(
+                message=f"vLLM could not load {resolved.version_ref}: {e}",
+                err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST, param="model",
+            )  # fmt: skip
+        dict.__setitem__(self.lora_requests, lora_name, req)
+        log.info("adaptr: %s -> %s (%s)", lora_name, resolved.version_ref, resolved.path)
+        return req
 
     async def show_available_models(self):
         listing = await original_models(self)

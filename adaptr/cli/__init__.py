@@ -15,7 +15,7 @@ import click
 from adaptr import __version__
 from adaptr.errors import AdaptrError, clip
 
-from . import adapters, bases, compose, evaluate, plugins, serve, store, train
+from . import adapters, bases, check, compose, evaluate, plugins, serve, store, train
 
 
 class AdaptrGroup(click.Group):
@@ -62,7 +62,7 @@ for command in (
     adapters.add, adapters.list_, adapters.show, adapters.switch, adapters.tag, adapters.rm,
     store.verify, store.gc, store.reindex, store.export, bases.base, plugins.plugins, plugins.families, plugins.formatters,
     train.train, compose.compose, compose.merge, compose.generate, serve.serve,
-    evaluate.eval_, evaluate.compare, evaluate.curves,
+    evaluate.eval_, evaluate.compare, evaluate.curves, check.check,
 ):  # fmt: skip
     cli.add_command(command)
 

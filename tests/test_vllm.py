@@ -278,11 +278,21 @@ def test_vllm_greedy_tokens_match_peft(vllm_server):
     reg, url = vllm_server
     c = client(url, timeout=300)
     eos = 256  # <|endoftext|>
-    for model, ref in (("tiny", None), ("qa@prod", "qa@1"), ("chat", "chat@1"), ("qa", "qa@2")):
-        for prompt in PROMPTS:
+    from transformers import AutoTokenizer
+
+    from adaptr.serving import AdapterServer
+
+    tok = AutoTokenizer.from_pretrained(reg.base_path("tiny"))
+    server = AdapterServer(reg, "tiny")
+    cases = (("tiny", None), ("qa@prod", "qa@1"), ("chat", "chat@1"), ("qa", "qa@2"))
+    for prompt in PROMPTS:
+        # adaptr's own engine: one mixed-adapter batch of one prompt (no padding)
+        texts = server.generate([prompt] * len(cases), [r for _, r in cases], max_new_tokens=N)
+        for (model, ref), text in zip(cases, texts, strict=True):
             got, answered = vllm_tokens(c, model, prompt)
             want = peft_tokens(reg, ref, prompt)
             assert _strip_eos(got, eos) == _strip_eos(want, eos), (model, prompt)
+            assert tok.decode(got, skip_special_tokens=True) == text, (model, prompt)
             if ref:
                 assert answered.startswith(ref + "~"), answered
     listed = {m.id for m in c.models.list().data}

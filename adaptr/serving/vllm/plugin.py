@@ -23,7 +23,7 @@ import logging
 import threading
 from http import HTTPStatus
 
-from .source import Refused, RegistrySource, Resolved
+from .source import Refused, RegistrySource, Resolved, lora_name
 
 log = logging.getLogger("adaptr.vllm")
 _PATCHED = False
@@ -100,8 +100,6 @@ class FollowingLoRAs(dict):
             return True
         source = RESOLVER.source(self._models.model_config.model)
         try:
-            from .source import lora_name
-
             version = source.current(name)
             if version is not None and lora_name(version) == req.lora_name:
                 return True

@@ -13,7 +13,7 @@ Metrics (higher is better unless said):
 - ``ppl`` (lower): ``exp(loss)``.
 - ``exact``, ``chrf``, ``bleu``, ``rougeL`` (need references: prompt/completion or chat data):
   on greedy generations from the prompt (chat: the conversation before the last assistant turn
-  through the template). ``exact``: percent of generations equal to the reference (whitespace
+  through the template, stopping at EOS or the template's end-of-turn token). ``exact``: percent of generations equal to the reference (whitespace
   at the ends ignored); ``chrf`` and ``bleu``: sacrebleu's corpus scores (0-100, signature
   stored); ``rougeL``: mean ROUGE-L F1 over records on lower-cased word tokens, times 100.
 
@@ -256,7 +256,10 @@ def evaluate(
     if generation:
         if splits.kind == "messages" or prompts and isinstance(prompts[0], list):
             prompts = [_render_chat(tokenizer, p) for p in prompts]
-        hyps = _generations(server, prompts, rows, batch_size, max_new_tokens, progress)
+            stops = _end_of_turn(tokenizer)
+        else:
+            stops = None
+        hyps = _generations(server, prompts, rows, batch_size, max_new_tokens, progress, stops)
         for ref in rows:
             got, signatures = text_scores(hyps[ref], references, generation)
             scores[ref].update(got)
@@ -363,14 +366,40 @@ def _losses(server, tokenized, refs: list, batch_size: int, progress) -> dict:
     return {r: total[r] / count[r] for r in refs}
 
 
-def _generations(server, prompts, refs, batch_size, max_new_tokens, progress) -> dict:
+def _end_of_turn(tokenizer) -> list[int] | None:
+    """EOS and the special token the chat template closes an assistant turn with (ChatML's
+    ``<|im_end|>``, LLaMA 3's ``<|eot_id|>``…): generation of a chat answer stops at either."""
+    marker = "\x00ADAPTR\x00"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "u"}, {"role": "assistant", "content": marker}],
+            tokenize=False,
+        )
+    except Exception:  # a template that needs more: stop at EOS only
+        return None
+    after = text.split(marker, 1)[-1] if marker in text else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    special = set(tokenizer.all_special_ids) | {
+        i for i, t in tokenizer.added_tokens_decoder.items() if t.special
+    }
+    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if ids and ids[0] in special and ids[0] not in stops:
+        stops.append(ids[0])
+    return stops or None
+
+
+def _generations(
+    server, prompts, refs, batch_size, max_new_tokens, progress, stops: list[int] | None = None
+) -> dict:
     out: dict[str | None, list[str]] = {r: [""] * len(prompts) for r in refs}
     chunks = list(_chunks(len(prompts), batch_size))
+    extra = {"eos_token_id": stops} if stops else {}
     for done, chunk in enumerate(chunks, 1):
         rows = [(i, r) for i in chunk for r in refs]
         texts = server.generate(
-            [prompts[i] for i, _ in rows], [r for _, r in rows], max_new_tokens=max_new_tokens
-        )
+            [prompts[i] for i, _ in rows], [r for _, r in rows], max_new_tokens=max_new_tokens,
+            **extra,
+        )  # fmt: skip
         for (i, r), text in zip(rows, texts, strict=True):
             out[r][i] = text
         if progress:

@@ -317,3 +317,26 @@ def test_training_stores_its_log_history_for_curves(tmp_path, tiny_llama, cli):
     r = evaluate(["zh@1"], zh_en, "alpaca", "loss,chrf", registry=reg, limit=3, max_new_tokens=4)
     assert r.scores["zh@1"]["loss"] > 0 and 0 <= r.scores["zh@1"]["chrf"] <= 100
     assert len(reg.evals("zh@1")) == 1
+
+
+def test_chat_generations_stop_at_the_end_of_the_assistant_turn(world):
+    from adaptr import evaluate
+    from adaptr.evaluation import _end_of_turn
+    from adaptr.serving import AdapterServer
+    from adaptr.tiny import make_tokenizer
+
+    tok = make_tokenizer()
+    assert _end_of_turn(tok) == [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+    reg = world["reg"]
+    r = evaluate(["a", "b"], world["chat"], "messages", "chrf,rougeL", registry=reg,
+                 max_new_tokens=5, store=False)  # fmt: skip
+    server = AdapterServer(reg, "tiny")
+    prompts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        for p, _ in PAIRS[:3]
+    ]
+    for ref in ("a@1", "b@1"):
+        want = server.generate(prompts, [ref] * 3, max_new_tokens=5, eos_token_id=_end_of_turn(tok))
+        assert r.generations[ref] == want

@@ -1,0 +1,525 @@
+"""Iteration-level (continuous) batching: one worker thread owns the batch of an AdapterServer.
+
+A request joins the running batch at the next decoding step (its prefill runs then, with
+the other newcomers) and leaves the step it finishes: EOS, ``max_tokens``, a stop string,
+or :meth:`Request.cancel` (a client gone). Each row keeps its own KV cache: the batch's
+cache is the rows' caches left-padded to one length (a DynamicCache, attention mask zero on
+the padding, each row's positions counted from its own first token), so a row's keys and
+values are computed once, whatever joins or leaves around it; joining concatenates the
+newcomers' prefill cache, leaving selects the remaining rows and trims the padding no row
+needs any more. Per-row adapters go through the stacked LoRA (the rows' slots are set on
+the shared :class:`~adaptr.serving.stacks.BatchState` before every forward, since rows
+change between steps) and PEFT's fallback (its per-row names); adapters PEFT cannot mix
+(:meth:`AdapterServer.partition`) never share the batch: a request that cannot join waits,
+first in line, until the rows it clashes with have left. Sampling is per request
+(temperature, top_p, and a seed that makes it reproducible alone or batched).
+
+Text is decoded incrementally (:class:`Detokenizer`: a few tokens per step, never the
+whole completion); text that could begin a stop string is held back until it cannot.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..errors import AdaptrError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .server import AdapterServer
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 32
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a request picks its tokens: temperature 0 is greedy; ``seed`` makes sampling
+    reproducible (the same tokens alone or in any batch)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+class Detokenizer:
+    """Incremental decoding: each token's new text from the few tokens around it.
+
+    Decodes ``ids[prefix:]`` and ``ids[prefix:read]`` and hands out the difference (the
+    scheme of TGI and vLLM), so a token costs a decode of a short window, and text whose
+    UTF-8 character is incomplete (``\\ufffd``) waits for the token that completes it.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = self.read = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add(self, token: int) -> str:
+        """The text that ``token`` completes ("" while a character is incomplete)."""
+        self.ids.append(token)
+        before = self._decode(self.ids[self.prefix : self.read])
+        now = self._decode(self.ids[self.prefix :])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return now[len(before) :]
+        return ""
+
+    def flush(self) -> str:
+        """What is left undecoded at the end (an incomplete character, as ``\\ufffd``)."""
+        before = self._decode(self.ids[self.prefix : self.read])
+        now = self._decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return now[len(before) :] if now.startswith(before) else ""
+
+
+Event = tuple[str, Any]  # ("text", new text) | ("end", finish reason) | ("error", exception)
+
+
+@dataclass(eq=False)
+class Request:
+    """One completion: its prompt's token ids, adapter ref (None: the bare base), limits.
+
+    ``on_event`` (called on the worker thread) gets ``("text", piece)`` as text is ready,
+    then ``("end", reason)`` (``"stop"``, ``"length"``, ``"cancelled"``) or ``("error", e)``.
+    ``tokens`` are the generated ids (EOS left out), ``text`` the completion (cut before a
+    stop string); :meth:`wait` blocks until it is finished.
+    """
+
+    prompt_ids: list[int]
+    adapter: str | None = None
+    max_tokens: int = 16
+    sampling: Sampling = Sampling()
+    stop: tuple[str, ...] = ()
+    on_event: Callable[[Event], None] | None = None
+    keep_logits: bool = False  # keep each step's logits (float32) in ``logits``
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0  # characters of text handed out
+    finish: str | None = None
+    error: BaseException | None = None
+    cancelled: bool = False
+    logits: list = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """Stop generating for it: dropped before it starts, else its row leaves at the next step."""
+        self.cancelled = True
+
+    def wait(self, timeout: float | None = None) -> Request:
+        if not self.done.wait(timeout):
+            raise TimeoutError(f"the request did not finish within {timeout:g} s")
+        if self.error is not None:
+            raise self.error
+        return self
+
+    def _emit(self, kind: str, value: Any) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event((kind, value))
+            except Exception:  # a listener's failure is not the batch's
+                log.exception("a request's listener failed")
+
+
+@dataclass(eq=False)
+class Row:
+    """A request in the batch, with what its decoding needs."""
+
+    request: Request
+    slot: int = 0  # its adapter's slot in the stacks (0: none there)
+    peft_name: str = ""  # its adapter's name for PEFT's fallback (BASE: none)
+    detok: Detokenizer | None = None
+    generator: torch.Generator | None = None
+    next_token: int = 0  # sampled, not yet fed to the model
+
+
+@dataclass
+class Batch:
+    """The running batch: its rows, their left-padded KV cache and attention mask
+    (``[rows, length]``, 0 on padding), and the stacks' weights gathered for these rows."""
+
+    rows: list[Row] = field(default_factory=list)
+    cache: Any = None  # a transformers DynamicCache, batch-first
+    mask: torch.Tensor | None = None
+    gathered: dict = field(default_factory=dict)
+
+
+_STOP = object()
+
+
+class Scheduler:
+    """The worker that owns batching for an :class:`AdapterServer` (until :meth:`close`).
+
+    ``submitted``/``dropped`` count the requests queued and those dropped before starting
+    (cancelled); ``current`` lists the running requests; ``most_rows``/``most_models`` are the
+    largest batch so far and the most adapters (the base counting as one) in one batch.
+    :meth:`hold` keeps queued requests from starting until :meth:`release` (tests use it to
+    let a set of requests start together).
+    """
+
+    def __init__(self, server: AdapterServer, max_batch: int = MAX_BATCH):
+        self.server = server
+        self.max_batch = max_batch
+        self.waiting: deque[Request] = deque()
+        self.batch = Batch()
+        self.submitted = self.dropped = 0
+        self.most_rows = self.most_models = 0
+        self.steps = 0  # decoding steps run
+        self.on_step: Callable[[int], None] | None = None  # called (worker thread) after each step
+        self._cv = threading.Condition()
+        self._held = False
+        self._closing = False
+        self._alone_next = False  # an adapter could not load beside others: retry it alone
+        tok = server.tokenizer
+        eos = server.model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
+        self.eos = set(eos) | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
+        import inspect
+
+        params = inspect.signature(server.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"  # (renamed in 5.x)
+        self.thread = threading.Thread(target=self._run, daemon=True, name="adaptr-scheduler")
+        self.thread.start()
+
+    # ------------------------------------------------------------------ API
+    @property
+    def current(self) -> list[Request]:
+        return [r.request for r in self.batch.rows]
+
+    def submit(self, request: Request) -> Request:
+        with self._cv:
+            if self._closing:
+                raise AdaptrError("the server is shutting down")
+            self.waiting.append(request)
+            self.submitted += 1
+            self._cv.notify_all()
+        return request
+
+    def hold(self) -> None:
+        with self._cv:
+            self._held = True
+
+    def release(self) -> None:
+        with self._cv:
+            self._held = False
+            self._cv.notify_all()
+
+    def close(self, timeout: float | None = None) -> bool:
+        """End the worker once the requests submitted before are done; whether it has ended."""
+        with self._cv:
+            self._closing = True
+            self._held = False
+            self._cv.notify_all()
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+    # --------------------------------------------------------------- worker
+    def _run(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not self.batch.rows and (self._held or not self.waiting):
+                        if self._closing and not self.waiting:
+                            return
+                        self._cv.wait()
+                    room = self.max_batch - len(self.batch.rows)
+                    if self._alone_next:  # one at a time, once the batch has drained
+                        room = 0 if self.batch.rows else 1
+                    candidates = [] if self._held else list(self.waiting)[:room]
+                try:
+                    joining = self._take(candidates)
+                    self._leave()
+                    if joining:
+                        self._join(joining)
+                    self._leave()
+                    if self.batch.rows:
+                        self._step()
+                except Exception as e:  # never let the worker die: every later request would hang
+                    log.exception("the scheduler failed on a batch of %d", len(self.batch.rows))
+                    for row in self.batch.rows:
+                        self._fail(row.request, e)
+                    self.batch = Batch()
+
+    def _take(self, candidates: list[Request]) -> list[Request]:
+        """The first ``candidates`` (the head of the queue) that join now, taken off the
+        queue: up to the first that PEFT cannot run beside the batch (it waits, first in
+        line, until the rows it clashes with have left); cancelled ones are dropped."""
+        taken: list[Request] = []
+        count = 0
+        adapters = [r.request.adapter for r in self.batch.rows]
+        for req in candidates:
+            if not req.cancelled:
+                mixed = adapters + [req.adapter]
+                if len(set(mixed) - {None}) > self.server.max_adapters:
+                    break
+                if len(mixed) > 1 and len(self.server.partition(mixed, len(mixed))) > 1:
+                    break
+                adapters = mixed
+                taken.append(req)
+            count += 1
+        with self._cv:
+            for _ in range(count):
+                req = self.waiting.popleft()  # only this thread takes from the queue's head
+                if req.cancelled and req not in taken:
+                    self.dropped += 1
+                    self._end(req, "cancelled")
+        if taken:
+            self._alone_next = False
+        return taken
+
+    def _join(self, joining: list[Request]) -> None:
+        """Prefill the newcomers (with their adapters), sample their first tokens, and merge
+        their rows and caches into the batch. A newcomer whose adapter cannot be loaded
+        beside the batch goes back to the head of the queue (or fails, if alone)."""
+        import torch
+
+        server = self.server
+        rows = [Row(req) for req in joining]
+        with server._lock:
+            slots = self._slots(rows)
+            if slots is None:
+                return
+            tok = server.tokenizer
+            enc = tok.pad({"input_ids": [r.request.prompt_ids for r in rows]}, return_tensors="pt")
+            device = server.model.device
+            ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=server.model.config)
+            logits = self._forward(rows, ids=ids, mask=mask, positions=positions, cache=cache)
+        for i, row in enumerate(rows):
+            s = row.request.sampling
+            row.detok = Detokenizer(tok)
+            if s.temperature > 0:
+                row.generator = torch.Generator(device=logits.device)
+                if s.seed is None:
+                    row.generator.seed()
+                else:
+                    row.generator.manual_seed(s.seed)
+            row.slot = int(slots[i])
+        self._merge(rows, cache, mask)
+        self._sample(rows, logits, range(len(rows)))
+        self.most_rows = max(self.most_rows, len(self.batch.rows))
+        self.most_models = max(self.most_models, len({r.request.adapter for r in self.batch.rows}))
+
+    def _slots(self, rows: list[Row]):
+        """Load the adapters of the batch with ``rows`` (held: the server's lock); each new
+        row's slot and PEFT name are set, every running row's refreshed. None (and the rows
+        dealt with) when they cannot all be resident together."""
+        server = self.server
+        running = self.batch.rows
+        everyone = running + rows
+        try:
+            slots, names = server._rows([r.request.adapter for r in everyone], len(everyone))
+        except AdaptrError as e:
+            if running:  # the batch's own adapters stay loaded
+                server._rows([r.request.adapter for r in running], len(running))
+            if len(rows) == 1 and not running:
+                self._fail(rows[0].request, e)
+                return None
+            with self._cv:  # retried one at a time, once the batch has drained
+                self.waiting.extendleft(reversed([r.request for r in rows]))
+                self._alone_next = True
+            return None
+        for row, slot, name in zip(everyone, slots.tolist(), names, strict=True):
+            row.slot, row.peft_name = slot, name
+        return slots[len(running) :]
+
+    def _forward(self, rows: list[Row], *, ids, mask, positions, cache, gathered=None):
+        """One forward of ``rows`` (held: the server's lock): their adapters set on the stacks
+        and PEFT's layers; the last position's logits, in float32."""
+        server = self.server
+        server._state.set_rows(_tensor([r.slot for r in rows]), gathered)
+        try:
+            with server._fallback.rows([r.peft_name for r in rows]):
+                out = server.model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    use_cache=True,
+                    **{self._cache_arg: cache},
+                    logits_to_keep=1,
+                )
+        finally:
+            server._state.set_rows(None)
+        return out.logits[:, -1].float()
+
+    def _merge(self, rows: list[Row], cache, mask) -> None:
+        """Append ``rows`` (their cache and mask) to the batch, both left-padded to one length."""
+        import torch
+
+        b = self.batch
+        if not b.rows:
+            b.rows, b.cache, b.mask, b.gathered = rows, cache, mask, {}
+            return
+        length = max(b.mask.shape[1], mask.shape[1])
+        for mine, theirs in zip(b.cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([_pad_left(mine.keys, length), _pad_left(theirs.keys, length)])
+            mine.values = torch.cat(
+                [_pad_left(mine.values, length), _pad_left(theirs.values, length)]
+            )
+        b.mask = torch.cat([_pad_left(b.mask, length, dim=1), _pad_left(mask, length, dim=1)])
+        b.rows = b.rows + rows
+        b.gathered = {}
+        self._order()
+
+    def _order(self) -> None:
+        """Rows of one adapter together (each block of rows reads its weights once)."""
+        b = self.batch
+        order = sorted(range(len(b.rows)), key=lambda i: b.rows[i].slot)
+        if order != list(range(len(b.rows))):
+            self._select(order)
+
+    def _select(self, keep: list[int]) -> None:
+        import torch
+
+        b = self.batch
+        index = torch.tensor(keep, dtype=torch.long, device=b.mask.device)
+        b.rows = [b.rows[i] for i in keep]
+        b.mask = b.mask.index_select(0, index)
+        first = int(b.mask.any(0).long().argmax()) if keep else 0  # padding no row needs
+        b.mask = b.mask[:, first:]
+        for layer in b.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, first:]
+            layer.values = layer.values.index_select(0, index)[:, :, first:]
+        b.gathered = {}
+
+    def _leave(self) -> None:
+        """Rows whose request is finished or cancelled leave the batch."""
+        b = self.batch
+        keep = []
+        for i, row in enumerate(b.rows):
+            if row.request.cancelled and row.request.finish is None:
+                self._end(row.request, "cancelled")
+            if row.request.finish is None:
+                keep.append(i)
+        if len(keep) == len(b.rows):
+            return
+        if not keep:
+            self.batch = Batch()
+            return
+        self._select(keep)
+
+    def _step(self) -> None:
+        """One decoding step for every row: feed each its last token, sample the next."""
+        import torch
+
+        b = self.batch
+        ids = torch.tensor([[r.next_token] for r in b.rows], device=b.mask.device)
+        positions = b.mask.sum(1, keepdim=True)  # each row's own count of tokens so far
+        b.mask = torch.cat([b.mask, b.mask.new_ones(len(b.rows), 1)], dim=1)
+        with self.server._lock:
+            logits = self._forward(
+                b.rows, ids=ids, mask=b.mask, positions=positions, cache=b.cache,
+                gathered=b.gathered,
+            )  # fmt: skip
+        self.steps += 1
+        self._sample(b.rows, logits, range(len(b.rows)))
+        if self.on_step is not None:
+            self.on_step(self.steps)
+
+    def _sample(self, rows: list[Row], logits, which) -> None:
+        import torch
+
+        greedy = logits.argmax(-1).tolist()
+        for i in which:
+            row, s = rows[i], rows[i].request.sampling
+            if row.request.keep_logits:
+                row.request.logits.append(logits[i].clone())
+            if s.temperature > 0:
+                probs = torch.softmax(logits[i] / s.temperature, -1)
+                if s.top_p < 1:
+                    sorted_p, idx = probs.sort(descending=True)
+                    drop = sorted_p.cumsum(0) - sorted_p >= s.top_p  # keeps at least the first
+                    probs = probs.index_put((idx[drop],), torch.zeros(()))
+                token = int(torch.multinomial(probs, 1, generator=row.generator))
+            else:
+                token = greedy[i]
+            self._accept(row, token)
+
+    def _accept(self, row: Row, token: int) -> None:
+        """A row's new token: its text handed out (held back while it could begin a stop
+        string), and its end when it is EOS, the last allowed, or ends in a stop string."""
+        from .openai.protocol import find_stop, held_back
+
+        req = row.request
+        if req.cancelled:
+            self._end(req, "cancelled")
+            return
+        if token in self.eos:
+            self._end(req, "stop", row)
+            return
+        req.tokens.append(token)
+        row.next_token = token
+        piece = row.detok.add(token)
+        if piece:
+            start = max(0, len(req.text) - max((len(s) for s in req.stop), default=1) + 1)
+            req.text += piece
+            if req.stop:
+                cut = find_stop(req.text[start:], req.stop)
+                if cut is not None:
+                    req.text = req.text[: start + cut]
+                    self._end(req, "stop")
+                    return
+            upto = len(req.text) - held_back(req.text, req.stop)
+            if upto > req.sent:
+                req._emit("text", req.text[req.sent : upto])
+                req.sent = upto
+        if len(req.tokens) >= req.max_tokens:
+            self._end(req, "length", row)
+
+    def _end(self, req: Request, reason: str, row: Row | None = None) -> None:
+        if req.finish is not None:
+            return
+        if row is not None and row.detok is not None:
+            req.text += row.detok.flush()
+            if req.stop:
+                from .openai.protocol import find_stop
+
+                cut = find_stop(req.text, req.stop)
+                if cut is not None:
+                    req.text, reason = req.text[:cut], "stop"
+        if req.sent < len(req.text):
+            req._emit("text", req.text[req.sent :])
+            req.sent = len(req.text)
+        req.finish = reason
+        req._emit("end", reason)
+        req.done.set()
+
+    def _fail(self, req: Request, error: BaseException) -> None:
+        if req.finish is not None:
+            return
+        req.finish, req.error = "error", error
+        req._emit("error", error)
+        req.done.set()
+
+
+def _tensor(values: list[int]):
+    import torch
+
+    return torch.tensor(values, dtype=torch.long)
+
+
+def _pad_left(t, length: int, dim: int = 2):
+    """``t`` zero-padded on the left of ``dim`` to ``length``."""
+    missing = length - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    import torch
+
+    return torch.cat([t.new_zeros(shape), t], dim=dim)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,10 +106,11 @@ class Journal:
         for path, name, version in moved:
             self.place(path, name, version)
 
-    @staticmethod
-    def finish_remove(moved: list[tuple[Path, str, int]]) -> None:
-        for path, _, _ in moved:
+    def finish_remove(self, moved: list[tuple[Path, str, int]]) -> None:
+        """After the commit: the removed versions' manifests and evaluation records go."""
+        for path, name, version in moved:
             path.unlink(missing_ok=True)
+            shutil.rmtree(self.evals_dir(name, version), ignore_errors=True)
 
     def write_state(self, conn: sqlite3.Connection) -> None:
         """Snapshot names, tags, active adapters and bases (after a committed write)."""

@@ -230,6 +230,10 @@ def test_stored_append_only_survives_reindex_show_compare_and_gates(tmp_path, ti
     assert code == 0 and reg.get("m@prod").ref == worse, err
     code, out, err = cli("--home", home, "tag", better, "prod", "--require-better-than", "m@prod")
     assert code == 0 and reg.get("m@prod").ref == better, err
+    # removing a version removes its records (its number is never used again)
+    assert cli("--home", home, "rm", worse)[0] == 0
+    assert not list((tmp_path / "home" / "manifests" / "m").glob(f"{worse.split('@')[1]}.evals*"))
+    assert len(reg.evals(better)) >= 1
 
 
 def test_bad_input_is_one_line_and_stores_nothing(world, cli):

@@ -13,9 +13,10 @@ Metrics (higher is better unless said):
 - ``ppl`` (lower): ``exp(loss)``.
 - ``exact``, ``chrf``, ``bleu``, ``rougeL`` (need references: prompt/completion or chat data):
   on greedy generations from the prompt (chat: the conversation before the last assistant turn
-  through the template, stopping at EOS or the template's end-of-turn token). ``exact``: percent of generations equal to the reference (whitespace
-  at the ends ignored); ``chrf`` and ``bleu``: sacrebleu's corpus scores (0-100, signature
-  stored); ``rougeL``: mean ROUGE-L F1 over records on lower-cased word tokens, times 100.
+  through the template, stopping at EOS or the template's end-of-turn token). ``exact``:
+  percent of generations equal to the reference (whitespace at the ends ignored); ``chrf``
+  and ``bleu``: sacrebleu's corpus scores (0-100, signature stored); ``rougeL``: mean
+  ROUGE-L F1 over records on lower-cased word tokens, times 100.
 
 Records are stored append-only on each version (:meth:`Registry.add_evals`) with the
 dataset's SHA-256, format, settings, library versions and time.

@@ -539,9 +539,7 @@ def compare(
             dataset = dataset or got["dataset"]
         rows.append({"ref": v.ref, "tags": v.tags, "metrics": values})
         columns += [c for c in values if c not in columns]
-    order = {
-        m: i for i, m in enumerate(("train_loss", "train.eval_loss", "train.perplexity", *METRICS))
-    }
+    order = {m: i for i, m in enumerate((*METRICS, *TRAINING_COLUMNS.values()))}
     columns.sort(key=lambda c: order.get(c, len(order)))
     best: dict[str, list[str]] = {}  # column -> the refs with its best value (ties: all)
     for c in columns:

@@ -261,6 +261,26 @@ def test_bad_input_is_one_line_and_stores_nothing(world, cli):
             "loss,meteor", match="unknown metric 'meteor'")  # fmt: skip
     refused(cli, home, before, *base, "a", "--data", str(world["root"] / "nope.jsonl"), "--format",
             "prompt-completion", match="nope.jsonl")  # fmt: skip
+    no_answer = world["root"] / "no-answer.jsonl"
+    no_answer.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    before = snapshot(home)
+    refused(cli, home, before, *base, "a", "--data", str(no_answer), "--format", "messages", "--metrics",
+            "loss,bleu", match="no assistant turn")  # fmt: skip
+    empty = world["root"] / "empty.jsonl"
+    empty.write_text("")
+    before = snapshot(home)
+    refused(
+        cli,
+        home,
+        before,
+        *base,
+        "a",
+        "--data",
+        str(empty),
+        "--format",
+        "prompt-completion",
+        match="empty.jsonl",
+    )
     refused(cli, home, before, "--home", str(home), "tag", "a", "prod", "--require", "chrf>=1",
             match="no stored chrf")  # fmt: skip
     refused(cli, home, before, "--home", str(home), "tag", "a", "prod", "--require", "chrf=>1",

@@ -364,3 +364,18 @@ def test_chat_generations_stop_at_the_end_of_the_assistant_turn(world):
     for ref in ("a@1", "b@1"):
         want = server.generate(prompts, [ref] * 3, max_new_tokens=5, eos_token_id=_end_of_turn(tok))
         assert r.generations[ref] == want
+
+
+def test_text_data_with_a_format_option_scores_every_token(world, cli):
+    home = world["reg"].home
+    before = snapshot(home)
+    code, out, err = cli("--home", str(home), "eval", "a", "--data", str(world["data"]), "--format", "text",
+                         "--format-option", "field=prompt", "--no-store", "--json")  # fmt: skip
+    assert code == 0, err
+    doc = json.loads(out)
+    assert (
+        doc["settings"]["loss_tokens"] == "all"
+        and doc["scores"][0]["loss"] > 0
+        and doc["stored"] == 0
+    )
+    assert snapshot(home) == before

@@ -29,6 +29,13 @@ def _fmt(value) -> str:
     show_default=True,
     help="Comma-separated: loss, ppl, exact, chrf, bleu, rougeL (the last four generate).",
 )
+@click.option(
+    "--format-option",
+    "format_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Formatter option, e.g. field=quote (repeatable).",
+)
 @click.option("--base-line", is_flag=True, help="Score the bare base too (shown, not stored).")
 @click.option(
     "--max-new-tokens",
@@ -50,19 +57,27 @@ def _fmt(value) -> str:
 @wide_option
 @with_registry
 def eval_(
-    registry, refs, data, fmt, metrics, base_line, max_new_tokens, batch_size, limit, no_store,
+    registry, refs, data, fmt, format_options, metrics, base_line, max_new_tokens, batch_size, limit, no_store,
     as_json, wide,
 ) -> None:  # fmt: skip
     """Score versions of one base on DATA in one mixed pass; results are stored on each version."""
+    from adaptr.errors import brief
     from adaptr.evaluation import evaluate
     from adaptr.quiet import quiet_libraries
+    from adaptr.recipe import load_yaml
 
+    options = {}
+    for item in format_options:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.UsageError(f"--format-option takes KEY=VALUE, got {brief(item)}")
+        options[key] = load_yaml(value, f"--format-option {key}")
     quiet_libraries()
     with _Progress() as bar:
         result = evaluate(
             refs, data, fmt, metrics, registry=registry, base_line=base_line,
             max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit,
-            store=not no_store, progress=bar.update,
+            store=not no_store, progress=bar.update, options=options,
         )  # fmt: skip
     if as_json:
         emit_json(result.to_dict())

@@ -309,6 +309,8 @@ def test_curves_terminal_and_png(tmp_path, tiny_llama, cli):
     from matplotlib import image
 
     assert image.imread(png).shape[:2] == (450, 800)
+    code, out, err = cli("--home", str(tmp_path / "home"), "curves", "c@2", "--parents", "--json")
+    assert code == 0 and list(json.loads(out)["curves"]) == ["c@2", "c@1"], err
     code, out, _ = cli("--home", str(tmp_path / "home"), "show", "c@1")
     assert "training log" in out and "10 entries" in out
     reg.add("plain", random_lora(tiny_llama, tmp_path / "p", 3, **LORA), base="tiny")

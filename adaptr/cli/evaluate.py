@@ -178,11 +178,23 @@ def compare(registry, refs, data, as_json, wide) -> None:
     type=click.Path(dir_okay=False),
     help="Also draw the curves into this PNG (needs matplotlib).",
 )
+@click.option(
+    "--parents", is_flag=True, help="Add each version's parent(s) (what it continued from)."
+)
 @json_option
 @with_registry
-def curves(registry, refs, png, as_json) -> None:
+def curves(registry, refs, png, parents, as_json) -> None:
     """Training loss curves of versions (stored log history): a terminal chart, a PNG."""
     from adaptr.evaluation import curves as curves_
+
+    if parents:
+        wanted: list[str] = []
+        for ref in refs:
+            v = registry.get(ref)
+            for r in (v.ref, *(v.lineage.get("parents") or [])):
+                if r not in wanted:
+                    wanted.append(r)
+        refs = tuple(wanted)
     from adaptr.evaluation import plot_curves, sparkline
 
     series = curves_(registry, refs)

@@ -68,7 +68,7 @@ def test_a_request_whose_client_left_is_dropped_before_its_batch(served, log):
     try:
         conn = send_request(url, {"model": "a", "prompt": "gone soon", "max_tokens": 100})
         wait_for(lambda: batcher.submitted > start, "the request to be queued")
-        job = next(j for j in list(batcher.jobs.queue) if hasattr(j, "cancelled"))
+        job = next(j for j in list(batcher.waiting) if hasattr(j, "cancelled"))
         conn.close()
         wait_for(lambda: job.cancelled, "the server to see that the client went away")
     finally:

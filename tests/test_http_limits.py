@@ -252,6 +252,6 @@ def test_text_parts_are_joined_and_unknown_routes_are_openai_shaped(limited):
 
 def test_the_server_still_serves_after_all_that(limited):
     reg, url, app = limited
-    wait_for(lambda: app.state.batcher.jobs.empty(), "the batcher to be idle")
+    wait_for(lambda: not app.state.batcher.waiting, "the batcher to be idle")
     out = client(url).completions.create(model="p0@3", prompt="Hello there", max_tokens=6)
     assert out.choices[0].text == expected(reg, "p0@3", "Hello there", 6)

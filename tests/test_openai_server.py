@@ -272,22 +272,31 @@ def _add_dora(reg, root) -> None:
 
 
 def _recording_jobs(batcher):
-    """``job(adapter)``: a batcher job for "Hello there" (6 greedy tokens) that records what
-    it is sent in ``.items`` instead of answering a client."""
-    from adaptr.serving.openai.app import Job
-
-    class Recorded(Job):
-        def emit(self, item):
-            self.items.append(item)
+    """``job(adapter)``: a scheduler request for "Hello there" (6 greedy tokens) that records
+    its events in ``.items`` instead of answering a client."""
+    from adaptr.serving.scheduler import Request
 
     prompt_ids = batcher.server.tokenizer("Hello there").input_ids
 
     def job(adapter):
-        j = Recorded(prompt_ids, adapter, 6, (False, 0.0, 1.0), None)
-        j.items = []
+        items: list = []
+        j = Request(prompt_ids, adapter, 6, on_event=items.append)
+        j.items = items
         return j
 
     return job
+
+
+def _run_together(batcher, jobs) -> None:
+    """Queue ``jobs`` while the scheduler holds (they are taken in order), then let them run."""
+    batcher.hold()
+    try:
+        for j in jobs:
+            batcher.submit(j)
+    finally:
+        batcher.release()
+    for j in jobs:
+        assert j.done.wait(START_S), "a request did not finish"
 
 
 def test_an_adapter_that_cannot_load_fails_only_its_own_requests(served):
@@ -295,49 +304,48 @@ def test_an_adapter_that_cannot_load_fails_only_its_own_requests(served):
     batcher = app.state.batcher
     _add_dora(reg, root)
     job = _recording_jobs(batcher)
-    # a@1 loads; "gone@1" was resolved by a request, then removed before its batch ran
+    # a@1 loads; "gone@1" was resolved by a request, then removed before it ran
     jobs = [job("a@1"), job("gone@1"), job(None), job("dora@1"), job("a@1")]
-    batcher._generate(jobs, (False, 0.0, 1.0))
+    _run_together(batcher, jobs)
     kinds = [[k for k, _ in j.items] for j in jobs]
     assert kinds[1] == ["error"] and "gone" in str(jobs[1].items[0][1])
-    tok = batcher.server.tokenizer
     for j, ref in ((jobs[0], "a@1"), (jobs[2], None), (jobs[3], "dora@1"), (jobs[4], "a@1")):
         assert j.items[-1][0] == "end" and "error" not in [k for k, _ in j.items]
-        text = tok.decode([v for k, v in j.items if k == "token"], skip_special_tokens=True)
+        text = "".join(v for k, v in j.items if k == "text")
         assert text == expected(reg, ref, "Hello there", 6), ref
     assert batcher.server.served_by_peft() == ["dora@1"]
 
 
 def test_a_job_cancelled_while_an_earlier_part_runs_is_dropped_not_generated(served):
-    """A batch run as several parts (an adapter PEFT runs apart, or a retry per adapter
-    after one failed to load): a job whose client leaves while an earlier part generates is
-    dropped before its own part, not loaded and prefilled."""
+    """Requests that cannot join the running batch (an adapter PEFT runs apart, or a retry
+    one at a time after one failed to load) wait: one whose client leaves meanwhile is
+    dropped before it joins, never loaded and prefilled."""
     reg, root, _, _, app = served
     batcher = app.state.batcher
     _add_dora(reg, root)
     job = _recording_jobs(batcher)
     cases = [
-        ([job("a@1"), job("gone@1"), job("b@1")], 2),  # "gone@1" fails: a retry per adapter
-        ([job("a@1"), job("dora@1")], 1),  # DoRA runs in a part of its own, after a@1's
+        ([job("a@1"), job("gone@1"), job("b@1")], 2),  # "gone@1" fails: retried one at a time
+        ([job("a@1"), job("dora@1")], 1),  # DoRA waits for a@1's rows to leave
     ]
     for jobs, gone in cases:
         forwards = []
 
         def before_forward(module, args, jobs=jobs, gone=gone, forwards=forwards):
             forwards.append(list(batcher.current))
-            jobs[gone].cancelled = True  # its client leaves while the first part runs
+            jobs[gone].cancel()  # its client leaves while the first request runs
 
         dropped = batcher.dropped
         hook = batcher.server.model.register_forward_pre_hook(before_forward)
         try:
-            batcher._generate(jobs, (False, 0.0, 1.0))
+            _run_together(batcher, jobs)
         finally:
             hook.remove()
         assert forwards and [id(j) for j in forwards[0]] == [id(jobs[0])], forwards[:1]
         assert jobs[0].items[-1][0] == "end" and "error" not in [k for k, _ in jobs[0].items]
         assert batcher.dropped == dropped + 1, [j.adapter for j in jobs]
         assert not any(j is jobs[gone] for f in forwards for j in f), "the dropped job ran"
-        assert jobs[gone].items == [], jobs[gone].items
+        assert jobs[gone].items == [("end", "cancelled")], jobs[gone].items
 
 
 def test_an_apps_threads_end_with_it(tiny_llama, tmp_path):

@@ -3,7 +3,8 @@
 - :mod:`.stacks` — the stacked per-layer LoRA weights (one gather, two batched matmuls).
 - :mod:`.server` — :class:`AdapterServer`: the base, the adapter slots and their LRU cache.
 - :mod:`.peft_fallback` — PEFT's own path, and all PEFT knows about what it cannot mix.
-- :mod:`.openai` — the OpenAI-compatible HTTP app: request protocol, batcher, app.
+- :mod:`.scheduler` — continuous batching: requests join and leave the running batch per step.
+- :mod:`.openai` — the OpenAI-compatible HTTP app: request protocol, jobs, app.
 """
 
 from .server import AdapterServer

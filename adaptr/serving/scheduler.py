@@ -180,6 +180,7 @@ class Scheduler:
         self._held = False
         self._closing = False
         self._alone_next = False  # an adapter could not load beside others: retry it alone
+        self._joining: list[Row] = []  # the rows being prefilled
         tok = server.tokenizer
         eos = server.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
@@ -194,7 +195,7 @@ class Scheduler:
     # ------------------------------------------------------------------ API
     @property
     def current(self) -> list[Request]:
-        return [r.request for r in self.batch.rows]
+        return [r.request for r in self.batch.rows + self._joining]
 
     def submit(self, request: Request) -> Request:
         with self._cv:
@@ -253,25 +254,30 @@ class Scheduler:
                     self.batch = Batch()
 
     def _take(self, candidates: list[Request]) -> list[Request]:
-        """The first ``candidates`` (the head of the queue) that join now, taken off the
-        queue: up to the first that PEFT cannot run beside the batch (it waits, first in
-        line, until the rows it clashes with have left); cancelled ones are dropped."""
+        """Which of ``candidates`` (the head of the queue, in order) join now, taken off the
+        queue; cancelled ones are dropped. Into a running batch, up to the first that PEFT
+        cannot run beside it (that one waits, first in line, for the batch to drain: nothing
+        overtakes it); a new batch takes every candidate that mixes with the first."""
         taken: list[Request] = []
-        count = 0
+        seen: list[Request] = []
+        fresh = not self.batch.rows
         adapters = [r.request.adapter for r in self.batch.rows]
         for req in candidates:
             if not req.cancelled:
                 mixed = adapters + [req.adapter]
-                if len(set(mixed) - {None}) > self.server.max_adapters:
-                    break
-                if len(mixed) > 1 and len(self.server.partition(mixed, len(mixed))) > 1:
+                fits = len(set(mixed) - {None}) <= self.server.max_adapters and (
+                    len(mixed) < 2 or len(self.server.partition(mixed, len(mixed))) == 1
+                )
+                if not fits and fresh:
+                    continue
+                if not fits:
                     break
                 adapters = mixed
                 taken.append(req)
-            count += 1
+            seen.append(req)
         with self._cv:
-            for _ in range(count):
-                req = self.waiting.popleft()  # only this thread takes from the queue's head
+            for req in seen:
+                self.waiting.remove(req)  # only this thread takes from the queue
                 if req.cancelled and req not in taken:
                     self.dropped += 1
                     self._end(req, "cancelled")
@@ -283,10 +289,17 @@ class Scheduler:
         """Prefill the newcomers (with their adapters), sample their first tokens, and merge
         their rows and caches into the batch. A newcomer whose adapter cannot be loaded
         beside the batch goes back to the head of the queue (or fails, if alone)."""
+        rows = [Row(req) for req in joining]
+        self._joining = rows
+        try:
+            self._prefill(rows)
+        finally:
+            self._joining = []
+
+    def _prefill(self, rows: list[Row]) -> None:
         import torch
 
         server = self.server
-        rows = [Row(req) for req in joining]
         with server._lock:
             slots = self._slots(rows)
             if slots is None:

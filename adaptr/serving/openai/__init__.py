@@ -1,3 +1,3 @@
 """The OpenAI-compatible HTTP server over an :class:`~adaptr.serving.AdapterServer`:
-``protocol`` (request parameters, stop strings), ``batcher`` (batches of requests), ``app``
+``protocol`` (request parameters, stop strings), ``batcher`` (the app's requests as jobs of the scheduler), ``app``
 (the FastAPI app, its limits, its lifespan)."""

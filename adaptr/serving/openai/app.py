@@ -3,15 +3,17 @@
 ``model`` names an adapter ref (``NAME``, ``NAME@N``, ``NAME@tag``), the base (no adapter)
 or ``active`` (the base's active adapter from ``adaptr switch``). Refs are resolved on
 every request, so a switch or a new version is served without a restart. Concurrent
-requests are batched together across adapters by one worker thread
-(:mod:`adaptr.serving.openai.batcher`); streaming (SSE) follows each row of the batch token by token.
+requests are batched together across adapters by one worker thread, the
+:class:`~adaptr.serving.scheduler.Scheduler` the app starts and stops with its lifespan
+(continuous batching: a request joins the running batch at the next decoding step and
+leaves it the step it finishes); streaming (SSE) follows each row token by token.
 
 One request cannot hold up the others: the body is bounded (413 past
 :attr:`Limits.max_body_bytes`, 408 when it does not arrive within
 :attr:`Limits.body_timeout_s`), a prompt longer than the context is refused (400) before it
 is tokenized when its length in characters already says so, and the JSON parsing, the chat
 template and the tokenizing run on worker threads, never on the event loop. A request whose
-client went away is cancelled: dropped before its batch starts, or its row stopped. With an
+client went away is cancelled: dropped before it starts, or its row leaves the batch. With an
 API key every ``/v1`` route needs ``Authorization: Bearer KEY``. Every error is
 OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``), 4xx for the client's
 mistakes.
@@ -41,9 +43,10 @@ from starlette.requests import ClientDisconnect
 
 from ...errors import AdaptrError, InvalidInputError, NotFoundError
 from ...inference import context_window
+from ..scheduler import Sampling
 from ..server import AdapterServer
 from .batcher import Batcher, Job
-from .protocol import ParamError, RequestParams, find_stop, held_back, parse_params
+from .protocol import ParamError, RequestParams, parse_params
 
 __all__ = ["Batcher", "Job", "Limits", "create_app", "serve_in_thread"]
 
@@ -162,7 +165,7 @@ class _JobStream(StreamingResponse):
         except (ClientDisconnect, OSError):
             pass
         finally:
-            self.job.cancelled = True
+            self.job.cancel()
             if not self.reply.finished:
                 log.info("%s: the client disconnected; its stream is stopped", self.reply.id)
 
@@ -400,7 +403,7 @@ def create_app(server: AdapterServer, *, api_key: str | None = None, limits: Lim
         try:
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            job.cancelled = True  # nothing more is read: its row stops, or it never starts
+            job.cancel()  # nothing more is read: its row leaves, or it never starts
             gone.cancel()
             answered = work.done()
             if not answered:
@@ -409,42 +412,22 @@ def create_app(server: AdapterServer, *, api_key: str | None = None, limits: Lim
             log.info("%s: the client disconnected; its request is cancelled", reply.id)
             return _error(400, "the client disconnected")  # nobody reads it
         text, reason = work.result()
-        return Response(json.dumps(reply.whole(text, reason, job.tokens)), media_type="application/json")  # fmt: skip
+        return Response(json.dumps(reply.whole(text, reason, len(job.tokens))), media_type="application/json")  # fmt: skip
 
     async def pieces(job: Job, p: RequestParams):
-        """The completion's text as it comes: (new text, None) pairs, then (the rest, finish reason).
+        """The completion's text as it comes: (new text, None) pairs, then ("", finish reason).
 
-        Text that could be the beginning of a stop string is held back until it is not; a
-        stop string ends the completion (it is not part of the text) and its row in the batch.
-        A whole answer with no stop strings is decoded once, at the end.
+        The scheduler decodes incrementally and holds back text that could begin a stop
+        string; a stop string ends the completion (it is not part of the text) and its row.
         """
-        tokens: list[int] = []
-        sent = 0
         while True:
             kind, value = await job.out.get()
             if kind == "error":
                 raise value
             if kind == "end":
-                text = server.tokenizer.decode(tokens, skip_special_tokens=True)
-                cut = find_stop(text, p.stop)
-                yield (text[sent:], value) if cut is None else (text[sent:cut], "stop")
+                yield "", value
                 return
-            tokens.append(value)
-            job.tokens = len(tokens)
-            if not (p.stream or p.stop):
-                continue
-            text = server.tokenizer.decode(tokens, skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the rest
-                continue
-            cut = find_stop(text, p.stop)
-            if cut is not None:
-                job.cancelled = True
-                yield text[sent:cut], "stop"
-                return
-            upto = len(text) - held_back(text, p.stop)
-            if upto > sent:
-                yield text[sent:upto], None
-                sent = upto
+            yield value, None
 
     async def stream(job: Job, p: RequestParams, reply: Reply):
         try:
@@ -456,7 +439,7 @@ def create_app(server: AdapterServer, *, api_key: str | None = None, limits: Lim
                 if reason:
                     yield reply.chunk(None, reason)
             if p.include_usage:
-                yield reply.usage_chunk(job.tokens)
+                yield reply.usage_chunk(len(job.tokens))
             yield "data: [DONE]\n\n"
         except Exception as e:  # headers are sent: the error goes in the stream
             error = {"message": str(e), "type": "server_error"}
@@ -467,8 +450,11 @@ def create_app(server: AdapterServer, *, api_key: str | None = None, limits: Lim
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         try:
             req = await off_loop(prepare, await read_body(request), chat)
-            job = Job(req.ids, req.adapter, req.params.max_tokens, req.params.sampling,
-                      asyncio.get_running_loop())  # fmt: skip
+            p = req.params
+            _, temperature, top_p = p.sampling
+            sampling = Sampling(temperature, top_p, p.seed)
+            job = Job(req.ids, req.adapter, p.max_tokens, sampling, p.stop,
+                      loop=asyncio.get_running_loop())  # fmt: skip
             app.state.batcher.submit(job)
             reply = Reply(rid, req.model, chat, len(req.ids))
             if req.params.stream:

@@ -2,8 +2,8 @@
 
 Supported: ``max_tokens`` (or ``max_completion_tokens``), ``temperature`` (default 0:
 greedy; else at least 0.01), ``top_p``, ``stop`` (up to 4 strings of at most 256
-characters), ``stream``, ``stream_options.include_usage``, ``n`` = 1. Accepted and ignored:
-``seed``, ``user``. Anything that would change the answer and is not supported
+characters), ``stream``, ``stream_options.include_usage``, ``n`` = 1, ``seed`` (sampling with a seed is
+reproducible, alone or batched). Accepted and ignored: ``user``. Anything that would change the answer and is not supported
 (``logprobs``, penalties, ``logit_bias``, ``echo``, ``best_of``, ``suffix``, tools, a
 non-text ``response_format``) is refused rather than silently dropped.
 """
@@ -51,6 +51,7 @@ class RequestParams:
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False
+    seed: int | None = None
 
 
 def _number(body: dict, key: str, default: float, low: float, high: float) -> float:
@@ -104,6 +105,11 @@ def parse_params(body: dict) -> RequestParams:
             f"'stop' must be a non-empty string or a list of up to {MAX_STOPS}, "
             f"each at most {MAX_STOP_CHARS} characters",
         )
+    seed = body.get("seed")
+    if seed is not None and (
+        not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63
+    ):
+        raise ParamError("seed", "'seed' must be an integer between 0 and 2**63 - 1")
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise ParamError("stream", "'stream' must be true or false")
@@ -113,7 +119,7 @@ def parse_params(body: dict) -> RequestParams:
     # temperature 0 (the default here, unlike OpenAI's 1) is greedy and deterministic
     sampling = (False, 0.0, 1.0) if temperature == 0 else (True, temperature, top_p)
     return RequestParams(
-        max_tokens, sampling, tuple(stops), stream, bool(options.get("include_usage"))
+        max_tokens, sampling, tuple(stops), stream, bool(options.get("include_usage")), seed
     )
 
 

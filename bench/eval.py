@@ -7,6 +7,11 @@ Run: python bench/eval.py [--hidden 256] [--layers 4] [--adapters 8] [--records 
 Both sides score loss on the completion tokens of prompt/completion records. Timed: the
 scoring passes only (the base, the adapters and the tokenized data are ready on both sides);
 the scores are checked to agree within 1e-4 before any figure is printed.
+
+Measured on the shared 2-core CPU machine (other jobs running): defaults (hidden 256,
+4 layers, 64 records) 2.25x (5.6 s vs 12.5 s); --hidden 64 --layers 2 --records 16: 6.0x.
+On CPU the matmuls dominate at hidden 256 and are the same work on both sides; the mixed
+pass saves the per-adapter passes' overhead (PEFT's set_adapter walk, 8x the forward calls).
 """
 
 from __future__ import annotations

@@ -232,3 +232,23 @@ def test_detokenizer_gives_the_whole_decode_piece_by_piece(setup):
     d = Detokenizer(tok)
     pieces = [d.add(t) for t in noise] + [d.flush()]
     assert "".join(pieces) == tok.decode(noise, skip_special_tokens=True)
+
+
+def test_adapter_server_generate_and_stream_go_through_its_scheduler(setup):
+    reg, base, server, _ = setup
+    own = server.scheduler
+    before = own.submitted
+    texts = server.generate(PROMPTS[:3], ["a@1", None, "dora@1"], max_new_tokens=5)
+    assert own.submitted == before + 3
+    for prompt, ref, text in zip(PROMPTS[:3], ["a@1", None, "dora@1"], texts, strict=True):
+        tokens, _ = alone(reg, base, ref, ids(server, prompt), 5)
+        assert text == server.tokenizer.decode(tokens, skip_special_tokens=True), ref
+    assert "".join(server.stream(PROMPTS[0], "a@1", max_new_tokens=5)) == texts[0]
+    pieces = server.stream(PROMPTS[2], "b@1", max_new_tokens=200)
+    next(p for p in pieces if p)
+    pieces.close()  # the caller stops reading: the row leaves
+    wait_for(lambda: not own.batch.rows and not own.waiting, "the stream's row to leave", WAIT_S)
+    seeded = {"do_sample": True, "temperature": 1.2, "seed": 3, "max_new_tokens": 8}
+    assert server.generate([PROMPTS[1]], ["b@1"], **seeded) == server.generate(
+        [PROMPTS[1]], ["b@1"], **seeded
+    )

@@ -228,7 +228,7 @@ class Scheduler:
     def _run(self) -> None:
         import torch
 
-        with torch.inference_mode():
+        with torch.no_grad():  # (not inference_mode: adapters PEFT loads here are used outside it)
             while True:
                 with self._cv:
                     while not self.batch.rows and (self._held or not self.waiting):

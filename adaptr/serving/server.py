@@ -34,6 +34,9 @@ from ..registry.adapter_dir import PREFIX, pattern_value
 from .peft_fallback import BASE, PeftFallback, Traits, clash
 from .stacks import ROW_AWARE_KWARGS, BatchState, StackedLoRA
 
+# generate() arguments the scheduler takes (continuous batching); others run model.generate
+SCHEDULED_KWARGS = frozenset({"max_new_tokens", "do_sample", "temperature", "top_p", "seed"})
+
 
 class AdapterServer:
     """Serve many registry adapters on one base model, a different adapter per prompt.
@@ -81,6 +84,26 @@ class AdapterServer:
         self.default: str | None = None
         self._bytes: dict[str, int] = {}  # ref -> bytes its weights take in the stacks
         self._fallback = PeftFallback(self.model, registry, path)  # slot 0 in the stacks: PEFT's
+        self._scheduler = None
+
+    @property
+    def scheduler(self):
+        """The :class:`~adaptr.serving.scheduler.Scheduler` of :meth:`generate`, :meth:`stream`
+        and :meth:`chat` (started on first use; its worker thread is a daemon)."""
+        with self._lock:
+            if self._scheduler is None:
+                from .scheduler import Scheduler
+
+                self._scheduler = Scheduler(self)
+            return self._scheduler
+
+    def _request(self, prompt: str, adapter: str | None, kwargs: dict, **extra: Any):
+        from .scheduler import Request, Sampling
+
+        temperature = float(kwargs.get("temperature") or 1.0) if kwargs.get("do_sample") else 0.0
+        sampling = Sampling(temperature, float(kwargs.get("top_p") or 1.0), kwargs.get("seed"))
+        ids = self.tokenizer(prompt).input_ids
+        return Request(ids, adapter, int(kwargs.get("max_new_tokens", 32)), sampling, **extra)
 
     # ------------------------------------------------------------- adapters
     def resident(self) -> list[str]:
@@ -349,9 +372,24 @@ class AdapterServer:
         The rows run grouped by adapter, unless ``kwargs`` hold something that sees rows by
         position (a streamer, ``prefix_allowed_tokens_fn``, custom processors or criteria).
         Returns each prompt's sequences (``num_return_sequences``) in the prompts' order.
+
+        With only ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p`` and ``seed``
+        the prompts go through :attr:`scheduler` (continuous batching, shared with every
+        other caller); other ``model.generate`` arguments (beams, several sequences, a
+        streamer, processors, ``eos_token_id``, …) run one static batch per :meth:`partition` part.
         """
         kwargs.setdefault("max_new_tokens", 32)
         kwargs.setdefault("do_sample", False)
+        if SCHEDULED_KWARGS.issuperset(kwargs):
+            adapters = self._per_row(adapters, len(prompts))
+            requests = [self._request(p, a, kwargs) for p, a in zip(prompts, adapters, strict=True)]
+            for r in requests:
+                self.scheduler.submit(r)
+            try:
+                return [r.wait().text for r in requests]
+            finally:
+                for r in requests:
+                    r.cancel()  # (the others, when one failed)
         enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True)
         n, width = len(prompts), enc["input_ids"].shape[1]
         grouped = not ROW_AWARE_KWARGS.intersection(kwargs)
@@ -377,8 +415,27 @@ class AdapterServer:
         return [t for seqs in texts for t in seqs]
 
     def stream(self, prompt: str, adapter: str | None = None, **kwargs: Any) -> Iterator[str]:
-        """Yield the completion of one prompt piece by piece as tokens are generated."""
+        """Yield the completion of one prompt piece by piece as tokens are generated (through
+        the scheduler, decoded incrementally, with the arguments it takes; see :meth:`generate`)."""
+        import queue
+
         from transformers import TextIteratorStreamer
+
+        if SCHEDULED_KWARGS.issuperset(kwargs):
+            events: queue.Queue = queue.Queue()
+            req = self._request(prompt, adapter or self.default, kwargs, on_event=events.put)
+            self.scheduler.submit(req)
+            try:
+                while True:
+                    kind, value = events.get()
+                    if kind == "text":
+                        yield value
+                    elif kind == "error":
+                        raise value
+                    else:
+                        return
+            finally:
+                req.cancel()  # the caller stopped reading: its row leaves
 
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         failure: list[BaseException] = []

@@ -2,6 +2,11 @@
 
 Run: python bench/serve.py [--hidden 256] [--layers 4] [--adapters 8] [--requests 32] [--tokens 16]
      [--targets all-linear|attention] [--repeat 5]
+     python bench/serve.py --continuous [--hidden 512] [--layers 6] [--arrivals 40] [--rate 4]
+       the scheduler (continuous batching) under the loads of issue 16: a 4-token request
+       while a 200-token one runs (latency over its alone latency), random arrivals
+       (p50 latency, p99 per-token latency), a burst of 64 x 32 tokens (tokens/s) against
+       static batches of 32 (model.generate until the longest ends); two rank-8 adapters, fp32.
 """
 
 from __future__ import annotations
@@ -46,7 +51,15 @@ def main() -> None:
         choices=["attention", "all-linear"],
         help="LoRA targets of the adapters (all-linear: the shape of the issue's PEFT figures)",
     )
+    ap.add_argument("--continuous", action="store_true", help="the scheduler's loads (see above)")
+    ap.add_argument(
+        "--arrivals", type=int, default=40, help="--continuous: requests arriving at random"
+    )
+    ap.add_argument("--rate", type=float, default=4.0, help="--continuous: arrivals per second")
     args = ap.parse_args()
+    if args.continuous:
+        continuous(args)
+        return
 
     import logging
     import warnings
@@ -184,6 +197,117 @@ def timed_load(server, reg, ref) -> float:
     t = time.perf_counter()
     server.load(ref)
     return time.perf_counter() - t
+
+
+def continuous(args) -> None:
+    """The scheduler under the loads of issue 16 (in process, no HTTP)."""
+    import logging
+    import threading
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from adaptr.registry import Registry
+    from adaptr.serving import AdapterServer
+    from adaptr.serving.scheduler import Request, Scheduler
+    from adaptr.tiny import save_tiny_base
+
+    hidden = args.hidden if args.hidden != 256 else 512
+    layers = args.layers if args.layers != 4 else 6
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        heads = max(4, hidden // 64)
+        base = save_tiny_base(work / "base", "llama", hidden_size=hidden, intermediate_size=hidden * 2,
+                              num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads)  # fmt: skip
+        reg = Registry(work / "home")
+        reg.add_base("base", base)
+        refs = []
+        for i in range(2):
+            torch.manual_seed(i)
+            m = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=8, lora_alpha=16,
+                               target_modules=["q_proj", "v_proj"], init_lora_weights=False))  # fmt: skip
+            m.save_pretrained(work / f"a{i}")
+            refs.append(reg.add(f"task-{i}", work / f"a{i}", base="base").ref)
+        server = AdapterServer(reg, "base", max_adapters=4, dtype="float32")
+        for r in refs:
+            server.load(r)
+        sched = Scheduler(server)
+        ids = server.tokenizer("Summarise: the quick brown fox jumps over the lazy dog").input_ids
+
+        def req(n, k=0):
+            return Request(ids, refs[k % 2], n, ignore_eos=True)
+
+        def latency(r) -> float:
+            t = time.perf_counter()
+            sched.submit(r).wait()
+            return time.perf_counter() - t
+
+        latency(req(4))  # warm-up
+        alone = statistics.median(latency(req(4)) for _ in range(5))
+        during = []
+        for _ in range(3):
+            long = sched.submit(req(200, 1))
+            while len(long.tokens) < 20:
+                time.sleep(0.005)
+            during.append(latency(req(4)))
+            long.wait()
+        print(f"short alone {alone * 1000:.0f} ms, during a 200-token one "
+              f"{statistics.median(during) * 1000:.0f} ms: {statistics.median(during) / alone:.2f}x")  # fmt: skip
+
+        rng = random.Random(0)
+        results: list[tuple[float, int]] = []
+        lock = threading.Lock()
+
+        def watch(r, t0):
+            r.wait()
+            with lock:
+                results.append((time.perf_counter() - t0, r.max_tokens))
+
+        threads = []
+        for i in range(args.arrivals):
+            time.sleep(rng.expovariate(args.rate))
+            r = Request(ids, refs[i % 2], rng.randint(8, 128), ignore_eos=True)
+            t0 = time.perf_counter()
+            sched.submit(r)
+            th = threading.Thread(target=watch, args=(r, t0))
+            th.start()
+            threads.append(th)
+        for th in threads:
+            th.join()
+        lat = sorted(t for t, _ in results)
+        per_token = sorted(t / n for t, n in results)
+        q = statistics.quantiles
+        print(f"random arrivals ({args.arrivals} at {args.rate:g}/s, 8-128 tokens): "
+              f"p50 latency {q(lat, n=100)[49]:.2f} s, p99 per-token {q(per_token, n=100)[98] * 1000:.0f} ms")  # fmt: skip
+
+        burst = [Request(ids, refs[i % 2], 32, ignore_eos=True) for i in range(64)]
+        t = time.perf_counter()
+        sched.hold()
+        for r in burst:
+            sched.submit(r)
+        sched.release()
+        for r in burst:
+            r.wait()
+        cont = 64 * 32 / (time.perf_counter() - t)
+        prompts = [server.tokenizer.decode(ids)] * 64
+        adapters = [refs[i % 2] for i in range(64)]
+        t = time.perf_counter()
+        for k in range(
+            0, 64, 32
+        ):  # static batches of 32 (the old batcher's), min_new_tokens: no EOS
+            server.generate(
+                prompts[k : k + 32], adapters[k : k + 32], max_new_tokens=32, min_new_tokens=32
+            )
+        static = 64 * 32 / (time.perf_counter() - t)
+        print(
+            f"burst 64 x 32 tokens: continuous {cont:.0f} tokens/s, static batches of 32 {static:.0f} tokens/s"
+        )
+        sched.close(60)
 
 
 if __name__ == "__main__":

@@ -103,6 +103,7 @@ class Request:
     stop: tuple[str, ...] = ()
     on_event: Callable[[Event], None] | None = None
     keep_logits: bool = False  # keep each step's logits (float32) in ``logits``
+    ignore_eos: bool = False  # generate max_tokens whatever comes (benchmarks)
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0  # characters of text handed out
@@ -472,7 +473,7 @@ class Scheduler:
         if req.cancelled:
             self._end(req, "cancelled")
             return
-        if token in self.eos:
+        if token in self.eos and not req.ignore_eos:
             self._end(req, "stop", row)
             return
         req.tokens.append(token)

@@ -378,6 +378,7 @@ class Scheduler:
         b = self.batch
         if not b.rows:
             b.rows, b.cache, b.mask, b.gathered = rows, cache, mask, {}
+            self._order()
             return
         length = max(b.mask.shape[1], mask.shape[1])
         for mine, theirs in zip(b.cache.layers, cache.layers, strict=True):

@@ -83,18 +83,6 @@ def parse_metrics(metrics: str | Sequence[str] | None) -> list[str]:
     return out
 
 
-def library_versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    out = {}
-    for lib in EVAL_LIBRARIES:
-        try:
-            out[lib] = metadata.version(lib)
-        except metadata.PackageNotFoundError:
-            out[lib] = None
-    return out
-
-
 # ------------------------------------------------------------------------ metrics
 def _words(text: str) -> list[str]:
     return re.findall(r"\w+", text.lower())
@@ -275,7 +263,9 @@ def evaluate(
         result.generations = hyps
     if store:
         created = time.time()
-        libs = library_versions()
+        from .trainer import library_versions
+
+        libs = library_versions(EVAL_LIBRARIES)
         result.records = registry.add_evals(
             [
                 (

@@ -56,9 +56,10 @@ class TrainResult:
     notes: list[str] = field(default_factory=list)
 
 
-def library_versions() -> dict[str, str | None]:
+def library_versions(libraries: tuple[str, ...] = LIBRARIES) -> dict[str, str | None]:
+    """Installed version of each library (None where it is not installed)."""
     out = {}
-    for lib in LIBRARIES:
+    for lib in libraries:
         try:
             out[lib] = metadata.version(lib)
         except metadata.PackageNotFoundError:

@@ -103,12 +103,7 @@ def serve(
     app = create_app(
         AdapterServer(registry, base, max_adapters=max_adapters), api_key=api_key, limits=limits
     )
-    if not api_key and not is_loopback(host):
-        click.echo(
-            f"warning: serving on {host} without an API key: anyone who can reach port {port} "
-            "can use it (set --api-key or ADAPTR_API_KEY)",
-            err=True,
-        )
+    _warn_if_open(host, port, api_key)
     click.echo(
         f"serving {base} on http://{host}:{port}/v1 (model = an adapter ref, '{base}' or 'active')",
         err=True,
@@ -135,12 +130,7 @@ def _serve_vllm(registry, base: str, host: str, port: int, api_key, vllm_args) -
     if api_key and "--api-key" not in extra:
         extra += ["--api-key", api_key]
     argv, env = command(registry, base, host=host, port=port, extra=extra)
-    if not api_key and not is_loopback(host):
-        click.echo(
-            f"warning: serving on {host} without an API key: anyone who can reach port {port} "
-            "can use it (set --api-key or ADAPTR_API_KEY)",
-            err=True,
-        )
+    _warn_if_open(host, port, api_key)
     click.echo(
         f"serving {base} on vLLM at http://{host}:{port}/v1 (model = an adapter ref or '{base}'; "
         f"--max-lora-rank {env['ADAPTR_VLLM_MAX_LORA_RANK']})",
@@ -148,3 +138,13 @@ def _serve_vllm(registry, base: str, host: str, port: int, api_key, vllm_args) -
     )
     os.execve(argv[0], argv, env)  # replaces this process: Ctrl-C / SIGTERM go to vLLM itself
     return 0  # not reached
+
+
+def _warn_if_open(host: str, port: int, api_key: str | None) -> None:
+    """A server reachable beyond this machine without a key says so."""
+    if not api_key and not is_loopback(host):
+        click.echo(
+            f"warning: serving on {host} without an API key: anyone who can reach port {port} "
+            "can use it (set --api-key or ADAPTR_API_KEY)",
+            err=True,
+        )

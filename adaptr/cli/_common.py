@@ -43,6 +43,29 @@ wide_option = click.option(
 )
 
 
+format_option = click.option(
+    "--format-option",
+    "format_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Formatter option, e.g. lang=en or field=quote (repeatable).",
+)
+
+
+def key_values(items: tuple[str, ...], flag: str, shape: str = "KEY=VALUE") -> dict[str, Any]:
+    """``KEY=VALUE`` flags as a mapping, each value read as YAML (``2e-4``, ``[a, b]``, ``true``)."""
+    from adaptr.errors import brief
+    from adaptr.recipe import load_yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.UsageError(f"{flag} takes {shape}, got {brief(item)}")
+        out[key] = load_yaml(value, f"{flag} {key}")
+    return out
+
+
 def emit_json(doc: Any) -> None:
     """One JSON document on stdout: indented for a person, compact (C-encoded, fast) for a pipe."""
     indent = 2 if sys.stdout.isatty() else None

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import click
 
-from ._common import emit_json, json_option, note, wide_option, with_registry
+from ._common import (
+    emit_json,
+    format_option,
+    json_option,
+    key_values,
+    note,
+    wide_option,
+    with_registry,
+)
 from .table import print_table
 
 
@@ -29,13 +37,7 @@ def _fmt(value) -> str:
     show_default=True,
     help="Comma-separated: loss, ppl, exact, chrf, bleu, rougeL (the last four generate).",
 )
-@click.option(
-    "--format-option",
-    "format_options",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Formatter option, e.g. field=quote (repeatable).",
-)
+@format_option
 @click.option("--base-line", is_flag=True, help="Score the bare base too (shown, not stored).")
 @click.option(
     "--max-new-tokens",
@@ -61,17 +63,10 @@ def eval_(
     as_json, wide,
 ) -> None:  # fmt: skip
     """Score versions of one base on DATA in one mixed pass; results are stored on each version."""
-    from adaptr.errors import brief
     from adaptr.evaluation import evaluate
     from adaptr.quiet import quiet_libraries
-    from adaptr.recipe import load_yaml
 
-    options = {}
-    for item in format_options:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise click.UsageError(f"--format-option takes KEY=VALUE, got {brief(item)}")
-        options[key] = load_yaml(value, f"--format-option {key}")
+    options = key_values(format_options, "--format-option")
     quiet_libraries()
     with _Progress() as bar:
         result = evaluate(

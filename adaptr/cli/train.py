@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import click
 
-from adaptr.errors import brief
-
-from ._common import console, emit_json, note, with_registry
+from ._common import console, emit_json, format_option, key_values, note, with_registry
 
 # CLI flag -> recipe key; flags override the recipe file
 FLAGS = {
@@ -36,13 +34,7 @@ FLAGS = {
     type=click.Path(),
     help="Recipe YAML (base/data/lora/sft sections); flags override it.",
 )
-@click.option(
-    "--format-option",
-    "format_options",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Formatter option, e.g. lang=en (repeatable).",
-)
+@format_option
 @click.option("--eval-split", type=float, help="Fraction of the data held out for evaluation.")
 @click.option("--eval-data", type=click.Path(), help="A separate evaluation file (same format).")
 @click.option("--limit", type=click.IntRange(min=1), help="Use only the first N records.")
@@ -130,7 +122,7 @@ def train(
     preview_count, as_json, **flags,
 ) -> None:  # fmt: skip
     """Fine-tune a LoRA adapter with TRL's SFTTrainer and store it as NAME's next version."""
-    from adaptr.recipe import Recipe, load_yaml
+    from adaptr.recipe import Recipe
     from adaptr.trainer import train as run_training
 
     recipe = Recipe.from_yaml(recipe_file) if recipe_file else Recipe()
@@ -141,17 +133,11 @@ def train(
         recipe.set(
             "lora.target_modules", [t.strip() for t in flags["targets"].split(",") if t.strip()]
         )
-    for item in format_options:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise click.UsageError(f"--format-option takes KEY=VALUE, got {brief(item)}")
-        value = load_yaml(value, f"--format-option {key}")
-        recipe.data["options"] = {**(recipe.data.get("options") or {}), key: value}
-    for item in settings:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise click.UsageError(f"--set takes SECTION.KEY=VALUE, got {brief(item)}")
-        recipe.set(key, load_yaml(value, f"--set {key}"))
+    if format_options:
+        options = key_values(format_options, "--format-option")
+        recipe.data["options"] = {**(recipe.data.get("options") or {}), **options}
+    for key, value in key_values(settings, "--set", "SECTION.KEY=VALUE").items():
+        recipe.set(key, value)
     if tags:
         recipe.tags = [*recipe.tags, *tags]
     if as_json and preview_count is None:

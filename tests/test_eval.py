@@ -381,3 +381,215 @@ def test_text_data_with_a_format_option_scores_every_token(world, cli):
         and doc["stored"] == 0
     )
     assert snapshot(home) == before
+
+
+# ------------------------------------------------------------- BLEU tokenizers (CJK)
+ZH_HYPS = ["我喜欢吃苹果", "今天天气很好", "他在北京工作了三年"]
+ZH_REFS = ["我喜欢吃香蕉", "今天天气不错", "他在上海工作了三年"]
+
+
+def test_bleu_tokenizer_on_chinese_agrees_with_sacrebleu():
+    import sacrebleu
+
+    from adaptr.errors import InvalidInputError
+    from adaptr.evaluation import (
+        auto_bleu_tokenize,
+        bleu_tokenizers,
+        check_bleu_tokenize,
+        text_scores,
+    )
+
+    got, sigs = text_scores(ZH_HYPS, ZH_REFS, ["bleu", "chrf"], bleu_tokenize="zh")
+    want = sacrebleu.corpus_bleu(ZH_HYPS, [ZH_REFS], tokenize="zh").score
+    assert got["bleu"] == pytest.approx(want) and "|tok:zh|" in sigs["bleu"]
+    # 13a leaves unsegmented Chinese as one "word" per sentence: no n-gram matches at all
+    plain, sigs13 = text_scores(ZH_HYPS, ZH_REFS, ["bleu"])
+    assert plain["bleu"] == pytest.approx(sacrebleu.corpus_bleu(ZH_HYPS, [ZH_REFS]).score)
+    assert plain["bleu"] < 1 < got["bleu"] and "|tok:13a|" in sigs13["bleu"]
+    tok, why = auto_bleu_tokenize(ZH_REFS)
+    assert tok == "zh" and "Chinese" in why
+    assert auto_bleu_tokenize(["the cat sat", "on the mat 你"]) == ("13a", None)
+    assert auto_bleu_tokenize(["これはペンです"])[0] in ("ja-mecab", "char")
+    assert {"13a", "intl", "zh", "char", "none"} <= set(bleu_tokenizers())
+    for name in ("auto", "zh", "13a", "intl", "char", "none"):
+        assert check_bleu_tokenize(name) == name
+    with pytest.raises(
+        InvalidInputError, match="unknown BLEU tokenizer 'jieba': choose from auto, 13a"
+    ):
+        check_bleu_tokenize("jieba")
+    if "ja-mecab" not in bleu_tokenizers():
+        with pytest.raises(InvalidInputError, match=r"needs packages .*sacrebleu\[ja\]"):
+            check_bleu_tokenize("ja-mecab")
+
+
+def test_eval_picks_and_stores_the_bleu_tokenizer(world, cli):
+    import sacrebleu
+
+    from adaptr import evaluate
+
+    reg = world["reg"]
+    zh = world["root"] / "zh.jsonl"
+    zh.write_text("".join(json.dumps({"prompt": f"翻译{i}:", "completion": r}) + "\n"
+                          for i, r in enumerate(ZH_REFS)))  # fmt: skip
+    r = evaluate(["a", "b"], zh, "prompt-completion", "bleu,chrf", registry=reg, max_new_tokens=4,
+                 store=False)  # fmt: skip
+    assert r.settings["bleu_tokenize"] == "zh" and "Chinese" in r.notes[0]
+    assert "|tok:zh|" in r.signatures["bleu"]
+    for ref in ("a@1", "b@1"):
+        hyps = r.generations[ref]
+        assert r.scores[ref]["bleu"] == pytest.approx(
+            sacrebleu.corpus_bleu(hyps, [ZH_REFS], tokenize="zh").score
+        )
+    r13 = evaluate(["a"], zh, "prompt-completion", "bleu", registry=reg, max_new_tokens=4,
+                   store=False, bleu_tokenize="13a")  # fmt: skip
+    assert r13.settings["bleu_tokenize"] == "13a" and not r13.notes
+    assert "|tok:13a|" in r13.signatures["bleu"]
+    # English references: auto is 13a, silently; no bleu: no tokenizer in the settings
+    r_en = evaluate(["a"], world["data"], "prompt-completion", "bleu", registry=reg,
+                    max_new_tokens=2, store=False)  # fmt: skip
+    assert r_en.settings["bleu_tokenize"] == "13a" and not r_en.notes
+    r_loss = evaluate(["a"], world["data"], "prompt-completion", "loss", registry=reg, store=False)
+    assert "bleu_tokenize" not in r_loss.settings
+    home = reg.home
+    before = snapshot(home)
+    code, out, err = cli("--home", str(home), "eval", "a", "--data", str(zh), "--format",
+                         "prompt-completion", "--metrics", "bleu", "--max-new-tokens", "2", "--no-store")  # fmt: skip
+    assert code == 0 and "mostly Chinese" in err and "tok:zh" in out, err
+    refused(cli, home, before, "--home", str(home), "eval", "a", "--data", str(zh), "--format",
+            "prompt-completion", "--metrics", "bleu", "--bleu-tokenize", "jieba",
+            match="unknown BLEU tokenizer 'jieba': choose from auto, 13a, intl, zh, char, none")  # fmt: skip
+
+
+# ------------------------------------------------------------------------ gates
+def _gate_world(tmp_path, tiny_llama):
+    """m@1..m@3 on tiny, two data files; evals are written directly (no model run)."""
+    from adaptr.registry.blobs import hash_file
+
+    reg = Registry(tmp_path / "home")
+    reg.add_base("tiny", tiny_llama)
+    for i in range(3):
+        reg.add("m", random_lora(tiny_llama, tmp_path / f"m{i}", 60 + i, **LORA), base="tiny")
+    files = {}
+    for name, pairs in (("dev", PAIRS[:3]), ("test", PAIRS[3:])):
+        p = tmp_path / f"{name}.jsonl"
+        p.write_text("".join(json.dumps({"prompt": a, "completion": b}) + "\n" for a, b in pairs))
+        files[name] = (p, hash_file(p)[0])
+    return reg, files
+
+
+def _record(files, which, metrics, created, **settings):
+    path, sha = files[which]
+    st = {"options": {}, "limit": None, "max_new_tokens": 64, "decoding": "greedy", **settings}
+    return {"metrics": metrics, "created": created, "settings": st,
+            "dataset": {"path": str(path), "sha256": sha, "format": "prompt-completion"}}  # fmt: skip
+
+
+def test_first_promotion_with_better_than_the_missing_tag(tmp_path, tiny_llama, cli):
+    from adaptr.errors import InvalidInputError, NotFoundError
+    from adaptr.evaluation import promote
+
+    reg, files = _gate_world(tmp_path, tiny_llama)
+    reg.add_evals([("m@2", _record(files, "dev", {"chrf": 50.0, "loss": 1.0}, 1))])
+    home = str(tmp_path / "home")
+    before = snapshot(tmp_path / "home")
+    # a typo or another missing tag is not a first promotion
+    refused(cli, tmp_path / "home", before, "--home", home, "tag", "m@2", "prod",
+            "--require-better-than", "prdo", match="m has no tag 'prdo'")  # fmt: skip
+    refused(cli, tmp_path / "home", before, "--home", home, "tag", "m@2", "prod",
+            "--require-better-than", "m@staging", match="staging")  # fmt: skip
+    # --require still applies to a first promotion
+    refused(cli, tmp_path / "home", before, "--home", home, "tag", "m@2", "prod", "--require",
+            "chrf>=60", "--require-better-than", "prod", match="fails the requirement chrf>=60")  # fmt: skip
+    code, out, err = cli("--home", home, "tag", "m@2", "prod", "--require-better-than", "prod",
+                         "--require", "chrf>=40")  # fmt: skip
+    assert code == 0 and "m@prod -> m@2" in out, err
+    assert "m@prod does not exist yet" in err and "gate passed: chrf 50 >= 40" in err
+    assert reg.get("m@prod").ref == "m@2"
+    # from then on the gate compares: m@1 has nothing measured on the same data
+    before = snapshot(tmp_path / "home")
+    refused(cli, tmp_path / "home", before, "--home", home, "tag", "m@1", "prod",
+            "--require-better-than", "prod", match="have no metric measured on the same data", last=True)  # fmt: skip
+    # the Python API: same behaviour, same errors
+    v, lines = promote(reg, "m@2", "stable", better_than="m@stable")
+    assert v.ref == "m@2" and "does not exist yet" in lines[0] and reg.get("m@stable").ref == "m@2"
+    with pytest.raises(NotFoundError, match="no tag 'nope'"):
+        promote(reg, "m@2", "beta", better_than="nope")
+    with pytest.raises(InvalidInputError, match="fails the requirement chrf>=99"):
+        promote(reg, "m@2", "beta", ["chrf>=99"], better_than="beta")
+    with pytest.raises(NotFoundError):
+        reg.get("m@beta")
+
+
+def test_gates_datasets_directions_several_requirements_and_settings(tmp_path, tiny_llama, cli):
+    from adaptr.errors import InvalidInputError
+    from adaptr.evaluation import check_gate, compare, promote
+
+    reg, files = _gate_world(tmp_path, tiny_llama)
+    dev, test = str(files["dev"][0]), str(files["test"][0])
+    reg.add_evals([
+        ("m@1", _record(files, "dev", {"loss": 2.0, "chrf": 40.0, "bleu": 10.0}, 1)),
+        ("m@2", _record(files, "dev", {"loss": 1.0, "chrf": 45.0, "bleu": 30.0}, 2, bleu_tokenize="zh")),
+        ("m@3", _record(files, "test", {"loss": 0.5, "chrf": 70.0}, 3)),
+    ])  # fmt: skip
+    reg.tag("m@1", "prod")
+    home, h = str(tmp_path / "home"), tmp_path / "home"
+    before = snapshot(h)
+    args = ("--home", home, "tag")
+    # evals on another dataset only: refused, naming the dataset(s) measured
+    line = refused(cli, h, before, *args, "m@3", "prod", "--require", "chrf>=10", "--data", dev,
+                   match="m@3 has no chrf measured on dev.jsonl")  # fmt: skip
+    assert "it has chrf on test.jsonl" in line
+    line = refused(cli, h, before, *args, "m@3", "prod", "--require-better-than", "prod",
+                   match="have no metric measured on the same data")  # fmt: skip
+    assert "m@3 on test.jsonl" in line and "m@1 on dev.jsonl" in line
+    # lower is better for loss, higher for chrf; BLEU with another tokenizer is not compared
+    with pytest.raises(
+        InvalidInputError, match=r"worse than m@2 on loss 2 vs 1, chrf 40 vs 45 on dev\.jsonl"
+    ):
+        check_gate(reg, "m@1", better_than="m@2")
+    lines = check_gate(reg, "m@2", better_than="prod", tag="prod")
+    assert [ln.split()[0] for ln in lines] == ["loss", "chrf"]  # no bleu: tokenizers differ
+    reg.add_evals([("m@2", _record(files, "dev", {"chrf": 39.0}, 4))])
+    line = refused(cli, h, before, *args, "m@2", "prod", "--require-better-than", "prod",
+                   match="m@2 is worse than prod (m@1) on chrf 39 vs 40", last=True)  # fmt: skip
+    assert "loss" not in line  # loss is better: only the failing metric is named
+    # several requirements: all checked, every failing one named in one line
+    line = refused(cli, h, before, *args, "m@2", "prod", "--require", "loss<=1.5", "--require",
+                   "chrf>=41", match="fails the requirement chrf>=41 (chrf is 39)")  # fmt: skip
+    assert "loss" not in line
+    refused(cli, h, before, *args, "m@2", "prod", "--require", "rouge-l>=0",
+            match="no stored rougeL")  # an alias of a metric never measured  # fmt: skip
+    line = refused(cli, h, before, *args, "m@2", "prod", "--require", "loss<=0.5", "--require",
+                   "chrf>=41", match="fails the requirements loss<=0.5 (loss is 1); chrf>=41 (chrf is 39)")  # fmt: skip
+    # lower-is-better bound on loss passes, higher-is-better on chrf passes
+    assert len(check_gate(reg, "m@2", ["loss<=1.5", "chrf>=39", "bleu>25"])) == 3
+    # malformed / unknown / never measured: one line each, nothing moved
+    for cond, match in (("chrf=>1", "cannot read the requirement"), ("chrf>=abc", "not a finite number"),
+                        ("chrf>=nan", "not a finite number"), ("", "cannot read the requirement"),
+                        ("meteor>=1", "unknown metric 'meteor'"), ("exact>=1", "no stored exact")):  # fmt: skip
+        refused(cli, h, before, *args, "m@2", "prod", "--require", cond, match=match)
+        with pytest.raises(InvalidInputError, match=match):
+            promote(reg, "m@2", "prod", [cond])
+    # a metric measured on two datasets is ambiguous without --data
+    reg.add_evals([("m@2", _record(files, "test", {"chrf": 80.0}, 5))])
+    before = snapshot(h)
+    line = refused(cli, h, before, *args, "m@2", "prod", "--require", "chrf>=41",
+                   match="has chrf measured on several datasets")  # fmt: skip
+    assert "dev.jsonl" in line and "test.jsonl" in line and "--data" in line
+    refused(cli, h, before, *args, "m@2", "prod", "--require", "chrf>=41", "--data", dev,
+            match="fails the requirement chrf>=41 (chrf is 39)")  # fmt: skip
+    refused(cli, h, before, *args, "m@2", "prod", "--require", "chrf>=1", "--data",
+            str(tmp_path / "nope.jsonl"), match="nope.jsonl")  # fmt: skip
+    refused(
+        cli, h, before, *args, "m@2", "prod", "-d", "--require", "chrf>=1", match="not --delete"
+    )
+    assert reg.get("m@prod").ref == "m@1"
+    code, out, err = cli(*args, "m@2", "prod", "--require", "chrf>=41", "--data", test)
+    assert code == 0 and reg.get("m@prod").ref == "m@2" and "on test.jsonl" in err, err
+    # compare: BLEU of different tokenizers in separate columns, best per column only
+    doc = compare(reg, ["m@1", "m@2"], files["dev"][0])
+    assert {"bleu[tokenize=13a]", "bleu[tokenize=zh]"} <= set(doc["columns"])
+    assert "bleu[tokenize=zh]" not in doc["best"] and doc["best"]["loss"] == ["m@2"]
+    assert doc["settings"]["bleu[tokenize=zh]"]["tokenize"] == "zh"
+    code, out, _ = cli("--home", home, "compare", "m@1", "m@2", "--data", dev)
+    assert code == 0 and "bleu[tokenize=zh]" in out and "not comparable" in out

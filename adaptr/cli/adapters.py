@@ -204,33 +204,60 @@ def show(registry, ref: str, as_json: bool, wide: bool) -> None:
     "requires",
     multiple=True,
     metavar="COND",
-    help="Move the tag only if REF's stored evals meet COND, e.g. 'chrf>=40' (repeatable).",
+    help="Move the tag only if REF's stored evals meet COND: METRIC OP VALUE with OP one of "
+    ">=, <=, >, <, == (e.g. 'chrf>=40', 'loss<=1.5'); repeatable, all must hold.",
 )
 @click.option(
     "--require-better-than",
     "better_than",
     metavar="REF2",
-    help="Move the tag only if REF is no worse than REF2 (e.g. NAME@prod) on every metric "
-    "both have stored for the same data.",
+    help="Move the tag only if REF is no worse than REF2 on every metric both have stored for "
+    "the same data with the same settings (lower loss/ppl, higher exact/chrf/bleu/rougeL). "
+    "REF2: a version, NAME@TAG, or a bare tag of REF's adapter (e.g. prod). If REF2 is the "
+    "tag being moved and it does not exist yet (a first promotion), there is nothing to "
+    "compare against: the tag is set, with a note, and --require still applies.",
+)
+@click.option(
+    "--data",
+    type=click.Path(dir_okay=False),
+    help="Gates read only the evals on this data file (by SHA-256). Without it a --require "
+    "metric measured on several datasets is refused as ambiguous.",
 )
 @with_registry
 def tag(
-    registry, ref: str, tag: str, delete: bool, requires: tuple[str, ...], better_than: str | None
+    registry,
+    ref: str,
+    tag: str,
+    delete: bool,
+    requires: tuple[str, ...],
+    better_than: str | None,
+    data: str | None,
 ) -> None:
-    """Point NAME@TAG at REF (moving the tag if it exists)."""
-    if (requires or better_than) and not delete:
-        from adaptr.evaluation import check_gate
+    """Point NAME@TAG at REF (moving the tag if it exists).
 
-        for line in check_gate(registry, ref, requires, better_than):
-            note(f"gate passed: {line}")
+    With --require / --require-better-than the tag moves only if REF's stored evals (`adaptr
+    eval`) pass; a refusal is one line naming the metric, and nothing moves.
+    """
     if delete:
+        if requires or better_than or data:
+            raise click.UsageError(
+                "--require, --require-better-than and --data gate a tag move, not --delete"
+            )
         from adaptr.registry import Ref
 
         name = Ref.parse(ref).name
         registry.untag(name, tag)
         click.echo(f"removed tag {name}@{tag}")
         return
-    v = registry.tag(ref, tag)
+    if data and not (requires or better_than):
+        raise click.UsageError(
+            "--data chooses the evals a gate reads: add --require or --require-better-than"
+        )
+    from adaptr.evaluation import promote
+
+    v, checked = promote(registry, ref, tag, requires, better_than, data=data)
+    for line in checked:
+        note(f"gate passed: {line}" if "does not exist yet" not in line else line)
     click.echo(f"{v.name}@{tag} -> {v.ref}")
 
 

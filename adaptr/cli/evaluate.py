@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from ._common import (
@@ -55,12 +57,22 @@ def _fmt(value) -> str:
 )
 @click.option("--limit", type=int, default=None, help="Only the first N records.")
 @click.option("--no-store", is_flag=True, help="Show the scores without storing them.")
+@click.option(
+    "--bleu-tokenize",
+    default="auto",
+    show_default=True,
+    metavar="TOK",
+    help="sacrebleu's tokenizer for BLEU: 13a, intl, zh, char, none, or ja-mecab, ko-mecab, "
+    "flores200… where installed. auto: zh when the references are mostly Chinese (ja-mecab "
+    "or char Japanese, ko-mecab or 13a Korean), else 13a. Stored in the settings and "
+    "sacrebleu's signature (tok:); BLEU with different tokenizers is never compared.",
+)
 @json_option
 @wide_option
 @with_registry
 def eval_(
     registry, refs, data, fmt, format_options, metrics, base_line, max_new_tokens, batch_size, limit, no_store,
-    as_json, wide,
+    bleu_tokenize, as_json, wide,
 ) -> None:  # fmt: skip
     """Score versions of one base on DATA in one mixed pass; results are stored on each version."""
     from adaptr.evaluation import evaluate
@@ -73,10 +85,13 @@ def eval_(
             refs, data, fmt, metrics, registry=registry, base_line=base_line,
             max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit,
             store=not no_store, progress=bar.update, options=options,
+            bleu_tokenize=bleu_tokenize,
         )  # fmt: skip
     if as_json:
         emit_json(result.to_dict())
         return
+    for line in result.notes:
+        note(line)
     names = list(next(iter(result.scores.values())))
     print_table(
         ("REF", *[n.upper() for n in names]),
@@ -151,7 +166,13 @@ def compare(registry, refs, data, as_json, wide) -> None:
             cells.append(_fmt(r["metrics"].get(c)) + mark)
         rows.append(cells)
     print_table(("VERSION", *cols), rows, right=tuple(cols), wide=wide)
-    lower = [c for c in cols if c in LOWER_IS_BETTER]
+    split = sorted({c.split("[")[0] for c in cols if "[" in c})
+    if split:
+        click.echo(
+            f"{', '.join(split)}: measured with different settings, one column each (values "
+            "in different columns are not comparable)"
+        )
+    lower = [c for c in cols if c.split("[")[0] in LOWER_IS_BETTER]
     arrows = (
         f"lower is better for {', '.join(lower)}, higher for the rest"
         if lower
@@ -160,6 +181,9 @@ def compare(registry, refs, data, as_json, wide) -> None:
     if doc["dataset"]:
         ds = doc["dataset"]
         click.echo(f"evals on {ds['path']} (sha256 {ds['sha256'][:12]})\n* best: {arrows}")
+    if doc.get("other_datasets"):
+        names = ", ".join(Path(d.get("path", "?")).name for d in doc["other_datasets"])
+        note(f"also evaluated on {names}: `--data FILE` shows those")
     elif data:
         note("no stored eval on that data: run `adaptr eval REF... --data FILE --format FMT`")
     else:

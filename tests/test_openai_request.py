@@ -57,7 +57,15 @@ def test_accepted_values():
         ({"top_p": "abc"}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"top_p": 0}, "top_p"),
-        ({"n": 2}, "n"),
+        ({"n": 17}, "n"),
+        ({"n": 0}, "n"),
+        ({"n": True}, "n"),
+        ({"max_tokens": 0, "echo": False}, "max_tokens"),
+        ({"logprobs": -1}, "logprobs"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"logprobs": 1.0}, "logprobs"),
+        ({"echo": "yes"}, "echo"),
+        ({"top_logprobs": 3}, "top_logprobs"),  # a chat parameter
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"stop": [""]}, "stop"),
         ({"stop": 5}, "stop"),
@@ -66,8 +74,6 @@ def test_accepted_values():
         ({"stream": "yes"}, "stream"),
         ({"stream_options": [1]}, "stream_options"),
         ({"logprobs": True}, "logprobs"),
-        ({"logprobs": 2}, "logprobs"),
-        ({"echo": True}, "echo"),
         ({"best_of": 3}, "best_of"),
         ({"suffix": "end"}, "suffix"),
         ({"presence_penalty": 0.5}, "presence_penalty"),
@@ -80,6 +86,32 @@ def test_accepted_values():
 def test_bad_or_unsupported_values_name_their_parameter(body, param):
     with pytest.raises(ParamError) as e:
         parse_params(body)
+    assert e.value.param == param and f"'{param}'" in str(e.value)
+
+
+def test_logprobs_echo_and_n():
+    p = parse_params({"logprobs": 1, "echo": True, "max_tokens": 0, "n": 3, "seed": 5})
+    assert (p.logprobs, p.echo, p.max_tokens, p.n, p.seed) == (1, True, 0, 3, 5)
+    assert parse_params({"logprobs": 0}).logprobs == 0  # the chosen token's only
+    assert parse_params({}).logprobs is None and not parse_params({}).echo
+    chat = parse_params({"logprobs": True, "top_logprobs": 4}, chat=True)
+    assert (chat.logprobs, chat.echo) == (4, False)
+    assert parse_params({"logprobs": True}, chat=True).logprobs == 0
+    assert parse_params({"logprobs": False, "top_logprobs": None}, chat=True).logprobs is None
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"logprobs": 2}, "logprobs"),  # a flag in chat
+        ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"echo": True}, "echo"),  # completions only
+    ],
+)
+def test_chat_log_probability_parameters(body, param):
+    with pytest.raises(ParamError) as e:
+        parse_params(body, chat=True)
     assert e.value.param == param and f"'{param}'" in str(e.value)
 
 

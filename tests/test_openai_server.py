@@ -251,15 +251,24 @@ def test_stream_usage_and_openai_error_params(served):
     assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == (
         whole.choices[0].message.content
     )
-    for extra, param in [({"n": 2}, "n"), ({"top_p": "abc"}, "top_p"), ({"logprobs": 1}, "logprobs"),
+    for extra, param in [({"n": 17}, "n"), ({"top_p": "abc"}, "top_p"), ({"logprobs": 21}, "logprobs"),
+                         ({"logprobs": True}, "logprobs"), ({"echo": 1}, "echo"),
+                         ({"top_logprobs": 2}, "top_logprobs"), ({"prompt": [[1], []]}, "prompt"),
+                         ({"prompt": [10**9]}, "prompt"), ({"n": 16, "prompt": ["a"] * 9}, "n"),
                          ({"presence_penalty": 1.0}, "presence_penalty"), ({"stop": [1]}, "stop")]:  # fmt: skip
         r = httpx.post(f"{url}/completions", json={"model": "a", "prompt": "x", **extra})
         error = r.json()["error"]
         assert r.status_code == 400 and error["param"] == param, (extra, error)
         assert error["type"] == "invalid_request_error"
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model="a", prompt="x", max_tokens=2, n=3)
+        client.completions.create(model="a", prompt="x", max_tokens=2, n=30)
     assert e.value.body["param"] == "n"
+    for extra, param in [({"echo": True}, "echo"), ({"logprobs": 2}, "logprobs"),
+                         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                         ({"top_logprobs": 2}, "top_logprobs")]:  # fmt: skip
+        r = httpx.post(f"{url}/chat/completions", json={"model": "a", "messages": [{"role": "user", "content": "x"}], **extra})  # fmt: skip
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == param, (extra, error)
 
 
 def _add_dora(reg, root) -> None:

@@ -142,6 +142,46 @@ def test_requests_joining_mid_flight_get_their_alone_tokens_and_logits(setup):
             assert (got - want).abs().max() < LOGITS_TOL, r.adapter
 
 
+def test_logprobs_of_rows_joining_mid_flight_equal_peft(setup):
+    """Each generated token's log-probability (EOS included) and its top 3, and with
+    ``prompt_logprobs`` the prompt's, for rows joining a running batch: PEFT's log-softmax
+    within 1e-4."""
+    reg, base, server, scheduler = setup
+
+    def req(prompt, adapter, n, **kw):
+        return Request(ids(server, prompt), adapter, n, logprobs=3, **kw)
+
+    plan = [
+        (0, req(PROMPTS[2], "a@1", 12)),
+        (2, req(PROMPTS[0], "b@1", 5, prompt_logprobs=True)),
+        (4, req(PROMPTS[4], None, 4, prompt_logprobs=True)),
+        (5, req(PROMPTS[1], "big@1", 0, prompt_logprobs=True)),  # the prompt only
+    ]
+    for r in run(scheduler, plan):
+        tokens, logits = alone(reg, base, r.adapter, r.prompt_ids, max(r.max_tokens, 1))
+        tokens, logits = tokens[: r.max_tokens], logits[: r.max_tokens]
+        got = r.token_logprobs
+        assert [e.token for e in got][: len(tokens)] == tokens and len(got) <= len(tokens) + 1
+        for entry, step in zip(got, logits, strict=False):
+            want = torch.log_softmax(step, -1)
+            assert abs(entry.logprob - float(want[entry.token])) < 1e-4, r.adapter
+            top_values, top_ids = want.topk(3)
+            assert [t for t, _ in entry.top] == top_ids.tolist()
+            assert max(abs(v - w) for (_, v), w in zip(entry.top, top_values.tolist(), strict=True)) < 1e-4  # fmt: skip
+        if r.prompt_logprobs:
+            model = _ALONE[(str(base), r.adapter)]
+            with torch.no_grad():
+                full = model(input_ids=torch.tensor([r.prompt_ids])).logits[0].float()
+            want = torch.log_softmax(full, -1)
+            assert r.prompt_token_logprobs[0] is None
+            assert len(r.prompt_token_logprobs) == len(r.prompt_ids)
+            for j, entry in enumerate(r.prompt_token_logprobs[1:], 1):
+                assert entry.token == r.prompt_ids[j]
+                assert abs(entry.logprob - float(want[j - 1, entry.token])) < 1e-4
+        if r.max_tokens == 0:
+            assert r.tokens == [] and got == [] and r.finish == "length"
+
+
 def test_an_adapter_peft_runs_apart_waits_for_the_batch_to_drain(setup):
     reg, base, server, scheduler = setup
     first = Request(ids(server, PROMPTS[0]), "a@1", 6)

@@ -16,6 +16,10 @@ first in line, until the rows it clashes with have left. Sampling is per request
 
 Text is decoded incrementally (:class:`Detokenizer`: a few tokens per step, never the
 whole completion); text that could begin a stop string is held back until it cannot.
+Log-probabilities, when a request asks, are those of the model's distribution (the raw
+logits' log-softmax, before temperature and top_p): each generated token's with its
+``logprobs`` most likely alternatives, and with ``prompt_logprobs`` each prompt token's
+(computed in its prefill, the one step that sees the whole prompt).
 """
 
 from __future__ import annotations
@@ -37,6 +41,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 32
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model, and the ``top`` most likely tokens at its
+    position (``(token id, log-probability)``, most likely first)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -94,6 +108,12 @@ class Request:
     then ``("end", reason)`` (``"stop"``, ``"length"``, ``"cancelled"``) or ``("error", e)``.
     ``tokens`` are the generated ids (EOS left out), ``text`` the completion (cut before a
     stop string); :meth:`wait` blocks until it is finished.
+
+    ``logprobs`` (k, or None: none) fills ``token_logprobs``: one :class:`TokenLogprob` per
+    generated token, an EOS that ended it included, each with its k most likely
+    alternatives; ``prompt_logprobs`` fills ``prompt_token_logprobs`` likewise for the
+    prompt (None for its first token, which nothing predicts). ``max_tokens`` may be 0 with
+    ``prompt_logprobs``: the prompt is scored and nothing generated.
     """
 
     prompt_ids: list[int]
@@ -103,6 +123,8 @@ class Request:
     stop: tuple[str, ...] = ()
     on_event: Callable[[Event], None] | None = None
     keep_logits: bool = False  # keep each step's logits (float32) in ``logits``
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
     ignore_eos: bool = False  # generate max_tokens whatever comes (benchmarks)
     tokens: list[int] = field(default_factory=list)
     text: str = ""
@@ -111,6 +133,8 @@ class Request:
     error: BaseException | None = None
     cancelled: bool = False
     logits: list = field(default_factory=list)
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_token_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -313,7 +337,17 @@ class Scheduler:
             from transformers import DynamicCache
 
             cache = DynamicCache(config=server.model.config)
-            logits = self._forward(rows, ids=ids, mask=mask, positions=positions, cache=cache)
+            echo = any(r.request.prompt_logprobs for r in rows)
+            logits = self._forward(
+                rows, ids=ids, mask=mask, positions=positions, cache=cache, every_position=echo
+            )
+        if echo:  # every position's logits: the prompt tokens' log-probabilities, then the last
+            for i, row in enumerate(rows):
+                if row.request.prompt_logprobs:
+                    row.request.prompt_token_logprobs = _prompt_logprobs(
+                        logits[i], row.request.prompt_ids, row.request.logprobs or 0
+                    )
+            logits = logits[:, -1].float()
         for i, row in enumerate(rows):
             s = row.request.sampling
             row.detok = Detokenizer(tok)
@@ -352,9 +386,12 @@ class Scheduler:
             row.slot, row.peft_name = slot, name
         return slots[len(running) :]
 
-    def _forward(self, rows: list[Row], *, ids, mask, positions, cache, gathered=None):
+    def _forward(
+        self, rows: list[Row], *, ids, mask, positions, cache, gathered=None, every_position=False
+    ):
         """One forward of ``rows`` (held: the server's lock): their adapters set on the stacks
-        and PEFT's layers; the last position's logits, in float32."""
+        and PEFT's layers; the last position's logits, in float32 (``every_position``: every
+        position's, in the model's dtype)."""
         server = self.server
         server._state.set_rows(_tensor([r.slot for r in rows]), gathered)
         try:
@@ -365,11 +402,11 @@ class Scheduler:
                     position_ids=positions,
                     use_cache=True,
                     **{self._cache_arg: cache},
-                    logits_to_keep=1,
+                    logits_to_keep=0 if every_position else 1,
                 )
         finally:
             server._state.set_rows(None)
-        return out.logits[:, -1].float()
+        return out.logits if every_position else out.logits[:, -1].float()
 
     def _merge(self, rows: list[Row], cache, mask) -> None:
         """Append ``rows`` (their cache and mask) to the batch, both left-padded to one length."""
@@ -452,6 +489,9 @@ class Scheduler:
         greedy = logits.argmax(-1).tolist()
         for i in which:
             row, s = rows[i], rows[i].request.sampling
+            if row.request.max_tokens == 0:  # the prompt only (its log-probabilities)
+                self._end(row.request, "length")
+                continue
             if row.request.keep_logits:
                 row.request.logits.append(logits[i].clone())
             if s.temperature > 0:
@@ -463,6 +503,12 @@ class Scheduler:
                 token = int(torch.multinomial(probs, 1, generator=row.generator))
             else:
                 token = greedy[i]
+            k = row.request.logprobs
+            if k is not None:  # before _accept: an EOS that ends the request has its entry too
+                logprobs = torch.log_softmax(logits[i], -1)
+                row.request.token_logprobs.append(
+                    TokenLogprob(token, float(logprobs[token]), _top(logprobs, k))
+                )
             self._accept(row, token)
 
     def _accept(self, row: Row, token: int) -> None:
@@ -520,6 +566,32 @@ class Scheduler:
         req.finish, req.error = "error", error
         req._emit("error", error)
         req.done.set()
+
+
+def _top(logprobs, k: int) -> tuple[tuple[int, float], ...]:
+    """The ``k`` most likely tokens of one position's log-probabilities."""
+    if k <= 0:
+        return ()
+    values, ids = logprobs.topk(min(k, logprobs.shape[-1]))
+    return tuple(zip(ids.tolist(), values.tolist(), strict=True))
+
+
+def _prompt_logprobs(logits, prompt: list[int], k: int) -> list[TokenLogprob | None]:
+    """Each prompt token's log-probability given the tokens before it, from a prefill row's
+    logits (``[width, vocab]``, the prompt left-padded to ``width``); None for the first."""
+    import torch
+
+    n = len(prompt)
+    if n < 2:
+        return [None] * n
+    width = logits.shape[0]
+    logprobs = torch.log_softmax(logits[width - n : width - 1].float(), -1)  # predict 1..n-1
+    targets = torch.tensor(prompt[1:], device=logprobs.device)
+    chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+    out: list[TokenLogprob | None] = [None]
+    for j, (token, value) in enumerate(zip(prompt[1:], chosen, strict=True)):
+        out.append(TokenLogprob(token, value, _top(logprobs[j], k)))
+    return out
 
 
 def _tensor(values: list[int]):

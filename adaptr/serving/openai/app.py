@@ -45,7 +45,9 @@ from ...errors import AdaptrError, InvalidInputError, NotFoundError
 from ...inference import context_window
 from ..scheduler import Sampling
 from ..server import AdapterServer
+from . import logprobs as logprob_shapes
 from .batcher import Batcher, Job
+from .logprobs import TokenTexts
 from .protocol import ParamError, RequestParams, parse_params
 
 __all__ = ["Batcher", "Job", "Limits", "create_app", "serve_in_thread"]
@@ -53,6 +55,7 @@ __all__ = ["Batcher", "Job", "Limits", "create_app", "serve_in_thread"]
 log = logging.getLogger(__name__)
 
 STOP_S = 60  # how long an app's shutdown waits for the batch being generated to end
+MAX_CHOICES = 128  # prompts x n in one request
 
 
 @dataclass
@@ -105,7 +108,7 @@ class _APIKey:
 
 @dataclass
 class Reply:
-    """The OpenAI-shaped answers to one request: whole, or as SSE chunks."""
+    """The OpenAI-shaped answers to one request (its choices): whole, or as SSE chunks."""
 
     id: str
     model: str
@@ -122,28 +125,34 @@ class Reply:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": self.prompt_tokens + completion_tokens}  # fmt: skip
 
-    def whole(self, text: str, reason: str, completion_tokens: int) -> dict:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": reason}
+    def choice(self, index: int, text: str, reason: str, logprobs: dict | None) -> dict:
+        choice: dict[str, Any] = {"index": index, "finish_reason": reason, "logprobs": logprobs}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
-            choice.update(text=text, logprobs=None)
-        return self._body([choice], usage=self.usage(completion_tokens))
+            choice["text"] = text
+        return choice
+
+    def whole(self, choices: list[dict], completion_tokens: int) -> dict:
+        return self._body(choices, usage=self.usage(completion_tokens))
 
     def _sse(self, body: dict) -> str:
         if self.chat:
             body["object"] = "chat.completion.chunk"
         return "data: " + json.dumps(body) + "\n\n"
 
-    def chunk(self, delta: str | dict | None, reason: str | None) -> str:
-        """One SSE event: new text (or the chat's opening role), or the finish reason."""
-        choice: dict[str, Any] = {"index": 0, "finish_reason": reason}
+    def chunk(
+        self, index: int, delta: str | dict | None, reason: str | None, logprobs: dict | None = None
+    ) -> str:
+        """One SSE event of choice ``index``: new text (or the chat's opening role), or the
+        finish reason; with the log-probabilities of the tokens it covers."""
+        choice: dict[str, Any] = {"index": index, "finish_reason": reason, "logprobs": logprobs}
         if self.chat:
             choice["delta"] = (
                 delta if isinstance(delta, dict) else {"content": delta} if delta else {}
             )
         else:
-            choice.update(text=delta or "", logprobs=None)
+            choice["text"] = delta or ""
         return self._sse(self._body([choice]))
 
     def usage_chunk(self, completion_tokens: int) -> str:
@@ -152,12 +161,12 @@ class Reply:
 
 
 class _JobStream(StreamingResponse):
-    """The SSE answer of one job: however it ends (its end, the client gone), the job's row
-    stops, and a client that went away is logged in one line."""
+    """The SSE answer of one request: however it ends (its end, the client gone), its jobs'
+    rows stop, and a client that went away is logged in one line."""
 
-    def __init__(self, content, job: Job, reply: Reply):
+    def __init__(self, content, jobs: list[Job], reply: Reply):
         super().__init__(content, media_type="text/event-stream")
-        self.job, self.reply = job, reply
+        self.jobs, self.reply = jobs, reply
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -165,9 +174,16 @@ class _JobStream(StreamingResponse):
         except (ClientDisconnect, OSError):
             pass
         finally:
-            self.job.cancel()
+            for job in self.jobs:
+                job.cancel()
             if not self.reply.finished:
                 log.info("%s: the client disconnected; its stream is stopped", self.reply.id)
+
+
+@dataclass
+class _Prompt:
+    text: str  # as sent, or the token ids decoded (what ``echo`` repeats)
+    ids: list[int]
 
 
 @dataclass
@@ -175,7 +191,7 @@ class _Prepared:
     model: str
     adapter: str | None
     params: RequestParams
-    ids: list[int]
+    prompts: list[_Prompt]
 
 
 def _loads(raw: bytes) -> dict:
@@ -198,14 +214,36 @@ def _text(value: str, param: str) -> str:
     return value
 
 
-def _prompt(prompt: Any) -> str:
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise ParamError("prompt", "'prompt' must be a string (one prompt per request)")
-    if not prompt:
-        raise ParamError("prompt", "'prompt' is empty")
-    return _text(prompt, "prompt")
+def _prompts(prompt: Any) -> list[str | list[int]]:
+    """``prompt`` as a list of prompts, each a string or token ids (OpenAI's four forms)."""
+    bad = ParamError(
+        "prompt",
+        "'prompt' must be a string, a list of strings, a list of token ids or a list of lists of token ids",  # fmt: skip
+    )
+
+    def ids(value: Any) -> bool:
+        return isinstance(value, list) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in value
+        )
+
+    if isinstance(prompt, str):
+        prompts: list = [prompt]
+    elif ids(prompt) and prompt:
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or ids(p) for p in prompt):
+        prompts = prompt
+    else:
+        raise bad
+    if len(prompts) > MAX_CHOICES:
+        raise ParamError("prompt", f"at most {MAX_CHOICES} prompts per request")
+    for p in prompts:
+        if not p:
+            raise ParamError(
+                "prompt", "'prompt' is empty" if len(prompts) == 1 else "a prompt is empty"
+            )
+        if isinstance(p, str):
+            _text(p, "prompt")
+    return prompts
 
 
 def _messages(messages: Any) -> list[dict]:
@@ -291,6 +329,21 @@ def create_app(server: AdapterServer, *, api_key: str | None = None, limits: Lim
         ]
         return {"object": "list", "data": data}
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        try:
+            await asyncio.to_thread(resolve, model_id)
+        except NotFoundError as e:
+            return _error(404, str(e), "model", "model_not_found")
+        except AdaptrError:  # not a ref at all
+            return _error(404, str(unknown(model_id)), "model", "model_not_found")
+        return {
+            "id": model_id,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "adaptr",
+        }
+
     def unknown(model: str) -> NotFoundError:
         return NotFoundError(
             f"the model {model[:100]!r} does not exist: name an adapter of base "
@@ -319,36 +372,50 @@ def create_app(server: AdapterServer, *, api_key: str | None = None, limits: Lim
             raise NotFoundError(f"{model} is an adapter of base {v.base}, not of {server.base_key}")
         return v.ref
 
+    vocab = server.model.get_input_embeddings().weight.shape[0]
+
     def prepare(raw: bytes, chat: bool) -> _Prepared:
         """The request's body checked, resolved and tokenized (on a worker thread)."""
         body = _loads(raw)
         adapter = resolve(body.get("model"))
-        p = parse_params(body)
+        p = parse_params(body, chat)
         if chat:
             param, messages = "messages", _messages(body.get("messages"))
             try:
-                prompt = server.tokenizer.apply_chat_template(
+                text = server.tokenizer.apply_chat_template(
                     messages, tokenize=False, add_generation_prompt=True
                 )
             except Exception as e:
                 raise ParamError("messages", f"cannot apply the chat template: {e}") from None
+            prompts: list[str | list[int]] = [text]
         else:
-            param, prompt = "prompt", _prompt(body.get("prompt"))
+            param, prompts = "prompt", _prompts(body.get("prompt"))
+        if len(prompts) * p.n > MAX_CHOICES:
+            raise ParamError("n", f"prompts x n must be at most {MAX_CHOICES}")
+        return _Prepared(body["model"], adapter, p, [tokens(x, chat, param, p) for x in prompts])
+
+    def tokens(prompt: str | list[int], chat: bool, param: str, p: RequestParams) -> _Prompt:
+        """One prompt as token ids, checked against the vocabulary and the context."""
         code = "context_length_exceeded"
-        if context and len(prompt) > context * longest:
-            raise ParamError(
-                param,
-                f"the prompt ({len(prompt)} characters) exceeds the context of {context} tokens",
-                code,
-            )
-        ids = server.tokenizer(prompt, add_special_tokens=not chat).input_ids
+        if isinstance(prompt, str):
+            if context and len(prompt) > context * longest:
+                raise ParamError(
+                    param,
+                    f"the prompt ({len(prompt)} characters) exceeds the context of {context} tokens",
+                    code,
+                )
+            text, ids = prompt, server.tokenizer(prompt, add_special_tokens=not chat).input_ids
+        else:
+            if not all(0 <= t < vocab for t in prompt):
+                raise ParamError(param, f"a token id is outside the vocabulary (0 to {vocab - 1})")
+            text, ids = server.tokenizer.decode(prompt, skip_special_tokens=True), prompt
         if context and len(ids) + p.max_tokens > context:
             raise ParamError(
                 param if len(ids) >= context else "max_tokens",
                 f"the prompt has {len(ids)} tokens; with max_tokens={p.max_tokens} it exceeds the context of {context}",
                 code,
             )
-        return _Prepared(body["model"], adapter, p, ids)
+        return _Prompt(text, ids)
 
     async def read_body(request: Request) -> bytes:
         limits: Limits = app.state.limits
@@ -389,13 +456,47 @@ def create_app(server: AdapterServer, *, api_key: str | None = None, limits: Lim
         while (await request.receive())["type"] != "http.disconnect":
             await asyncio.sleep(0.05)  # not expected once the body is read; no busy loop
 
-    async def whole(request: Request, job: Job, p: RequestParams, reply: Reply) -> Response:
-        async def collect() -> tuple[str, str]:
-            text, reason = "", "stop"
-            async for piece, end in pieces(job, p):
-                text += piece
-                reason = end or reason
-            return text, reason
+    texts = TokenTexts(server.tokenizer)
+
+    def logprobs(job: Job, upto: int, since: int = 0, prompt: _Prompt | None = None) -> dict | None:
+        """Choice ``job``'s log-probabilities of its tokens ``since:upto`` (with ``prompt``, its
+        prompt's first: echo), in its endpoint's shape; text offsets continue from the last call."""
+        if job.logprobs is None:
+            return None
+        entries: list = job.token_logprobs[since:upto]
+        if job.chat:
+            return logprob_shapes.chat(entries, texts)
+        ids = [e.token for e in entries]
+        if prompt is not None:
+            ids, entries = prompt.ids + ids, list(job.prompt_token_logprobs) + entries
+        out = logprob_shapes.completion(ids, entries, texts, job.text_offset)
+        job.text_offset += sum(map(len, out["tokens"]))
+        return out
+
+    async def events(jobs: list[Job]):
+        """The jobs' events as they come, ``(job, kind, value, entries)``, until every job ended."""
+        out = jobs[0].out
+        running = len(jobs)
+        while running:
+            index, kind, value, entries = await out.get()
+            if kind == "error":
+                raise value
+            running -= kind == "end"
+            yield jobs[index], kind, value, entries
+
+    async def whole(request: Request, jobs: list[Job], req: _Prepared, reply: Reply) -> Response:
+        async def collect() -> list[dict]:
+            text = {job.index: "" for job in jobs}
+            choices = [None] * len(jobs)
+            async for job, kind, value, _ in events(jobs):
+                if kind == "text":
+                    text[job.index] += value
+                    continue
+                echo = req.prompts[job.prompt_index] if req.params.echo else None
+                lp = logprobs(job, len(job.token_logprobs), 0, echo)
+                full = (echo.text if echo else "") + text[job.index]
+                choices[job.index] = reply.choice(job.index, full, value, lp)
+            return choices
 
         work = asyncio.ensure_future(collect())
         gone = asyncio.ensure_future(disconnected(request))
@@ -403,7 +504,8 @@ def create_app(server: AdapterServer, *, api_key: str | None = None, limits: Lim
         try:
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            job.cancel()  # nothing more is read: its row leaves, or it never starts
+            for job in jobs:
+                job.cancel()  # nothing more is read: its row leaves, or it never starts
             gone.cancel()
             answered = work.done()
             if not answered:
@@ -411,55 +513,68 @@ def create_app(server: AdapterServer, *, api_key: str | None = None, limits: Lim
         if not answered:
             log.info("%s: the client disconnected; its request is cancelled", reply.id)
             return _error(400, "the client disconnected")  # nobody reads it
-        text, reason = work.result()
-        return Response(json.dumps(reply.whole(text, reason, len(job.tokens))), media_type="application/json")  # fmt: skip
+        body = reply.whole(work.result(), sum(len(job.tokens) for job in jobs))
+        return Response(json.dumps(body), media_type="application/json")
 
-    async def pieces(job: Job, p: RequestParams):
-        """The completion's text as it comes: (new text, None) pairs, then ("", finish reason).
-
-        The scheduler decodes incrementally and holds back text that could begin a stop
-        string; a stop string ends the completion (it is not part of the text) and its row.
-        """
-        while True:
-            kind, value = await job.out.get()
-            if kind == "error":
-                raise value
-            if kind == "end":
-                yield "", value
-                return
-            yield value, None
-
-    async def stream(job: Job, p: RequestParams, reply: Reply):
+    async def stream(jobs: list[Job], req: _Prepared, reply: Reply):
+        """SSE chunks of every choice as its text comes (the scheduler decodes incrementally
+        and holds back text that could begin a stop string; a stop string ends the choice's
+        row and is not part of its text), each with the log-probabilities of its tokens."""
+        p = req.params
+        covered = {job.index: 0 for job in jobs}  # token log-probabilities sent so far
+        echoed: set[int] = set()
         try:
-            if reply.chat:
-                yield reply.chunk({"role": "assistant"}, None)
-            async for piece, reason in pieces(job, p):
-                if piece:
-                    yield reply.chunk(piece, None)
-                if reason:
-                    yield reply.chunk(None, reason)
+            for job in jobs:
+                if reply.chat:
+                    yield reply.chunk(job.index, {"role": "assistant"}, None)
+            async for job, kind, value, entries in events(jobs):
+                if p.echo and job.index not in echoed:  # its prompt is scored by now (prefill)
+                    echoed.add(job.index)
+                    prompt = req.prompts[job.prompt_index]
+                    yield reply.chunk(job.index, prompt.text, None, logprobs(job, 0, 0, prompt))
+                if kind == "text":
+                    yield reply.chunk(job.index, value, None, logprobs(job, entries, covered[job.index]))  # fmt: skip
+                else:
+                    rest = logprobs(job, entries, covered[job.index])
+                    if rest is not None and not any(rest.values()):
+                        rest = None
+                    yield reply.chunk(job.index, None, value, rest)
+                covered[job.index] = entries
             if p.include_usage:
-                yield reply.usage_chunk(len(job.tokens))
+                yield reply.usage_chunk(sum(len(job.tokens) for job in jobs))
             yield "data: [DONE]\n\n"
         except Exception as e:  # headers are sent: the error goes in the stream
             error = {"message": str(e), "type": "server_error"}
             yield "data: " + json.dumps({"error": error}) + "\n\n"
         reply.finished = True
 
+    def jobs_of(req: _Prepared, chat: bool) -> list[Job]:
+        """One job per choice: each prompt ``n`` times (choice j's seed: ``seed + j``)."""
+        p = req.params
+        _, temperature, top_p = p.sampling
+        loop, out = asyncio.get_running_loop(), asyncio.Queue()
+        jobs: list[Job] = []
+        for i, prompt in enumerate(req.prompts):
+            for j in range(p.n):
+                seed = None if p.seed is None else (p.seed + j) % 2**63
+                job = Job(prompt.ids, req.adapter, p.max_tokens, Sampling(temperature, top_p, seed),
+                          p.stop, logprobs=p.logprobs,
+                          prompt_logprobs=p.echo and p.logprobs is not None,
+                          loop=loop, out=out, index=len(jobs), prompt_index=i, chat=chat)  # fmt: skip
+                jobs.append(job)
+        return jobs
+
     async def handle(request: Request, chat: bool) -> Response:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         try:
             req = await off_loop(prepare, await read_body(request), chat)
-            p = req.params
-            _, temperature, top_p = p.sampling
-            sampling = Sampling(temperature, top_p, p.seed)
-            job = Job(req.ids, req.adapter, p.max_tokens, sampling, p.stop,
-                      loop=asyncio.get_running_loop())  # fmt: skip
-            app.state.batcher.submit(job)
-            reply = Reply(rid, req.model, chat, len(req.ids))
+            jobs = jobs_of(req, chat)
+            for job in jobs:
+                app.state.batcher.submit(job)
+            reply = Reply(rid, req.model, chat, sum(len(p.ids) for p in req.prompts))
             if req.params.stream:
-                return _JobStream(stream(job, req.params, reply), job, reply)
-            return await whole(request, job, req.params, reply)
+                return _JobStream(stream(jobs, req, reply), jobs, reply)
+            return await whole(request, jobs, req, reply)
         except ClientDisconnect:
             log.info("%s: the client disconnected before its request was read", rid)
             return _error(400, "the client disconnected")  # nobody reads it

@@ -2,9 +2,12 @@
 
 Supported: ``max_tokens`` (or ``max_completion_tokens``), ``temperature`` (default 0:
 greedy; else at least 0.01), ``top_p``, ``stop`` (up to 4 strings of at most 256
-characters), ``stream``, ``stream_options.include_usage``, ``n`` = 1, ``seed`` (sampling with a seed is
-reproducible, alone or batched). Accepted and ignored: ``user``. Anything that would change the answer and is not supported
-(``logprobs``, penalties, ``logit_bias``, ``echo``, ``best_of``, ``suffix``, tools, a
+characters), ``stream``, ``stream_options.include_usage``, ``n`` (up to 16 choices per
+prompt), ``seed`` (sampling with a seed is reproducible, alone or batched; choice j of
+``n`` uses ``seed + j``), log-probabilities (completions: ``logprobs`` = how many
+alternatives, 0-20, and ``echo`` for the prompt's; chat: ``logprobs`` true and
+``top_logprobs`` 0-20). Accepted and ignored: ``user``. Anything that would change the
+answer and is not supported (penalties, ``logit_bias``, ``best_of``, ``suffix``, tools, a
 non-text ``response_format``) is refused rather than silently dropped.
 """
 
@@ -18,12 +21,11 @@ MAX_TOKENS = 4096
 MAX_STOPS = 4
 MAX_STOP_CHARS = 256  # held_back() is quadratic in a stop string's length, on every token
 MIN_TEMPERATURE = 0.01  # below it the logits / temperature overflow: sampling breaks
+MAX_LOGPROBS = 20  # alternatives per token (vLLM's default limit; OpenAI's is 5 / 20)
+MAX_N = 16  # choices per prompt
 
 # (field, the value that means "off"): a request may send these only switched off
 _UNSUPPORTED = {
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
-    "echo": (None, False),
     "best_of": (None, 1),
     "suffix": (None, ""),
     "presence_penalty": (None, 0),
@@ -52,6 +54,9 @@ class RequestParams:
     stream: bool = False
     include_usage: bool = False
     seed: int | None = None
+    n: int = 1
+    logprobs: int | None = None  # alternatives per token; None: no log-probabilities
+    echo: bool = False  # completions: the prompt comes first (text and log-probabilities)
 
 
 def _number(body: dict, key: str, default: float, low: float, high: float) -> float:
@@ -63,17 +68,53 @@ def _number(body: dict, key: str, default: float, low: float, high: float) -> fl
     return float(value)
 
 
-def parse_params(body: dict) -> RequestParams:
+def _integer(body: dict, key: str, low: int, high: int) -> int | None:
+    value = body.get(key)
+    if value is not None and (
+        not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high
+    ):
+        raise ParamError(key, f"'{key}' must be an integer between {low} and {high}")
+    return value
+
+
+def _logprobs(body: dict, chat: bool) -> tuple[int | None, bool]:
+    """(alternatives per token or None, echo): completions' ``logprobs`` is a count and
+    ``echo`` a flag; chat's ``logprobs`` is a flag and ``top_logprobs`` the count."""
+    echo = body.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise ParamError("echo", "'echo' must be true or false")
+    if chat:
+        if echo:
+            raise ParamError("echo", "'echo' is a completions parameter; leave it out of chat")
+        on = body.get("logprobs")
+        if on is not None and not isinstance(on, bool):
+            raise ParamError("logprobs", "'logprobs' must be true or false (chat)")
+        top = _integer(body, "top_logprobs", 0, MAX_LOGPROBS)
+        if top is not None and not on:
+            raise ParamError("top_logprobs", "'top_logprobs' needs 'logprobs': true")
+        return (top or 0) if on else None, False
+    if body.get("top_logprobs") is not None:
+        raise ParamError(
+            "top_logprobs", "'top_logprobs' is a chat parameter; completions take 'logprobs': N"
+        )
+    return _integer(body, "logprobs", 0, MAX_LOGPROBS), bool(echo)
+
+
+def parse_params(body: dict, chat: bool = False) -> RequestParams:
     """Check ``body``'s generation parameters; :class:`ParamError` names the first bad one."""
+    logprobs, echo = _logprobs(body, chat)
     max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
     max_tokens = 16 if max_tokens is None else max_tokens
+    least = 0 if echo else 1  # 0 with echo: the prompt scored, nothing generated
     if (
         not isinstance(max_tokens, int)
         or isinstance(max_tokens, bool)
-        or not 1 <= max_tokens <= MAX_TOKENS
+        or not least <= max_tokens <= MAX_TOKENS
     ):
         raise ParamError(
-            "max_tokens", f"'max_tokens' must be an integer between 1 and {MAX_TOKENS}"
+            "max_tokens",
+            f"'max_tokens' must be an integer between {least} and {MAX_TOKENS}"
+            + ("" if echo else " (0 only with 'echo')"),
         )
     temperature = _number(body, "temperature", 0.0, 0, 2)
     if 0 < temperature < MIN_TEMPERATURE:
@@ -84,9 +125,7 @@ def parse_params(body: dict) -> RequestParams:
     top_p = _number(body, "top_p", 1.0, 0, 1)
     if top_p == 0:
         raise ParamError("top_p", "'top_p' must be above 0 (use temperature 0 for greedy)")
-    n = body.get("n")
-    if n is not None and (n != 1 or isinstance(n, bool)):
-        raise ParamError("n", "'n' must be 1: send one request per completion")
+    n = _integer(body, "n", 1, MAX_N) or 1
     for key, off in _UNSUPPORTED.items():
         if key in body and body[key] not in off:
             raise ParamError(key, f"'{key}' is not supported by adaptr serve; leave it out")
@@ -119,8 +158,9 @@ def parse_params(body: dict) -> RequestParams:
     # temperature 0 (the default here, unlike OpenAI's 1) is greedy and deterministic
     sampling = (False, 0.0, 1.0) if temperature == 0 else (True, temperature, top_p)
     return RequestParams(
-        max_tokens, sampling, tuple(stops), stream, bool(options.get("include_usage")), seed
-    )
+        max_tokens, sampling, tuple(stops), stream, bool(options.get("include_usage")), seed,
+        n, logprobs, echo,
+    )  # fmt: skip
 
 
 def find_stop(text: str, stops: tuple[str, ...]) -> int | None:

@@ -512,9 +512,11 @@ def _condition(rec: dict, metric: str) -> dict[str, Any]:
     SHA-256: the format and its options, the record limit, the generation length for the
     generation metrics and the tokenizer for BLEU."""
     ds, st = rec.get("dataset") or {}, rec.get("settings") or {}
-    cond: dict[str, Any] = {
-        "format": ds.get("format"), "options": st.get("options") or {}, "limit": st.get("limit"),
-    }  # fmt: skip
+    limit = st.get("limit")
+    if isinstance(limit, int) and isinstance(ds.get("records"), int) and limit > ds["records"]:
+        limit = None  # a limit above the records there were: the whole data
+    cond: dict[str, Any] = {"format": ds.get("format"), "options": st.get("options") or {},
+                            "limit": limit}  # fmt: skip
     if metric in GENERATION:
         cond["max_new_tokens"] = st.get("max_new_tokens")
     if metric == "bleu":
@@ -679,11 +681,12 @@ def check_gate(
             )
         newest = max(found, key=lambda m: m["created"])
         value = newest["value"]
-        line = f"{metric} {value:.4g} {op} {bound:g} on {_data_name(newest['dataset'])}"
+        tok = f", tokenize {newest['settings']['tokenize']}" if metric == "bleu" else ""
+        line = f"{metric} {value:.4g} {op} {bound:g} on {_data_name(newest['dataset'])}{tok}"
         if _OPS[op](value, bound):
             checked.append(line)
         else:
-            failed.append(f"{text} ({metric} is {value:.4g})")
+            failed.append(f"{text} ({metric} is {value:.4g}{tok})")
     if failed:
         raise InvalidInputError(
             f"{v.ref} fails the requirement{'s' if len(failed) > 1 else ''} "

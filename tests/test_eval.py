@@ -481,7 +481,8 @@ def _record(files, which, metrics, created, **settings):
     path, sha = files[which]
     st = {"options": {}, "limit": None, "max_new_tokens": 64, "decoding": "greedy", **settings}
     return {"metrics": metrics, "created": created, "settings": st,
-            "dataset": {"path": str(path), "sha256": sha, "format": "prompt-completion"}}  # fmt: skip
+            "dataset": {"path": str(path), "sha256": sha, "format": "prompt-completion",
+                        "records": len(path.read_text().splitlines())}}  # fmt: skip
 
 
 def test_first_promotion_with_better_than_the_missing_tag(tmp_path, tiny_llama, cli):
@@ -562,7 +563,12 @@ def test_gates_datasets_directions_several_requirements_and_settings(tmp_path, t
     line = refused(cli, h, before, *args, "m@2", "prod", "--require", "loss<=0.5", "--require",
                    "chrf>=41", match="fails the requirements loss<=0.5 (loss is 1); chrf>=41 (chrf is 39)")  # fmt: skip
     # lower-is-better bound on loss passes, higher-is-better on chrf passes
-    assert len(check_gate(reg, "m@2", ["loss<=1.5", "chrf>=39", "bleu>25"])) == 3
+    lines = check_gate(reg, "m@2", ["loss<=1.5", "chrf>=39", "bleu>25"])
+    assert len(lines) == 3 and lines[2].endswith("tokenize zh")
+    # a limit above the number of records is the whole data: comparable with no limit
+    reg.add_evals([("m@3", _record(files, "dev", {"loss": 3.0}, 3.5, limit=100))])
+    with pytest.raises(InvalidInputError, match="m@3 is worse than m@1 on loss 3 vs 2"):
+        check_gate(reg, "m@3", better_than="m@1", data=dev)
     # malformed / unknown / never measured: one line each, nothing moved
     for cond, match in (("chrf=>1", "cannot read the requirement"), ("chrf>=abc", "not a finite number"),
                         ("chrf>=nan", "not a finite number"), ("", "cannot read the requirement"),

@@ -142,10 +142,13 @@ def test_requests_joining_mid_flight_get_their_alone_tokens_and_logits(setup):
             assert (got - want).abs().max() < LOGITS_TOL, r.adapter
 
 
-def test_logprobs_of_rows_joining_mid_flight_equal_peft(setup):
+def test_logprobs_of_rows_joining_mid_flight_equal_peft(setup, monkeypatch):
     """Each generated token's log-probability (EOS included) and its top 3, and with
-    ``prompt_logprobs`` the prompt's, for rows joining a running batch: PEFT's log-softmax
-    within 1e-4."""
+    ``prompt_logprobs`` the prompt's (scored 3 positions at a time here), for rows joining a
+    running batch: PEFT's log-softmax within 1e-4."""
+    import adaptr.serving.scheduler as module
+
+    monkeypatch.setattr(module, "PROMPT_CHUNK", 3)
     reg, base, server, scheduler = setup
 
     def req(prompt, adapter, n, **kw):

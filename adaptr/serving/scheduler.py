@@ -19,7 +19,9 @@ whole completion); text that could begin a stop string is held back until it can
 Log-probabilities, when a request asks, are those of the model's distribution (the raw
 logits' log-softmax, before temperature and top_p): each generated token's with its
 ``logprobs`` most likely alternatives, and with ``prompt_logprobs`` each prompt token's
-(computed in its prefill, the one step that sees the whole prompt).
+(computed in its prefill, the one step that sees the whole prompt; such prefills keep every
+position's logits, so newcomers that score their prompts and those that do not join in
+separate steps).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 32
+PROMPT_CHUNK = 256  # prompt positions scored at once (their log-softmax is float32 x vocabulary)
 
 
 @dataclass(frozen=True)
@@ -287,8 +290,11 @@ class Scheduler:
         seen: list[Request] = []
         fresh = not self.batch.rows
         adapters = [r.request.adapter for r in self.batch.rows]
+        scored: bool | None = None  # whether the newcomers score their prompts (see _prefill)
         for req in candidates:
             if not req.cancelled:
+                if scored is not None and req.prompt_logprobs != scored:
+                    break  # every position's logits for prompts that need them only: next step
                 mixed = adapters + [req.adapter]
                 fits = len(set(mixed) - {None}) <= self.server.max_adapters and (
                     len(mixed) < 2 or len(self.server.partition(mixed, len(mixed))) == 1
@@ -298,6 +304,7 @@ class Scheduler:
                 if not fits:
                     break
                 adapters = mixed
+                scored = req.prompt_logprobs
                 taken.append(req)
             seen.append(req)
         with self._cv:
@@ -581,16 +588,16 @@ def _prompt_logprobs(logits, prompt: list[int], k: int) -> list[TokenLogprob | N
     logits (``[width, vocab]``, the prompt left-padded to ``width``); None for the first."""
     import torch
 
-    n = len(prompt)
-    if n < 2:
-        return [None] * n
-    width = logits.shape[0]
-    logprobs = torch.log_softmax(logits[width - n : width - 1].float(), -1)  # predict 1..n-1
-    targets = torch.tensor(prompt[1:], device=logprobs.device)
-    chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+    n, width = len(prompt), logits.shape[0]
     out: list[TokenLogprob | None] = [None]
-    for j, (token, value) in enumerate(zip(prompt[1:], chosen, strict=True)):
-        out.append(TokenLogprob(token, value, _top(logprobs[j], k)))
+    for start in range(1, n, PROMPT_CHUNK):  # a chunk of positions at a time in float32
+        stop = min(n, start + PROMPT_CHUNK)
+        rows = logits[width - n + start - 1 : width - n + stop - 1]  # predict start..stop-1
+        logprobs = torch.log_softmax(rows.float(), -1)
+        targets = torch.tensor(prompt[start:stop], device=logprobs.device)
+        chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+        for j, (token, value) in enumerate(zip(prompt[start:stop], chosen, strict=True)):
+            out.append(TokenLogprob(token, value, _top(logprobs[j], k)))
     return out
 
 

@@ -31,10 +31,11 @@ _LAZY = {
     "BaseRecord": "adaptr.registry",
     "Ref": "adaptr.registry",
     "evaluate": "adaptr.evaluation",
+    "promote": "adaptr.evaluation",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .evaluation import evaluate
+    from .evaluation import evaluate, promote
     from .families import ModelFamily
     from .formatters import Formatter
     from .hookspecs import hookimpl
@@ -51,4 +52,5 @@ __all__ = [
     "AdapterVersion", "AdaptrError", "BaseRecord", "ConflictError", "Formatter", "IncompatibleBaseError",
     "IntegrityError", "InvalidAdapterError", "InvalidInputError", "LockTimeoutError",
     "ModelFamily", "NotFoundError", "Ref", "Registry", "__version__", "evaluate", "hookimpl",
+    "promote",
 ]  # fmt: skip

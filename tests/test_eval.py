@@ -534,6 +534,10 @@ def test_gates_datasets_directions_several_requirements_and_settings(tmp_path, t
     ])  # fmt: skip
     reg.tag("m@1", "prod")
     home, h = str(tmp_path / "home"), tmp_path / "home"
+    code, out, _ = cli("--home", home, "show", "m@2")  # BLEU names its tokenizer (not 13a)
+    assert code == 0 and "bleu[zh] 30" in out and "chrf 45" in out
+    code, out, _ = cli("--home", home, "show", "m@1")
+    assert "bleu 10" in out and "bleu[" not in out
     before = snapshot(h)
     args = ("--home", home, "tag")
     # evals on another dataset only: refused, naming the dataset(s) measured

@@ -185,7 +185,7 @@ def show(registry, ref: str, as_json: bool, wide: bool) -> None:
                     ago(e.get("created", 0)),
                     (e.get("dataset") or {}).get("path", "-"),
                     (e.get("dataset") or {}).get("sha256", "-")[:12],
-                    "  ".join(f"{k} {val:.4g}" for k, val in (e.get("metrics") or {}).items()),
+                    "  ".join(_metric(k, val, e) for k, val in (e.get("metrics") or {}).items()),
                 )
                 for e in evals
             ],
@@ -193,6 +193,14 @@ def show(registry, ref: str, as_json: bool, wide: bool) -> None:
             keep_end=("DATA",),
             wide=wide,
         )
+
+
+def _metric(name: str, value: float, record: dict) -> str:
+    """``name value``, BLEU with its tokenizer when not sacrebleu's default (13a)."""
+    tokenize = (record.get("settings") or {}).get("bleu_tokenize")
+    if name == "bleu" and tokenize and tokenize != "13a":
+        name = f"bleu[{tokenize}]"
+    return f"{name} {value:.4g}"
 
 
 @click.command()

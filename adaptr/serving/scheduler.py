@@ -129,6 +129,7 @@ class Request:
     logprobs: int | None = None
     prompt_logprobs: bool = False
     ignore_eos: bool = False  # generate max_tokens whatever comes (benchmarks)
+    eos_tokens: frozenset[int] | None = None  # the tokens that end it (None: the model's EOS)
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0  # characters of text handed out
@@ -527,7 +528,7 @@ class Scheduler:
         if req.cancelled:
             self._end(req, "cancelled")
             return
-        if token in self.eos and not req.ignore_eos:
+        if token in (self.eos if req.eos_tokens is None else req.eos_tokens) and not req.ignore_eos:
             self._end(req, "stop", row)
             return
         req.tokens.append(token)

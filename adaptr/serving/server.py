@@ -35,7 +35,9 @@ from .peft_fallback import BASE, PeftFallback, Traits, clash
 from .stacks import ROW_AWARE_KWARGS, BatchState, StackedLoRA
 
 # generate() arguments the scheduler takes (continuous batching); others run model.generate
-SCHEDULED_KWARGS = frozenset({"max_new_tokens", "do_sample", "temperature", "top_p", "seed"})
+SCHEDULED_KWARGS = frozenset(
+    {"max_new_tokens", "do_sample", "temperature", "top_p", "seed", "eos_token_id"}
+)
 
 
 class AdapterServer:
@@ -100,10 +102,27 @@ class AdapterServer:
     def _request(self, prompt: str, adapter: str | None, kwargs: dict, **extra: Any):
         from .scheduler import Request, Sampling
 
+        unknown = set(kwargs) - SCHEDULED_KWARGS
+        if unknown:
+            raise InvalidInputError(
+                f"{', '.join(sorted(unknown))}: not taken by the scheduler (it takes "
+                f"{', '.join(sorted(SCHEDULED_KWARGS))}); use generate() for the others"
+            )
         temperature = float(kwargs.get("temperature") or 1.0) if kwargs.get("do_sample") else 0.0
         sampling = Sampling(temperature, float(kwargs.get("top_p") or 1.0), kwargs.get("seed"))
+        eos = kwargs.get("eos_token_id")
+        if eos is not None:
+            extra["eos_tokens"] = frozenset([eos] if isinstance(eos, int) else eos)
         ids = self.tokenizer(prompt).input_ids
         return Request(ids, adapter, int(kwargs.get("max_new_tokens", 32)), sampling, **extra)
+
+    def submit(self, prompt: str, adapter: str | None = None, **kwargs: Any):
+        """Queue one completion of ``prompt`` on :attr:`scheduler` and return its
+        :class:`~adaptr.serving.scheduler.Request` at once (``wait()``, ``cancel()``, ``text``,
+        ``tokens``); ``kwargs``: ``max_new_tokens`` (32), ``do_sample``, ``temperature``,
+        ``top_p``, ``seed``, ``eos_token_id`` (the tokens that end it, instead of the model's)."""
+        kwargs.setdefault("max_new_tokens", 32)
+        return self.scheduler.submit(self._request(prompt, adapter or self.default, kwargs))
 
     # ------------------------------------------------------------- adapters
     def resident(self) -> list[str]:
@@ -373,10 +392,10 @@ class AdapterServer:
         position (a streamer, ``prefix_allowed_tokens_fn``, custom processors or criteria).
         Returns each prompt's sequences (``num_return_sequences``) in the prompts' order.
 
-        With only ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p`` and ``seed``
-        the prompts go through :attr:`scheduler` (continuous batching, shared with every
-        other caller); other ``model.generate`` arguments (beams, several sequences, a
-        streamer, processors, ``eos_token_id``, …) run one static batch per :meth:`partition` part.
+        With only ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``, ``seed`` and
+        ``eos_token_id`` the prompts go through :attr:`scheduler` (continuous batching, shared
+        with every other caller); other ``model.generate`` arguments (beams, several
+        sequences, a streamer, processors, …) run one static batch per :meth:`partition` part.
         """
         kwargs.setdefault("max_new_tokens", 32)
         kwargs.setdefault("do_sample", False)

@@ -2,17 +2,20 @@
 with PEFT (``set_adapter``), same data, same scores.
 
 Run: python bench/eval.py [--hidden 256] [--layers 4] [--adapters 8] [--records 64]
-     [--batch-size 8] [--repeat 3]
+     [--batch-size 8] [--max-new-tokens 16] [--repeat 3]
 
-Both sides score loss on the completion tokens of prompt/completion records. Timed: the
-scoring passes only (the base, the adapters and the tokenized data are ready on both sides);
-the scores are checked to agree within 1e-4 before any figure is printed.
+Two measurements, each side checked to agree with the other before any figure is printed:
+- loss on the completion tokens of prompt/completion records (``adaptr eval --metrics
+  loss``): the scoring passes only (the base, the adapters and the tokenized data ready on
+  both sides); losses agree within 1e-4. On CPU the matmuls dominate and are the same work
+  on both sides: the mixed pass saves only the per-adapter passes' overhead.
+- generation for chrF (``--metrics chrf``): greedy, ``--max-new-tokens``; adaptr queues
+  every record x adapter on its scheduler at once (continuous batching, ``batch-size`` x
+  adapters rows decoding together); PEFT runs ``model.generate`` on batches of
+  ``batch-size`` prompts, one adapter at a time. The texts must be identical.
 
 The issue's figure (8 adapters, aim >= 4x) is the defaults, on a quiet machine:
-``python bench/eval.py`` (= --hidden 256 --layers 4 --adapters 8 --records 64
---batch-size 8 --repeat 3); the measured figures and their conditions are in BENCHMARKS.md.
-On CPU the matmuls dominate at hidden 256 and are the same work on both sides; the mixed
-pass saves the per-adapter passes' overhead (PEFT's set_adapter walk, 8x the forward calls).
+``python bench/eval.py``; the measured figures and their conditions are in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ def main() -> None:
     ap.add_argument("--adapters", type=int, default=8, help="LoRA adapters (all-linear, r=8)")
     ap.add_argument("--records", type=int, default=64, help="prompt/completion records")
     ap.add_argument("--batch-size", type=int, default=8, help="records per batch")
+    ap.add_argument("--max-new-tokens", type=int, default=16, help="generated tokens (chrF)")
     ap.add_argument(
         "--repeat", type=int, default=3, help="timed rounds, the sides taking turns (median kept)"
     )
@@ -48,7 +52,7 @@ def main() -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from adaptr.evaluation import _losses, _tokenized
+    from adaptr.evaluation import _generations, _losses, _tokenized, text_scores
     from adaptr.registry import Registry
     from adaptr.serving import AdapterServer
     from adaptr.sft_data import load_splits, loss_defaults
@@ -120,11 +124,54 @@ def main() -> None:
     worst = max(abs(a[r] - b[r]) for r in refs)
     assert worst < 1e-4, f"scores differ by {worst}"
     times = interleaved({"mixed": mixed, "peft": peft_one_at_a_time}, args.repeat)
+    shape = (
+        f"{args.adapters} adapters x {args.records} records (hidden {args.hidden}, "
+        f"{args.layers} layers, all-linear r=8, batch {args.batch_size} records)"
+    )
     print(
-        f"{args.adapters} adapters x {args.records} records (hidden {args.hidden}, {args.layers} layers, "
-        f"all-linear r=8, batch {args.batch_size} records): mixed pass {times['mixed'] * 1000:.0f} ms, "
+        f"loss: {shape}: mixed pass {times['mixed'] * 1000:.0f} ms, "
         f"PEFT set_adapter one at a time {times['peft'] * 1000:.0f} ms: "
-        f"{times['peft'] / times['mixed']:.2f}x; scores agree within {worst:.1e}"
+        f"{times['peft'] / times['mixed']:.2f}x; scores agree within {worst:.1e}",
+        flush=True,
+    )
+
+    prompts = [r["prompt"] for r in splits.records]
+    references = [r["completion"] for r in splits.records]
+    n = args.max_new_tokens
+
+    def mixed_generate() -> dict:
+        return _generations(server, prompts, refs, args.batch_size, n, None)
+
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+
+    def peft_generate() -> dict:
+        out = {}
+        for ref in refs:
+            model.set_adapter(ref)
+            texts = []
+            for start in range(0, len(prompts), args.batch_size):
+                enc = tok(
+                    prompts[start : start + args.batch_size], return_tensors="pt", padding=True
+                )
+                seqs = model.generate(**enc, max_new_tokens=n, do_sample=False,
+                                      pad_token_id=tok.pad_token_id)  # fmt: skip
+                width = enc["input_ids"].shape[1]
+                texts += [tok.decode(s[width:], skip_special_tokens=True) for s in seqs]
+            out[ref] = texts
+        return out
+
+    a, b = mixed_generate(), peft_generate()
+    same = sum(x == y for r in refs for x, y in zip(a[r], b[r], strict=True))
+    assert same == len(refs) * len(prompts), f"{same} of {len(refs) * len(prompts)} texts agree"
+    chrf = {r: text_scores(a[r], references, ["chrf"])[0]["chrf"] for r in refs}
+    times = interleaved({"mixed": mixed_generate, "peft": peft_generate}, args.repeat)
+    print(
+        f"generation ({n} tokens, greedy; chrF): {shape}: mixed pass "
+        f"{times['mixed'] * 1000:.0f} ms, PEFT set_adapter one at a time "
+        f"{times['peft'] * 1000:.0f} ms: {times['peft'] / times['mixed']:.2f}x; "
+        f"texts identical ({same}), chrF {min(chrf.values()):.2f}-{max(chrf.values()):.2f}"
     )
 
 

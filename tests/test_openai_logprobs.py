@@ -185,9 +185,11 @@ def test_model_retrieval_and_unknown_routes_are_openai_shaped(served):
     with pytest.raises(openai.NotFoundError) as e:
         api.models.retrieve("nope@3")
     assert e.value.body["param"] == "model" and e.value.body["code"] == "model_not_found"
-    for method, path, status in [("GET", "/nowhere", 404), ("GET", "/completions", 405),
-                                 ("DELETE", "/models", 405)]:  # fmt: skip
-        r = httpx.request(method, f"{url}{path}", timeout=30)
+    root = url.removesuffix("/v1")
+    for method, path, status in [("GET", "/v1/nowhere", 404), ("GET", "/v1/completions", 405),
+                                 ("DELETE", "/v1/models", 405), ("GET", "/docs", 404),
+                                 ("GET", "/openapi.json", 404)]:  # fmt: skip
+        r = httpx.request(method, f"{root}{path}", timeout=30)
         error = r.json()["error"]
         assert r.status_code == status and error["type"] == "invalid_request_error", r.text
         assert set(error) == {"message", "type", "param", "code"}

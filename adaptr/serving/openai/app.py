@@ -291,7 +291,11 @@ def create_app(server: AdapterServer, *, api_key: str | None = None, limits: Lim
         if not batcher.close(STOP_S):
             log.warning("the batch worker did not end within %d s of the shutdown", STOP_S)
 
-    app = FastAPI(title="adaptr", version="1", lifespan=lifespan)
+    # no /docs, /redoc, /openapi.json: they would describe the server to anyone, key or not
+    app = FastAPI(
+        title="adaptr", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+        openapi_url=None,
+    )  # fmt: skip
     if api_key:
         app.add_middleware(_APIKey, key=api_key)
     app.state.limits = limits or Limits()

@@ -125,3 +125,28 @@ def test_uvicorn_gets_connection_limits_and_the_body_limit(serve_cli):
     assert config.app.state.limits.max_body_bytes == 4 * 2**20
     code, err, _ = serve_cli("--max-body-mb", "0")
     assert code != 0 and "max-body-mb" in err
+
+
+def test_compute_threads_default_to_the_cores_less_one(serve_cli, monkeypatch):
+    import os
+
+    import torch
+
+    from adaptr.cli.serve import default_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+        assert default_threads() == 3
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+        assert default_threads() == 1
+        code, err, _ = serve_cli()
+        assert code == 0 and torch.get_num_threads() == 1, err
+        code, err, _ = serve_cli("--threads", "2")
+        assert code == 0 and torch.get_num_threads() == 2, err
+        code, err, _ = serve_cli("--threads", "0")
+        assert code == 2 and "--threads" in err
+        code, err, _ = serve_cli("--engine", "vllm", "--threads", "2")
+        assert code == 2 and "--threads is the embedded engine's" in err
+    finally:
+        torch.set_num_threads(before)

@@ -61,6 +61,13 @@ def is_loopback(host: str) -> bool:
     help="Concurrent connections and requests; past it the server answers 503.",
 )
 @click.option(
+    "--threads",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Torch compute threads of the embedded engine [default: the cores this process may "
+    "use less one, for the HTTP loop and tokenizing; at least 1].",
+)
+@click.option(
     "--engine",
     type=click.Choice(["embedded", "vllm"]),
     default="embedded",
@@ -80,12 +87,17 @@ def serve(
     api_key: str | None,
     max_body_mb: float,
     max_connections: int,
+    threads: int | None,
 ) -> None:
     """Serve BASE and its adapters over an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions).
 
     With --engine vllm, arguments after `--` go to vLLM (e.g. -- --tensor-parallel-size 2).
     """
     if engine == "vllm":
+        if threads is not None:
+            raise click.UsageError(
+                "--threads is the embedded engine's; vLLM sets its own (e.g. VLLM_CPU_OMP_THREADS_BIND)"
+            )
         return _serve_vllm(registry, base, host, port, api_key, vllm_args)
     if vllm_args:
         raise click.UsageError(
@@ -99,6 +111,11 @@ def serve(
 
     quiet_libraries()
     registry.get_base(base)  # a clear error for an unknown base before loading anything
+    import torch
+
+    # a compute thread per core starves the event loop and the tokenizing workers; on a busy
+    # 2-core box two threads made decoding ~10x slower than one (bench/engines.py)
+    torch.set_num_threads(threads or default_threads())
     limits = Limits(max_body_bytes=int(max_body_mb * 2**20))
     app = create_app(
         AdapterServer(registry, base, max_adapters=max_adapters), api_key=api_key, limits=limits
@@ -117,6 +134,17 @@ def serve(
         limit_concurrency=max_connections,
     )
     uvicorn.Server(config).run()
+
+
+def default_threads() -> int:
+    """The cores this process may use, less one (at least 1)."""
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 def _serve_vllm(registry, base: str, host: str, port: int, api_key, vllm_args) -> int:

@@ -66,6 +66,13 @@ def test_accepted_values():
         ({"logprobs": 1.0}, "logprobs"),
         ({"echo": "yes"}, "echo"),
         ({"top_logprobs": 3}, "top_logprobs"),  # a chat parameter
+        ({"foo": 1}, "foo"),  # nothing unknown is silently dropped
+        ({"messages": []}, "messages"),  # a chat field on completions
+        ({"repetition_penalty": 1.2}, "repetition_penalty"),
+        ({"ignore_eos": "yes"}, "ignore_eos"),
+        ({"min_tokens": 17}, "min_tokens"),  # above max_tokens (16)
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"tool_choice": "required"}, "tool_choice"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"stop": [""]}, "stop"),
         ({"stop": 5}, "stop"),
@@ -87,6 +94,15 @@ def test_bad_or_unsupported_values_name_their_parameter(body, param):
     with pytest.raises(ParamError) as e:
         parse_params(body)
     assert e.value.param == param and f"'{param}'" in str(e.value)
+
+
+def test_ignored_and_vllm_fields():
+    p = parse_params({"user": "u", "metadata": {"a": "b"}, "store": False, "service_tier": "auto",
+                      "tool_choice": "none", "ignore_eos": True, "min_tokens": 4})  # fmt: skip
+    assert (p.ignore_eos, p.min_tokens) == (True, 4)
+    with pytest.raises(ParamError) as e:
+        parse_params({"prompt": "x"}, chat=True)
+    assert e.value.param == "prompt"
 
 
 def test_logprobs_echo_and_n():

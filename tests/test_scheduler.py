@@ -186,6 +186,26 @@ def test_logprobs_of_rows_joining_mid_flight_equal_peft(setup, monkeypatch):
             assert r.tokens == [] and got == [] and r.finish == "length"
 
 
+def test_min_tokens_and_ignore_eos(setup):
+    """min_tokens: no end token is chosen before it (the runner-up is, its log-probability
+    still the model's own); ignore_eos: max_tokens whatever comes."""
+    reg, base, server, scheduler = setup
+    prompt = ids(server, PROMPTS[0])
+    tokens, logits = alone(reg, base, "a@1", prompt, 4)
+    end = frozenset({tokens[0]})  # the first greedy token made an end token
+    r = scheduler.submit(Request(prompt, "a@1", 6, eos_tokens=end)).wait(WAIT_S)
+    assert r.tokens == [] and r.finish == "stop"
+    r = scheduler.submit(Request(prompt, "a@1", 6, eos_tokens=end, min_tokens=2, logprobs=0)).wait(
+        WAIT_S
+    )
+    runner_up = int(logits[0].topk(2).indices[1])
+    assert r.tokens[0] == runner_up and tokens[0] not in r.tokens[:2]
+    want = float(torch.log_softmax(logits[0], -1)[runner_up])
+    assert abs(r.token_logprobs[0].logprob - want) < 1e-4
+    r = scheduler.submit(Request(prompt, "a@1", 5, eos_tokens=end, ignore_eos=True)).wait(WAIT_S)
+    assert len(r.tokens) == 5 and r.tokens[0] == tokens[0] and r.finish == "length"
+
+
 def test_an_adapter_peft_runs_apart_waits_for_the_batch_to_drain(setup):
     reg, base, server, scheduler = setup
     first = Request(ids(server, PROMPTS[0]), "a@1", 6)

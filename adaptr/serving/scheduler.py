@@ -130,6 +130,7 @@ class Request:
     prompt_logprobs: bool = False
     ignore_eos: bool = False  # generate max_tokens whatever comes (benchmarks)
     eos_tokens: frozenset[int] | None = None  # the tokens that end it (None: the model's EOS)
+    min_tokens: int = 0  # before these many, no EOS is chosen and no stop string ends it
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0  # characters of text handed out
@@ -494,7 +495,13 @@ class Scheduler:
     def _sample(self, rows: list[Row], logits, which) -> None:
         import torch
 
-        greedy = logits.argmax(-1).tolist()
+        choose = logits  # what tokens are chosen from (log-probabilities stay the model's)
+        early = [i for i in which if len(rows[i].request.tokens) < rows[i].request.min_tokens]
+        if early:
+            choose = logits.clone()
+            for i in early:
+                choose[i, list(self._eos_of(rows[i].request))] = float("-inf")
+        greedy = choose.argmax(-1).tolist()
         for i in which:
             row, s = rows[i], rows[i].request.sampling
             if row.request.max_tokens == 0:  # the prompt only (its log-probabilities)
@@ -503,7 +510,7 @@ class Scheduler:
             if row.request.keep_logits:
                 row.request.logits.append(logits[i].clone())
             if s.temperature > 0:
-                probs = torch.softmax(logits[i] / s.temperature, -1)
+                probs = torch.softmax(choose[i] / s.temperature, -1)
                 if s.top_p < 1:
                     sorted_p, idx = probs.sort(descending=True)
                     drop = sorted_p.cumsum(0) - sorted_p >= s.top_p  # keeps at least the first
@@ -528,7 +535,7 @@ class Scheduler:
         if req.cancelled:
             self._end(req, "cancelled")
             return
-        if token in (self.eos if req.eos_tokens is None else req.eos_tokens) and not req.ignore_eos:
+        if token in self._eos_of(req) and not req.ignore_eos:
             self._end(req, "stop", row)
             return
         req.tokens.append(token)
@@ -537,7 +544,7 @@ class Scheduler:
         if piece:
             start = max(0, len(req.text) - max((len(s) for s in req.stop), default=1) + 1)
             req.text += piece
-            if req.stop:
+            if req.stop and len(req.tokens) >= req.min_tokens:
                 cut = find_stop(req.text[start:], req.stop)
                 if cut is not None:
                     req.text = req.text[: start + cut]
@@ -550,17 +557,22 @@ class Scheduler:
         if len(req.tokens) >= req.max_tokens:
             self._end(req, "length", row)
 
+    def _eos_of(self, req: Request):
+        return self.eos if req.eos_tokens is None else req.eos_tokens
+
     def _end(self, req: Request, reason: str, row: Row | None = None) -> None:
         if req.finish is not None:
             return
         if row is not None and row.detok is not None:
+            # the text checked so far cannot hold a stop string; only what the flush adds can
+            start = max(0, len(req.text) - max((len(s) for s in req.stop), default=1) + 1)
             req.text += row.detok.flush()
-            if req.stop:
+            if req.stop and len(req.tokens) >= req.min_tokens:
                 from .openai.protocol import find_stop
 
-                cut = find_stop(req.text, req.stop)
+                cut = find_stop(req.text[start:], req.stop)
                 if cut is not None:
-                    req.text, reason = req.text[:cut], "stop"
+                    req.text, reason = req.text[: start + cut], "stop"
         if req.sent < len(req.text):
             req._emit("text", req.text[req.sent :])
             req.sent = len(req.text)

@@ -564,6 +564,7 @@ def create_app(server: AdapterServer, *, api_key: str | None = None, limits: Lim
                 job = Job(prompt.ids, req.adapter, p.max_tokens, Sampling(temperature, top_p, seed),
                           p.stop, logprobs=p.logprobs,
                           prompt_logprobs=p.echo and p.logprobs is not None,
+                          ignore_eos=p.ignore_eos, min_tokens=p.min_tokens,
                           loop=loop, out=out, index=len(jobs), prompt_index=i, chat=chat)  # fmt: skip
                 jobs.append(job)
         return jobs

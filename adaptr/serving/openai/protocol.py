@@ -6,9 +6,12 @@ characters), ``stream``, ``stream_options.include_usage``, ``n`` (up to 16 choic
 prompt), ``seed`` (sampling with a seed is reproducible, alone or batched; choice j of
 ``n`` uses ``seed + j``), log-probabilities (completions: ``logprobs`` = how many
 alternatives, 0-20, and ``echo`` for the prompt's; chat: ``logprobs`` true and
-``top_logprobs`` 0-20). Accepted and ignored: ``user``. Anything that would change the
-answer and is not supported (penalties, ``logit_bias``, ``best_of``, ``suffix``, tools, a
-non-text ``response_format``) is refused rather than silently dropped.
+``top_logprobs`` 0-20), and vLLM's ``ignore_eos`` and ``min_tokens``. Accepted and
+ignored, as they do not change the answer: ``user``, ``metadata``, ``store``,
+``service_tier``, ``safety_identifier``, ``prompt_cache_key``. Anything that would change
+the answer and is not supported (penalties, ``logit_bias``, ``best_of``, ``suffix``,
+tools, a non-text ``response_format``) is refused, and so is a field this server does not
+know: nothing is silently dropped.
 """
 
 from __future__ import annotations
@@ -33,7 +36,17 @@ _UNSUPPORTED = {
     "logit_bias": (None, {}),
     "tools": (None, []),
     "functions": (None, []),
+    "tool_choice": (None, "none", "auto"),  # (without tools, both mean none)
+    "function_call": (None, "none", "auto"),
+    "parallel_tool_calls": (None, True, False),
 }
+# what the endpoints read; IGNORED do not change the answer
+TAKEN = {
+    "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stream",
+    "stream_options", "stop", "seed", "logprobs", "top_logprobs", "echo", "response_format",
+    "ignore_eos", "min_tokens",
+}  # fmt: skip
+IGNORED = {"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key"}
 
 
 class ParamError(InvalidInputError):
@@ -57,6 +70,8 @@ class RequestParams:
     n: int = 1
     logprobs: int | None = None  # alternatives per token; None: no log-probabilities
     echo: bool = False  # completions: the prompt comes first (text and log-probabilities)
+    ignore_eos: bool = False  # generate max_tokens whatever comes
+    min_tokens: int = 0  # before these many tokens no EOS and no stop string
 
 
 def _number(body: dict, key: str, default: float, low: float, high: float) -> float:
@@ -102,6 +117,13 @@ def _logprobs(body: dict, chat: bool) -> tuple[int | None, bool]:
 
 def parse_params(body: dict, chat: bool = False) -> RequestParams:
     """Check ``body``'s generation parameters; :class:`ParamError` names the first bad one."""
+    main = "messages" if chat else "prompt"
+    for key in body:
+        if key not in TAKEN and key not in IGNORED and key not in _UNSUPPORTED and key != main:
+            shown = key[:60] if isinstance(key, str) else repr(key)
+            raise ParamError(
+                shown, f"'{shown}' is not a parameter adaptr serve takes; leave it out"
+            )
     logprobs, echo = _logprobs(body, chat)
     max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
     max_tokens = 16 if max_tokens is None else max_tokens
@@ -149,6 +171,10 @@ def parse_params(body: dict, chat: bool = False) -> RequestParams:
         not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63
     ):
         raise ParamError("seed", "'seed' must be an integer between 0 and 2**63 - 1")
+    ignore_eos = body.get("ignore_eos")
+    if ignore_eos is not None and not isinstance(ignore_eos, bool):
+        raise ParamError("ignore_eos", "'ignore_eos' must be true or false")
+    min_tokens = _integer(body, "min_tokens", 0, max_tokens) or 0
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise ParamError("stream", "'stream' must be true or false")
@@ -159,7 +185,7 @@ def parse_params(body: dict, chat: bool = False) -> RequestParams:
     sampling = (False, 0.0, 1.0) if temperature == 0 else (True, temperature, top_p)
     return RequestParams(
         max_tokens, sampling, tuple(stops), stream, bool(options.get("include_usage")), seed,
-        n, logprobs, echo,
+        n, logprobs, echo, bool(ignore_eos), min_tokens,
     )  # fmt: skip
 
 

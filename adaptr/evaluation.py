@@ -486,10 +486,8 @@ def _generations(
     scheduler, up to ``batch_size`` records x refs decoding together (continuous batching:
     a finished row's place goes to the next at once), records in order, so the rows of one
     record (one prompt length) start together."""
-    from .serving.scheduler import MAX_BATCH
-
     scheduler = server.scheduler
-    scheduler.max_batch = max(MAX_BATCH, batch_size * len(refs))
+    before, scheduler.max_batch = scheduler.max_batch, max(1, batch_size * len(refs))
     extra = {"eos_token_id": stops} if stops else {}
     requests = [
         [server.submit(prompt, r, max_new_tokens=max_new_tokens, **extra) for r in refs]
@@ -506,6 +504,7 @@ def _generations(
         for row in requests:
             for request in row:
                 request.cancel()  # (the rest, when one failed or the caller was interrupted)
+        scheduler.max_batch = before
     return out
 
 

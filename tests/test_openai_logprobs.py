@@ -108,6 +108,26 @@ def test_echo_scores_the_prompt_like_peft(served, max_tokens):
     assert choice["text"].startswith(tok.decode(ids, skip_special_tokens=True))
 
 
+def test_n_choices_share_one_scoring_of_their_prompt(served):
+    """echo + logprobs with n: the prompt is scored once (by its first choice), every choice
+    shows it; streamed too."""
+    reg, url, api = served
+    model, tok = reference(reg, "a")
+    ids = tok("Scored once").input_ids
+    lp = peft_logprobs(model, ids)
+    kw = dict(model="a", prompt="Scored once", max_tokens=2, logprobs=0, echo=True, n=3)
+    firsts = [c.logprobs.token_logprobs[: len(ids)] for c in api.completions.create(**kw).choices]
+    assert firsts[0] == firsts[1] == firsts[2] and firsts[0][0] is None
+    for j in range(1, len(ids)):
+        assert firsts[0][j] == pytest.approx(float(lp[j - 1, ids[j]]), abs=TOL)
+    streamed = [[], [], []]
+    for chunk in api.completions.create(stream=True, **kw):
+        c = chunk.choices[0]
+        if c.logprobs:
+            streamed[c.index] += c.logprobs.token_logprobs
+    assert [s[: len(ids)] for s in streamed] == firsts
+
+
 def test_stream_logprobs_and_echo_add_up_to_the_whole(served):
     _, _, api = served
     kw = dict(model="b", prompt="Once upon a time", max_tokens=8, logprobs=2, echo=True)
@@ -160,9 +180,8 @@ def test_token_prompts_prompt_lists_and_n(served):
     assert [c.index for c in out.choices] == [0, 1, 2, 3]
     assert [c.text for c in out.choices] == [one, one, other, other]  # greedy: n alike
     assert out.usage.prompt_tokens == len(ids) + len(tok("Good night").input_ids)
-    # the generated tokens, an EOS that ended a choice not counted (its logprob is listed)
-    generated = [len(c.logprobs.tokens) - (c.finish_reason == "stop") for c in out.choices]
-    assert out.usage.completion_tokens == sum(generated) > 0
+    # the generated tokens, an EOS that ended a choice counted (as vLLM does): one logprob each
+    assert out.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in out.choices) > 0
     # sampled with a seed: choice j is what n=1 gives with seed + j
     kw = dict(model="b", prompt="Once", max_tokens=8, temperature=1.0)
     many = api.completions.create(n=3, seed=7, **kw).choices

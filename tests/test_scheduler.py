@@ -186,6 +186,56 @@ def test_logprobs_of_rows_joining_mid_flight_equal_peft(setup, monkeypatch):
             assert r.tokens == [] and got == [] and r.finish == "length"
 
 
+def test_a_failed_prefill_fails_its_requests_and_scored_prefills_keep_to_their_budget(
+    setup, monkeypatch
+):
+    import adaptr.serving.scheduler as module
+
+    reg, base, server, scheduler = setup
+    real = module._prompt_logprobs
+
+    def broken(*args):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(module, "_prompt_logprobs", broken)
+    r = scheduler.submit(Request(ids(server, PROMPTS[0]), "a@1", 4, prompt_logprobs=True))
+    with pytest.raises(RuntimeError, match="simulated"):
+        r.wait(WAIT_S)  # failed, not lost
+    monkeypatch.setattr(module, "_prompt_logprobs", real)
+    # a budget of one prompt position: scoring prefills take one request each
+    widths: list[int] = []
+    forward = scheduler._forward
+
+    def recording(rows, **kw):
+        if kw.get("every_position"):
+            widths.append(len(rows))
+        return forward(rows, **kw)
+
+    monkeypatch.setattr(scheduler, "_forward", recording)
+    monkeypatch.setattr(scheduler, "score_budget", 1)
+    scheduler.hold()
+    requests = [
+        scheduler.submit(Request(ids(server, p), "b@1", 2, prompt_logprobs=True, logprobs=0))
+        for p in PROMPTS[:3]
+    ]
+    scheduler.release()
+    for r in requests:
+        assert len(r.wait(WAIT_S).prompt_token_logprobs) == len(r.prompt_ids)
+    assert widths == [1, 1, 1]
+
+
+def test_eval_generations_decode_at_most_batch_size_x_refs_rows(setup):
+    from adaptr.evaluation import _generations
+
+    reg, base, server, scheduler = setup
+    fresh = AdapterServer(reg, "base", max_adapters=4, max_rank=4)
+    out = _generations(fresh, PROMPTS[:4], ["a@1", None], 1, 3, None)
+    assert fresh.scheduler.most_rows == 2 and fresh.scheduler.max_batch == 32
+    want = server.generate(PROMPTS[:4], ["a@1"] * 4, max_new_tokens=3)
+    assert out["a@1"] == want
+    assert fresh.scheduler.close(WAIT_S)
+
+
 def test_min_tokens_and_ignore_eos(setup):
     """min_tokens: no end token is chosen before it (the runner-up is, its log-probability
     still the model's own); ignore_eos: max_tokens whatever comes."""

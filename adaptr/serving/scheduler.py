@@ -135,12 +135,18 @@ class Request:
     text: str = ""
     sent: int = 0  # characters of text handed out
     finish: str | None = None
+    end_token: int | None = None  # the EOS that ended it (not in ``tokens``)
     error: BaseException | None = None
     cancelled: bool = False
     logits: list = field(default_factory=list)
     token_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_token_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated, an EOS that ended it included (as vLLM and OpenAI count them)."""
+        return len(self.tokens) + (self.end_token is not None)
 
     def cancel(self) -> None:
         """Stop generating for it: dropped before it starts, else its row leaves at the next step."""
@@ -205,6 +211,10 @@ class Scheduler:
         self.submitted = self.dropped = 0
         self.most_rows = self.most_models = 0
         self.steps = 0  # decoding steps run
+        # prompt positions one scoring prefill may keep the logits of (one prompt at least):
+        # about 1 GiB of float32 logits at this vocabulary
+        vocab = server.model.get_output_embeddings().weight.shape[0]
+        self.score_budget = max(1, 2**28 // vocab)
         self.on_step: Callable[[int], None] | None = None  # called (worker thread) after each step
         self._cv = threading.Condition()
         self._held = False
@@ -293,10 +303,16 @@ class Scheduler:
         fresh = not self.batch.rows
         adapters = [r.request.adapter for r in self.batch.rows]
         scored: bool | None = None  # whether the newcomers score their prompts (see _prefill)
+        width = rows_scored = 0
         for req in candidates:
             if not req.cancelled:
                 if scored is not None and req.prompt_logprobs != scored:
                     break  # every position's logits for prompts that need them only: next step
+                if req.prompt_logprobs:  # their logits: rows x longest prompt x vocabulary
+                    width = max(width, len(req.prompt_ids))
+                    if rows_scored and (rows_scored + 1) * width > self.score_budget:
+                        break
+                    rows_scored += 1
                 mixed = adapters + [req.adapter]
                 fits = len(set(mixed) - {None}) <= self.server.max_adapters and (
                     len(mixed) < 2 or len(self.server.partition(mixed, len(mixed))) == 1
@@ -327,6 +343,10 @@ class Scheduler:
         self._joining = rows
         try:
             self._prefill(rows)
+        except Exception as e:  # they are in neither the queue nor the batch: fail them here
+            for row in rows:
+                self._fail(row.request, e)
+            raise
         finally:
             self._joining = []
 
@@ -536,6 +556,7 @@ class Scheduler:
             self._end(req, "cancelled")
             return
         if token in self._eos_of(req) and not req.ignore_eos:
+            req.end_token = token
             self._end(req, "stop", row)
             return
         req.tokens.append(token)

@@ -117,7 +117,8 @@ class AdapterServer:
         return Request(ids, adapter, int(kwargs.get("max_new_tokens", 32)), sampling, **extra)
 
     def submit(self, prompt: str, adapter: str | None = None, **kwargs: Any):
-        """Queue one completion of ``prompt`` on :attr:`scheduler` and return its
+        """Queue one completion of ``prompt`` with ``adapter`` (None: the default adapter of
+        :meth:`switch`, else the base) on :attr:`scheduler` and return its
         :class:`~adaptr.serving.scheduler.Request` at once (``wait()``, ``cancel()``, ``text``,
         ``tokens``); ``kwargs``: ``max_new_tokens`` (32), ``do_sample``, ``temperature``,
         ``top_p``, ``seed``, ``eos_token_id`` (the tokens that end it, instead of the model's)."""

@@ -471,8 +471,9 @@ def create_app(server: AdapterServer, *, api_key: str | None = None, limits: Lim
         if job.chat:
             return logprob_shapes.chat(entries, texts)
         ids = [e.token for e in entries]
-        if prompt is not None:
-            ids, entries = prompt.ids + ids, list(job.prompt_token_logprobs) + entries
+        if prompt is not None:  # (scored once per prompt: by its first choice, prefilled by now)
+            scored = (job.scorer or job).prompt_token_logprobs or [None] * len(prompt.ids)
+            ids, entries = prompt.ids + ids, list(scored) + entries
         out = logprob_shapes.completion(ids, entries, texts, job.text_offset)
         job.text_offset += sum(map(len, out["tokens"]))
         return out
@@ -489,18 +490,25 @@ def create_app(server: AdapterServer, *, api_key: str | None = None, limits: Lim
             yield jobs[index], kind, value, entries
 
     async def whole(request: Request, jobs: list[Job], req: _Prepared, reply: Reply) -> Response:
-        async def collect() -> list[dict]:
+        async def collect() -> tuple[dict[int, str], dict[int, str]]:
             text = {job.index: "" for job in jobs}
-            choices = [None] * len(jobs)
+            reasons: dict[int, str] = {}
             async for job, kind, value, _ in events(jobs):
                 if kind == "text":
                     text[job.index] += value
-                    continue
+                else:
+                    reasons[job.index] = value
+            return text, reasons
+
+        def body(text: dict[int, str], reasons: dict[int, str]) -> str:
+            """The answer's JSON (off the loop: log-probabilities can make it megabytes)."""
+            choices = []
+            for job in jobs:
                 echo = req.prompts[job.prompt_index] if req.params.echo else None
                 lp = logprobs(job, len(job.token_logprobs), 0, echo)
                 full = (echo.text if echo else "") + text[job.index]
-                choices[job.index] = reply.choice(job.index, full, value, lp)
-            return choices
+                choices.append(reply.choice(job.index, full, reasons[job.index], lp))
+            return json.dumps(reply.whole(choices, sum(job.completion_tokens for job in jobs)))
 
         work = asyncio.ensure_future(collect())
         gone = asyncio.ensure_future(disconnected(request))
@@ -517,8 +525,7 @@ def create_app(server: AdapterServer, *, api_key: str | None = None, limits: Lim
         if not answered:
             log.info("%s: the client disconnected; its request is cancelled", reply.id)
             return _error(400, "the client disconnected")  # nobody reads it
-        body = reply.whole(work.result(), sum(len(job.tokens) for job in jobs))
-        return Response(json.dumps(body), media_type="application/json")
+        return Response(await off_loop(body, *work.result()), media_type="application/json")
 
     async def stream(jobs: list[Job], req: _Prepared, reply: Reply):
         """SSE chunks of every choice as its text comes (the scheduler decodes incrementally
@@ -545,7 +552,7 @@ def create_app(server: AdapterServer, *, api_key: str | None = None, limits: Lim
                     yield reply.chunk(job.index, None, value, rest)
                 covered[job.index] = entries
             if p.include_usage:
-                yield reply.usage_chunk(sum(len(job.tokens) for job in jobs))
+                yield reply.usage_chunk(sum(job.completion_tokens for job in jobs))
             yield "data: [DONE]\n\n"
         except Exception as e:  # headers are sent: the error goes in the stream
             error = {"message": str(e), "type": "server_error"}
@@ -559,13 +566,15 @@ def create_app(server: AdapterServer, *, api_key: str | None = None, limits: Lim
         loop, out = asyncio.get_running_loop(), asyncio.Queue()
         jobs: list[Job] = []
         for i, prompt in enumerate(req.prompts):
+            scorer = None  # the choice that scores the prompt for all its choices (echo)
             for j in range(p.n):
                 seed = None if p.seed is None else (p.seed + j) % 2**63
                 job = Job(prompt.ids, req.adapter, p.max_tokens, Sampling(temperature, top_p, seed),
                           p.stop, logprobs=p.logprobs,
-                          prompt_logprobs=p.echo and p.logprobs is not None,
+                          prompt_logprobs=p.echo and p.logprobs is not None and scorer is None,
                           ignore_eos=p.ignore_eos, min_tokens=p.min_tokens,
                           loop=loop, out=out, index=len(jobs), prompt_index=i, chat=chat)  # fmt: skip
+                job.scorer, scorer = scorer, scorer or job
                 jobs.append(job)
         return jobs
 

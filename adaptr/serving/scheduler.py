@@ -304,6 +304,7 @@ class Scheduler:
         adapters = [r.request.adapter for r in self.batch.rows]
         scored: bool | None = None  # whether the newcomers score their prompts (see _prefill)
         width = rows_scored = 0
+        mixing: dict[frozenset, bool] = {}
         for req in candidates:
             if not req.cancelled:
                 if scored is not None and req.prompt_logprobs != scored:
@@ -314,9 +315,12 @@ class Scheduler:
                         break
                     rows_scored += 1
                 mixed = adapters + [req.adapter]
-                fits = len(set(mixed) - {None}) <= self.server.max_adapters and (
-                    len(mixed) < 2 or len(self.server.partition(mixed, len(mixed))) == 1
-                )
+                kinds = frozenset(mixed)  # (whether they mix depends on the set only)
+                fits = mixing.get(kinds)
+                if fits is None:
+                    fits = mixing[kinds] = len(kinds - {None}) <= self.server.max_adapters and (
+                        len(kinds) < 2 or len(self.server.partition(list(kinds), len(kinds))) == 1
+                    )
                 if not fits and fresh:
                     continue
                 if not fits:

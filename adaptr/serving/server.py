@@ -92,6 +92,8 @@ class AdapterServer:
     def scheduler(self):
         """The :class:`~adaptr.serving.scheduler.Scheduler` of :meth:`generate`, :meth:`stream`
         and :meth:`chat` (started on first use; its worker thread is a daemon)."""
+        if self._scheduler is not None:  # (no lock: the worker holds it while it runs a step)
+            return self._scheduler
         with self._lock:
             if self._scheduler is None:
                 from .scheduler import Scheduler

@@ -300,6 +300,43 @@ def test_vllm_greedy_tokens_match_peft(vllm_server):
 
 
 @pytest.mark.timeout(VLLM_START_S + 600)
+def test_vllm_and_adaptr_agree_on_logprobs_and_chat(vllm_server):
+    """Two engines, one answer: the prompt's and the completion's log-probabilities (echo)
+    from vLLM and from adaptr's scheduler agree within 1e-3 (float32 both; vLLM's CPU
+    kernels sum in another order); a chat completion gives the same text on both."""
+    import httpx
+
+    from adaptr.serving import AdapterServer
+    from adaptr.serving.scheduler import Request
+
+    from helpers import client
+
+    reg, url = vllm_server
+    server = AdapterServer(reg, "tiny")
+    prompt = PROMPTS[1]
+    body = {"model": "qa@prod", "prompt": prompt, "max_tokens": 4, "temperature": 0,
+            "logprobs": 1, "echo": True}  # fmt: skip
+    got = httpx.post(f"{url}/completions", json=body, timeout=300).json()["choices"][0]["logprobs"]
+    ids = server.tokenizer(prompt).input_ids
+    mine = server.scheduler.submit(Request(ids, "qa@1", 4, logprobs=1, prompt_logprobs=True))
+    mine.wait(300)
+    want = [e.logprob if e else None for e in mine.prompt_token_logprobs]
+    want += [e.logprob for e in mine.token_logprobs]
+    theirs = got["token_logprobs"][: len(want)]
+    assert theirs[0] is None and want[0] is None and len(theirs) == len(want)
+    assert max(abs(a - b) for a, b in zip(theirs[1:], want[1:], strict=True)) < 1e-3
+    messages = [{"role": "user", "content": "Say hi"}]
+    answer = client(url, timeout=300).chat.completions.create(
+        model="chat", messages=messages, max_tokens=6, temperature=0
+    )
+    assert (
+        answer.choices[0].message.content
+        == server.chat([messages], ["chat@1"], max_new_tokens=6)[0]
+    )
+    assert server.scheduler.close(60)
+
+
+@pytest.mark.timeout(VLLM_START_S + 600)
 def test_vllm_follows_the_registry(vllm_server, tmp_path):
     from helpers import client, random_lora
 

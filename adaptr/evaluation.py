@@ -173,19 +173,15 @@ def auto_bleu_tokenize(references: Sequence[str]) -> tuple[str, str | None]:
     lang = _script("".join(references))
     if lang == "zh":
         return "zh", "BLEU tokenized with sacrebleu's 'zh' (the references are mostly Chinese)"
-    if lang == "ja":
-        tok = "ja-mecab" if _installed(BLEU_TOKENIZERS["ja-mecab"]) else "char"
-        why = "" if tok == "ja-mecab" else " ('ja-mecab' needs pip install 'sacrebleu[ja]')"
+    # mecab for Japanese/Korean when installed, else what works without it
+    fallback = {"ja": ("ja-mecab", "char", "Japanese"), "ko": ("ko-mecab", "13a", "Korean")}
+    if lang in fallback:
+        best, other, language = fallback[lang]
+        tok = best if _installed(BLEU_TOKENIZERS[best]) else other
+        why = "" if tok == best else f" ({best!r} needs pip install 'sacrebleu[{lang}]')"
         return (
             tok,
-            f"BLEU tokenized with sacrebleu's {tok!r} (the references are mostly Japanese){why}",
-        )
-    if lang == "ko":
-        tok = "ko-mecab" if _installed(BLEU_TOKENIZERS["ko-mecab"]) else "13a"
-        why = "" if tok == "ko-mecab" else " ('ko-mecab' needs pip install 'sacrebleu[ko]')"
-        return (
-            tok,
-            f"BLEU tokenized with sacrebleu's {tok!r} (the references are mostly Korean){why}",
+            f"BLEU tokenized with sacrebleu's {tok!r} (the references are mostly {language}){why}",
         )
     return "13a", None
 

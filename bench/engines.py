@@ -35,13 +35,9 @@ from pathlib import Path
 
 BASE = "bench"
 PROMPT = "Summarise: the quick brown fox jumps over the lazy dog"
-SHAPE = dict(
-    hidden_size=512,
-    intermediate_size=1024,
-    num_hidden_layers=6,
-    num_attention_heads=8,
-    num_key_value_heads=8,
-)  # fmt: skip  (head_dim 64: vLLM's CPU attention needs it)
+# head_dim 64: vLLM's CPU attention needs it
+SHAPE = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=6,
+             num_attention_heads=8, num_key_value_heads=8)  # fmt: skip
 LORA = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
 EOS = 256  # <|endoftext|> of adaptr.tiny's tokenizer
 START_S = 900  # vLLM takes 1-2.5 min to start on 2 idle cores, far more on a busy machine

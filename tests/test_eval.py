@@ -410,6 +410,9 @@ def test_bleu_tokenizer_on_chinese_agrees_with_sacrebleu():
     assert tok == "zh" and "Chinese" in why
     assert auto_bleu_tokenize(["the cat sat", "on the mat 你"]) == ("13a", None)
     assert auto_bleu_tokenize(["これはペンです"])[0] in ("ja-mecab", "char")
+    tok, why = auto_bleu_tokenize(["안녕하세요 반갑습니다"])
+    assert tok in ("ko-mecab", "13a") and "mostly Korean" in why
+    assert (tok == "13a") == ("needs pip install 'sacrebleu[ko]'" in why)
     assert {"13a", "intl", "zh", "char", "none"} <= set(bleu_tokenizers())
     for name in ("auto", "zh", "13a", "intl", "char", "none"):
         assert check_bleu_tokenize(name) == name

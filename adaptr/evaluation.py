@@ -756,6 +756,7 @@ def promote(
 ):
     """Point ``NAME@tag`` at ``ref`` if it passes :func:`check_gate` (the version checked is
     the version tagged); returns ``(version, lines checked)``. A refusal moves nothing."""
+    registry.require()  # a write: a home with no registry is refused as such, before the ref
     v = registry.get(ref)
     checked = (
         check_gate(registry, v.ref, requires, better_than, data=data, tag=tag)

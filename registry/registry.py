@@ -161,6 +161,16 @@ class Registry(Maintenance):
         with writer_lock(self.home / "lock", timeout):
             yield
 
+    def require(self) -> None:
+        """Refuse (NotFoundError) a home that holds no registry, as every write but storing
+        one does: a mistyped --home is said, not silently made."""
+        if not (self.home / "registry.db").exists():
+            self._refuse_lost_index(None)  # files without their index: that is said first
+            raise NotFoundError(
+                f"no registry at {self.home.resolve()}: add an adapter first, or pass "
+                "--home (or set ADAPTR_HOME) to the registry you mean"
+            )
+
     @contextmanager
     def _writer(self, *, creates: bool = False) -> Iterator[sqlite3.Connection]:
         """Hold the writer lock; yields a connection to an index that exists and can be trusted.
@@ -171,12 +181,9 @@ class Registry(Maintenance):
         manifests existed gets them. After a committed write: ``state.json``.
         """
         if not (self.home / "registry.db").exists():
-            self._refuse_lost_index(None)
             if not creates:
-                raise NotFoundError(
-                    f"no registry at {self.home.resolve()}: add an adapter first, or pass "
-                    "--home (or set ADAPTR_HOME) to the registry you mean"
-                )
+                self.require()
+            self._refuse_lost_index(None)
             if not self.home.exists():
                 self.notes.append(f"created a new registry at {self.home.resolve()}")
         with self._locked():

@@ -74,6 +74,8 @@ def test_a_lost_index_blocks_gc_and_reindex_restores_everything(home, tmp_path, 
     assert code == 6 and "reindex" in err and "no adapters yet" not in out
     code, _, err = cli("add", "alpha", str(write_adapter(tmp_path / "a3", seed=9)))
     assert code == 6 and "reindex" in err  # a write would start a fresh, smaller index
+    code, _, err = cli("tag", "alpha@1", "t", "--require", "loss<=9")
+    assert code == 6 and "reindex" in err  # (a gated tag too, before it reads the evals)
     same = Registry(home)
     with pytest.raises(IntegrityError, match="reindex"):
         same.gc()

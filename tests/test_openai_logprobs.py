@@ -80,6 +80,14 @@ def test_completion_logprobs_equal_peft(served, ref):
     assert offsets[0] == 0 and offsets[1:] == [
         offsets[i] + len(got.tokens[i]) for i in range(len(offsets) - 1)
     ]
+    # vLLM's return_tokens_as_token_ids: tokens named by id, none collapsing in the top 3
+    named = api.completions.create(
+        model=ref or "tiny", prompt=prompt, max_tokens=5, logprobs=3,
+        extra_body={"return_tokens_as_token_ids": True},
+    ).choices[0].logprobs  # fmt: skip
+    assert named.tokens == [f"token_id:{t}" for t in want] and named.text_offset == offsets
+    assert named.token_logprobs == got.token_logprobs
+    assert all(len(top) == 3 for top in named.top_logprobs)  # the chosen one is among the 3
 
 
 @pytest.mark.parametrize("max_tokens", [0, 1])
@@ -163,6 +171,13 @@ def test_chat_logprobs_equal_peft_streamed_or_not(served):
         for e in chunk.choices[0].logprobs.content
     ]
     assert streamed == [c.model_dump() for c in content]
+    named = (
+        api.chat.completions.create(extra_body={"return_tokens_as_token_ids": True}, **kw)
+        .choices[0]
+        .logprobs.content
+    )
+    assert [c.token for c in named] == [f"token_id:{t}" for t in want]
+    assert [c.bytes for c in named] == [c.bytes for c in content]
 
 
 def test_token_prompts_prompt_lists_and_n(served):

@@ -73,6 +73,7 @@ def test_accepted_values():
         ({"min_tokens": 17}, "min_tokens"),  # above max_tokens (16)
         ({"min_tokens": -1}, "min_tokens"),
         ({"tool_choice": "required"}, "tool_choice"),
+        ({"return_tokens_as_token_ids": 1}, "return_tokens_as_token_ids"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"stop": [""]}, "stop"),
         ({"stop": 5}, "stop"),

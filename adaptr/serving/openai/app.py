@@ -469,13 +469,13 @@ def create_app(server: AdapterServer, *, api_key: str | None = None, limits: Lim
             return None
         entries: list = job.token_logprobs[since:upto]
         if job.chat:
-            return logprob_shapes.chat(entries, texts)
+            return logprob_shapes.chat(entries, texts, job.as_ids)
         ids = [e.token for e in entries]
         if prompt is not None:  # (scored once per prompt: by its first choice, prefilled by now)
             scored = (job.scorer or job).prompt_token_logprobs or [None] * len(prompt.ids)
             ids, entries = prompt.ids + ids, list(scored) + entries
-        out = logprob_shapes.completion(ids, entries, texts, job.text_offset)
-        job.text_offset += sum(map(len, out["tokens"]))
+        out = logprob_shapes.completion(ids, entries, texts, job.text_offset, job.as_ids)
+        job.text_offset += sum(len(texts.text(t)) for t in ids)
         return out
 
     async def events(jobs: list[Job]):
@@ -572,7 +572,7 @@ def create_app(server: AdapterServer, *, api_key: str | None = None, limits: Lim
                 job = Job(prompt.ids, req.adapter, p.max_tokens, Sampling(temperature, top_p, seed),
                           p.stop, logprobs=p.logprobs,
                           prompt_logprobs=p.echo and p.logprobs is not None and scorer is None,
-                          ignore_eos=p.ignore_eos, min_tokens=p.min_tokens,
+                          ignore_eos=p.ignore_eos, min_tokens=p.min_tokens, as_ids=p.as_ids,
                           loop=loop, out=out, index=len(jobs), prompt_index=i, chat=chat)  # fmt: skip
                 job.scorer, scorer = scorer, scorer or job
                 jobs.append(job)

@@ -31,6 +31,7 @@ class Job(Request):
     prompt_index: int = 0  # its prompt's, in the request's prompts
     chat: bool = False  # a chat completion (log-probabilities in chat's shape)
     text_offset: int = 0  # where its next log-probabilities' tokens begin in its text
+    as_ids: bool = False  # tokens named token_id:N in its log-probabilities
     scorer: Job | None = None  # the choice of its prompt that scores the prompt (None: itself)
 
     def __post_init__(self) -> None:

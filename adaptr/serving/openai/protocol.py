@@ -6,7 +6,8 @@ characters), ``stream``, ``stream_options.include_usage``, ``n`` (up to 16 choic
 prompt), ``seed`` (sampling with a seed is reproducible, alone or batched; choice j of
 ``n`` uses ``seed + j``), log-probabilities (completions: ``logprobs`` = how many
 alternatives, 0-20, and ``echo`` for the prompt's; chat: ``logprobs`` true and
-``top_logprobs`` 0-20), and vLLM's ``ignore_eos`` and ``min_tokens``. Accepted and
+``top_logprobs`` 0-20), and vLLM's ``ignore_eos``, ``min_tokens`` and
+``return_tokens_as_token_ids``. Accepted and
 ignored, as they do not change the answer: ``user``, ``metadata``, ``store``,
 ``service_tier``, ``safety_identifier``, ``prompt_cache_key``. Anything that would change
 the answer and is not supported (penalties, ``logit_bias``, ``best_of``, ``suffix``,
@@ -44,7 +45,7 @@ _UNSUPPORTED = {
 TAKEN = {
     "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stream",
     "stream_options", "stop", "seed", "logprobs", "top_logprobs", "echo", "response_format",
-    "ignore_eos", "min_tokens",
+    "ignore_eos", "min_tokens", "return_tokens_as_token_ids",
 }  # fmt: skip
 IGNORED = {"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key"}
 
@@ -72,6 +73,7 @@ class RequestParams:
     echo: bool = False  # completions: the prompt comes first (text and log-probabilities)
     ignore_eos: bool = False  # generate max_tokens whatever comes
     min_tokens: int = 0  # before these many tokens no EOS and no stop string
+    as_ids: bool = False  # log-probabilities name tokens token_id:N
 
 
 def _number(body: dict, key: str, default: float, low: float, high: float) -> float:
@@ -175,6 +177,11 @@ def parse_params(body: dict, chat: bool = False) -> RequestParams:
     if ignore_eos is not None and not isinstance(ignore_eos, bool):
         raise ParamError("ignore_eos", "'ignore_eos' must be true or false")
     min_tokens = _integer(body, "min_tokens", 0, max_tokens) or 0
+    as_ids = body.get("return_tokens_as_token_ids")
+    if as_ids is not None and not isinstance(as_ids, bool):
+        raise ParamError(
+            "return_tokens_as_token_ids", "'return_tokens_as_token_ids' must be true or false"
+        )
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise ParamError("stream", "'stream' must be true or false")
@@ -185,7 +192,7 @@ def parse_params(body: dict, chat: bool = False) -> RequestParams:
     sampling = (False, 0.0, 1.0) if temperature == 0 else (True, temperature, top_p)
     return RequestParams(
         max_tokens, sampling, tuple(stops), stream, bool(options.get("include_usage")), seed,
-        n, logprobs, echo, bool(ignore_eos), min_tokens,
+        n, logprobs, echo, bool(ignore_eos), min_tokens, bool(as_ids),
     )  # fmt: skip
 
 

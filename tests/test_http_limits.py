@@ -85,6 +85,37 @@ def test_a_body_that_does_not_arrive_times_out(limited):
     assert_error(status, body, 408)
 
 
+def test_headers_that_do_not_arrive_close_the_connection(limited, monkeypatch):
+    """slowloris: a request line and headers sent a piece at a time hold the connection only
+    until the header deadline, on a new connection and on a kept-alive one."""
+    from adaptr.serving.openai.http import GuardedH11Protocol
+
+    _, url, _ = limited
+    monkeypatch.setattr(GuardedH11Protocol, "header_timeout_s", 0.5)
+    parts = urlsplit(url)
+
+    def closed(s: socket.socket) -> bytes:
+        """What the server sends before it closes (b"" for nothing), within START_S."""
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+        return got
+
+    with socket.create_connection((parts.hostname, parts.port), timeout=START_S) as s:
+        s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")  # never the blank line
+        assert closed(s) == b""
+    with socket.create_connection((parts.hostname, parts.port), timeout=START_S) as s:
+        s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")  # a whole request first
+        answer = b""
+        while b'"data"' not in answer:
+            answer += s.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200")
+        s.sendall(b"GET /v1/mod")  # the next one stalls in its request line
+        assert b"HTTP/1.1" not in closed(s)  # (the rest of the first body at most)
+    # whole requests still take their time
+    assert httpx.get(f"{url}/models", timeout=START_S).status_code == 200
+
+
 class WatchedTokenizer:
     """The server's tokenizer, recording the length of each text it tokenizes; tokenizing
     ``block`` waits for ``go`` (set ``entered`` first)."""

@@ -125,8 +125,11 @@ def serve(
         f"serving {base} on http://{host}:{port}/v1 (model = an adapter ref, '{base}' or 'active')",
         err=True,
     )
+    from adaptr.serving.openai.http import GuardedH11Protocol
+
     config = uvicorn.Config(
         app,
+        http=GuardedH11Protocol,  # request headers have a deadline (slowloris)
         host=host,
         port=port,
         log_level="warning",

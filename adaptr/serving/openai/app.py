@@ -47,6 +47,7 @@ from ..scheduler import Sampling
 from ..server import AdapterServer
 from . import logprobs as logprob_shapes
 from .batcher import Batcher, Job
+from .http import GuardedH11Protocol
 from .logprobs import TokenTexts
 from .protocol import ParamError, RequestParams, parse_params
 
@@ -634,6 +635,7 @@ def serve_in_thread(
     import uvicorn
 
     uvicorn_config.setdefault("log_level", "warning")
+    uvicorn_config.setdefault("http", GuardedH11Protocol)
     ipv6 = ":" in host
     sock = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET)
     try:

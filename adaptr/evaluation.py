@@ -148,24 +148,34 @@ def check_bleu_tokenize(name: str) -> str:
 
 
 def _script(text: str) -> str | None:
-    """'zh', 'ja' or 'ko' for text mostly in Han, Japanese kana or Hangul; else None."""
-    han = kana = hangul = other = 0
+    """'zh', 'ja' or 'ko' for text mostly in Han, Japanese kana or Hangul; else None.
+
+    CJK characters are weighed against other words (a run of letters or digits counts
+    once: "PyTorch" in a Chinese sentence is one word, not seven characters); Japanese
+    needs kana to be a fifth of its CJK characters at least (a stray kana in Chinese text
+    does not make it Japanese)."""
+    han = kana = hangul = words = 0
+    in_word = False
     for ch in text:
         o = ord(ch)
-        if 0x3040 <= o <= 0x30FF or 0x31F0 <= o <= 0x31FF:
+        cjk = True
+        if 0x3040 <= o <= 0x30FF or 0x31F0 <= o <= 0x31FF or 0xFF66 <= o <= 0xFF9F:
             kana += 1
         elif 0xAC00 <= o <= 0xD7AF or 0x1100 <= o <= 0x11FF or 0x3130 <= o <= 0x318F:
             hangul += 1
         elif 0x4E00 <= o <= 0x9FFF or 0x3400 <= o <= 0x4DBF or 0xF900 <= o <= 0xFAFF:
             han += 1
-        elif ch.isalnum():
-            other += 1
+        else:
+            cjk = False
+        word = not cjk and ch.isalnum()
+        words += word and not in_word
+        in_word = word
     cjk = han + kana + hangul
-    if cjk == 0 or cjk < other:
+    if cjk == 0 or cjk < words:
         return None
     if hangul >= han + kana:
         return "ko"
-    return "ja" if kana else "zh"
+    return "ja" if kana * 5 >= han + kana else "zh"
 
 
 def auto_bleu_tokenize(references: Sequence[str]) -> tuple[str, str | None]:
@@ -287,6 +297,11 @@ def evaluate(
     registry = registry or Registry()
     wanted = parse_metrics(metrics)
     bleu_tokenize = check_bleu_tokenize(bleu_tokenize)
+    if bleu_tokenize != "auto" and "bleu" not in wanted:
+        raise InvalidInputError(
+            f"a BLEU tokenizer ({bleu_tokenize!r}) was given but BLEU is not among the metrics "
+            f"({', '.join(wanted)}): add bleu, or leave the tokenizer out"
+        )
     if batch_size < 1 or max_new_tokens < 1:
         raise InvalidInputError("batch_size and max_new_tokens must be at least 1")
     versions = versions_on_one_base(registry, list(refs))
@@ -505,7 +520,7 @@ def _generations(
 
 
 # -------------------------------------------------------------- stored results
-def _bleu_tokenizer_of(rec: dict) -> str:
+def bleu_tokenizer_of(rec: dict) -> str:
     """The BLEU tokenizer of a stored record: its settings, else its signature (``tok:``)."""
     tok = (rec.get("settings") or {}).get("bleu_tokenize")
     if tok:
@@ -527,7 +542,7 @@ def _condition(rec: dict, metric: str) -> dict[str, Any]:
     if metric in GENERATION:
         cond["max_new_tokens"] = st.get("max_new_tokens")
     if metric == "bleu":
-        cond["tokenize"] = _bleu_tokenizer_of(rec)
+        cond["tokenize"] = bleu_tokenizer_of(rec)
     return cond
 
 
@@ -542,6 +557,8 @@ def measurements(registry: Registry, ref: str, sha256: str | None = None) -> dic
             continue
         created = rec.get("created", 0)
         for metric, value in (rec.get("metrics") or {}).items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue  # not a measurement (a record written by hand or by other tools)
             cond = _condition(rec, metric)
             key = (metric, ds["sha256"], json.dumps(cond, sort_keys=True, default=str))
             if key not in out or created >= out[key]["created"]:
@@ -661,10 +678,21 @@ def check_gate(
     the metric was measured on several datasets. ``tag``: the tag about to move; when
     ``better_than`` names it (``prod``, ``NAME@prod``) and it does not exist yet, this is
     a first promotion: nothing to compare against, allowed with a line saying so."""
+    requires = [requires] if isinstance(requires, str) else list(requires)
     parsed = [(cond.strip(), *parse_requirement(cond)) for cond in requires]
+    if better_than is not None and not str(better_than).strip():
+        raise InvalidInputError(
+            "--require-better-than is empty: name the version to beat (a tag of REF's "
+            "adapter such as prod, or NAME@TAG, NAME@N); the tag was not moved"
+        )
     v = registry.get(ref)
     sha = _data_hash(data)
     rival = _rival(registry, v, better_than, tag) if better_than else None
+    if rival is not None and rival.ref == v.ref:
+        raise InvalidInputError(
+            f"--require-better-than {better_than} is {v.ref} itself: name the version it must "
+            "beat; the tag was not moved"
+        )
     where = f" on {Path(data).name}" if data is not None else ""
     checked, failed = [], []
     for text, metric, op, bound in parsed:
@@ -686,9 +714,10 @@ def check_gate(
                 f"{v.ref} has {metric} measured on several datasets ({_data_names(found)}): "
                 f"name the one {text!r} is about with --data FILE; the tag was not moved"
             )
-        newest = max(found, key=lambda m: m["created"])
+        whole = [m for m in found if m["settings"].get("limit") is None]
+        newest = max(whole or found, key=lambda m: m["created"])  # the whole data's, if any
         value = newest["value"]
-        tok = f", tokenize {newest['settings']['tokenize']}" if metric == "bleu" else ""
+        tok = _settings_said(newest["settings"], metric)
         line = f"{metric} {value:.4g} {op} {bound:g} on {_data_name(newest['dataset'])}{tok}"
         if _OPS[op](value, bound):
             checked.append(line)
@@ -709,11 +738,24 @@ def check_gate(
     return checked
 
 
+def _settings_said(settings: dict, metric: str) -> str:
+    """What a gate line says of the settings a value was measured with."""
+    said = []
+    if settings.get("limit") is not None:
+        said.append(f"first {settings['limit']} records only")
+    if metric in GENERATION and settings.get("max_new_tokens") is not None:
+        said.append(f"max_new_tokens {settings['max_new_tokens']}")
+    if metric == "bleu":
+        said.append(f"tokenize {settings.get('tokenize')}")
+    return "".join(f", {x}" for x in said)
+
+
 def _better(registry, mine_ref: str, other_ref: str, label: str, sha, where: str) -> list[str]:
     mine = measurements(registry, mine_ref, sha)
     theirs = measurements(registry, other_ref, sha)
     name = f"{label} ({other_ref})" if label != other_ref else label
-    shared = sorted(set(mine) & set(theirs), key=lambda k: (METRICS.index(k[0]), k[1], k[2]))
+    known = {k for k in set(mine) & set(theirs) if k[0] in METRICS}  # (a direction to compare)
+    shared = sorted(known, key=lambda k: (METRICS.index(k[0]), k[1], k[2]))
     if not shared:
         same_data = {(k[0], k[1]) for k in mine} & {(k[0], k[1]) for k in theirs}
         why = (
@@ -742,6 +784,10 @@ def _better(registry, mine_ref: str, other_ref: str, label: str, sha, where: str
     if worse:
         said = "; ".join(f"{', '.join(ms)} on {on}" for on, ms in worse.items())
         raise InvalidInputError(f"{mine_ref} is worse than {name} on {said}; the tag was not moved")
+    for key in sorted(set(theirs) - known, key=str):  # said, not skipped in silence
+        on = _data_name(theirs[key]["dataset"])
+        why = "no comparable value" if key[0] in METRICS else "an unknown metric, no direction"
+        checked.append(f"not compared: {key[0]} of {other_ref} on {on} ({mine_ref}: {why})")
     return checked
 
 
@@ -760,7 +806,7 @@ def promote(
     v = registry.get(ref)
     checked = (
         check_gate(registry, v.ref, requires, better_than, data=data, tag=tag)
-        if requires or better_than
+        if requires or better_than is not None
         else []
     )
     return registry.tag(v.ref, tag), checked
@@ -781,7 +827,12 @@ def compare(
     sha = _data_hash(data)
     if sha is None:
         newest = max(
-            (r for v in versions for r in registry.evals(v.ref) if r.get("dataset")),
+            (
+                r
+                for v in versions
+                for r in registry.evals(v.ref)
+                if (r.get("dataset") or {}).get("sha256")
+            ),  # fmt: skip
             key=lambda r: r.get("created", 0),
             default=None,
         )

@@ -556,19 +556,23 @@ def test_gates_datasets_directions_several_requirements_and_settings(tmp_path, t
     ):
         check_gate(reg, "m@1", better_than="m@2")
     lines = check_gate(reg, "m@2", better_than="prod", tag="prod")
-    assert [ln.split()[0] for ln in lines] == ["loss", "chrf"]  # no bleu: tokenizers differ
+    assert [ln.split()[0] for ln in lines] == ["loss", "chrf", "not"]  # bleu: tokenizers differ
+    assert (
+        lines[-1].startswith("not compared: bleu of m@1 on dev.jsonl")
+        and "no comparable" in lines[-1]
+    )
     reg.add_evals([("m@2", _record(files, "dev", {"chrf": 39.0}, 4))])
     line = refused(cli, h, before, *args, "m@2", "prod", "--require-better-than", "prod",
                    match="m@2 is worse than prod (m@1) on chrf 39 vs 40", last=True)  # fmt: skip
     assert "loss" not in line  # loss is better: only the failing metric is named
     # several requirements: all checked, every failing one named in one line
     line = refused(cli, h, before, *args, "m@2", "prod", "--require", "loss<=1.5", "--require",
-                   "chrf>=41", match="fails the requirement chrf>=41 (chrf is 39)")  # fmt: skip
+                   "chrf>=41", match="fails the requirement chrf>=41 (chrf is 39, max_new_tokens 64)")  # fmt: skip
     assert "loss" not in line
     refused(cli, h, before, *args, "m@2", "prod", "--require", "rouge-l>=0",
             match="no stored rougeL")  # an alias of a metric never measured  # fmt: skip
     line = refused(cli, h, before, *args, "m@2", "prod", "--require", "loss<=0.5", "--require",
-                   "chrf>=41", match="fails the requirements loss<=0.5 (loss is 1); chrf>=41 (chrf is 39)")  # fmt: skip
+                   "chrf>=41", match="fails the requirements loss<=0.5 (loss is 1); chrf>=41 (chrf is 39, max_new_tokens 64)")  # fmt: skip
     # lower-is-better bound on loss passes, higher-is-better on chrf passes
     lines = check_gate(reg, "m@2", ["loss<=1.5", "chrf>=39", "bleu>25"])
     assert len(lines) == 3 and lines[2].endswith("tokenize zh")
@@ -590,7 +594,7 @@ def test_gates_datasets_directions_several_requirements_and_settings(tmp_path, t
                    match="has chrf measured on several datasets")  # fmt: skip
     assert "dev.jsonl" in line and "test.jsonl" in line and "--data" in line
     refused(cli, h, before, *args, "m@2", "prod", "--require", "chrf>=41", "--data", dev,
-            match="fails the requirement chrf>=41 (chrf is 39)")  # fmt: skip
+            match="fails the requirement chrf>=41 (chrf is 39, max_new_tokens 64)")  # fmt: skip
     refused(cli, h, before, *args, "m@2", "prod", "--require", "chrf>=1", "--data",
             str(tmp_path / "nope.jsonl"), match="nope.jsonl")  # fmt: skip
     refused(
@@ -606,3 +610,63 @@ def test_gates_datasets_directions_several_requirements_and_settings(tmp_path, t
     assert doc["settings"]["bleu[tokenize=zh]"]["tokenize"] == "zh"
     code, out, _ = cli("--home", home, "compare", "m@1", "m@2", "--data", dev)
     assert code == 0 and "bleu[tokenize=zh]" in out and "not comparable" in out
+
+
+def test_gate_and_compare_edges_from_review(tmp_path, tiny_llama, cli):
+    """Partial evals, metrics one side lacks, values that are not numbers, an empty or
+    self-naming --require-better-than, compare's footer, a stray BLEU tokenizer."""
+    from adaptr.errors import InvalidInputError
+    from adaptr.evaluation import auto_bleu_tokenize, check_gate, evaluate, promote
+
+    reg, files = _gate_world(tmp_path, tiny_llama)
+    dev, test = str(files["dev"][0]), str(files["test"][0])
+    reg.add_evals([
+        ("m@1", _record(files, "dev", {"loss": 1.0, "chrf": 60.0}, 1)),
+        ("m@2", _record(files, "dev", {"chrf": 30.0}, 2)),
+        ("m@2", _record(files, "dev", {"chrf": 90.0, "loss": 0.9}, 3, limit=1)),  # partial, newer
+        ("m@3", _record(files, "dev", {"chrf": None, "accuracy": 0.5, "loss": 0.5}, 4)),
+        ("m@1", _record(files, "test", {"chrf": 10.0}, 5)),
+    ])  # fmt: skip
+    home, h = str(tmp_path / "home"), tmp_path / "home"
+    before = snapshot(h)
+    # the whole data's value counts, not a newer partial one; a partial one says so
+    refused(cli, h, before, "--home", home, "tag", "m@2", "prod", "--require", "chrf>=40",
+            "--data", dev, match="fails the requirement chrf>=40 (chrf is 30, max_new_tokens 64)")  # fmt: skip
+    (line,) = check_gate(reg, "m@2", ["loss<=1"], data=dev)
+    assert "first 1 records only" in line
+    # what the rival measured and the candidate did not is said, not skipped
+    lines = check_gate(reg, "m@3", better_than="m@1", data=dev)
+    assert lines[0].startswith("loss 0.5 vs m@1 1")
+    assert any(ln.startswith("not compared: chrf of m@1") for ln in lines), lines
+    # values that are not numbers, metrics of unknown direction: no internal error anywhere
+    reg.add_evals([("m@1", _record(files, "dev", {"accuracy": 0.7}, 6))])
+    lines = check_gate(reg, "m@3", better_than="m@1", data=dev)
+    assert any("accuracy" in ln and "unknown metric" in ln for ln in lines), lines
+    for args in (("show", "m@3"), ("compare", "m@1", "m@3"), ("compare", "m@1", "m@3", "--json")):
+        code, out, err = cli("--home", home, *args)
+        assert code == 0 and "internal error" not in err, (args, err)
+    assert "chrf None (not a number)" in cli("--home", home, "show", "m@3")[1]
+    # empty or self-naming rivals, a requirement given as one string (Python)
+    refused(cli, h, snapshot(h), "--home", home, "tag", "m@2", "prod", "--require-better-than", "",
+            match="--require-better-than is empty")  # fmt: skip
+    refused(cli, h, snapshot(h), "--home", home, "tag", "m@3", "prod", "--require-better-than", "m",
+            match="is m@3 itself")  # fmt: skip
+    with pytest.raises(InvalidInputError, match="fails the requirement chrf>=40"):
+        promote(reg, "m@2", "prod", "chrf>=40", data=dev)
+    # compare's footer: the dataset shown, the others noted, never "no stored evals" as well
+    code, out, err = cli("--home", home, "compare", "m@1", "m@2", "--data", dev)
+    assert code == 0 and "evals on" in out and "no stored evals" not in out
+    assert "no stored eval on that data" not in err and "also evaluated on test.jsonl" in err
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    code, out, err = cli("--home", home, "compare", "m@1", "--data", str(other))
+    assert code == 0 and "no stored eval on that data" in err and "also evaluated on" in err
+    # BLEU tokenizer: mixed scripts, a stray kana; given without bleu is refused
+    assert (
+        auto_bleu_tokenize(["我们使用PyTorch和TensorFlow训练模型", "这个API返回JSON格式的数据"])[0]
+        == "zh"
+    )
+    assert auto_bleu_tokenize(["今天天气很好"] * 99 + ["我喜欢の设计"])[0] == "zh"
+    assert auto_bleu_tokenize(["ｶﾀｶﾅ"])[0] in ("ja-mecab", "char")
+    with pytest.raises(InvalidInputError, match="BLEU is not among the metrics"):
+        evaluate(["m@1"], test, "prompt-completion", "chrf", registry=reg, bleu_tokenize="zh")

@@ -195,12 +195,14 @@ def show(registry, ref: str, as_json: bool, wide: bool) -> None:
         )
 
 
-def _metric(name: str, value: float, record: dict) -> str:
+def _metric(name: str, value, record: dict) -> str:
     """``name value``, BLEU with its tokenizer when not sacrebleu's default (13a)."""
-    tokenize = (record.get("settings") or {}).get("bleu_tokenize")
-    if name == "bleu" and tokenize and tokenize != "13a":
-        name = f"bleu[{tokenize}]"
-    return f"{name} {value:.4g}"
+    from adaptr.evaluation import bleu_tokenizer_of
+
+    if name == "bleu" and bleu_tokenizer_of(record) != "13a":
+        name = f"bleu[{bleu_tokenizer_of(record)}]"
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return f"{name} {value:.4g}" if number else f"{name} {value!r} (not a number)"
 
 
 @click.command()
@@ -247,7 +249,7 @@ def tag(
     eval`) pass; a refusal is one line naming the metric, and nothing moves.
     """
     if delete:
-        if requires or better_than or data:
+        if requires or better_than is not None or data:
             raise click.UsageError(
                 "--require, --require-better-than and --data gate a tag move, not --delete"
             )
@@ -257,7 +259,7 @@ def tag(
         registry.untag(name, tag)
         click.echo(f"removed tag {name}@{tag}")
         return
-    if data and not (requires or better_than):
+    if data and not (requires or better_than is not None):
         raise click.UsageError(
             "--data chooses the evals a gate reads: add --require or --require-better-than"
         )

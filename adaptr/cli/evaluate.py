@@ -181,13 +181,13 @@ def compare(registry, refs, data, as_json, wide) -> None:
     if doc["dataset"]:
         ds = doc["dataset"]
         click.echo(f"evals on {ds['path']} (sha256 {ds['sha256'][:12]})\n* best: {arrows}")
-    if doc.get("other_datasets"):
-        names = ", ".join(Path(d.get("path", "?")).name for d in doc["other_datasets"])
-        note(f"also evaluated on {names}: `--data FILE` shows those")
     elif data:
         note("no stored eval on that data: run `adaptr eval REF... --data FILE --format FMT`")
     else:
         click.echo(f"no stored evals\n* best: {arrows}" if cols else "no metrics stored")
+    if doc.get("other_datasets"):
+        names = ", ".join(Path(d.get("path", "?")).name for d in doc["other_datasets"])
+        note(f"also evaluated on {names}: `--data FILE` shows those")
 
 
 @click.command()

@@ -86,7 +86,13 @@ class Maintenance:
                     "run `adaptr reindex` to restore it"
                 )
         for name, version in sorted(indexed - on_disk):
-            if self._indexed(name, version) and not self.journal.has_manifest(name, version):
+            # indexed, no manifest, and indexed still: a remove that committed meanwhile and
+            # then deleted its manifest is gone from the index by the second read
+            if (
+                self._indexed(name, version)
+                and not self.journal.has_manifest(name, version)
+                and self._indexed(name, version)
+            ):
                 report.problems.append(
                     f"{name}@{version}: indexed but its manifest is missing; run `adaptr reindex`"
                     " after a backup of registry.db, or re-add the version"

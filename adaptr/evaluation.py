@@ -188,7 +188,7 @@ def auto_bleu_tokenize(references: Sequence[str]) -> tuple[str, str | None]:
     if lang in fallback:
         best, other, language = fallback[lang]
         tok = best if _installed(BLEU_TOKENIZERS[best]) else other
-        why = "" if tok == best else f" ({best!r} needs pip install 'sacrebleu[{lang}]')"
+        why = "" if tok == best else f" ({best!r} needs pip install '{_BLEU_EXTRAS[best]}')"
         return (
             tok,
             f"BLEU tokenized with sacrebleu's {tok!r} (the references are mostly {language}){why}",
@@ -367,9 +367,12 @@ def evaluate(
         "kind": splits.kind, "records": len(records),
     }  # fmt: skip
     result = EvalResult(
-        {r: {m: scores[r][m] for m in wanted} for r in rows}, dataset, settings, signatures
+        {r: {m: scores[r][m] for m in wanted} for r in rows},
+        dataset,
+        settings,
+        signatures,
+        notes=notes,
     )
-    result.notes = notes
     if generation:
         result.generations = hyps
     if store:
@@ -546,6 +549,11 @@ def _condition(rec: dict, metric: str) -> dict[str, Any]:
     return cond
 
 
+def is_number(value: Any) -> bool:
+    """A stored metric value that can be compared: an int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def measurements(registry: Registry, ref: str, sha256: str | None = None) -> dict[tuple, dict]:
     """The newest stored value of each metric per dataset and comparable settings
     (on dataset ``sha256`` only, if given): ``{(metric, sha256, settings key): {"metric",
@@ -557,23 +565,13 @@ def measurements(registry: Registry, ref: str, sha256: str | None = None) -> dic
             continue
         created = rec.get("created", 0)
         for metric, value in (rec.get("metrics") or {}).items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
+            if not is_number(value):
                 continue  # not a measurement (a record written by hand or by other tools)
             cond = _condition(rec, metric)
             key = (metric, ds["sha256"], json.dumps(cond, sort_keys=True, default=str))
             if key not in out or created >= out[key]["created"]:
                 out[key] = {"metric": metric, "value": value, "dataset": ds, "settings": cond,
                             "created": created}  # fmt: skip
-    return out
-
-
-def latest_scores(registry: Registry, ref: str, sha256: str | None = None) -> dict[str, dict]:
-    """Per metric, the newest stored value (on dataset ``sha256`` if given):
-    ``{metric: {"value", "dataset", "settings", "created"}}``."""
-    out: dict[str, dict] = {}
-    for m in measurements(registry, ref, sha256).values():
-        if m["metric"] not in out or m["created"] >= out[m["metric"]]["created"]:
-            out[m["metric"]] = m
     return out
 
 

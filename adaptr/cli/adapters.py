@@ -197,12 +197,12 @@ def show(registry, ref: str, as_json: bool, wide: bool) -> None:
 
 def _metric(name: str, value, record: dict) -> str:
     """``name value``, BLEU with its tokenizer when not sacrebleu's default (13a)."""
-    from adaptr.evaluation import bleu_tokenizer_of
+    from adaptr.evaluation import bleu_tokenizer_of, is_number
 
-    if name == "bleu" and bleu_tokenizer_of(record) != "13a":
-        name = f"bleu[{bleu_tokenizer_of(record)}]"
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return f"{name} {value:.4g}" if number else f"{name} {value!r} (not a number)"
+    tokenize = bleu_tokenizer_of(record) if name == "bleu" else "13a"
+    if tokenize != "13a":
+        name = f"bleu[{tokenize}]"
+    return f"{name} {value:.4g}" if is_number(value) else f"{name} {value!r} (not a number)"
 
 
 @click.command()

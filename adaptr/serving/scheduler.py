@@ -567,7 +567,7 @@ class Scheduler:
         row.next_token = token
         piece = row.detok.add(token)
         if piece:
-            start = max(0, len(req.text) - max((len(s) for s in req.stop), default=1) + 1)
+            start = _unchecked(req)
             req.text += piece
             if req.stop and len(req.tokens) >= req.min_tokens:
                 cut = find_stop(req.text[start:], req.stop)
@@ -589,8 +589,7 @@ class Scheduler:
         if req.finish is not None:
             return
         if row is not None and row.detok is not None:
-            # the text checked so far cannot hold a stop string; only what the flush adds can
-            start = max(0, len(req.text) - max((len(s) for s in req.stop), default=1) + 1)
+            start = _unchecked(req)
             req.text += row.detok.flush()
             if req.stop and len(req.tokens) >= req.min_tokens:
                 from .openai.protocol import find_stop
@@ -611,6 +610,13 @@ class Scheduler:
         req.finish, req.error = "error", error
         req._emit("error", error)
         req.done.set()
+
+
+def _unchecked(req: Request) -> int:
+    """Where a stop string ending in text added next could begin: the text before was
+    checked already (or not to be checked: before ``min_tokens``), but its last characters
+    may start one."""
+    return max(0, len(req.text) - max((len(s) for s in req.stop), default=1) + 1)
 
 
 def _top(logprobs, k: int) -> tuple[tuple[int, float], ...]:

@@ -94,18 +94,21 @@ def _integer(body: dict, key: str, low: int, high: int) -> int | None:
     return value
 
 
+def _flag(body: dict, key: str, what: str = "") -> bool:
+    value = body.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise ParamError(key, f"'{key}' must be true or false{what}")
+    return bool(value)
+
+
 def _logprobs(body: dict, chat: bool) -> tuple[int | None, bool]:
     """(alternatives per token or None, echo): completions' ``logprobs`` is a count and
     ``echo`` a flag; chat's ``logprobs`` is a flag and ``top_logprobs`` the count."""
-    echo = body.get("echo")
-    if echo is not None and not isinstance(echo, bool):
-        raise ParamError("echo", "'echo' must be true or false")
+    echo = _flag(body, "echo")
     if chat:
         if echo:
             raise ParamError("echo", "'echo' is a completions parameter; leave it out of chat")
-        on = body.get("logprobs")
-        if on is not None and not isinstance(on, bool):
-            raise ParamError("logprobs", "'logprobs' must be true or false (chat)")
+        on = _flag(body, "logprobs", " (chat)")
         top = _integer(body, "top_logprobs", 0, MAX_LOGPROBS)
         if top is not None and not on:
             raise ParamError("top_logprobs", "'top_logprobs' needs 'logprobs': true")
@@ -114,7 +117,7 @@ def _logprobs(body: dict, chat: bool) -> tuple[int | None, bool]:
         raise ParamError(
             "top_logprobs", "'top_logprobs' is a chat parameter; completions take 'logprobs': N"
         )
-    return _integer(body, "logprobs", 0, MAX_LOGPROBS), bool(echo)
+    return _integer(body, "logprobs", 0, MAX_LOGPROBS), echo
 
 
 def parse_params(body: dict, chat: bool = False) -> RequestParams:
@@ -173,15 +176,9 @@ def parse_params(body: dict, chat: bool = False) -> RequestParams:
         not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63
     ):
         raise ParamError("seed", "'seed' must be an integer between 0 and 2**63 - 1")
-    ignore_eos = body.get("ignore_eos")
-    if ignore_eos is not None and not isinstance(ignore_eos, bool):
-        raise ParamError("ignore_eos", "'ignore_eos' must be true or false")
+    ignore_eos = _flag(body, "ignore_eos")
     min_tokens = _integer(body, "min_tokens", 0, max_tokens) or 0
-    as_ids = body.get("return_tokens_as_token_ids")
-    if as_ids is not None and not isinstance(as_ids, bool):
-        raise ParamError(
-            "return_tokens_as_token_ids", "'return_tokens_as_token_ids' must be true or false"
-        )
+    as_ids = _flag(body, "return_tokens_as_token_ids")
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise ParamError("stream", "'stream' must be true or false")
@@ -192,7 +189,7 @@ def parse_params(body: dict, chat: bool = False) -> RequestParams:
     sampling = (False, 0.0, 1.0) if temperature == 0 else (True, temperature, top_p)
     return RequestParams(
         max_tokens, sampling, tuple(stops), stream, bool(options.get("include_usage")), seed,
-        n, logprobs, echo, bool(ignore_eos), min_tokens, bool(as_ids),
+        n, logprobs, echo, ignore_eos, min_tokens, as_ids,
     )  # fmt: skip
 
 

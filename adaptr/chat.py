@@ -12,7 +12,14 @@ What the chat formatters accept (``messages`` and ``sharegpt`` use this module):
   results with ``tool_call_id``/``name``; a record-level ``tools`` (legacy ``functions``)
   list, as a list or a JSON string, each tool OpenAI-shaped or a bare function schema;
 * images, audio and video are refused (parts, record keys, ``<image>``-style placeholders):
-  adaptr trains text models, and dropping the media would teach the text without them.
+  adaptr trains text models, and dropping the media would teach the text without them;
+* per-turn loss switches (OpenAI's ``weight`` 0/1, LLaMA-Factory v1's ``loss_weight``,
+  axolotl's ``train`` and ``train_detail``): every assistant turn is learned and nothing else,
+  so a switch that agrees passes and one that asks otherwise (or is no 0/1, true/false value:
+  ``"0"``, ``false`` or ``0.5`` as a weight) is refused naming the message;
+* a speaker's ``name`` (OpenAI's) is kept on the message, and :func:`check_template`
+  refuses a template that does not render it; content is text (a whole number is its digits;
+  a float only as a tool's JSON result).
 
 The TRL record is ``{"messages": [...], "tools": "<JSON list>"}``: tool calls as
 ``{"type": "function", "function": {"name", "arguments": {…}}}`` with ``arguments`` an object
@@ -23,13 +30,14 @@ only survive ``datasets.Dataset.from_list`` with ``on_mixed_types="use_json"`` (
 Arrow merges the objects' keys and fills the missing ones with null).
 
 :func:`check_template` renders a record and refuses a template that drops any part of it
-(the tools, a tool call, its arguments, a message) or, with assistant-only loss, whose
+(the tools, a tool call, its arguments, a message, a speaker's name) or, with assistant-only loss, whose
 ``{% generation %}`` markers leave assistant text or tool calls out of the loss.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -87,8 +95,16 @@ def content_text(content: Any, where: str, role: str) -> tuple[str, list[dict[st
         return "", []
     if isinstance(content, bool) or not isinstance(content, (list, int, float, dict)):
         raise MissingField(where, f"must be text or a list of parts, got {brief(content)}")
-    if isinstance(content, (int, float)):
+    if isinstance(content, int):
         return str(content), []
+    if isinstance(content, float):
+        if role == "tool" and math.isfinite(content):  # a tool's JSON result
+            return json.dumps(content), []
+        raise MissingField(
+            where,
+            f"is the number {content!r}, not text (a float keeps no written form: 1.5 or 1.50?): "
+            "write it as a string",
+        )
     if isinstance(content, dict):
         if role == "tool":  # a tool's JSON result
             return json.dumps(content, ensure_ascii=False), []
@@ -113,7 +129,7 @@ def content_text(content: Any, where: str, role: str) -> tuple[str, list[dict[st
                 raise MissingField(at, f"is a {kind!r} part without a 'text' (or 'value') string")
             texts.append(value)
         elif kind == "tool_call":  # LLaMA-Factory v1: value = '{"name": …, "arguments": …}'
-            calls.append(_json_value(part.get("value", part.get("tool_call")), f"{at}.value"))
+            calls.append(json_value(part.get("value", part.get("tool_call")), f"{at}.value"))
         elif kind in ("reasoning", "thinking"):
             raise MissingField(
                 at,
@@ -141,7 +157,7 @@ def tool_call(call: Any, where: str) -> dict[str, Any]:
         )
     args = fn.get("arguments", fn.get("parameters"))
     if isinstance(args, str):
-        args = _json_value(args, f"{where}.arguments") if args.strip() else {}
+        args = json_value(args, f"{where}.arguments") if args.strip() else {}
     elif args is None:
         args = {}
     if not isinstance(args, dict):
@@ -158,7 +174,7 @@ def tool_call(call: Any, where: str) -> dict[str, Any]:
 def tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
     """A list of tool calls from a list, one call, or a JSON string holding either."""
     if isinstance(value, str):
-        value = _json_value(value, where)
+        value = json_value(value, where)
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list):
@@ -173,7 +189,7 @@ def tools_json(value: Any, where: str = "tools") -> str | None:
     if isinstance(value, str):
         if not value.strip():
             return None
-        value = _json_value(value, where)
+        value = json_value(value, where)
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list):
@@ -219,13 +235,7 @@ def message(
         raise MissingField(where, f"needs 'role' and 'content' (a {role} message without content)")
     if placeholders == "refuse":
         refuse_placeholders(text, at)
-    for weight in ("weight", "loss_weight"):  # OpenAI fine-tuning's, LLaMA-Factory v1's
-        if role == "assistant" and m.get(weight) in (0, 0.0) and m.get(weight) is not False:
-            raise MissingField(
-                f"{where}.{weight}",
-                "is 0 (do not learn this turn), which adaptr cannot honour: every assistant turn is "
-                "learned; drop the turn or the weight",
-            )
+    _check_loss_switches(m, where, role)
     out: dict[str, Any] = {"role": role, "content": text}
     if calls:
         out["tool_calls"] = calls
@@ -233,7 +243,62 @@ def message(
         for k in ("tool_call_id", "name"):
             if isinstance(m.get(k), str) and m[k]:
                 out[k] = m[k]
+    elif m.get("name") is not None:  # who speaks (OpenAI): kept; check_template refuses a
+        name = m["name"]  # template that does not render it
+        if not isinstance(name, str) or not name.strip():
+            raise MissingField(f"{where}.name", f"must be a speaker's name, got {brief(name)}")
+        out["name"] = name
     return out
+
+
+# per-turn loss switches: OpenAI fine-tuning's weight (0 or 1), LLaMA-Factory v1's loss_weight
+# (0.0 or 1.0), axolotl's train (true or false) and its train_detail character spans
+WEIGHTS = {"weight": "OpenAI's", "loss_weight": "LLaMA-Factory's"}
+
+
+def _check_loss_switches(m: dict[str, Any], where: str, role: str) -> None:
+    """Every assistant turn is learned and nothing else is: a switch that says otherwise is
+    refused (naming the message), and a value that is not a switch is refused too (OpenAI's
+    weight is 0 or 1; a string "0", false or 0.5 is not one)."""
+    learn = role == "assistant"
+    for key, whose in WEIGHTS.items():
+        w = m.get(key)
+        if w is None:
+            continue
+        whole = isinstance(w, int) or (key == "loss_weight" and isinstance(w, float))
+        if isinstance(w, bool) or not whole or w not in (0, 1):
+            raise MissingField(
+                f"{where}.{key}",
+                f"must be 0 or 1 ({whose} values: learn the turn or not), got {brief(w)}",
+            )
+        if learn and w == 0:
+            raise MissingField(
+                f"{where}.{key}",
+                "is 0 (do not learn this turn), which adaptr cannot honour: every assistant turn is "
+                "learned; drop the turn or the weight",
+            )
+        if not learn and w == 1:
+            raise MissingField(
+                f"{where}.{key}", f"is 1 on a {role} message: adaptr learns assistant turns only; set it to 0 or drop it"
+            )  # fmt: skip
+    train = m.get("train")
+    if train is not None:
+        if not isinstance(train, bool):
+            raise MissingField(f"{where}.train", f"must be true or false (axolotl's per-turn switch), got {brief(train)}")  # fmt: skip
+        if learn and not train:
+            raise MissingField(
+                f"{where}.train",
+                "is false (do not learn this turn), which adaptr cannot honour: every assistant turn "
+                "is learned; drop the turn or the field",
+            )
+        if not learn and train:
+            raise MissingField(f"{where}.train", f"is true on a {role} message: adaptr learns assistant turns only; set it to false or drop it")  # fmt: skip
+    if m.get("train_detail") not in (None, []):
+        raise MissingField(
+            f"{where}.train_detail",
+            "(axolotl's per-character loss spans) cannot be honoured: adaptr learns whole assistant "
+            "turns; remove the field",
+        )
 
 
 def conversation(messages: list[dict[str, Any]], tools: str | None, field: str) -> dict[str, Any]:
@@ -265,7 +330,8 @@ def _a(noun: str) -> str:
     return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
 
 
-def _json_value(text: Any, where: str) -> Any:
+def json_value(text: Any, where: str) -> Any:
+    """``text`` parsed as JSON (a non-string is returned as it is); raises MissingField."""
     if not isinstance(text, str):
         return text
     try:
@@ -360,6 +426,12 @@ def check_template(tokenizer, record: dict[str, Any], *, assistant_only_loss: bo
         what = f"message {i + 1} ({m['role']})"
         if m.get("content") and not changed(i, content=PROBE):
             raise InvalidInputError(f"the chat template drops the content of {what}; use a template that renders every {m['role']} message")  # fmt: skip
+        if m["role"] != "tool" and m.get("name") and not changed(i, name=PROBE):
+            raise InvalidInputError(
+                f"the chat template ignores the name {brief(m['name'])} of {what}, so the model "
+                "would not see who speaks: remove the names (or write them into the content), or "
+                "use a template that renders 'name' (sft.chat_template_path=FILE.jinja)"
+            )
         calls = m.get("tool_calls") or []
         if calls and not changed(i, tool_calls=None):
             raise InvalidInputError(f"the chat template drops the tool calls of {what}; use a template that renders tool_calls (e.g. Qwen2.5's), or give one with --set sft.chat_template_path=FILE.jinja")  # fmt: skip
@@ -438,6 +510,11 @@ def check_templates(
             {m["role"] for m in rec["messages"]}
             | ({"tools"} if rec.get("tools") else set())
             | ({"tool_calls"} if any(m.get("tool_calls") for m in rec["messages"]) else set())
+            | {
+                f"name:{m['role']}"
+                for m in rec["messages"]
+                if m.get("name") and m["role"] != "tool"
+            }
         )
         if shape in seen or any(shape <= s for s in seen):
             continue

@@ -550,3 +550,135 @@ def test_train_refuses_a_multimodal_file_in_one_line(cli, home, tmp_path, tiny_l
         "placeholders": "refuse",
     }
     assert not any("seeds" in f["description"] for f in listed.values())
+
+
+# ---- per-turn loss switches: honoured as "every assistant turn is learned", else refused ----
+
+DATA = Path(__file__).parent / "data"
+
+
+def two_turns(**switches) -> dict:
+    return {"messages": [{"role": "user", "content": "What's the capital of France?"},
+                         {"role": "assistant", "content": "Paris", **switches},
+                         {"role": "user", "content": "Can you be more sarcastic?"},
+                         {"role": "assistant", "content": "Paris, as if everyone doesn't know that already."}]}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "switches, match",
+    [
+        ({"weight": "0"}, "'messages[1].weight' must be 0 or 1 (OpenAI's values: learn the turn or not), got '0'"),
+        ({"weight": False}, "'messages[1].weight' must be 0 or 1 (OpenAI's values: learn the turn or not), got False"),
+        ({"weight": 0.5}, "'messages[1].weight' must be 0 or 1 (OpenAI's values: learn the turn or not), got 0.5"),
+        ({"weight": 1.0}, "'messages[1].weight' must be 0 or 1"),  # OpenAI's weight is an integer
+        ({"loss_weight": 0.5}, "'messages[1].loss_weight' must be 0 or 1 (LLaMA-Factory's values"),
+        ({"weight": 0}, "'messages[1].weight' is 0 (do not learn this turn), which adaptr cannot honour"),
+        ({"train": False}, "'messages[1].train' is false (do not learn this turn), which adaptr cannot honour"),
+        ({"train": "false"}, "'messages[1].train' must be true or false (axolotl's per-turn switch), got 'false'"),
+        ({"train_detail": [{"begin_offset": 0, "end_offset": 3, "train": False}]},
+         "'messages[1].train_detail' (axolotl's per-character loss spans) cannot be honoured"),
+    ],
+)  # fmt: skip
+def test_loss_switches_are_honoured_or_refused_naming_the_message(switches, match):
+    with pytest.raises(MissingField, match=re.escape(match)):
+        fmt("messages", two_turns(**switches))
+    with pytest.raises(
+        MissingField, match=re.escape(match.replace("messages[1]", "conversations[1]"))
+    ):
+        fmt("sharegpt", {"conversations": [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"],
+                                            **{k: v for k, v in m.items() if k not in ("role", "content")}}
+                                           for m in two_turns(**switches)["messages"]]})  # fmt: skip
+
+
+def test_switches_that_agree_with_what_trains_pass():
+    assert fmt("messages", two_turns(weight=1)) == fmt("messages", two_turns())
+    assert fmt("messages", two_turns(train=True)) == fmt("messages", two_turns())
+    user_on = {
+        "messages": [
+            {"role": "user", "content": "hi", "weight": 1},
+            {"role": "assistant", "content": "yo"},
+        ]
+    }
+    with pytest.raises(
+        MissingField,
+        match=re.escape(
+            "'messages[0].weight' is 1 on a user message: adaptr learns assistant turns only"
+        ),
+    ):
+        fmt("messages", user_on)  # fmt: skip
+    user_on["messages"][0] = {"role": "user", "content": "hi", "train": True}
+    with pytest.raises(
+        MissingField, match=re.escape("'messages[0].train' is true on a user message")
+    ):
+        fmt("messages", user_on)
+
+
+def test_openai_weights_and_axolotl_train_files():
+    with pytest.raises(InvalidInputError) as e:  # line 2 asks not to learn "William Shakespeare"
+        load_records(DATA / "openai_weights.jsonl", "messages")
+    assert (
+        "openai_weights.jsonl line 2: field 'messages[2].weight' is 0 (do not learn this turn)"
+        in str(e.value)
+    )
+    with pytest.raises(InvalidInputError) as e:
+        load_records(DATA / "axolotl_train_false.jsonl", "messages")
+    assert "axolotl_train_false.jsonl line 2: field 'messages[1].train' is false" in str(e.value)
+    first = fmt(
+        "messages", json.loads((DATA / "axolotl_train_false.jsonl").read_text().splitlines()[0])
+    )
+    assert [set(m) for m in first["messages"]] == [{"role", "content"}] * 5  # the switches agreed
+
+
+# ---- a speaker's name is kept, and a template that does not show it is refused ----
+
+NAMED = json.loads((DATA / "openai_names.jsonl").read_text())
+NAMES_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}{% if m['name'] %} {{ m['name'] }}{% endif %}{{ '\\n' }}"
+    "{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_names_are_kept_and_a_template_that_drops_them_is_refused(cli, home, tiny_llama, tmp_path):
+    out = fmt("messages", NAMED)
+    assert [m.get("name") for m in out["messages"]] == [
+        None,
+        "example_user",
+        "example_assistant",
+        None,
+        None,
+    ]
+    tok = make_tokenizer()
+    with pytest.raises(InvalidInputError) as e:
+        chat.check_template(tok, out)
+    assert str(e.value).startswith(
+        "the chat template ignores the name 'example_user' of message 2 (system), so the model would not see who speaks"
+    )
+    tok.chat_template = NAMES_TEMPLATE
+    chat.check_template(tok, out, assistant_only_loss=False)
+    assert "<|im_start|>system example_user\n" in chat.render(tok, out)
+    data = DATA / "openai_names.jsonl"
+    refused(cli, home, None, "train", "--base", str(tiny_llama), "--data", str(data), "--format", "messages",
+            "--name", "n", "--preview", match="record 1: the chat template ignores the name 'example_user' of message 2")  # fmt: skip
+    template = tmp_path / "names.jinja"
+    template.write_text(NAMES_TEMPLATE)
+    code, shown, err = cli("train", "--base", str(tiny_llama), "--data", str(data), "--format", "messages",
+                           "--name", "n", "--preview", "--set", f"sft.chat_template_path={template}")  # fmt: skip
+    assert code == 0, err
+    assert "<|im_start|>system example_assistant\nThings working well together" in shown
+    with pytest.raises(
+        MissingField, match=re.escape("'messages[0].name' must be a speaker's name, got 7")
+    ):
+        fmt("messages", {"messages": [{"role": "user", "content": "hi", "name": 7}, {"role": "assistant", "content": "yo"}]})  # fmt: skip
+
+
+def test_float_content_is_refused_except_as_a_tool_result():
+    rec = {
+        "messages": [{"role": "user", "content": "Price?"}, {"role": "assistant", "content": 1.5}]
+    }
+    with pytest.raises(
+        MissingField, match=re.escape("'messages[1].content' is the number 1.5, not text")
+    ):
+        fmt("messages", rec)
+    rec["messages"][1:] = [{"role": "assistant", "tool_calls": [{"function": {"name": "price", "arguments": "{}"}}]},
+                           {"role": "tool", "content": 1.5}, {"role": "assistant", "content": "1.50 euros."}]  # fmt: skip
+    assert fmt("messages", rec)["messages"][2]["content"] == "1.5"

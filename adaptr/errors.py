@@ -98,3 +98,56 @@ class LockTimeoutError(AdaptrError):
     """Another adaptr process has held the registry's writer lock for too long."""
 
     exit_code = 7
+
+
+class PluginError(AdaptrError):
+    """A plugin failed in one of its hooks, or answered something adaptr cannot use.
+
+    ``plugin`` and ``hook`` name where; the message says what it raised and what to do.
+    """
+
+    def __init__(self, message: str, plugin: str, hook: str):
+        super().__init__(message)
+        self.plugin, self.hook = plugin, hook
+
+
+class PluginConflictError(AdaptrError):
+    """Two plugins register a family or formatter of the same name."""
+
+
+class InterruptedAfterStore(KeyboardInterrupt):
+    """Ctrl-C (a KeyboardInterrupt) in a plugin's event hook after a version was committed.
+
+    A KeyboardInterrupt, so whatever stops on Ctrl-C still stops; unlike a bare one it says
+    that ``ref`` IS stored, so that nobody adds it again.
+    """
+
+    exit_code = 130
+
+    def __init__(self, ref: str, where: str):
+        self.ref, self.where = ref, where
+        super().__init__(
+            f"interrupted in {where}, after {ref} was stored: {ref} is stored "
+            f"(see `adaptr show {ref}`); do not add it again"
+        )
+
+
+def shadowing_package() -> str | None:
+    """The folder Python imported as ``adaptr`` when it is not this package, else None.
+
+    A folder named adaptr in the current directory (a checkout run from its parent folder)
+    comes first on ``sys.path`` for ``python -m``/``-c``: then ``from adaptr import …`` fails
+    while ``adaptr.cli``, ``adaptr.errors``… still load from the installed package.
+    """
+    import sys
+    from pathlib import Path
+
+    package = sys.modules.get(__name__.rpartition(".")[0])
+    here = Path(__file__).resolve().parent
+    init = getattr(package, "__file__", None)
+    if package is None or (init and Path(init).resolve().parent == here):
+        return None
+    if init:
+        return str(Path(init).parent)
+    paths = list(getattr(package, "__path__", None) or [])
+    return str(paths[0]) if paths else "?"

@@ -1,7 +1,8 @@
 """Model families: what differs per architecture, contributed by plugins.
 
 ``families()`` collects every registered :class:`ModelFamily`; ``family_for(config)`` picks
-the one for a model (plugins may claim models first through ``adaptr_family_for_config``).
+the one for a model (plugins may claim models first through ``adaptr_family_for_config``;
+one that raises there is a :class:`~adaptr.errors.PluginError` naming it).
 A model that no family claims still trains with PEFT's own defaults.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import AdaptrError, InvalidInputError
+from .errors import AdaptrError, InvalidInputError, brief
 
 PRESETS = ("attention", "all-linear")
 
@@ -93,22 +94,30 @@ def families() -> dict[str, ModelFamily]:
 
 
 def get_family(name: str) -> ModelFamily:
+    from .plugin_manager import trouble
+
     fams = families()
     if name not in fams:
+        why = trouble("adaptr_register_families")
+        if not fams:
+            raise InvalidInputError(
+                f"unknown family {brief(name)}: no family is registered ({why or 'no plugin registers one'})"
+            )
         raise InvalidInputError(
-            f"unknown family {name!r}: choose one of {', '.join(sorted(fams))} (see `adaptr families`)"
+            f"unknown family {brief(name)}: choose one of {', '.join(sorted(fams))} (see `adaptr families`)"
+            + (f"; {why}" if why else "")
         )
     return fams[name]
 
 
 def family_for(config: dict[str, Any] | Any) -> ModelFamily | None:
     """The family for a model config (dict or transformers config), or None if none claims it."""
-    from .plugin_manager import hook
+    from .plugin_manager import first_result
 
     if not isinstance(config, dict):
         config = config.to_dict()
     fams = families()
-    picked = hook().adaptr_family_for_config(config=config, families=fams)
+    picked = first_result("adaptr_family_for_config", ModelFamily, config=config, families=fams)
     if picked is not None:
         return picked
     model_type = config.get("model_type")

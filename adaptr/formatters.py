@@ -143,9 +143,17 @@ def get_formatter(name: str) -> Formatter:
     if name not in fmts:
         import difflib
 
+        from .plugin_manager import trouble
+
+        why = trouble("adaptr_register_formatters")  # the plugins that would have had it
+        if not fmts:
+            raise InvalidInputError(
+                f"unknown format {brief(name)}: no formatter is registered ({why or 'no plugin registers one'})"
+            )
         close = difflib.get_close_matches(name, list(fmts), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise InvalidInputError(
             f"unknown format {brief(name)}: {hint}choose one of {', '.join(sorted(fmts))}"
+            + (f"; {why}" if why else "")
         )
     return fmts[name]

@@ -197,7 +197,8 @@ def test_a_broken_third_party_plugin_is_named_not_fatal(tmp_path):
     assert r.returncode == 0 and "llama" in r.stdout
     assert r.stderr.strip() == (
         "warning: plugin 'broken' failed to load and is skipped "
-        "(ImportError: adaptr_broken needs a module that is not installed); fix or uninstall it"
+        "(ImportError: adaptr_broken needs a module that is not installed); fix it or uninstall "
+        "it (pip uninstall adaptr-broken), or set ADAPTR_DISABLE_PLUGINS=broken to skip it"
     )
     r = run_adaptr("plugins", "--json", home=tmp_path / "home", env=env)
     entry = next(p for p in json.loads(r.stdout)["plugins"] if p["name"] == "broken")

@@ -9,14 +9,11 @@ from .table import print_table
 
 
 def warn_broken() -> None:
-    """One stderr line per plugin that failed to load."""
-    from adaptr.plugin_manager import broken
+    """One stderr line per plugin that failed to load or in a hook (each once per command)."""
+    from adaptr.plugin_manager import take_warnings
 
-    for name, reason in broken().items():
-        click.echo(
-            f"warning: plugin {name!r} failed to load and is skipped ({reason}); fix or uninstall it",
-            err=True,
-        )
+    for message in take_warnings():
+        click.echo(f"warning: {message}", err=True)
 
 
 @click.command()
@@ -25,8 +22,10 @@ def warn_broken() -> None:
 def plugins(as_json: bool, wide: bool) -> None:
     """List installed plugins, the hooks they implement, and any that failed to load."""
     from adaptr.plugin_manager import plugins as all_plugins
+    from adaptr.plugin_manager import take_warnings
 
     found = all_plugins()
+    take_warnings()  # the listing names every failure: no warning lines besides
     if as_json:
         emit_json({"plugins": found})
         return
@@ -36,6 +35,8 @@ def plugins(as_json: bool, wide: bool) -> None:
             p["source"] or "-",
             ", ".join(h.removeprefix("adaptr_") for h in p["hooks"])
             if p["ok"]
+            else "DISABLED (ADAPTR_DISABLE_PLUGINS)"
+            if p.get("disabled")
             else f"BROKEN: {p['error']}",
         )
         for p in found

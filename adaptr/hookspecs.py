@@ -40,7 +40,8 @@ def adaptr_register_formatters(register: Callable[[Formatter], None]) -> None:
     """Register dataset formatters: call ``register(Formatter(...))`` once per formatter.
 
     A formatter turns one raw record into a TRL record (``text``, ``prompt``/``completion``
-    or ``messages``).
+    or ``messages``). A plugin whose register hook raises adds nothing and is skipped with
+    a warning naming it (this holds for ``adaptr_register_families`` too).
     """
 
 
@@ -53,6 +54,9 @@ def adaptr_family_for_config(
     Implement it to claim models that ``model_types`` alone cannot tell apart (DeepSeek's
     LLaMA-architecture models say ``"model_type": "llama"``). Return None to pass.
     Mark the implementation ``tryfirst=True`` to run before the built-in look-up.
+    An exception here (or an answer that is not a ModelFamily) refuses the command with one
+    line naming the plugin and this hook (:class:`adaptr.errors.PluginError`); raise an
+    :class:`adaptr.AdaptrError` to give the user a message of your own.
     """
 
 
@@ -61,7 +65,8 @@ def adaptr_register_commands(cli: click.Group) -> None:
     """Add commands to the ``adaptr`` CLI: ``cli.add_command(my_click_command)``.
 
     Called only when a command that is not built in is looked up, or for ``adaptr --help``,
-    so plugins never slow down the built-in commands.
+    so plugins never slow down the built-in commands. One that raises is skipped with a
+    warning naming it; the other commands stay.
     """
 
 
@@ -69,5 +74,7 @@ def adaptr_register_commands(cli: click.Group) -> None:
 def adaptr_version_added(registry: Registry, version: AdapterVersion) -> None:
     """Called after a new adapter version is committed to a registry (by add, train, compose).
 
-    The version is already stored: an exception here is reported, not undone.
+    The version is already stored: an exception here (``sys.exit`` included) is reported,
+    not undone, and the other plugins still hear the event. Ctrl-C stops the command with
+    :class:`adaptr.errors.InterruptedAfterStore`, which says that the version is stored.
     """

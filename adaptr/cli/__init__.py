@@ -12,8 +12,8 @@ import traceback
 
 import click
 
-from adaptr import __version__
-from adaptr.errors import AdaptrError, clip
+import adaptr
+from adaptr.errors import AdaptrError, InterruptedAfterStore, clip, shadowing_package
 
 from . import adapters, bases, check, compose, evaluate, plugins, serve, store, train
 
@@ -26,9 +26,9 @@ class AdaptrGroup(click.Group):
     def _load_plugin_commands(self) -> None:
         if not AdaptrGroup._plugins_loaded:
             AdaptrGroup._plugins_loaded = True
-            from adaptr.plugin_manager import hook
+            from adaptr.plugin_manager import call_each
 
-            hook().adaptr_register_commands(cli=self)
+            call_each("adaptr_register_commands", cli=self)  # one that raises: a warning
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         cmd = super().get_command(ctx, name)
@@ -50,7 +50,7 @@ class AdaptrGroup(click.Group):
     help="Registry home (default: $ADAPTR_HOME or ~/.adaptr).",
 )
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors (or set ADAPTR_DEBUG=1).")
-@click.version_option(__version__, prog_name="adaptr")
+@click.version_option(getattr(adaptr, "__version__", "?"), prog_name="adaptr")
 def cli(home: str | None, debug: bool) -> None:
     """adaptr: manage, train, compose and serve LoRA adapters.
 
@@ -72,16 +72,27 @@ MAX_MESSAGE = 2000  # a safety net: messages cut the values they echo far shorte
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
-    args = sys.argv[1:] if argv is None else list(argv)
-    debug = "--debug" in args or os.environ.get("ADAPTR_DEBUG", "") not in ("", "0")
+    args, debug = _debug_anywhere(sys.argv[1:] if argv is None else list(argv))
+    debug = debug or os.environ.get("ADAPTR_DEBUG", "") not in ("", "0")
+    if pm := sys.modules.get("adaptr.plugin_manager"):
+        pm.forget_warnings()  # each command reports every plugin failure it meets, once
+    if shadow := shadowing_package():
+        return _fail(
+            f"{shadow} is imported as the adaptr package instead of the installed one (a folder "
+            "named adaptr in the current directory, first on sys.path for python -m and -c): "
+            "run adaptr from another folder, or use the `adaptr` command",
+            1,
+            debug,
+        )
     code = 0
     try:
-        if not [a for a in args if a != "--debug"]:  # `adaptr` alone: the help, like git and uv
+        if args == ["--debug"] or not args:  # `adaptr` alone: the help, like git and uv
             with click.Context(cli, info_name="adaptr") as ctx:
                 click.echo(cli.get_help(ctx))
             return 0
         rv = cli.main(args=args, prog_name="adaptr", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
+        _warn_plugins()
     except AdaptrError as e:
         code = _fail(str(e), e.exit_code, debug)
     except click.UsageError as e:
@@ -93,8 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         code = _fail(f"{e.format_message()} (see `{where.strip()}`)", 2, debug)
     except click.ClickException as e:
         code = _fail(e.format_message(), e.exit_code, debug)
-    except (KeyboardInterrupt, click.Abort):
-        code = _fail("interrupted; nothing was stored by the unfinished command", 130, debug)
+    except (KeyboardInterrupt, click.Abort) as e:
+        # after a version was stored (click's Abort wraps the KeyboardInterrupt it caught)
+        stored = e if isinstance(e, InterruptedAfterStore) else e.__cause__
+        if isinstance(stored, InterruptedAfterStore):
+            code = _fail(str(stored), stored.exit_code, debug)
+        else:
+            code = _fail("interrupted; nothing was stored by the unfinished command", 130, debug)
     except OSError as e:
         what = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
         code = _fail(what, 1, debug)
@@ -109,9 +125,27 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def _debug_anywhere(args: list[str]) -> tuple[list[str], bool]:
+    """``--debug`` is a group option, but the error messages suggest adding it to a command
+    line: it is taken anywhere before a ``--`` (moved to the front, where click reads it)."""
+    cut = args.index("--") if "--" in args else len(args)
+    if "--debug" not in args[:cut]:
+        return args, False
+    head = [a for a in args[:cut] if a != "--debug"]
+    return ["--debug", *head, *args[cut:]], True
+
+
+def _warn_plugins() -> None:
+    """One stderr line per plugin failure this command met and did not report yet."""
+    if pm := sys.modules.get("adaptr.plugin_manager"):
+        for message in pm.take_warnings():
+            click.echo(f"warning: {message}", err=True)
+
+
 def _fail(message: str, code: int, debug: bool) -> int:
     if debug:
         traceback.print_exc()
+    _warn_plugins()  # before the error, which stays the last line
     click.echo(f"error: {clip(message, MAX_MESSAGE)}", err=True)
     return code
 

@@ -1,10 +1,19 @@
 """Read training data files (JSONL, JSON, CSV, Parquet) and format them into TRL records.
 
 Every problem names the file and the line (or row) and says what to fix.
+
+Values keep the text the file holds: CSV cells are read as strings (``007`` stays ``007``,
+``NA`` and ``null`` stay words; only an empty cell is empty), JSON Lines in a ``.json`` file
+is read as JSON Lines (as ``datasets`` does), and formatters take a field as text only when
+it is text (:func:`text_value`): lists, objects, booleans, floats and NaN are refused with
+the record and field, never trained as their Python ``str()``.
 """
 
 from __future__ import annotations
 
+import csv
+import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +23,7 @@ from .formatters import Formatter, MissingField, get_formatter
 from .values import decode_utf8, not_utf8, parse_json
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+CSV_FIELD_LIMIT = 2**31 - 1  # the csv module's default (128 KiB a cell) is below a long answer
 
 
 def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -30,7 +40,7 @@ def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
 
 
 def read_raw(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield ``(where, record)`` for each raw record; ``where`` is 'line N' or 'row N'."""
+    """Yield ``(where, record)`` for each raw record; ``where`` is 'line N', 'record N' or 'row N'."""
     path = Path(path)
     if not path.exists():
         raise InvalidInputError(f"data file {path} does not exist")
@@ -38,40 +48,110 @@ def read_raw(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
         raise InvalidInputError(f"data file {path} is not a regular file")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        for n, line in _utf8_lines(path):
-            if not line.strip():
-                continue
-            rec = parse_json(line.rstrip("\r\n"), f"{path} line {n}", "a record")
-            yield f"line {n}", _object(rec, path, f"line {n}")
+        yield from _json_lines(path, _utf8_lines(path))
     elif suffix == ".json":
-        doc = parse_json(decode_utf8(path.read_bytes(), str(path)), str(path), "a list of records")
-        if isinstance(doc, dict) and isinstance(doc.get("data"), list):
-            doc = doc["data"]
-        if not isinstance(doc, list):
-            raise InvalidInputError(
-                f'{path}: expected a JSON list of records (or {{"data": [...]}})'
-            )
-        for n, rec in enumerate(doc, 1):
-            yield f"record {n}", _object(rec, path, f"record {n}")
-    elif suffix in (".csv", ".parquet"):
-        import datasets
-
-        if suffix == ".csv":  # before datasets, which logs a traceback for a bad byte
-            for _ in _utf8_lines(path):
-                pass
-        datasets.disable_progress_bars()
-        try:
-            ds = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
-        except Exception as e:
-            raise InvalidInputError(
-                f"{path}: cannot read as {suffix[1:]} ({type(e).__name__}: {brief(' '.join(str(e).split()), 200)})"
-            ) from None
-        for n, rec in enumerate(ds, 1):
-            yield f"row {n}", rec
+        yield from _json(path)
+    elif suffix == ".csv":
+        yield from _csv(path)
+    elif suffix == ".parquet":
+        yield from _parquet(path)
     else:
         raise InvalidInputError(
             f"{path}: unsupported data file type {suffix[:20] or '(none)'}; use {', '.join(SUFFIXES)}"
         )
+
+
+def _json_lines(path: Path, lines) -> Iterator[tuple[str, dict[str, Any]]]:
+    for n, line in lines:
+        if not line.strip():
+            continue
+        rec = parse_json(line.rstrip("\r\n"), f"{path} line {n}", "a record")
+        yield f"line {n}", _object(rec, path, f"line {n}")
+
+
+def _json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    text = decode_utf8(path.read_bytes(), str(path))
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and text.lstrip().startswith("{"):
+            # one object per line in a .json file: datasets reads it as JSON Lines, so do we
+            try:
+                rows = list(_json_lines(path, enumerate(text.split("\n"), 1)))
+            except InvalidInputError as lines:
+                raise InvalidInputError(
+                    f"{path} is neither one JSON document (a second value starts at line "
+                    f"{e.lineno}, column {e.colno}) nor JSON Lines ({str(lines).removeprefix(f'{path} ')}): "
+                    "give a JSON list of records, or one record per line"
+                ) from None
+            yield from rows
+            return
+        doc = parse_json(text, str(path), "a list of records")  # raises the one-line error
+    except (RecursionError, ValueError):
+        doc = parse_json(text, str(path), "a list of records")
+    if isinstance(doc, dict) and isinstance(doc.get("data"), list):
+        doc = doc["data"]
+    if not isinstance(doc, list):
+        raise InvalidInputError(f'{path}: expected a JSON list of records (or {{"data": [...]}})')
+    for n, rec in enumerate(doc, 1):
+        yield f"record {n}", _object(rec, path, f"record {n}")
+
+
+def _csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every cell as the text it holds: no number or NA inference (pandas reads ``007`` as 7
+    and ``NA`` as missing); a row whose cell count differs from the header's is refused."""
+    for _ in _utf8_lines(path):  # the first bad byte, named by line
+        pass
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader, None)
+            if not header or not any(h.strip() for h in header):
+                raise InvalidInputError(f"{path}: no header row naming the columns")
+            seen: set[str] = set()
+            for name in header:
+                if name in seen:
+                    raise InvalidInputError(
+                        f"{path}: column {brief(name)} is named twice in the header; give each column its own name"
+                    )
+                seen.add(name)
+            n = 0
+            for row in reader:
+                if not row:  # a blank line
+                    continue
+                n += 1
+                if len(row) != len(header):
+                    raise InvalidInputError(
+                        f"{path} row {n} (line {reader.line_num}) has {len(row)} cells but the header "
+                        f"names {len(header)} columns: quote cells that hold commas or newlines"
+                    )
+                yield f"row {n}", dict(zip(header, row, strict=True))
+        except csv.Error as e:
+            raise InvalidInputError(
+                f"{path} line {reader.line_num}: cannot read as CSV ({brief(str(e), 200)})"
+            ) from None
+
+
+def _parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Parquet rows as Python values (strings stay strings, nested lists and structs become
+    lists and dicts); numbers are left to the formatters, which take whole numbers as text
+    and refuse floats (a float keeps no written form: 1.5 or 1.50?)."""
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        n = 0
+        for batch in batches:
+            for rec in batch.to_pylist():
+                n += 1
+                yield f"row {n}", rec
+    except InvalidInputError:
+        raise
+    except Exception as e:
+        raise InvalidInputError(
+            f"{path}: cannot read as parquet ({type(e).__name__}: {brief(' '.join(str(e).split()), 200)})"
+        ) from None
 
 
 def _object(rec: Any, path: Path, where: str) -> dict[str, Any]:
@@ -80,16 +160,79 @@ def _object(rec: Any, path: Path, where: str) -> dict[str, Any]:
     return rec
 
 
+def text_value(value: Any, field: str, hint: str = "") -> str:
+    """``value`` as the text to train, if it is text (a whole number is its digits); raises
+    :class:`MissingField` naming ``field`` for a list, object, boolean, float, NaN or other
+    type, whose ``str()`` would be trained otherwise. ``hint`` ends the message."""
+    if isinstance(value, str):
+        return value
+    end = f": {hint}" if hint else ""
+    if isinstance(value, bool):
+        why = f"is {str(value).lower()} (a boolean), not text{end or ': write it as a string'}"
+    elif isinstance(value, int):
+        return str(value)
+    elif isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            why = f"is {value!r} (not a number), not text{end or ': give the text, or leave the field out'}"
+        else:
+            why = (
+                f"is the number {value!r}, not text (a float keeps no written form: 1.5 or 1.50?)"
+                f"{end or ': write it as a string'}"
+            )
+    elif isinstance(value, list):
+        why = f"is a list ({brief(value, 60)}), not text{end or ': give one string'}"
+    elif isinstance(value, dict):
+        why = f"is an object ({brief(value, 60)}), not text{end or ': give one string'}"
+    else:
+        why = f"is a {type(value).__name__}, not text{end or ': store it as a string'}"
+    raise MissingField(field, why)
+
+
+def record_kind(rec: Any) -> str:
+    """The TRL dataset type of a formatted record: 'text', 'prompt-completion',
+    'conversational prompt-completion' or 'messages'; raises on anything else."""
+    if not isinstance(rec, dict):
+        raise InvalidInputError(f"the formatter returned {type(rec).__name__}, not a TRL record")
+    if "messages" in rec:
+        return "messages"
+    if "prompt" in rec and "completion" in rec:
+        lists = isinstance(rec["prompt"], list), isinstance(rec["completion"], list)
+        if lists == (True, True):
+            return "conversational prompt-completion"
+        if lists == (False, False):
+            return "prompt-completion"
+        raise InvalidInputError(
+            "the formatter returned a prompt and a completion of which one is a list of messages "
+            "and the other text: give both as messages or both as text"
+        )
+    if "text" in rec:
+        return "text"
+    raise InvalidInputError(
+        f"the formatter returned a record with {', '.join(map(repr, rec)) or 'no fields'}: a TRL "
+        "record has 'text', 'prompt' and 'completion', or 'messages'"
+    )
+
+
+def kind_of(records: list[dict[str, Any]]) -> str:
+    """What the loss defaults go by: 'text', 'prompt-completion' (conversational or not) or
+    'messages' (see :func:`record_kind`)."""
+    kind = record_kind(records[0]) if records else "text"
+    return "prompt-completion" if kind.endswith("prompt-completion") else kind
+
+
 def load_records(
     path: str | Path, formatter: str | Formatter, **options: Any
 ) -> list[dict[str, Any]]:
-    """Format every record of a data file; raises naming file, line and field on bad data."""
+    """Format every record of a data file; raises naming file, line and field on bad data.
+    Every record is of one TRL type (see :func:`record_kind`)."""
     fmt = get_formatter(formatter) if isinstance(formatter, str) else formatter
     options = fmt.check_options(options)
     out = []
+    first: tuple[str, str] | None = None  # (where, kind) of the first record
     for where, raw in read_raw(path):
         try:
-            out.append(fmt.format(raw, **options))
+            rec = fmt.format(raw, **options)
+            kind = record_kind(rec)
         except MissingField as e:
             raise InvalidInputError(f"{path} {where}: {fmt.explain(e)}") from None
         except InvalidInputError as e:
@@ -99,6 +242,15 @@ def load_records(
                 f"{path} {where}: the {fmt.name} format cannot use this record "
                 f"({type(e).__name__}: {brief(str(e))}); check its fields' types"
             ) from None
+        if first is None:
+            first = (where, kind)
+        elif kind != first[1]:
+            raise InvalidInputError(
+                f"{path} {where}: the {fmt.name} format made a {kind} record of it, but a "
+                f"{first[1]} record of {first[0]}: one data file trains one kind of record; "
+                "give every record the same shape"
+            )
+        out.append(rec)
     if not out:
         raise InvalidInputError(f"data file {path} holds no records")
     return out

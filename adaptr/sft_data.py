@@ -35,7 +35,7 @@ class DataSplits:
 
 def load_splits(data: dict[str, Any], seed: int) -> DataSplits:
     """Format the recipe's data file(s) and split off the eval set."""
-    from .data import load_records, to_dataset
+    from .data import kind_of, load_records, to_dataset
     from .formatters import get_formatter
     from .registry.blobs import hash_file
 
@@ -45,6 +45,7 @@ def load_splits(data: dict[str, Any], seed: int) -> DataSplits:
     records = load_records(path, fmt, **options)
     if data.get("limit"):
         records = records[: int(data["limit"])]
+    kind = kind_of(records)  # the records' own (alpaca with lang=chat gives chats)
     info: dict[str, Any] = {
         "path": str(path.resolve()), "sha256": hash_file(path)[0], "format": data["format"],
         "options": options, "records": len(records),
@@ -54,6 +55,11 @@ def load_splits(data: dict[str, Any], seed: int) -> DataSplits:
     if data.get("eval_path"):
         eval_path = Path(data["eval_path"]).expanduser()
         eval_records = load_records(eval_path, fmt, **options)
+        if kind_of(eval_records) != kind:
+            raise InvalidInputError(
+                f"{eval_path} gives {kind_of(eval_records)} records but {path} gives {kind} records: "
+                "give the eval data the training data's shape"
+            )
         evaluation = to_dataset([{**r, RECORD: n} for n, r in enumerate(eval_records, 1)])
         info["eval"] = {
             "path": str(eval_path.resolve()),
@@ -69,12 +75,13 @@ def load_splits(data: dict[str, Any], seed: int) -> DataSplits:
         train, evaluation = split["train"], split["test"]
         info["eval"] = {"split": float(data["eval_split"]), "records": len(evaluation)}
     info["train_records"] = len(train)
-    return DataSplits(train, evaluation, info, fmt.kind, records)
+    return DataSplits(train, evaluation, info, kind, records)
 
 
 def check_chat(splits: DataSplits, tokenizer, args) -> None:
-    """Chat data only: the template renders what the records hold (tools, tool calls, every
-    message) and the loss covers the assistant's text, found before anything trains.
+    """Chat data only (messages, or conversational prompt-completion): the template renders
+    what the records hold (tools, tool calls, every message, speakers' names) and the loss
+    covers the assistant's text, found before anything trains.
 
     ``sft.chat_template_path`` (a .jinja file) replaces the tokenizer's template first, as
     SFTTrainer would, so that the examples are tokenized with it."""
@@ -86,12 +93,20 @@ def check_chat(splits: DataSplits, tokenizer, args) -> None:
                 "chat template from a .jinja file"
             )
         tokenizer.chat_template = Path(path).read_text(encoding="utf-8")
-    if splits.kind == "messages":
-        from .chat import check_templates
+    from .chat import check_templates
 
+    if splits.kind == "messages":
         check_templates(
             tokenizer, splits.records, assistant_only_loss=bool(args.assistant_only_loss)
         )
+    elif splits.records and isinstance(splits.records[0].get("prompt"), list):
+        # conversational prompt-completion: the template must render all of prompt + completion
+        # (the loss is the completion's tokens, found by TRL as where the two renderings part)
+        chats = (
+            {"messages": r["prompt"] + r["completion"], **({"tools": r["tools"]} if r.get("tools") else {})}
+            for r in splits.records
+        )  # fmt: skip
+        check_templates(tokenizer, chats, assistant_only_loss=False)
 
 
 def loss_defaults(sft: dict[str, Any], kind: str) -> None:

@@ -1,7 +1,22 @@
 """Built-in dataset formatters: text, alpaca, dolly, sharegpt, messages, prompt-completion, translation.
 
-The chat formats (sharegpt, messages) read content parts, tool calls, tool results and tool
-lists through :mod:`adaptr.chat`, and refuse images, audio and video.
+The chat formats (sharegpt, messages, and prompt-completion given lists of messages) read
+content parts, tool calls, tool results and tool lists through :mod:`adaptr.chat`, and
+refuse images, audio and video.
+
+Which TRL dataset types train, and how (TRL's names, https://huggingface.co/docs/trl/dataset_formats):
+
+* language modelling: ``text`` (standard), ``messages`` / ``sharegpt`` (conversational);
+* prompt-completion: ``prompt-completion`` with text (standard) or with lists of messages
+  (conversational: the chat template renders the prompt, then prompt + completion, and the
+  loss is on the completion, as SFTTrainer does), ``alpaca``/``dolly``/``translation``;
+* prompt-only, preference (``chosen``/``rejected``, LLaMA-Factory's ranking ``output``
+  lists), unpaired preference (a boolean ``label``, LLaMA-Factory's KTO data) and stepwise
+  supervision (``completions`` + ``labels``) are refused by name: SFT would learn nothing,
+  or the rejected answers, from them.
+
+Fields are text where text is expected (:func:`adaptr.data.text_value`): a list, an object, a
+boolean, a float or NaN is refused with the field's name, never trained as its ``str()``.
 """
 
 from __future__ import annotations
@@ -9,7 +24,8 @@ from __future__ import annotations
 from typing import Any
 
 from adaptr import Formatter, chat, hookimpl
-from adaptr.errors import brief
+from adaptr.data import text_value
+from adaptr.errors import InvalidInputError, brief
 from adaptr.formatters import MissingField, need
 
 ALPACA = {
@@ -34,41 +50,158 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "observation": "tool", "tool": "tool"}  # fmt: skip
 
 
+SFT_ONLY = "adaptr train does SFT and takes neither preference nor unpaired-preference data"
+LAYOUTS = (*ALPACA, "chat")
+
+
+def refuse_other_methods(record: dict[str, Any], reads: set[str], sft_hint: str = "") -> None:
+    """Refuse data made for another training method than SFT, naming it: preference pairs
+    (``chosen``/``rejected``: DPO, ORPO), unpaired preference (a boolean ``label``: KTO) and
+    stepwise supervision (``completions`` + ``labels``: process reward models). ``reads``:
+    the fields the formatter was told to read (mapping ``chosen`` on purpose is allowed);
+    ``sft_hint`` says how to fine-tune on the chosen answers with this format."""
+    keys = set(record) - reads
+    if {"chosen", "rejected"} <= keys:
+        raise InvalidInputError(
+            "the record is preference data ('chosen' and 'rejected'), for DPO or ORPO (TRL's "
+            f"DPOTrainer): {SFT_ONLY}"
+            + (f"; to fine-tune on the chosen answers, {sft_hint}" if sft_hint else "")
+        )
+    label = record.get("label")
+    if "label" in keys and isinstance(label, bool):
+        raise InvalidInputError(
+            f"the record's 'label' ({str(label).lower()}) marks unpaired preference data, for KTO "
+            f"(TRL's KTOTrainer), whose undesirable answers SFT would learn: {SFT_ONLY}; to fine-tune "
+            "on the desirable answers, keep the label-true records without the label"
+        )
+    if {"completions", "labels"} <= keys and isinstance(record.get("completions"), list):
+        raise InvalidInputError(
+            "the record is stepwise supervision ('completions' steps with 'labels'), which is for "
+            "process reward models, not SFT: adaptr train takes one completion per record"
+        )
+
+
+def texts(record: dict[str, Any], *names: str) -> list[str]:
+    """The text of each field (present, not empty, text: see :func:`adaptr.data.text_value`)."""
+    return [text_value(v, name) for v, name in zip(need(record, *names), names, strict=True)]
+
+
+def optional_text(record: dict[str, Any], name: str) -> str:
+    """The text of an optional field; '' when absent or null."""
+    value = record.get(name)
+    return "" if value is None else text_value(value, name)
+
+
 def text(record: dict[str, Any], field: str) -> dict[str, Any]:
     (value,) = need(record, field)
-    return {"text": str(value)}
+    hint = ""
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(m, dict) and "role" in m for m in value)
+    ):
+        hint = "a list of messages is a chat: use --format messages"
+    return {"text": text_value(value, field, hint)}
+
+
+def _history(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """LLaMA-Factory's ``history``: [[instruction, response], …] before the current turn."""
+    value = record.get("history")
+    if isinstance(value, str) and value.strip().startswith("["):  # a CSV/Parquet cell of JSON
+        value = chat.json_value(value, "history")
+    if value in (None, "", []):
+        return []
+    if not isinstance(value, list):
+        raise MissingField("history", f"must be a list of [instruction, response] pairs, got {brief(value)}")  # fmt: skip
+    pairs = []
+    for i, pair in enumerate(value):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise MissingField(f"history[{i}]", f"must be an [instruction, response] pair, got {brief(pair)}")  # fmt: skip
+        q, a = (text_value(v, f"history[{i}][{k}]") for k, v in enumerate(pair))
+        if not q.strip() or not a.strip():
+            raise MissingField(f"history[{i}]", "holds an empty instruction or response")
+        pairs.append((q, a))
+    return pairs
 
 
 def alpaca(record: dict[str, Any], lang: str) -> dict[str, Any]:
-    if lang not in ALPACA:
-        raise MissingField("lang", f"option must be one of {', '.join(ALPACA)}")
+    if lang not in LAYOUTS:
+        raise MissingField("lang", f"option must be one of {', '.join(LAYOUTS)}")
     # LLaMA-Factory's multimodal alpaca keeps images/videos/audios beside the text
     chat.refuse_media(record)
-    instruction, output = need(record, "instruction", "output")
-    extra = record.get("input") or ""
+    refuse_other_methods(record, {"instruction", "input", "output"})
+    output = record.get("output")
+    if isinstance(output, list) and len(output) > 1:
+        raise InvalidInputError(
+            f"field 'output' is a list of {len(output)} answers: LLaMA-Factory's ranking layout "
+            f"([chosen, rejected]) is preference data, for DPO or ORPO (TRL's DPOTrainer): {SFT_ONLY}; "
+            "to fine-tune on the chosen answer, make it the 'output'"
+        )
+    instruction, output = texts(record, "instruction", "output")
+    extra = optional_text(record, "input")
+    system = optional_text(record, "system")
+    history = _history(record)
+    if lang == "chat":  # as LLaMA-Factory converts alpaca records: a conversation
+        messages = [{"role": "system", "content": system}] if system.strip() else []
+        for q, a in history:
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        user = "\n".join(t for t in (instruction, extra) if t.strip())
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        return chat.conversation(messages, None, "output")
+    if system.strip() or history:
+        name = "history" if history else "system"
+        what = (
+            f"holds {len(history)} earlier turn{'s' * (len(history) != 1)}"
+            if history
+            else "holds a system prompt"
+        )
+        raise InvalidInputError(
+            f"field {name!r} {what}, which the alpaca text layout (lang={lang}) has no place for: "
+            "train the records as chats with --format-option lang=chat (the chat template renders "
+            "every turn, every answer is learned), or remove the field"
+        )
     with_input, without = ALPACA[lang]
-    prompt = (with_input if str(extra).strip() else without).format(
-        instruction=instruction, input=extra
-    )
-    return {"prompt": prompt, "completion": str(output)}
+    prompt = (with_input if extra.strip() else without).format(instruction=instruction, input=extra)
+    return {"prompt": prompt, "completion": output}
 
 
 def dolly(record: dict[str, Any], lang: str) -> dict[str, Any]:
-    instruction, response = need(record, "instruction", "response")
-    return alpaca(
-        {"instruction": instruction, "input": record.get("context") or "", "output": response}, lang
-    )
+    refuse_other_methods(record, {"instruction", "context", "response"})
+    instruction, response = texts(record, "instruction", "response")
+    context = optional_text(record, "context")
+    fields = {"instruction": instruction, "input": context, "output": response}
+    return alpaca({**{k: record[k] for k in chat.MEDIA_KEYS if k in record}, **fields}, lang)
+
+
+def _messages(turns: Any, field: str, placeholders: str) -> list[dict[str, Any]]:
+    """OpenAI-style ``[{role, content}, …]`` normalised through :func:`adaptr.chat.message`."""
+    if not isinstance(turns, list):
+        raise MissingField(field, "must be a list of {role, content} messages")
+    if not turns:
+        raise MissingField(field, "is an empty list")
+    out = []
+    for i, m in enumerate(turns):
+        if not isinstance(m, dict) or "role" not in m:
+            raise MissingField(f"{field}[{i}]", "needs 'role' and 'content'")
+        role = chat.ROLE_ALIASES.get(m["role"], m["role"]) if isinstance(m["role"], str) else None
+        if role not in chat.ROLES:
+            raise MissingField(
+                f"{field}[{i}].role", f"is {brief(m['role'])}; use system, user, assistant or tool"
+            )
+        out.append(chat.message(m, f"{field}[{i}]", role, placeholders=placeholders))
+    return out
 
 
 def sharegpt(record: dict[str, Any], field: str, placeholders: str) -> dict[str, Any]:
     chat.refuse_media(record)
+    refuse_other_methods(record, {field})
     (turns,) = need(record, field)
     if not isinstance(turns, list):
         raise MissingField(field, "must be a list of {from, value} turns")
     messages = []
     # LLaMA-Factory's sharegpt keeps the system prompt beside the turns
-    system = record.get("system")
-    if isinstance(system, str) and system.strip():
+    system = optional_text(record, "system")
+    if system.strip():
         messages.append(chat.message(record, "", "system", placeholders=placeholders, key="system"))
     for i, turn in enumerate(turns):
         where = f"{field}[{i}]"
@@ -97,19 +230,17 @@ def sharegpt(record: dict[str, Any], field: str, placeholders: str) -> dict[str,
 
 def messages(record: dict[str, Any], field: str, placeholders: str) -> dict[str, Any]:
     chat.refuse_media(record)
+    chosen = record.get("chosen")
+    hint = ""
+    if isinstance(chosen, list) and "prompt" in record:
+        hint = "use --format prompt-completion --format-option completion_field=chosen"
+    elif isinstance(chosen, list):  # TRL's implicit prompt: the whole conversation
+        hint = "map them with --format-option field=chosen"
+    refuse_other_methods(record, {field}, hint)
+    if record.get(field) is None and "prompt" in record and "completion" in record:
+        raise MissingField(field, "is missing", hint="the record has a prompt and a completion: use --format prompt-completion (text or lists of messages)")  # fmt: skip
     (turns,) = need(record, field)
-    if not isinstance(turns, list):
-        raise MissingField(field, "must be a list of {role, content} messages")
-    out = []
-    for i, m in enumerate(turns):
-        if not isinstance(m, dict) or "role" not in m:
-            raise MissingField(f"{field}[{i}]", "needs 'role' and 'content'")
-        role = chat.ROLE_ALIASES.get(m["role"], m["role"]) if isinstance(m["role"], str) else None
-        if role not in chat.ROLES:
-            raise MissingField(
-                f"{field}[{i}].role", f"is {brief(m['role'])}; use system, user, assistant or tool"
-            )
-        out.append(chat.message(m, f"{field}[{i}]", role, placeholders=placeholders))
+    out = _messages(turns, field, placeholders)
     tools = record.get("tools", record.get("functions"))  # functions: OpenAI's legacy name
     return chat.conversation(out, chat.tools_json(tools), field)
 
@@ -117,8 +248,42 @@ def messages(record: dict[str, Any], field: str, placeholders: str) -> dict[str,
 def prompt_completion(
     record: dict[str, Any], prompt_field: str, completion_field: str
 ) -> dict[str, Any]:
+    """Text pairs (standard), or lists of messages (TRL's conversational prompt-completion:
+    rendered with the chat template, the loss on the completion's tokens)."""
+    chat.refuse_media(record)
+    hint = "map them with --format-option completion_field=chosen"
+    refuse_other_methods(record, {prompt_field, completion_field}, hint)
+    if record.get(completion_field) is None and record.get(prompt_field) is not None:
+        raise MissingField(
+            completion_field, "is missing" if completion_field not in record else "is empty",
+            hint="map another field with --format-option completion_field=NAME; a record with a prompt "
+            "alone is prompt-only data, for online methods (TRL's GRPOTrainer, RLOOTrainer), not SFT",
+        )  # fmt: skip
     prompt, completion = need(record, prompt_field, completion_field)
-    return {"prompt": str(prompt), "completion": str(completion)}
+    lists = isinstance(prompt, list), isinstance(completion, list)
+    if lists == (False, False):
+        return {"prompt": text_value(prompt, prompt_field), "completion": text_value(completion, completion_field)}  # fmt: skip
+    if lists != (True, True):
+        listed, other = (
+            (prompt_field, completion_field) if lists[0] else (completion_field, prompt_field)
+        )
+        raise MissingField(
+            other,
+            f"is not a list of messages while {listed!r} is one: give both as lists of messages "
+            "(conversational prompt-completion) or both as text",
+        )  # fmt: skip
+    p = _messages(prompt, prompt_field, "refuse")
+    c = _messages(completion, completion_field, "refuse")
+    for i, m in enumerate(c):
+        if m["role"] != "assistant":
+            raise MissingField(
+                f"{completion_field}[{i}]",
+                f"is a {m['role']} message: the whole completion is learned, so it holds the "
+                f"assistant's answer only; move the {m['role']} message into {prompt_field!r}",
+            )
+    out = chat.conversation(p + c, chat.tools_json(record.get("tools")), completion_field)
+    both = out.pop("messages")  # tool results named after their calls
+    return {"prompt": both[: len(p)], "completion": both[len(p) :], **out}
 
 
 def translation(record: dict[str, Any], direction: str | None, template: str) -> dict[str, Any]:
@@ -128,14 +293,15 @@ def translation(record: dict[str, Any], direction: str | None, template: str) ->
             raise MissingField("direction", "option must look like 'zh-en' (source-target)")
     else:
         src, tgt = "source", "target"
-    source, target = need(record, src, tgt)
+    refuse_other_methods(record, {src, tgt})
+    source, target = texts(record, src, tgt)
     names = {"src": LANGUAGES.get(src, src), "tgt": LANGUAGES.get(tgt, tgt)}
     if not direction:
         names = {
-            "src": record.get("source_lang", "the source language"),
-            "tgt": record.get("target_lang", "the target language"),
+            "src": optional_text(record, "source_lang") or "the source language",
+            "tgt": optional_text(record, "target_lang") or "the target language",
         }
-    return {"prompt": template.format(source=source, **names), "completion": str(target)}
+    return {"prompt": template.format(source=source, **names), "completion": target}
 
 
 @hookimpl
@@ -156,7 +322,9 @@ def adaptr_register_formatters(register):
             alpaca,
             fields=["instruction", "output"],
             options={"lang": "zh"},
-            description="instruction/input/output; lang=zh is the Chinese ### 指令/### 输入/### 回答 layout, lang=en Stanford Alpaca's.",
+            description="instruction/input/output; lang=zh is the Chinese ### 指令/### 输入/### 回答 layout, "
+            "lang=en Stanford Alpaca's, lang=chat a chat for the base's template (LLaMA-Factory's "
+            "system and history as turns; every answer learned).",
         )
     )
     register(
@@ -196,7 +364,8 @@ def adaptr_register_formatters(register):
             prompt_completion,
             fields=["prompt", "completion"],
             options={"prompt_field": "prompt", "completion_field": "completion"},
-            description="Ready prompt/completion pairs (loss on the completion only).",
+            description="Ready prompt/completion pairs, as text or as lists of messages (TRL's "
+            "conversational prompt-completion, rendered with the chat template); loss on the completion only.",
         )
     )
     register(

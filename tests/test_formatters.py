@@ -1,12 +1,14 @@
 """Built-in formatters and data loading: TRL records out, file/line/field in every error."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
 from adaptr.data import load_records, read_raw
 from adaptr.errors import InvalidInputError
-from adaptr.formatters import formatters, get_formatter
+from adaptr.formatters import MissingField, formatters, get_formatter
 
 
 def fmt(name, record, **options):
@@ -191,3 +193,180 @@ def test_formatters_cli_json(cli):
         and names["alpaca"]["options"] == {"lang": "zh"}
     )
     assert names["sharegpt"]["plugin"] == "formatters"
+
+
+# ---- every TRL dataset type: trained as TRL trains it, or refused naming what takes it ----
+
+DATA = Path(__file__).parent / "data"
+TRL_TYPES = json.loads((DATA / "trl_dataset_formats.json").read_text())  # TRL's dataset_formats doc
+SKY = [{"role": "user", "content": "What color is the sky?"}]
+TRAINED = {  # type -> (format, TRL record adaptr trains)
+    "language modeling": ("text", {"text": "The sky is blue."}),
+    "conversational language modeling": ("messages", {"messages": SKY + [{"role": "assistant", "content": "It is blue."}]}),
+    "prompt-completion": ("prompt-completion", {"prompt": "The sky is", "completion": " blue."}),
+    "conversational prompt-completion": ("prompt-completion", {"prompt": SKY, "completion": [{"role": "assistant", "content": "It is blue."}]}),
+}  # fmt: skip
+REFUSED = {  # type -> what the refusal names
+    "prompt-only": "prompt-only data, for online methods (TRL's GRPOTrainer, RLOOTrainer), not SFT",
+    "conversational prompt-only": "prompt-only data, for online methods",
+    "preference": "preference data ('chosen' and 'rejected'), for DPO or ORPO (TRL's DPOTrainer)",
+    "implicit-prompt preference": "for DPO or ORPO (TRL's DPOTrainer)",
+    "conversational preference": "for DPO or ORPO (TRL's DPOTrainer)",
+    "conversational implicit-prompt preference": "for DPO or ORPO (TRL's DPOTrainer)",
+    "unpaired preference": "'label' (true) marks unpaired preference data, for KTO (TRL's KTOTrainer)",
+    "conversational unpaired preference": "'label' (false) marks unpaired preference data, for KTO",
+    "stepwise supervision": "stepwise supervision ('completions' steps with 'labels'), which is for process reward models",
+}  # fmt: skip
+
+
+def test_every_trl_dataset_type_is_handled_or_refused():
+    assert set(TRAINED) | set(REFUSED) == set(TRL_TYPES)
+    for kind, (name, expected) in TRAINED.items():
+        assert fmt(name, TRL_TYPES[kind][0]) == expected, kind
+    for kind, why in REFUSED.items():
+        name = (
+            "messages"
+            if kind.startswith("conversational") and "preference" in kind
+            else "prompt-completion"
+        )
+        with pytest.raises(InvalidInputError) as e:
+            fmt(name, TRL_TYPES[kind][0])
+        assert why in str(e.value), (kind, str(e.value))
+        if "preference" in kind:
+            assert (
+                "adaptr train does SFT and takes neither preference nor unpaired-preference data"
+                in str(e.value)
+            )
+
+
+def test_preference_mapped_on_purpose_trains_the_chosen_answer():
+    rec = TRL_TYPES["conversational implicit-prompt preference"][0]
+    with pytest.raises(
+        InvalidInputError,
+        match="to fine-tune on the chosen answers, map them with --format-option field=chosen",
+    ):
+        fmt("messages", rec)
+    assert fmt("messages", rec, field="chosen") == {"messages": rec["chosen"]}
+    pref = TRL_TYPES["preference"][0]
+    assert fmt("prompt-completion", pref, completion_field="chosen") == {"prompt": "The sky is", "completion": " blue."}  # fmt: skip
+
+
+# ---- LLaMA-Factory's preference, ranking and KTO files are refused, naming the method ----
+
+
+@pytest.mark.parametrize(
+    "name, fmt_name, options, match",
+    [
+        ("kto_en_demo.json", "messages", {}, "record 1: the record's 'label' (true) marks unpaired preference data, for KTO"),
+        ("kto_en_demo.json", "sharegpt", {"field": "messages"}, "record 1: the record's 'label' (true) marks unpaired"),
+        ("dpo_en_demo.json", "sharegpt", {}, "record 1: the record is preference data ('chosen' and 'rejected'), for DPO or ORPO"),
+        ("ranking_alpaca.json", "alpaca", {}, "record 1: field 'output' is a list of 2 answers: LLaMA-Factory's ranking layout"),
+    ],
+)  # fmt: skip
+def test_llama_factory_preference_files_are_refused(name, fmt_name, options, match):
+    path = DATA / "llamafactory" / name
+    records = json.loads(path.read_text())
+    if name == "kto_en_demo.json":  # the desirable record alone is refused too: it is KTO data
+        assert records[0]["label"] is True and records[1]["label"] is False
+    with pytest.raises(InvalidInputError) as e:
+        load_records(path, fmt_name, **options)
+    message = str(e.value)
+    assert match in message and "\n" not in message and "adaptr train does SFT" in message
+
+
+# ---- fields are text where the formatter expects text ----
+
+
+@pytest.mark.parametrize(
+    "name, record, options, match",
+    [
+        ("alpaca", {"instruction": "Summarise.", "input": {"title": "A", "body": "B"}, "output": "AB"}, {},
+         "field 'input' is an object ({'body': 'B', 'title': 'A'}), not text"),
+        ("alpaca", {"instruction": "Pick one.", "output": ["only answer"]}, {}, "field 'output' is a list (['only answer']), not text"),
+        ("alpaca", {"instruction": "Is it?", "output": True}, {}, "field 'output' is true (a boolean), not text"),
+        ("text", {"text": ["line one", "line two"]}, {}, "field 'text' is a list (['line one', 'line two']), not text: give one string"),
+        ("text", {"messages": SKY}, {"field": "messages"}, "not text: a list of messages is a chat: use --format messages"),
+        ("prompt-completion", {"prompt": "Price?", "completion": 1.5}, {}, "field 'completion' is the number 1.5, not text"),
+        ("prompt-completion", {"prompt": SKY, "completion": "It is blue."}, {},
+         "field 'completion' is not a list of messages while 'prompt' is one"),
+        ("prompt-completion", {"prompt": SKY, "completion": [{"role": "user", "content": "x"}]}, {},
+         "field 'completion[0]' is a user message: the whole completion is learned"),
+        ("translation", {"source": {"text": "Bonjour"}, "target": "Hello"}, {}, "field 'source' is an object"),
+        ("dolly", {"instruction": "Summarise", "context": ["a", "b"], "response": "ab"}, {}, "field 'context' is a list"),
+        ("sharegpt", {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}], "system": ["be kind"]}, {},
+         "field 'system' is a list"),
+    ],
+)  # fmt: skip
+def test_fields_that_are_not_text_are_refused(tmp_path, name, record, options, match):
+    with pytest.raises(InvalidInputError) as e:
+        fmt(name, record, **options)
+    assert match in str(e.value)
+    good = {"text": "x", "instruction": "i", "output": "o", "prompt": "p", "completion": "c", "source": "s",
+            "target": "t", "response": "r", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}  # fmt: skip
+    lines = [good, record] if name != "text" or "field" not in options else [record]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with pytest.raises(InvalidInputError) as e:
+        load_records(path, name, **options)
+    assert str(e.value).startswith(f"{path} line {len(lines)}: ") and match in str(e.value)
+
+
+def test_whole_numbers_are_their_digits():
+    assert (
+        fmt("alpaca", {"instruction": "Agent number?", "input": 7, "output": 7}, lang="en")[
+            "completion"
+        ]
+        == "7"
+    )
+    assert fmt("text", {"text": 2024}) == {"text": "2024"}
+
+
+# ---- LLaMA-Factory's alpaca system and history: a chat, or refused in the text layouts ----
+
+
+def test_alpaca_system_and_history_become_a_chat():
+    path = DATA / "llamafactory" / "alpaca_history.json"
+    with pytest.raises(InvalidInputError) as e:
+        load_records(path, "alpaca")
+    assert str(e.value) == (
+        f"{path} record 2: field 'history' holds 2 earlier turns, which the alpaca text layout "
+        "(lang=zh) has no place for: train the records as chats with --format-option lang=chat "
+        "(the chat template renders every turn, every answer is learned), or remove the field"
+    )
+    first, second, third = load_records(path, "alpaca", lang="chat")
+    assert first == {"messages": [{"role": "user", "content": "Describe a process of making crepes."},
+                                  {"role": "assistant", "content": first["messages"][1]["content"]}]}  # fmt: skip
+    assert second["messages"] == [
+        {"role": "system", "content": "You are a helpful cooking assistant."},
+        {"role": "user", "content": "Describe a process of making crepes."},
+        {"role": "assistant", "content": "Whisk flour, eggs and milk into a thin batter and cook thin layers in a hot pan."},
+        {"role": "user", "content": "How long should the batter rest?"},
+        {"role": "assistant", "content": "About 30 minutes, so the flour absorbs the liquid."},
+        {"role": "user", "content": "And what can I fill them with?"},
+        {"role": "assistant", "content": "Sweet fillings such as Nutella and banana, or savoury ones such as ham, cheese and egg."},
+    ]  # fmt: skip
+    # LLaMA-Factory's user turn: the instruction, then the input, on the next line
+    assert third["messages"][1] == {"role": "user", "content": "Translate the sentence into French.\nThe weather is nice today."}  # fmt: skip
+    with pytest.raises(
+        InvalidInputError,
+        match="field 'system' holds a system prompt, which the alpaca text layout .lang=en.",
+    ):
+        fmt("alpaca", {"instruction": "i", "output": "o", "system": "Be kind."}, lang="en")
+    # empty system and history are nothing to drop: the text layout takes the record
+    assert fmt("alpaca", {"instruction": "i", "output": "o", "system": "", "history": []}) == fmt("alpaca", {"instruction": "i", "output": "o"})  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "history, match",
+    [
+        ("not a list", "field 'history' must be a list of [instruction, response] pairs"),
+        ([["only the question"]], "field 'history[0]' must be an [instruction, response] pair"),
+        ([["q", {"a": 1}]], "field 'history[0][1]' is an object"),
+        ([["q", " "]], "field 'history[0]' holds an empty instruction or response"),
+    ],
+)
+def test_bad_history_names_the_turn(history, match):
+    with pytest.raises(MissingField, match=re.escape(match)):
+        fmt("alpaca", {"instruction": "i", "output": "o", "history": history}, lang="chat")
+    assert fmt("alpaca", {"instruction": "i", "output": "o", "history": '[["q", "a"]]'}, lang="chat")["messages"][:2] == [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]  # fmt: skip

@@ -13,6 +13,8 @@ from adaptr.errors import InvalidInputError
 from adaptr.preview import preview
 from adaptr.trainer import train
 
+from helpers import refused, snapshot
+
 FAST = {"max_steps": 1, "per_device_train_batch_size": 8, "gradient_checkpointing": False}
 LONG = "word " * 200  # ~1,000 characters: past max_length=64 for the tiny byte-level tokenizer
 
@@ -335,3 +337,121 @@ def test_tool_calls_train_through_a_template_that_renders_them(cli, registry, pl
     r["sft"]["chat_template_path"] = str(tmp_path / "template.txt")
     with pytest.raises(InvalidInputError, match="is not a .jinja file"):
         preview(r, registry=registry)
+
+
+# ---- TRL's conversational prompt-completion: the chat template renders it, loss on the completion ----
+
+DATA = Path(__file__).parent / "data"
+SKY = [{"role": "user", "content": "What color is the sky?"}]
+CONVERSATIONAL_PC = [
+    {"prompt": SKY, "completion": [{"role": "assistant", "content": "It is blue."}]},  # TRL's doc
+    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
+     "completion": [{"role": "assistant", "content": "4"}]},
+]  # fmt: skip
+
+
+def test_conversational_prompt_completion_renders_with_the_chat_template(
+    cli, home, tiny_llama, tmp_path
+):
+    data = tmp_path / "pc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in CONVERSATIONAL_PC))
+    code, out, err = cli("train", "--base", str(tiny_llama), "--data", str(data), "--format", "prompt-completion",
+                         "--name", "pc", "--preview", "2")  # fmt: skip
+    assert code == 0, err
+    assert "{'role'" not in out and "'content'" not in out  # not the Python repr of the lists
+    assert (
+        "<|im_start|>user\nWhat color is the sky?<|im_end|>\n<|im_start|>assistant\n⟦It is blue.<|im_end|>\n⟧"
+        in out
+    )
+    assert "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n" in out
+    assert "loss on: the completion only" in out
+    # the template must render all of it, as for chat data: here it drops a speaker's name
+    named = tmp_path / "named.jsonl"
+    named.write_text(json.dumps({"prompt": [{"role": "user", "name": "alice", "content": "Hi!"}],
+                                 "completion": [{"role": "assistant", "content": "Hi, Alice."}]}) + "\n")  # fmt: skip
+    refused(cli, home, None, "train", "--base", str(tiny_llama), "--data", str(named), "--format", "prompt-completion",
+            "--name", "pc", "--preview", match="record 1: the chat template ignores the name 'alice' of message 1 (user)")  # fmt: skip
+
+
+def test_conversational_prompt_completion_trains_exactly_as_trl_alone(
+    registry, marked_qwen, tmp_path
+):
+    """Same tokens, labels and first-step loss as TRL's SFTTrainer on the raw records."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from adaptr.sft_data import load_splits, tokenize
+
+    data = tmp_path / "pc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in CONVERSATIONAL_PC))
+    sft = {**FAST, "learning_rate": 1e-9}
+    ours = train(
+        recipe("pc", marked_qwen, data, "prompt-completion", **sft),
+        registry=registry,
+        progress=False,
+    )
+    assert ours.version.lineage["recipe"]["sft"]["completion_only_loss"] is True
+    args = SFTConfig(output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True, bf16=False,
+                     disable_tqdm=True, **sft)  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(marked_qwen)
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(marked_qwen), args=args,
+        train_dataset=Dataset.from_list(CONVERSATIONAL_PC), processing_class=tok,
+        peft_config=LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )  # fmt: skip
+    splits = load_splits({"path": str(data), "format": "prompt-completion"}, 0)
+    mine = tokenize(splits.train, tok, args)
+    assert mine["input_ids"] == trainer.train_dataset["input_ids"]
+    assert mine["labels"] == trainer.train_dataset["labels"]
+    assert [tok.decode([t for t in row if t != -100]) for row in mine["labels"]] == [
+        "It is blue.<|im_end|>\n",
+        "4<|im_end|>\n",
+    ]
+    assert ours.metrics["train_loss"] == pytest.approx(trainer.train().training_loss, abs=1e-4)
+
+
+# ---- LLaMA-Factory's alpaca system and history train as a chat; preference data is refused ----
+
+
+def test_alpaca_history_trains_as_a_chat_with_every_answer_learned(cli, home, tiny_llama):
+    data = DATA / "llamafactory" / "alpaca_history.json"
+    refused(cli, home, None, "train", "--base", str(tiny_llama), "--data", str(data), "--format", "alpaca",
+            "--name", "h", "--preview", match="record 2: field 'history' holds 2 earlier turns, which the alpaca "
+            "text layout (lang=zh) has no place for: train the records as chats with --format-option lang=chat")  # fmt: skip
+    code, out, err = cli("train", "--base", str(tiny_llama), "--data", str(data), "--format", "alpaca",
+                         "--format-option", "lang=chat", "--name", "h", "--preview", "3", "--json")  # fmt: skip
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["loss"].startswith("assistant turns only")
+    second = doc["examples"][1]
+    context = "".join(s["text"] for s in second["segments"] if not s["loss"])
+    learned = [s["text"] for s in second["segments"] if s["loss"]]
+    assert "<|im_start|>system\nYou are a helpful cooking assistant.<|im_end|>" in context
+    assert (
+        "How long should the batter rest?" in context
+        and "And what can I fill them with?" in context
+    )
+    assert learned == [  # LLaMA-Factory's default (mask_history: false): every answer
+        "Whisk flour, eggs and milk into a thin batter and cook thin layers in a hot pan.<|im_end|>\n",
+        "About 30 minutes, so the flour absorbs the liquid.<|im_end|>\n",
+        "Sweet fillings such as Nutella and banana, or savoury ones such as ham, cheese and egg.<|im_end|>\n",
+    ]
+
+
+@pytest.mark.parametrize(
+    "name, fmt, match",
+    [
+        ("kto_en_demo.json", "messages", "record 1: the record's 'label' (true) marks unpaired preference data, for KTO (TRL's KTOTrainer)"),
+        ("dpo_en_demo.json", "sharegpt", "record 1: the record is preference data ('chosen' and 'rejected'), for DPO or ORPO (TRL's DPOTrainer)"),
+    ],
+)  # fmt: skip
+def test_preference_data_is_refused_before_anything_trains(
+    cli, home, registry, tiny_llama, name, fmt, match
+):
+    before = snapshot(home)
+    line = refused(cli, home, before, "train", "--base", str(tiny_llama), "--data", str(DATA / "llamafactory" / name),
+                   "--format", fmt, "--name", "pref", "--max-steps", "1", match=match)  # fmt: skip
+    assert "adaptr train does SFT and takes neither preference nor unpaired-preference data" in line
+    assert registry.list() == []

@@ -11,13 +11,12 @@ What PEFT does silently wrong is handled or refused here, each case shown by a t
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from typing import Any
 
 from .errors import InvalidInputError, brief
 from .registry import AdapterVersion, Registry, check_name
-from .registry.atomic import work_dir
+from .registry.atomic import work_folder
 from .values import is_number
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -111,8 +110,7 @@ def compose(
     }
     check(versions, [float(w) for w in weights], method, options)
     model, _ = load_base_model(base_location(registry, versions[0], base), "float32")
-    work = work_dir("compose")  # a killed run's folder is removed by the next one
-    try:
+    with work_folder("compose") as work:  # a killed run's folder is removed by the next one
         peft = attach(model, registry, versions, work)
         names = [v.ref for v in versions]
         kwargs: dict[str, Any] = {"combination_type": method}
@@ -136,8 +134,6 @@ def compose(
             name, work / "out" / "composed", base=versions[0].base, tags=tags, lineage=lineage,
             origin=f"adaptr compose {' '.join(names)} --method {method}",
         )  # fmt: skip
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _fix_rslora(peft, adapter: str) -> None:

@@ -6,7 +6,6 @@ adapter (that is :mod:`adaptr.compose`). Also the shared loading code for compos
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,9 @@ def versions_on_one_base(registry: Registry, refs: Sequence[str]) -> list[Adapte
 def base_location(registry: Registry, version: AdapterVersion, override: str | None = None) -> str:
     """A loadable path (or Hub id) for a version's base, or raise saying how to give one."""
     if override:
+        from .registry.atomic import check_path
+
+        check_path(override, "base")
         p = Path(override).expanduser()
         if p.exists():
             if not (p / "config.json").is_file():
@@ -203,8 +205,10 @@ def load(
     path = base_location(registry, versions[0], base)
     checked = check_base_fits(registry, versions, path) is not None
     model, tokenizer = load_base_model(path, dtype)
-    with tempfile.TemporaryDirectory(prefix="adaptr-load-") as tmp:
-        peft = attach(model, registry, versions, Path(tmp), checked=checked)
+    from .registry.atomic import work_folder
+
+    with work_folder("load") as tmp:  # marked: a killed run's is removed by the next one
+        peft = attach(model, registry, versions, tmp, checked=checked)
     names = [v.ref for v in versions]
     peft.base_model.set_adapter(names if len(names) > 1 else names[0])
     return peft.eval(), tokenizer, names

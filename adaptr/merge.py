@@ -9,7 +9,6 @@ is merged into the dequantized (full-precision) weights, never into quantized on
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 from .errors import ConflictError, InvalidInputError
 from .registry import Registry
-from .registry.atomic import replace_dir, work_dir
+from .registry.atomic import check_path, refuse_in_home, replace_dir, work_folder
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -42,7 +41,9 @@ def merge(
 
     if dtype not in DTYPES:
         raise InvalidInputError(f"--dtype must be one of {', '.join(DTYPES)}")
+    check_path(str(out), "--out")
     out = Path(out).expanduser()
+    refuse_in_home(out, registry.home, "the merged model")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise ConflictError(f"{out} exists and is not empty; pass --force to replace it")
     versions = versions_on_one_base(registry, refs)
@@ -63,8 +64,7 @@ def merge(
     started = time.time()
     model, tokenizer = load_base_model(path, dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = work_dir("merge", out.parent)  # beside out: the result moves in by rename
-    try:
+    with work_folder("merge", out.parent) as work:  # beside out: the result moves in by rename
         peft = attach(model, registry, versions, work / "adapters", checked=info is not None)
         names = [v.ref for v in versions]
         merged = peft.merge_and_unload(adapter_names=names, progressbar=False)
@@ -84,6 +84,4 @@ def merge(
         }  # fmt: skip
         (staging / "adaptr_merge.json").write_text(json.dumps(record, indent=2) + "\n")
         replace_dir(staging, out)  # the old folder stays whole until the new one takes its place
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return record

@@ -199,21 +199,128 @@ def test_merge_writes_a_standalone_model_matching_base_plus_adapter(reg, tmp_pat
     )
 
 
-def test_merge_force_replaces_the_folder_whole_and_tidies_a_killed_runs_leftovers(reg, tmp_path):
+def _killed_work_folder(kind: str, parent: Path | None, env: dict | None = None) -> Path:
+    """The work folder of a real process killed (SIGKILL) while it had it."""
+    import os
     import subprocess
     import sys
 
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    leftover = tmp_path / f".adaptr-merge-{dead.pid}-x1y2"  # a merge killed mid-write
-    (leftover / "model").mkdir(parents=True)
+    code = (
+        "import sys, os, signal; from pathlib import Path; from adaptr.registry import atomic\n"
+        "w = atomic.work_dir(sys.argv[1], Path(sys.argv[2]) if sys.argv[2] != '-' else None)\n"
+        "(w / 'model').mkdir(); (w / 'model' / 'part.bin').write_bytes(b'half')\n"
+        "print(w, flush=True); os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, kind, str(parent) if parent else "-"],
+        capture_output=True, text=True, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    assert proc.returncode == -9, proc.stderr
+    leftover = Path(proc.stdout.strip())
+    assert (leftover / "model" / "part.bin").exists()
+    return leftover
+
+
+USERS = ("adaptr-runs-20240115-final", ".adaptr-old-424242-notes", "adaptr-load-1-x",
+         ".adaptr-merge-424242-abcdefgh", "adaptr-compose-424242-x1y2z3w4")  # fmt: skip
+
+
+def _users_folders(root: Path) -> dict[str, bytes]:
+    """Folders of a user's named like adaptr's work folders once were, each with a file."""
+    for name in USERS:
+        (root / name / "sub").mkdir(parents=True)
+        (root / name / "sub" / "keep.txt").write_text(f"{name}: mine")
+    return _files(root)
+
+
+def _files(root: Path, names=USERS) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for name in names
+        for p in sorted((root / name).rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_merge_force_replaces_the_folder_whole_and_tidies_a_killed_runs_leftovers(reg, tmp_path):
+    leftover = _killed_work_folder("merge", tmp_path)  # a merge killed mid-write
+    mine = _users_folders(tmp_path)
     merge(reg, ["a"], tmp_path / "merged")
     assert not leftover.exists()
     before = json.loads((tmp_path / "merged" / "adaptr_merge.json").read_text())
     merge(reg, ["b"], tmp_path / "merged", force=True)
     after = json.loads((tmp_path / "merged" / "adaptr_merge.json").read_text())
     assert before["refs"] == ["a@1"] and after["refs"] == ["b@1"]
-    assert sorted(p.name for p in tmp_path.iterdir() if "adaptr" in p.name) == []
+    assert _files(tmp_path) == mine  # untouched, whatever their names
+    assert sorted(p.name for p in tmp_path.iterdir() if "adaptr" in p.name) == sorted(USERS)
+    assert not (tmp_path / "notes").exists()
+
+
+def test_compose_sweeps_only_its_own_leftovers_in_the_temp_folder(reg, tmp_path, monkeypatch):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    leftover = _killed_work_folder("compose", None, env={"TMPDIR": str(tmp)})
+    assert leftover.parent == tmp
+    mine = _users_folders(tmp)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp))
+    compose(reg, ["a", "b"], [1.0, 1.0], "linear", "blend")
+    assert _files(tmp) == mine and not leftover.exists()
+    assert sorted(p.name for p in tmp.iterdir()) == sorted(USERS)
+    assert not (tmp / "notes").exists()
+
+
+def test_merge_into_the_registry_home_is_refused(reg, home, tmp_path, cli):
+    from helpers import refused
+
+    before = snapshot(home)
+    for out in (home / "blobs", home, tmp_path, home / "new"):
+        refused(cli, home, before, "merge", "a", "--out", str(out), "--force",
+                match="registry home")  # fmt: skip
+        with pytest.raises(InvalidInputError, match="registry home"):
+            merge(reg, ["a"], out, force=True)
+    assert snapshot(home) == before and not (home / "new").exists()
+    assert cli("verify")[0] == 0
+
+
+GENERATE_STOPPED = """
+import sys, time
+import peft
+def held(*args, **kwargs):  # the adapters are exported to the temp folder: hold there
+    print("loading", flush=True)
+    time.sleep(600)
+peft.PeftModel.from_pretrained = held
+from adaptr.cli import main
+sys.exit(main(["generate", "a", "Hello", "--max-new-tokens", "2"]))
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_a_stopped_generate_leaves_no_load_folder(reg, home, tmp_path, sig):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from adaptr.registry import atomic
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp), "ADAPTR_HOME": str(home)}
+    proc = subprocess.Popen([sys.executable, "-c", GENERATE_STOPPED], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "loading", proc.stderr.read()
+        assert [p.name for p in tmp.iterdir() if p.is_dir()][0].startswith("adaptr-load-")
+        proc.send_signal(getattr(signal, sig))
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    if sig == "SIGTERM":  # ends cleanly: the work folder is removed on the way out
+        assert proc.returncode == 143 and "Traceback" not in proc.stderr.read()
+    else:  # nothing runs after SIGKILL: the next run's sweep removes what it left
+        assert proc.returncode == -9 and any(tmp.iterdir())
+        atomic.sweep(tmp)
+    assert list(tmp.iterdir()) == []
 
 
 def test_merge_several_refs_equals_them_stacked(reg, tmp_path, cli):

@@ -57,10 +57,12 @@ def compose(
     """Combine adapters (PEFT add_weighted_adapter) into a new registered version."""
     from adaptr.compose import compose as run
     from adaptr.quiet import quiet_libraries
+    from adaptr.registry.atomic import exit_on_sigterm
 
     quiet_libraries()
-    v = run(registry, refs, _weights(weights, len(refs)), method, name, density=density,
-            majority_sign_method=majority_sign_method, svd_rank=svd_rank, base=base, tags=tags)  # fmt: skip
+    with exit_on_sigterm():  # its work folder is removed on the way out
+        v = run(registry, refs, _weights(weights, len(refs)), method, name, density=density,
+                majority_sign_method=majority_sign_method, svd_rank=svd_rank, base=base, tags=tags)  # fmt: skip
     click.echo(v.ref)
 
 
@@ -87,9 +89,11 @@ def merge(registry, refs, out, base, dtype, force, as_json) -> None:
     """Merge REF(s) into the base: a model folder AutoModelForCausalLM loads without PEFT."""
     from adaptr.merge import merge as run
     from adaptr.quiet import quiet_libraries
+    from adaptr.registry.atomic import exit_on_sigterm
 
     quiet_libraries()
-    record = run(registry, refs, out, base=base, dtype=dtype, force=force)
+    with exit_on_sigterm():
+        record = run(registry, refs, out, base=base, dtype=dtype, force=force)
     if as_json:
         emit_json({"out": out, **record})
         return
@@ -122,6 +126,7 @@ def generate(registry, args, stacked, max_new_tokens, chat, base, as_json) -> No
     """Generate with REF (default: the active adapter(s)); --stack adds more, all active at once."""
     from adaptr import inference
     from adaptr.quiet import quiet_libraries
+    from adaptr.registry.atomic import exit_on_sigterm
 
     quiet_libraries()
     if len(args) > 2:
@@ -130,8 +135,11 @@ def generate(registry, args, stacked, max_new_tokens, chat, base, as_json) -> No
         )
     prompt = args[-1]
     refs = ([args[0]] if len(args) == 2 else []) + list(stacked)
-    model, tokenizer, names = inference.load(registry, refs or None, base=base)
-    text = inference.generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, chat=chat)
+    with exit_on_sigterm():  # the adapters' temporary folder is removed on the way out
+        model, tokenizer, names = inference.load(registry, refs or None, base=base)
+        text = inference.generate(
+            model, tokenizer, prompt, max_new_tokens=max_new_tokens, chat=chat
+        )
     if as_json:
         emit_json({"adapters": names, "prompt": prompt, "completion": text})
     else:

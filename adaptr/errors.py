@@ -94,6 +94,23 @@ class IntegrityError(AdaptrError):
     exit_code = 6
 
 
+class StorageFullError(AdaptrError, OSError):
+    """The file system (or object store) ran out of space or quota during a write.
+
+    The write was undone: the message names where space ran out and what was kept. An
+    ``OSError`` with ``errno.ENOSPC`` too, for callers that catch those.
+    """
+
+    def __init__(self, message: str):
+        import errno
+
+        super().__init__(message)
+        self.errno = errno.ENOSPC
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class LockTimeoutError(AdaptrError):
     """Another adaptr process has held the registry's writer lock for too long."""
 

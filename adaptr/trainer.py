@@ -15,13 +15,22 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .errors import AdaptrError, ConflictError, InvalidInputError, NotFoundError, brief, first_line
+from .errors import (
+    AdaptrError,
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    StorageFullError,
+    brief,
+    first_line,
+)
 from .recipe import Recipe
 from .registry import AdapterVersion, Registry, check_name
 from .registry.fingerprint import looks_like_hub_id
@@ -350,25 +359,53 @@ def train(
     version = None
     if trainer.is_world_process_zero():
         final = run_dir / "final"
-        trainer.save_model(str(final))
-        (final / "training_args.bin").unlink(missing_ok=True)  # a pickle: never stored
-        lineage = {
-            "base": p.base_key, "dataset": data_info, "recipe": recipe.to_dict(), "seed": args.seed,
-            "family": family.name if family else None, "libraries": library_versions(),
-            "resumed_from": str(resume_from) if resume_from else None,
-            "parents": [parent.ref] if parent else [], "method": "sft",
-            "log_history": json.loads(json.dumps(trainer.state.log_history, default=float)),
-        }  # fmt: skip
-        version = registry.add(
-            recipe.name, final, base=p.base_key, tags=recipe.tags, lineage=lineage, metrics=metrics,
-            origin=f"adaptr train --data {data_info['path']}",
-        )  # fmt: skip
+        with _storing(recipe.name, p.base_key, final, run_dir, trainer.state.global_step):
+            trainer.save_model(str(final))
+            (final / "training_args.bin").unlink(missing_ok=True)  # a pickle: never stored
+            lineage = {
+                "base": p.base_key, "dataset": data_info, "recipe": recipe.to_dict(), "seed": args.seed,
+                "family": family.name if family else None, "libraries": library_versions(),
+                "resumed_from": str(resume_from) if resume_from else None,
+                "parents": [parent.ref] if parent else [], "method": "sft",
+                "log_history": json.loads(json.dumps(trainer.state.log_history, default=float)),
+            }  # fmt: skip
+            version = registry.add(
+                recipe.name, final, base=p.base_key, tags=recipe.tags, lineage=lineage, metrics=metrics,
+                origin=f"adaptr train --data {data_info['path']}",
+            )  # fmt: skip
         for n in registry.notes:
             if "skipped" not in n:
                 say(n)
         if not keep_run:
             shutil.rmtree(run_dir, ignore_errors=True)
     return TrainResult(version, metrics, run_dir, notes)
+
+
+@contextmanager
+def _storing(name: str, base: str | None, final: Path, run_dir: Path, steps: int) -> Iterator[None]:
+    """A full disk while saving or storing the trained adapter: the run folder is kept and
+    the one-line error says how to store what was trained once there is space."""
+    from .registry.faults import is_full
+
+    try:
+        yield
+    except Exception as e:
+        if not is_full(e):
+            raise
+        saved = (final / "adapter_model.safetensors").is_file() and (
+            final / "adapter_config.json"
+        ).is_file()
+        how = (
+            f"the trained adapter is saved in {final}: free some space, then store it with "
+            f"`adaptr add {name} {final}" + (f" --base {base}`" if base else "`")
+            if saved
+            else f"its checkpoints are kept in {run_dir}: free some space, then rerun the same "
+            "`adaptr train` with --resume"
+        )
+        raise StorageFullError(
+            f"no space left on the device while storing {name} after {steps} training step(s); "
+            f"nothing was stored in the registry and {how}"
+        ) from e
 
 
 def _data_lineage(info: dict[str, Any], reports: list[LengthReport]) -> dict[str, Any]:

@@ -6,6 +6,7 @@ blob path either holds the complete content or does not exist. Blobs are read-on
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import mmap
 import os
@@ -15,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 CHUNK = 8 * 1024 * 1024
+_INTACT: set[tuple] = set()  # blobs hashed whole in this process, by identity (see intact)
+_INTACT_LOCK = threading.Lock()
 
 
 def fsync_dir(path: Path) -> None:
@@ -91,13 +94,26 @@ def _copy(fin, fout, progress: _Progress) -> None:
         progress.update(error=e)
 
 
+_NO_KERNEL_COPY = frozenset(
+    {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
+)
+
+
 def _copy_chunk(fin, fout) -> int:
+    """Copy up to CHUNK bytes; the bytes copied, each one written (a short write is retried,
+    so a full disk raises ENOSPC instead of leaving fewer bytes than were counted)."""
     try:
         return os.copy_file_range(fin.fileno(), fout.fileno(), CHUNK)
-    except (AttributeError, OSError):  # no kernel-side copy here: read and write
-        data = fin.read(CHUNK)
-        fout.write(data)
-        return len(data)
+    except AttributeError:
+        pass
+    except OSError as e:
+        if e.errno not in _NO_KERNEL_COPY:
+            raise
+    data = fin.read(CHUNK)  # no kernel-side copy here: read and write
+    view = memoryview(data)
+    while view:
+        view = view[fout.write(view) :]
+    return len(data)
 
 
 def _copy_and_hash(src: Path, dest: Path) -> tuple[str, int]:
@@ -157,29 +173,94 @@ class BlobStore:
         """Copy ``src`` to ``dest`` (under ``tmp/``), fsynced; the digest and size of the copy."""
         return _copy_and_hash(src, dest)
 
-    def adopt(self, staged: Path, digest: str, size: int) -> None:
-        """Move a staged copy whose digest is known into the store (dropped if already there)."""
+    def adopt(self, staged: Path, digest: str, size: int) -> bool:
+        """Move a staged copy whose digest is known into the store (dropped if already there).
+
+        A stored blob of that name is trusted only once re-hashed: one whose bytes are not
+        its name (a flipped bit) is replaced by the staged copy, so a re-add repairs it
+        instead of being born corrupt. Returns whether a damaged blob was replaced.
+        """
         final = self.path(digest)
-        if final.exists() and final.stat().st_size == size:
-            staged.unlink()
-            return
+        repaired = False
+        if final.is_file() and not final.is_symlink():
+            if self.intact(digest):
+                staged.unlink()
+                return False
+            repaired = True
         final.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(staged, 0o444)
         os.replace(staged, final)
         fsync_dir(final.parent)
+        return repaired
+
+    def intact(self, digest: str) -> bool:
+        """Whether the blob exists and its bytes hash to its name.
+
+        Remembered per process by the file's identity and times (inode, size, mtime, ctime):
+        any change made through the file system moves ctime, so a blob is re-hashed after
+        every write to it, and only then.
+        """
+        p = self.path(digest)
+        try:
+            st = p.stat()
+        except OSError:
+            return False
+        key = (digest, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if key in _INTACT:
+            return True
+        try:
+            ok = hash_file(p)[0] == digest
+        except OSError:
+            return False
+        if ok:
+            with _INTACT_LOCK:
+                _INTACT.add(key)
+        return ok
+
+    def read_checked(self, digest: str, what: str) -> bytes:
+        """The blob's bytes, hashed as read: IntegrityError unless they are its name.
+
+        What is served or scored is these bytes, not a second read of the file."""
+        from adaptr.errors import IntegrityError
+
+        try:
+            data = self.path(digest).read_bytes()
+        except FileNotFoundError:
+            raise IntegrityError(f"{what} is missing from the store; run `adaptr verify`") from None
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise IntegrityError(
+                f"{what} is corrupt in the store (its SHA-256 is not {digest[:12]}…); nothing "
+                "was loaded: run `adaptr verify`, and re-add the adapter from its source to repair it"
+            )
+        return data
 
     def digests(self) -> Iterator[str]:
         """Every stored digest."""
         if not self.root.is_dir():
             return
         for sub in self.root.iterdir():
-            if sub.is_dir():
+            # never through a link: gc deletes what this yields, and a linked shard (or blob)
+            # is a file outside the store
+            if sub.is_dir() and not sub.is_symlink():
                 for blob in sub.iterdir():
-                    yield blob.name
+                    if not blob.is_symlink():
+                        yield blob.name
+
+    def strays(self) -> list[Path]:
+        """Links in the store (a shard folder or blob that is a symlink): never followed."""
+        if not self.root.is_dir():
+            return []
+        out = [sub for sub in self.root.iterdir() if sub.is_symlink()]
+        for sub in self.root.iterdir():
+            if sub.is_dir() and not sub.is_symlink():
+                out += [b for b in sub.iterdir() if b.is_symlink()]
+        return out
 
     def remove(self, digest: str) -> int:
         """Delete one blob; returns the bytes freed."""
         p = self.path(digest)
+        if p.parent.is_symlink() or p.is_symlink():
+            return 0  # never delete through a link out of the store
         try:
             size = p.stat().st_size
             p.unlink()

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from adaptr.errors import IntegrityError
 
+from .faults import full_error, is_full
+
 SCHEMA_VERSION = 1
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS names (
@@ -66,6 +68,15 @@ CREATE TABLE IF NOT EXISTS bases (
 """
 
 
+def identity(db: Path) -> tuple[int, int] | None:
+    """(device, inode) of the index file, None when it is missing: a replaced index differs."""
+    try:
+        st = db.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def connect(db: Path, create: bool) -> sqlite3.Connection | None:
     """Open the index; with ``create`` make it (and its schema) if missing, else return None."""
     if not create and not db.exists():
@@ -80,6 +91,16 @@ def connect(db: Path, create: bool) -> sqlite3.Connection | None:
             conn.execute("SELECT 1 FROM names LIMIT 1").fetchall()
     except sqlite3.DatabaseError as e:
         conn.close()
+        if is_full(e, db.parent):
+            raise full_error(db.parent, "opening the registry index") from None
+        if getattr(e, "sqlite_errorname", "SQLITE_CORRUPT") not in (
+            "SQLITE_CORRUPT",
+            "SQLITE_NOTADB",
+        ):
+            raise IntegrityError(
+                f"the registry index {db} cannot be read now ({e}); nothing was changed: check "
+                "the file system (permissions, a network mount), then run the command again"
+            ) from None
         raise IntegrityError(
             f"the registry index {db} is unreadable ({e}); the adapter files are safe in "
             f"{db.parent / 'blobs'}: run `adaptr reindex` to rebuild the index from the stored "

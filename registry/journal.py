@@ -4,6 +4,7 @@ Layout under the registry home::
 
     manifests/NAME/N.json        one per committed version: its full record and files
     manifests/NAME/N.evals/*.json  evaluation records of a version, append-only
+    manifests/NAME/N.removed     a removed version's tombstone: its number is never reused
     manifests/_pending/NAME@N.json  written before the SQL commit of an add
     manifests/_removing/NAME@N.json moved there before the SQL commit of a remove
     state.json                   names (next version), tags, active adapters, bases
@@ -18,11 +19,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+
+from adaptr.errors import IntegrityError
 
 from .blobs import fsync_dir
 from .models import RebuildReport
@@ -89,6 +93,11 @@ class Journal:
         """
         final = self.committed(name, version)
         final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists() and final.read_bytes() != manifest.read_bytes():
+            raise IntegrityError(
+                f"{final} already holds another manifest of {name}@{version}; nothing was "
+                f"overwritten (the new one is kept at {manifest}): run `adaptr verify`"
+            )
         os.replace(manifest, final)
 
     def begin_remove(self, name: str, version: int) -> Path | None:
@@ -109,21 +118,37 @@ class Journal:
     def finish_remove(self, moved: list[tuple[Path, str, int]]) -> None:
         """After the commit: the removed versions' manifests and evaluation records go."""
         for path, name, version in moved:
+            write_json(self.tombstone(name, version), {"name": name, "version": version})
             path.unlink(missing_ok=True)
             shutil.rmtree(self.evals_dir(name, version), ignore_errors=True)
 
+    def tombstone(self, name: str, version: int) -> Path:
+        """``manifests/NAME/N.removed``: left by a remove so that N is never given out again,
+        even after the index and ``state.json`` are lost."""
+        return self.root / name / f"{version}.removed"
+
+    def highest(self, name: str) -> int:
+        """The highest version number of ``name`` any file of the journal holds (0 if none):
+        committed, pending, being removed or removed."""
+        numbers = [0]
+        folder = self.root / name
+        if folder.is_dir():
+            for p in folder.iterdir():
+                stem, _, ext = p.name.partition(".")
+                if ext in ("json", "removed") and stem.isdigit():
+                    numbers.append(int(stem))
+        for kind in (PENDING, REMOVING):
+            for p in (self.root / kind).glob(f"{name}@*.json"):
+                tail = p.stem.rpartition("@")[2]
+                if tail.isdigit():
+                    numbers.append(int(tail))
+        return max(numbers)
+
     def write_state(self, conn: sqlite3.Connection) -> None:
         """Snapshot names, tags, active adapters and bases (after a committed write)."""
-        state = {
-            "names": {r[0]: r[1] for r in conn.execute("SELECT name, next_version FROM names")},
-            "tags": [list(r) for r in conn.execute("SELECT name, tag, version FROM tags")],
-            "active": [list(r) for r in conn.execute("SELECT base, position, ref FROM active")],
-            "bases": [
-                dict(zip(("name", "path", "fingerprint", "summary", "created"), r, strict=True))
-                for r in conn.execute("SELECT name, path, fingerprint, summary, created FROM bases")
-            ],
-        }
-        write_json(self.home / STATE, state, sync_dir=False)  # a crash may leave the one before
+        write_json(
+            self.home / STATE, state_of(conn), sync_dir=False
+        )  # a crash may leave the one before
 
     def backfill(self, conn: sqlite3.Connection) -> None:
         """Write manifests for every indexed version (a registry made before manifests existed)."""
@@ -153,15 +178,32 @@ class Journal:
         return self.root / name / f"{version}.evals"
 
     def add_eval(self, name: str, version: int, record: dict) -> Path:
-        """Append one evaluation record (temp + fsync + rename: whole or absent).
+        """Append one evaluation record (whole or absent), beside the version's manifest and
+        outside the index, so ``reindex`` keeps it; names sort by time, a random part keeps
+        concurrent writers apart."""
+        return self.add_evals([(name, version, record)])[0]
 
-        Records live beside the version's manifest, outside the index, so ``reindex`` keeps
-        them; file names sort by time and a random part keeps concurrent writers apart.
-        """
-        stamp = f"{int(record.get('created', 0) * 1000):015d}"
-        path = self.evals_dir(name, version) / f"{stamp}-{secrets.token_hex(4)}.json"
-        write_json(path, record)
-        return path
+    def add_evals(self, records: list[tuple[str, int, dict]]) -> list[Path]:
+        """Append several evaluation records, all or none: each is written and fsynced as a
+        hidden part first (where a full disk fails), then every part is renamed into place."""
+        parts: list[tuple[Path, Path]] = []
+        try:
+            for name, version, record in records:
+                stamp = f"{int(record.get('created', 0) * 1000):015d}"
+                final = self.evals_dir(name, version) / f"{stamp}-{secrets.token_hex(4)}.json"
+                part = final.with_name(f".{final.name}.part")
+                write_json(part, record, sync_dir=False)
+                parts.append((part, final))
+            for part, final in parts:
+                os.replace(part, final)
+        except BaseException:
+            for part, final in parts:
+                part.unlink(missing_ok=True)
+                final.unlink(missing_ok=True)
+            raise
+        for folder in {final.parent for _, final in parts}:
+            fsync_dir(folder)
+        return [final for _, final in parts]
 
     def evals(self, name: str, version: int) -> list[dict]:
         """Every readable evaluation record of a version, oldest first."""
@@ -176,16 +218,26 @@ class Journal:
 
     # ------------------------------------------------------------------- reads
     def manifests(self) -> list[dict]:
-        """Every committed manifest that can be read (unreadable ones are skipped)."""
-        out = []
+        """Every committed manifest that is whole (see :meth:`read_manifests` for the rest)."""
+        return self.read_manifests()[0]
+
+    def read_manifests(self) -> tuple[list[dict], list[Damaged]]:
+        """Every committed manifest: (the whole ones, the damaged ones with what is wrong)."""
+        good: list[dict] = []
+        damaged: list[Damaged] = []
         if not self.exists():
-            return out
+            return good, damaged
         for path in self.committed_paths():
             try:
-                out.append(json.loads(path.read_text(encoding="utf-8")))
-            except (OSError, ValueError):
-                continue
-        return out
+                rec = json.loads(path.read_text(encoding="utf-8"))
+                problem = manifest_problem(rec, path.parent.name, path.stem)
+            except (OSError, ValueError) as e:
+                problem = f"unreadable ({type(e).__name__}: {str(e)[:120]})"
+            if problem:
+                damaged.append(Damaged(path, path.parent.name, path.stem, problem))
+            else:
+                good.append(rec)
+        return good, damaged
 
     def has_manifest(self, name: str, version: int) -> bool:
         """A manifest in any state, looked for in the order writers move it (no race misses it)."""
@@ -198,15 +250,109 @@ class Journal:
             )
         )
 
+    def has_intent(self, name: str, version: int) -> bool:
+        """Whether a writer's intent (an add or remove not yet settled) names the version."""
+        return any(self._intent(k, name, version).exists() for k in (PENDING, REMOVING))
+
     def committed_paths(self) -> list[Path]:
         """The manifests of committed versions (intents excluded: their folders start with _)."""
         return sorted(p for p in self.root.glob("[!_]*/*.json"))
 
     def state(self) -> dict:
+        """``state.json`` when it is whole, else ``{}`` (:meth:`read_state` says why)."""
+        return self.read_state()[0]
+
+    def read_state(self) -> tuple[dict, str | None]:
+        """(``state.json``'s content, None) or ({}, what is wrong with it); a missing file
+        is no problem for a home that has no manifests either."""
+        path = self.home / STATE
         try:
-            return json.loads((self.home / STATE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}, (f"{path} is missing" if self.committed_paths() else None)
+        except (OSError, ValueError) as e:
+            return {}, f"{path} is unreadable ({type(e).__name__}: {str(e)[:120]})"
+        problem = state_problem(doc)
+        return ({}, f"{path} is damaged ({problem})") if problem else (doc, None)
+
+
+@dataclass
+class Damaged:
+    """A committed manifest that cannot be trusted: where it is and what is wrong."""
+
+    path: Path
+    name: str
+    version: str  # the file's stem: a number unless the file itself is misnamed
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.version}: manifest {self.path} is {self.problem}"
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def manifest_problem(rec: object, name: str, stem: str) -> str | None:
+    """What makes a parsed manifest unusable (None when it is whole)."""
+    if not isinstance(rec, dict):
+        return f"not a JSON object ({type(rec).__name__})"
+    missing = [c for c in (*_VERSION_COLUMNS, "files") if c not in rec]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    if rec["name"] != name or str(rec["version"]) != stem or not isinstance(rec["version"], int):
+        return f"for {rec['name']}@{rec['version']}, not {name}@{stem}"
+    for c in _JSON_COLUMNS:
+        if not isinstance(rec[c], dict):
+            return f"damaged ({c} is not an object)"
+    files = rec["files"]
+    if not isinstance(files, list) or not files:
+        return "damaged (it lists no files)"
+    for f in files:
+        if not (
+            isinstance(f, dict)
+            and isinstance(f.get("path"), str)
+            and isinstance(f.get("sha256"), str)
+            and _SHA256.fullmatch(f["sha256"])
+            and isinstance(f.get("size"), int)
+        ):
+            return f"damaged (a file entry is not {{path, sha256, size}}: {str(f)[:80]})"
+    return None
+
+
+def state_problem(doc: object) -> str | None:
+    """What makes a parsed ``state.json`` unusable (None when it is whole)."""
+    if not isinstance(doc, dict):
+        return f"not a JSON object ({type(doc).__name__})"
+    names = doc.get("names", {})
+    if not isinstance(names, dict) or not all(isinstance(n, int) for n in names.values()):
+        return "names is not a map of name to next version"
+    shapes = {"tags": 3, "active": 3}
+    for key, width in shapes.items():
+        rows = doc.get(key, [])
+        if not isinstance(rows, list) or not all(
+            isinstance(r, list) and len(r) == width for r in rows
+        ):
+            return f"{key} is not a list of {width}-item rows"
+    bases = doc.get("bases", [])
+    want = {"name", "path", "fingerprint", "summary", "created"}
+    if not isinstance(bases, list) or not all(
+        isinstance(b, dict) and want <= set(b) for b in bases
+    ):
+        return "bases is not a list of base records"
+    return None
+
+
+def state_of(conn: sqlite3.Connection) -> dict:
+    """What ``state.json`` holds, read from an index: names, tags, active adapters, bases."""
+    return {
+        "names": {r[0]: r[1] for r in conn.execute("SELECT name, next_version FROM names")},
+        "tags": [list(r) for r in conn.execute("SELECT name, tag, version FROM tags")],
+        "active": [list(r) for r in conn.execute("SELECT base, position, ref FROM active")],
+        "bases": [
+            dict(zip(("name", "path", "fingerprint", "summary", "created"), r, strict=True))
+            for r in conn.execute("SELECT name, path, fingerprint, summary, created FROM bases")
+        ],
+    }
 
 
 def record_of(conn: sqlite3.Connection, row: sqlite3.Row) -> dict:
@@ -244,27 +390,35 @@ def insert_version(conn: sqlite3.Connection, rec: dict) -> None:
     )
 
 
-def rebuild(conn: sqlite3.Connection, journal: Journal, blob_exists) -> RebuildReport:
-    """Fill an empty index from the manifests and ``state.json``; versions missing a blob are skipped."""
+def rebuild(conn: sqlite3.Connection, journal: Journal, blob_exists, state: dict) -> RebuildReport:
+    """Fill an empty index from the manifests and ``state`` (tags, active adapters, bases).
+
+    Versions missing a blob and damaged manifests are skipped and reported; every name's
+    next version number is past every number the journal ever held (tombstones included).
+    """
     report = RebuildReport()
-    state = journal.state()
-    for rec in journal.manifests():
-        ref = f"{rec.get('name')}@{rec.get('version')}"
-        try:
-            missing = [f["path"] for f in rec["files"] if not blob_exists(f["sha256"])]
-            if missing:
-                report.skipped.append(f"{ref}: stored file(s) missing ({', '.join(missing)})")
-                continue
-            insert_version(conn, rec)
-        except (KeyError, TypeError, sqlite3.Error) as e:
-            report.skipped.append(f"{ref}: unreadable manifest ({type(e).__name__}: {e})")
+    good, damaged = journal.read_manifests()
+    report.damaged = [str(d) for d in damaged]
+    names: set[str] = {d.name for d in damaged}
+    for rec in good:
+        ref = f"{rec['name']}@{rec['version']}"
+        names.add(rec["name"])
+        missing = [f["path"] for f in rec["files"] if not blob_exists(f["sha256"])]
+        if missing:
+            report.skipped.append(f"{ref}: stored file(s) missing ({', '.join(missing)})")
             continue
+        insert_version(conn, rec)
         report.versions += 1
+    if journal.exists():
+        names |= {p.name for p in journal.root.iterdir() if p.is_dir() and p.name[0] != "_"}
+    counters = {n: journal.highest(n) + 1 for n in names}
     for name, n in (state.get("names") or {}).items():  # numbers of removed versions stay used
+        counters[name] = max(counters.get(name, 1), int(n))
+    for name, n in counters.items():
         conn.execute(
             "INSERT INTO names(name, next_version) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET "
             "next_version=max(next_version, excluded.next_version)",
-            (name, int(n)),
+            (name, n),
         )
     for name, tag, version in state.get("tags") or []:
         if conn.execute(
@@ -272,6 +426,8 @@ def rebuild(conn: sqlite3.Connection, journal: Journal, blob_exists) -> RebuildR
         ).fetchone():
             conn.execute("INSERT OR REPLACE INTO tags VALUES (?,?,?)", (name, tag, version))
             report.tags += 1
+        else:
+            report.skipped.append(f"tag {name}@{tag}: its version {version} is not restored")
     for base, position, ref in state.get("active") or []:
         conn.execute("INSERT OR REPLACE INTO active VALUES (?,?,?)", (base, position, ref))
     for b in state.get("bases") or []:

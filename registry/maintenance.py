@@ -58,7 +58,14 @@ class Maintenance:
                     report.problems.append(f"{v.ref}/{f.path}: {seen[f.sha256]}")
         if ref is None:
             self._check_manifests(report, {(v.name, v.version) for v in versions})
+            manifests = self._check_journal(report, versions)
+            for link in self.blobs.strays():
+                report.problems.append(
+                    f"{link}: a link in the blob store (to {os.path.realpath(link)}); adaptr "
+                    "never follows it: replace it with the file, or remove it"
+                )
             used = {f.sha256 for v in versions for f in v.files}
+            used.update(f["sha256"] for m in manifests for f in m["files"])
             for digest in self.blobs.digests():
                 if digest not in used:
                     report.unreferenced += 1
@@ -98,6 +105,33 @@ class Maintenance:
                     " after a backup of registry.db, or re-add the version"
                 )
 
+    def _check_journal(self, report: VerifyReport, versions) -> list[dict]:
+        """Every manifest parses and is whole, ``state.json`` too, and each indexed version's
+        files are the ones its manifest lists; returns the whole manifests."""
+        good, damaged = self.journal.read_manifests()
+        for d in damaged:
+            if d.path.exists():  # not removed meanwhile
+                report.problems.append(
+                    f"{d}: run `adaptr reindex`, which rewrites it from the index while the "
+                    "index still lists the version"
+                )
+        _, problem = self.journal.read_state()
+        if problem:
+            report.problems.append(f"{problem}: the next write to the registry rewrites it")
+        listed = {(m["name"], m["version"]): m["files"] for m in good}
+        for v in versions:
+            files = listed.get((v.name, v.version))
+            if files is None:
+                continue
+            want = sorted((f["path"], f["sha256"], f["size"]) for f in files)
+            have = sorted((f.path, f.sha256, f.size) for f in v.files)
+            if want != have and self._indexed(v.name, v.version):
+                report.problems.append(
+                    f"{v.ref}: the index lists {len(have)} file(s) and its manifest {len(want)}, "
+                    "not the same: run `adaptr reindex` to rebuild the index from the manifests"
+                )
+        return good
+
     def _check_blob(self, f: StoredFile) -> str | None:
         try:
             digest, size = hash_file(self.blobs.path(f.sha256))
@@ -117,13 +151,21 @@ class Maintenance:
         """
         report = GcReport()
         with self._writer() as conn:
+            good, damaged = self.journal.read_manifests()
+            if damaged:
+                listed = "; ".join(str(d) for d in damaged[:3])
+                raise IntegrityError(
+                    f"gc refused: {len(damaged)} version manifest(s) cannot be read, and the files "
+                    f"they list may be the only copy ({listed}); nothing was deleted. Run "
+                    "`adaptr verify`, then `adaptr reindex` to rewrite them from the index"
+                )
             report.staged_removed_bytes = self.blobs.clear_tmp()
             used = {r[0] for r in conn.execute("SELECT DISTINCT sha256 FROM files")}
             indexed = {(r[0], r[1]) for r in conn.execute("SELECT name, version FROM versions")}
-            for rec in self.journal.manifests():
-                if (rec.get("name"), rec.get("version")) not in indexed:
-                    report.kept_unindexed.append(f"{rec.get('name')}@{rec.get('version')}")
-                    used.update(f.get("sha256") for f in rec.get("files", []))
+            for rec in good:  # every digest a manifest lists, whatever the index says
+                used.update(f["sha256"] for f in rec["files"])
+                if (rec["name"], rec["version"]) not in indexed:
+                    report.kept_unindexed.append(f"{rec['name']}@{rec['version']}")
             for digest in list(self.blobs.digests()):
                 if digest not in used:
                     report.bytes_freed += self.blobs.remove(digest)
@@ -133,6 +175,7 @@ class Maintenance:
     def reclaimable(self) -> int:
         """Bytes that :meth:`gc` would free from unreferenced blobs."""
         used = {r[0] for r in self._rows("SELECT DISTINCT sha256 FROM files")}
+        used.update(f["sha256"] for rec in self.journal.manifests() for f in rec["files"])
         return sum(self.blobs.path(d).stat().st_size for d in self.blobs.digests() if d not in used)
 
     def export(

@@ -114,6 +114,9 @@ class RebuildReport:
     tags: int = 0
     bases: int = 0
     skipped: list[str] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)  # manifests that could not be read
+    repaired: list[str] = field(default_factory=list)  # manifests rewritten from the old index
+    state_problem: str | None = None  # why tags/active/bases came from elsewhere, or not at all
     moved_aside: str | None = None
 
     def to_dict(self) -> dict:

@@ -28,9 +28,11 @@ from adaptr.errors import (
     ConflictError,
     IncompatibleBaseError,
     IntegrityError,
+    InterruptedAfterStore,
     InvalidAdapterError,
     InvalidInputError,
     NotFoundError,
+    PluginError,
 )
 
 from . import index
@@ -43,11 +45,13 @@ from .adapter_dir import (
     saved_tensors,
 )
 from .blobs import BlobStore, hash_file
+from .faults import storage_errors
 from .fingerprint import BaseInfo, check_adapter_fits, find_base_dir, read_base
-from .journal import Journal, insert_version, rebuild
+from .journal import Journal, insert_version
 from .lock import writer_lock
 from .maintenance import Maintenance
-from .models import AdapterVersion, BaseRecord, RebuildReport, StoredFile
+from .models import AdapterVersion, BaseRecord, StoredFile
+from .recovery import Recovery
 from .refs import Ref, check_name, check_tag
 from .safetensors_header import write_renamed
 
@@ -73,6 +77,18 @@ def _recheck(checked: AdapterSource, staged: Path, allow_large: bool) -> Adapter
     return copy
 
 
+def _unchanged(src: Path, staged_digest: str, root: Path) -> None:
+    """Refuse a copy that is not one state of the source: the source, hashed again after its
+    copy, must hold exactly the copied bytes. A writer rewriting the file in place meanwhile
+    (rsync --inplace, an mmap) leaves a copy mixing old and new bytes with the same names
+    and shapes, which only the values show."""
+    if hash_file(src)[0] != staged_digest:
+        raise InvalidAdapterError(
+            f"{root} changed while it was being added ({src.name} was rewritten during its "
+            "copy); nothing was stored: add it again once nothing is writing to it"
+        )
+
+
 def _renamed_note(adapter: AdapterSource) -> str:
     old, new = (k.split(".") for k in next(iter(adapter.renames.items())))
     same = next((i for i, (a, b) in enumerate(zip(old, new, strict=False)) if a != b), len(new))
@@ -93,7 +109,7 @@ def default_home() -> Path:
     return Path(os.environ.get("ADAPTR_HOME") or Path.home() / ".adaptr").expanduser()
 
 
-class Registry(Maintenance):
+class Registry(Recovery, Maintenance):
     """A registry home. Safe to share between threads and processes."""
 
     def __init__(self, home: str | Path | None = None):
@@ -108,12 +124,24 @@ class Registry(Maintenance):
 
     # ----------------------------------------------------------------- plumbing
     def _conn(self, create: bool = False) -> sqlite3.Connection | None:
+        """This thread's connection to the index, reopened when ``registry.db`` was replaced.
+
+        A cached connection keeps reading (and writing) the file it opened even after
+        ``reindex`` swapped a new index in or someone deleted it: the file's identity
+        (device, inode) is checked before every use, so no process commits into a file that
+        is no longer the index, nor serves from one.
+        """
+        db = self.home / "registry.db"
         conn = getattr(self._local, "conn", None)
+        if conn is not None and index.identity(db) != self._local.identity:
+            self._drop_conn()
+            conn = None
         if conn is None:
-            conn = index.connect(self.home / "registry.db", create=create)
+            conn = index.connect(db, create=create)
             if not create:
                 self._refuse_lost_index(conn)
             self._local.conn = conn
+            self._local.identity = index.identity(db) if conn is not None else None
         return conn
 
     def _drop_conn(self) -> None:
@@ -121,6 +149,7 @@ class Registry(Maintenance):
         if conn is not None:
             conn.close()
             self._local.conn = None
+            self._local.identity = None
 
     def index_lost(self, conn: sqlite3.Connection | None) -> str | None:
         """Why the index cannot be trusted to be complete, or None.
@@ -186,7 +215,7 @@ class Registry(Maintenance):
             self._refuse_lost_index(None)
             if not self.home.exists():
                 self.notes.append(f"created a new registry at {self.home.resolve()}")
-        with self._locked():
+        with self._locked(), storage_errors(self.home, "writing to the registry"):
             conn = self._conn(create=True)
             self._refuse_lost_index(conn)
             if self.journal.exists():
@@ -320,9 +349,33 @@ class Registry(Maintenance):
         return self._load(rows, conn)
 
     def path(self, ref: str | Ref) -> dict[str, Path]:
-        """The stored files of a version: relative name -> read-only blob path."""
+        """The stored files of a version: relative name -> read-only blob path.
+
+        Paths are not checked: to load or serve a file use :meth:`read_checked`, or
+        :meth:`check_files` before handing the paths to another program.
+        """
         v = self.get(ref)
         return {f.path: self.blobs.path(f.sha256) for f in v.files}
+
+    def read_checked(self, version: AdapterVersion, path: str) -> bytes:
+        """The bytes of one stored file of ``version``, refused (IntegrityError) unless they
+        hash to the digest recorded for it."""
+        f = next((f for f in version.files if f.path == path), None)
+        if f is None:
+            raise NotFoundError(f"{version.ref} has no stored file {path}")
+        return self.blobs.read_checked(f.sha256, f"{version.ref}/{f.path}")
+
+    def check_files(self, version: AdapterVersion) -> None:
+        """Refuse (IntegrityError) a version any of whose stored files is missing or is not
+        the content its digest names; re-hashed only when a file changed since its last check
+        in this process."""
+        for f in version.files:
+            if not self.blobs.intact(f.sha256):
+                state = "missing from" if not self.blobs.path(f.sha256).is_file() else "corrupt in"
+                raise IntegrityError(
+                    f"{version.ref}/{f.path} is {state} the store (its SHA-256 is not its "
+                    "name); nothing was loaded: run `adaptr verify`"
+                )
 
     @staticmethod
     def _active(conn: sqlite3.Connection | None) -> dict[str, list[str]]:
@@ -395,15 +448,23 @@ class Registry(Maintenance):
             try:
                 stored = []
                 for f in adapter.files:
+                    digest, size = self.blobs.stage(f, stage / f.name)
+                    _unchanged(f, digest, adapter.root)
                     if f.name == WEIGHTS and adapter.renames:  # stored as save_pretrained spells it
-                        write_renamed(f, stage / f.name, adapter.renames)
-                        stored.append((f.name, *hash_file(stage / f.name)))
-                    else:
-                        stored.append((f.name, *self.blobs.stage(f, stage / f.name)))
+                        raw = stage / f".{f.name}.source"
+                        os.replace(stage / f.name, raw)
+                        write_renamed(raw, stage / f.name, adapter.renames)
+                        raw.unlink()
+                        digest, size = hash_file(stage / f.name)
+                    stored.append((f.name, digest, size))
                 # the copy holds the tensors checked above (base fit included), or is refused
                 adapter = _recheck(adapter, stage, allow_large)
                 for fname, digest, size in stored:
-                    self.blobs.adopt(stage / fname, digest, size)
+                    if self.blobs.adopt(stage / fname, digest, size):
+                        self.notes.append(
+                            f"the stored copy of {fname} ({digest[:12]}…) was corrupt; this "
+                            "add replaced it with the intact content"
+                        )
             finally:  # empty once adopted; a failed add leaves its copies here
                 for leftover in stage.iterdir():
                     leftover.unlink()
@@ -416,7 +477,8 @@ class Registry(Maintenance):
                     row = conn.execute(
                         "SELECT next_version FROM names WHERE name=?", (name,)
                     ).fetchone()
-                    version = row[0] if row else 1
+                    # past any number the journal holds too (an index that lost its counter)
+                    version = max(row[0] if row else 1, self.journal.highest(name) + 1)
                     record = {
                         "name": name, "version": version, "created": time.time(), "base": base_key,
                         "base_fingerprint": fingerprint, "peft_type": summary.get("peft_type"),
@@ -522,7 +584,13 @@ class Registry(Maintenance):
 
         try:
             event_hook().adaptr_version_added(registry=self, version=version)
-        except Exception as e:
+        except InterruptedAfterStore:
+            raise  # names the plugin already
+        except PluginError as e:  # names the plugin and what to do
+            self.notes.append(f"{e}; {version.ref} is stored")
+        except KeyboardInterrupt as e:  # still stops the caller, saying the version is stored
+            raise InterruptedAfterStore(version.ref, "a plugin's adaptr_version_added") from e
+        except BaseException as e:  # SystemExit too: a plugin never ends the add
             self.notes.append(
                 f"a plugin's adaptr_version_added failed ({type(e).__name__}: {e}); {version.ref} is stored"
             )
@@ -615,9 +683,9 @@ class Registry(Maintenance):
             for row, (_, record) in zip(rows, records, strict=True):
                 rec = {**record, "ref": f"{row['name']}@{row['version']}"}
                 rec.setdefault("created", time.time())
-                self.journal.add_eval(row["name"], row["version"], rec)
-                out.append(rec)
-        return out
+                out.append((row["name"], row["version"], rec))
+            self.journal.add_evals(out)  # all of them or none
+        return [rec for _, _, rec in out]
 
     def evals(self, ref: str | Ref) -> list[dict]:
         """The evaluation records of a version, oldest first."""
@@ -737,36 +805,6 @@ class Registry(Maintenance):
                     "INSERT INTO active(base, position, ref) VALUES (?,?,?)",
                     [(base, i, r) for i, r in enumerate(keep)],
                 )
-
-    def reindex(self) -> RebuildReport:
-        """Rebuild the index from the version manifests and ``state.json``.
-
-        The old ``registry.db`` (if any) is moved aside, never deleted; versions whose
-        stored files are missing are skipped and reported.
-        """
-        if not self.journal.exists():
-            raise NotFoundError(
-                f"{self.home} has no version manifests to rebuild from (a registry made by an "
-                "adaptr older than manifests, or not a registry home); nothing was changed"
-            )
-        with self._locked():
-            self._drop_conn()
-            db = self.home / "registry.db"
-            aside = None
-            if db.exists():
-                aside = self.home / f"registry.db.old-{time.strftime('%Y%m%d-%H%M%S')}"
-                for suffix in ("", "-wal", "-shm"):
-                    src = Path(f"{db}{suffix}")
-                    if src.exists():
-                        os.replace(src, f"{aside}{suffix}")
-            conn = self._conn(create=True)
-            with index.transaction(conn):
-                report = rebuild(conn, self.journal, lambda d: self.blobs.path(d).is_file())
-                self._prune_active(conn)
-            self.journal.settle(conn)
-            self.journal.write_state(conn)
-        report.moved_aside = str(aside) if aside else None
-        return report
 
     # ------------------------------------------------------------------ bases
     def add_base(self, name: str, path: str | Path, *, force: bool = False) -> BaseRecord:

@@ -199,14 +199,15 @@ class AdapterServer:
     def _read(self, v: AdapterVersion, traits: Traits):
         """(lora A/B by module, scaling per module, whether the stacks can hold it, and the bytes
         of its weights in the serving dtype; the stacks add each layer's rank padding)."""
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
         if v.peft_type != "LORA":
             raise InvalidInputError(
                 f"{v.ref} is a {v.peft_type} adapter; AdapterServer serves LoRA adapters: "
                 "use adaptr.inference (PEFT) for it"
             )
-        weights = load_file(str(self.registry.path(v.ref)["adapter_model.safetensors"]))
+        # the bytes served are the bytes hashed: a flipped bit fails this adapter's requests
+        weights = load(self.registry.read_checked(v, "adapter_model.safetensors"))
         pairs: dict[str, list] = {}
         other = False  # weights that are not a linear layer's lora_A / lora_B
         for key, t in weights.items():

@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from adaptr.errors import AdaptrError, InvalidInputError, NotFoundError
+from adaptr.errors import AdaptrError, IntegrityError, InvalidInputError, NotFoundError
 
 from .compat import version_problems
 
@@ -121,11 +121,18 @@ class RegistrySource:
         if found:
             raise Refused(f"vLLM cannot serve {version.ref}: {'; '.join(found)}")
         name = lora_name(version)
-        return Resolved(ref, version.ref, name, self.materialize(version, name))
+        try:
+            folder = self.materialize(version, name)
+        except IntegrityError as e:  # a corrupt or missing blob: refused, never linked
+            raise Refused(str(e)) from None
+        return Resolved(ref, version.ref, name, folder)
 
     def materialize(self, version, name: str) -> Path:
         """``<home>/cache/vllm/NAME`` holding a link per stored file (made once, atomically)."""
         folder = self.registry.home.joinpath(*CACHE, name)
+        # vLLM reads the linked files itself: each is re-hashed once it changed, so a blob
+        # whose bytes are not its name is refused here, never linked or served
+        self.registry.check_files(version)
         if folder.is_dir():
             return folder
         with self._lock:

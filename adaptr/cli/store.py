@@ -65,26 +65,44 @@ def gc(registry, as_json: bool) -> None:
 
 
 @click.command()
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Rebuild even when state.json and the old index are both unreadable (tags, active "
+    "adapters and bases are then lost; version numbers stay unique).",
+)
 @json_option
 @with_registry
-def reindex(registry, as_json: bool) -> None:
+def reindex(registry, force: bool, as_json: bool) -> None:
     """Rebuild the index (registry.db) from the stored version manifests.
 
     For a registry.db that was deleted, emptied or damaged: versions, tags, active
-    adapters and bases come back; the old file is kept beside it.
+    adapters and bases come back; the old file is kept beside it. The new index is built
+    beside the old one and swapped in only when complete. Exits 6 when a manifest was
+    damaged (its version is not restored; its files are kept).
     """
-    report = registry.reindex()
+    report = registry.reindex(force=force)
     if as_json:
         emit_json(report.to_dict())
-        return
-    for s in report.skipped:
-        note(f"skipped {s}")
-    if report.moved_aside:
-        note(f"the previous index is kept at {report.moved_aside}")
-    click.echo(
-        f"rebuilt the index of {registry.home.resolve()}: {report.versions} version(s), "
-        f"{report.tags} tag(s), {report.bases} base(s)"
-    )
+    else:
+        for r in report.repaired:
+            note(f"rewrote the damaged or missing manifest of {r} from the old index")
+        if report.state_problem:
+            note(report.state_problem)
+        for s in report.skipped:
+            note(f"skipped {s}")
+        for d in report.damaged:
+            click.echo(
+                f"BAD  {d}: not restored; gc keeps every stored file until it is mended", err=True
+            )
+        if report.moved_aside:
+            note(f"the previous index is kept at {report.moved_aside}")
+        click.echo(
+            f"rebuilt the index of {registry.home.resolve()}: {report.versions} version(s), "
+            f"{report.tags} tag(s), {report.bases} base(s)"
+        )
+    if report.damaged:
+        sys.exit(6)
 
 
 @click.command()
@@ -102,9 +120,14 @@ def reindex(registry, as_json: bool) -> None:
 @with_registry
 def export(registry, ref: str, out_dir: str, fmt: str, force: bool) -> None:
     """Write REF as a plain PEFT adapter folder (loads with PeftModel.from_pretrained)."""
+    from adaptr.registry.atomic import check_path, exit_on_sigterm, refuse_in_home
+
+    check_path(out_dir, "OUT_DIR")
+    refuse_in_home(out_dir, registry.home, "an export")  # before export, which replaces OUT_DIR
     if fmt == "vllm":  # the checks `adaptr check REF --engine vllm` and the vLLM resolver make
         from adaptr.serving.vllm.compat import check_servable
 
         check_servable(registry, registry.get(ref))
-    out = registry.export(ref, out_dir, format=fmt, force=force)
+    with exit_on_sigterm():  # its work folder is removed on the way out
+        out = registry.export(ref, out_dir, format=fmt, force=force)
     click.echo(str(out))

@@ -6,6 +6,8 @@ import shutil
 import pytest
 import torch
 
+from helpers import refused, snapshot, write_adapter
+
 
 def _logits(base_dir, adapter_dir):
     from peft import PeftModel
@@ -119,3 +121,22 @@ def test_add_an_sft_trainer_output_folder(registry, tmp_path, tiny_llama):
         == 4
     )
     shutil.rmtree(out)
+
+
+def test_export_into_the_registry_home_is_refused_and_the_store_stays_whole(cli, home, tmp_path):
+    assert cli("add", "a", str(write_adapter(tmp_path / "a")))[0] == 0
+    (tmp_path / "link").symlink_to(home)
+    before = snapshot(home)
+    for out in (
+        home / "blobs",
+        home / "blobs" / "sha256",
+        home,
+        home / "fresh" / "dir",
+        tmp_path,  # contains the home: replacing it would take the store with it
+        tmp_path / "link" / "blobs",
+    ):
+        refused(cli, home, before, "export", "a", str(out), "--force", match="registry home")
+    assert not (home / "fresh").exists()
+    code, out, err = cli("verify")
+    assert code == 0 and out.startswith("ok: 1 version(s)"), err
+    assert cli("export", "a", str(tmp_path / "home2"))[0] == 0  # beside the home is fine

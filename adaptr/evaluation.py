@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidInputError, NotFoundError
+from .errors import InvalidInputError, NotFoundError, brief
 from .registry import Registry
 
 METRICS = ("loss", "ppl", "exact", "chrf", "bleu", "rougeL")
@@ -304,12 +304,15 @@ def evaluate(
         )
     if batch_size < 1 or max_new_tokens < 1:
         raise InvalidInputError("batch_size and max_new_tokens must be at least 1")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise InvalidInputError(
+            f"limit (--limit) must be a whole number of records, at least 1, got {brief(limit)}; "
+            "leave it out to use every record"
+        )
     versions = versions_on_one_base(registry, list(refs))
     seen: set[str] = set()
     versions = [v for v in versions if not (v.ref in seen or seen.add(v.ref))]
-    path = Path(data).expanduser()
-    if not path.is_file():
-        raise NotFoundError(f"no data file {path}")
+    path = _data_file(data)
     splits = load_splits(
         {"path": str(path), "format": format, "options": options or {}, "limit": limit}, 42
     )
@@ -621,10 +624,15 @@ def _data_hash(data: str | Path | None) -> str | None:
         return None
     from .registry.blobs import hash_file
 
-    p = Path(data).expanduser()
-    if not p.is_file():
-        raise NotFoundError(f"no data file {p}")
-    return hash_file(p)[0]
+    return hash_file(_data_file(data))[0]
+
+
+def _data_file(data: str | Path) -> Path:
+    """The data file ``data``, or a one-line error saying what it is instead (missing, a
+    folder, a device such as /dev/urandom, a pipe…)."""
+    from .registry.atomic import regular_file
+
+    return regular_file(data, "data file")
 
 
 def _rival(registry: Registry, v, better_than: str, tag: str | None):

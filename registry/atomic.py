@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from adaptr.errors import InvalidInputError, brief
+from adaptr.errors import InvalidInputError, brief, clip
 
 from .blobs import fsync_dir
 
@@ -330,7 +330,7 @@ def refuse_in_home(
     else:
         return
     raise InvalidInputError(
-        f"{brief(str(out), 200)} {how}: writing {what} there would change the store; "
+        f"{clip(str(out), 200)} {how}: writing {what} there would change the store; "
         "choose a folder outside the registry home"
     )
 
@@ -376,14 +376,14 @@ def regular_file(
     try:
         mode = os.stat(p).st_mode
     except (FileNotFoundError, NotADirectoryError):
-        raise NotFoundError(f"{what} {brief(str(p), 200)} does not exist: {use}") from None
+        raise NotFoundError(f"{what} {clip(str(p), 200)} does not exist: {use}") from None
     except OSError as e:
         raise InvalidInputError(
-            f"{what} {brief(str(p), 200)} cannot be read ({e.strerror or e}): {use}"
+            f"{what} {clip(str(p), 200)} cannot be read ({e.strerror or e}): {use}"
         ) from None
     if not stat.S_ISREG(mode):
         kind = next((k for test, k in _KINDS if test(mode)), "of an unknown kind")
-        raise InvalidInputError(f"{what} {brief(str(p), 200)} is {kind}, not a regular file: {use}")
+        raise InvalidInputError(f"{what} {clip(str(p), 200)} is {kind}, not a regular file: {use}")
     return p
 
 

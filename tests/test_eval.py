@@ -670,3 +670,53 @@ def test_gate_and_compare_edges_from_review(tmp_path, tiny_llama, cli):
     assert auto_bleu_tokenize(["ｶﾀｶﾅ"])[0] in ("ja-mecab", "char")
     with pytest.raises(InvalidInputError, match="BLEU is not among the metrics"):
         evaluate(["m@1"], test, "prompt-completion", "chrf", registry=reg, bleu_tokenize="zh")
+
+
+@pytest.fixture
+def stored(cli, home, tmp_path):
+    """A registry holding ``a@1`` (no base needed: these refusals come first) and a data file."""
+    from helpers import write_adapter
+
+    assert cli("add", "a", str(write_adapter(tmp_path / "a")))[0] == 0
+    data = tmp_path / "pc.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in PAIRS))
+    return data
+
+
+@pytest.mark.parametrize("limit", ["0", "-1", "-5"])
+def test_a_limit_below_one_is_refused_and_nothing_stored(cli, home, stored, limit):
+    from adaptr.errors import InvalidInputError
+    from adaptr.evaluation import evaluate
+
+    before = snapshot(home)
+    refused(cli, home, before, "eval", "a", "--data", str(stored), "--format",
+            "prompt-completion", "--limit", limit, match="at least 1")  # fmt: skip
+    for bad in (int(limit), True, 2.5):
+        with pytest.raises(InvalidInputError, match="at least 1"):
+            evaluate(["a"], stored, "prompt-completion", registry=Registry(home), limit=bad)
+    assert snapshot(home) == before
+
+
+def test_data_that_is_a_device_a_pipe_or_a_folder_is_named_for_what_it_is(cli, home, stored):
+    import os
+
+    from adaptr.errors import InvalidInputError
+    from adaptr.evaluation import evaluate
+
+    pipe = stored.parent / "pipe.jsonl"
+    os.mkfifo(pipe)
+    before = snapshot(home)
+    for path, what in (("/dev/urandom", "is a character device, not a regular file"),
+                       (str(pipe), "is a named pipe (FIFO), not a regular file")):  # fmt: skip
+        for args in (
+            ("eval", "a", "--data", path, "--format", "prompt-completion"),
+            ("compare", "a", "--data", path),
+            ("tag", "a", "prod", "--require", "loss<=9", "--data", path),
+        ):
+            refused(cli, home, before, *args, match=what)
+    with pytest.raises(InvalidInputError, match="is a folder"):
+        evaluate(["a"], stored.parent, "prompt-completion", registry=Registry(home))
+    refused(cli, home, before, "eval", "a", "--data", str(stored.parent / "none.jsonl"),
+            "--format", "prompt-completion", match="none.jsonl does not exist: give a JSONL")  # fmt: skip
+    refused(cli, home, before, "eval", "a", "--data", "d" * 1024, "--format",
+            "prompt-completion", match="too long")  # fmt: skip

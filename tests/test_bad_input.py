@@ -215,3 +215,30 @@ def test_no_traceback_from_a_real_process(home, tmp_path):
     assert "Traceback" in r.stderr and last.startswith(
         f"error: unknown adapter 'nope' in {home.resolve()}: "
     )
+
+
+LONG = "b" * 1024
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("add", "x", "SRC", "--base", LONG),
+        ("add", "x", LONG),
+        ("add", "x", f"/tmp/{LONG}/adapter"),
+        ("base", "add", "b", LONG),
+        ("base", "add", LONG, "SRC"),
+        ("export", "legal", LONG),
+        ("merge", "legal", "--out", LONG),
+        ("generate", "legal", "hi", "--base", LONG),
+        ("compose", "legal", "--name", "c", "--base", LONG),
+        ("eval", "legal", "--data", LONG, "--format", "text"),
+    ],
+)
+def test_a_name_or_path_too_long_for_any_file_system_is_one_line(
+    cli, home, tmp_path, populated, args
+):
+    src = write_adapter(tmp_path / "src")
+    args = tuple(str(src) if a == "SRC" else a for a in args)
+    line = refused(cli, home, populated, *args, match="", max_len=300)
+    assert "File name too long" not in line and ("too long" in line or "at most 64" in line)

@@ -29,6 +29,10 @@ def add(
     registry, name: str, source_dir: str, base: str | None, tags: tuple[str, ...], allow_large: bool
 ) -> None:
     """Import a PEFT adapter folder as the next version of NAME; prints NAME@N."""
+    from adaptr.registry.atomic import check_path
+
+    check_path(source_dir, "SOURCE_DIR")
+    check_path(base, "--base")
     v = registry.add(name, source_dir, base=base, tags=tags, allow_large=allow_large)
     for n in registry.notes:
         note(n)

@@ -22,6 +22,9 @@ def base() -> None:
 @with_registry
 def base_add(registry, name: str, path: str, force: bool) -> None:
     """Register the model folder (or cached Hub id) PATH as base NAME."""
+    from adaptr.registry.atomic import check_path
+
+    check_path(path, "PATH")
     rec = registry.add_base(name, path, force=force)
     click.echo(f"{rec.name} -> {rec.path} ({rec.fingerprint[:12]})")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from adaptr.errors import InvalidAdapterError, InvalidInputError, brief
 from adaptr.values import human_size, is_number, is_whole, parse_json
 
+from .patterns import KEYED, LAYERS, adapter_names, check_patterns, guard
 from .safetensors_header import TensorInfo, read_header
 
 CONFIG = "adapter_config.json"
@@ -210,10 +211,11 @@ def plan_keys(tensors: dict[str, TensorInfo], where: str) -> tuple[dict[str, str
 def targets(module: str, target_modules, config: dict | None = None) -> bool:
     """PEFT's rule (``check_target_module_exists``): a list matches exact names or dotted
     suffixes, a string is a full regex; with ``config``, also its exclude_modules,
-    modules_to_save and layers_to_transform, whose modules PEFT gives no LoRA layer."""
+    modules_to_save and layers_to_transform, whose modules PEFT gives no LoRA layer.
+    Patterns are matched once :func:`~.patterns.guard` has bounded them."""
     config = config or {}
     exclude = config.get("exclude_modules")
-    if isinstance(exclude, str) and re.fullmatch(exclude, module):
+    if isinstance(exclude, str) and re.fullmatch(guard("exclude_modules", exclude), module):
         return False
     if isinstance(exclude, list) and any(module == e or module.endswith("." + e) for e in exclude):
         return False
@@ -223,7 +225,7 @@ def targets(module: str, target_modules, config: dict | None = None) -> bool:
     if isinstance(target_modules, str):
         if target_modules.lower() == "all-linear":  # PEFT expands it to every linear layer
             return True
-        return re.fullmatch(target_modules, module) is not None
+        return re.fullmatch(guard("target_modules", target_modules), module) is not None
     if module in target_modules:
         return True
     if not any(module.endswith("." + t) for t in target_modules):
@@ -234,8 +236,10 @@ def targets(module: str, target_modules, config: dict | None = None) -> bool:
     patterns = config.get("layers_pattern") or [None]
     match = None
     for pattern in [patterns] if isinstance(patterns, str) else patterns:
-        prefix = r".*?\.[^.]*" if pattern is None else rf"(?:^|.*?\.){pattern}"
-        match = re.match(rf"{prefix}\.(?P<idx>\d+)\.", module)
+        if pattern is None:
+            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+        else:
+            match = re.match(guard("layers_pattern", pattern, LAYERS), module)
         if match:
             break
     if match is None:
@@ -244,10 +248,13 @@ def targets(module: str, target_modules, config: dict | None = None) -> bool:
     return index == layers if isinstance(layers, int) else index in layers
 
 
-def pattern_value(patterns: dict, module: str, default):
-    """PEFT's ``get_pattern_key``: the first pattern matching a suffix of ``module``."""
+def pattern_value(patterns: dict, module: str, default, field: str | None = None):
+    """PEFT's ``get_pattern_key``: the first pattern matching a suffix of ``module``.
+    InvalidAdapterError for a pattern that cannot be matched in bounded time (``field``:
+    the config field, for the message)."""
+    label = f"{field} key" if field else "rank_pattern / alpha_pattern key"
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if re.match(guard(label, key, KEYED), module):
             return value
     return default
 
@@ -337,6 +344,9 @@ def inspect_adapter(source: str | Path, *, allow_large: bool = False) -> Adapter
     if config.get("peft_type") == "LORA":
         adapter.renames, adapter.adapter_names = plan_keys(tensors, str(root / WEIGHTS))
         adapter.tensors = {adapter.renames.get(k, k): t for k, t in tensors.items()}
+    # before anything matches them: patterns that would hang PEFT (or _check_lora) are refused
+    check_patterns(config, adapter_names(adapter.tensors), str(root / CONFIG))
+    if config.get("peft_type") == "LORA":
         _check_lora(adapter)
     return adapter
 
@@ -495,7 +505,7 @@ def _check_lora(adapter: AdapterSource) -> None:
                 "convolution's kernels with a 1x1 lora_B"
             )
         rank_a, rank_b = a[0], b[1]
-        expected = pattern_value(cfg.get("rank_pattern"), module, cfg["r"])
+        expected = pattern_value(cfg.get("rank_pattern"), module, cfg["r"], "rank_pattern")
         if rank_a != expected or rank_b != expected:
             raise InvalidAdapterError(
                 f"{where}: {brief(module)} has rank {rank_a}/{rank_b} (lora_A/lora_B) but the config says r={expected}"

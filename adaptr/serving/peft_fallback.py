@@ -45,6 +45,7 @@ from pathlib import Path
 from ..errors import AdaptrError, InvalidInputError, first_line
 from ..registry import AdapterVersion, Registry
 from ..registry.adapter_dir import WEIGHTS, lora_modules
+from ..registry.patterns import check_stored_config
 from ..registry.safetensors_header import read_header
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
@@ -106,10 +107,16 @@ class PeftFallback:
     # ------------------------------------------------------------------ what PEFT can mix
     def traits(self, v: AdapterVersion) -> Traits:
         """``v``'s :class:`Traits` (from its config and weights' names, before loading it);
-        raises InvalidInputError for an adapter PEFT serves only through its own generate."""
+        raises InvalidInputError for an adapter PEFT serves only through its own generate,
+        and for one whose patterns cannot be matched in bounded time against the served
+        model's module names (a version stored before adaptr checked them): the server
+        asks for traits before it matches a pattern or PEFT sees the config, so such an
+        adapter fails its own requests and the batch worker goes on."""
         if v.ref in self._traits:
             return self._traits[v.ref]
         cfg = v.config
+        # the names PEFT matches against now: the base's, with the wrappers of loaded adapters
+        check_stored_config(cfg, (n for n, _ in self.model.named_modules()), v.ref)
         if cfg.get("alora_invocation_tokens"):
             raise InvalidInputError(
                 f"{v.ref} is an activated LoRA (alora_invocation_tokens), which only PEFT's own "

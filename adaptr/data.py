@@ -41,11 +41,13 @@ def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
 
 def read_raw(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ``(where, record)`` for each raw record; ``where`` is 'line N', 'record N' or 'row N'."""
+    from .registry.atomic import check_path, regular_file
+
+    check_path(str(path), "data file")
     path = Path(path)
     if not path.exists():
         raise InvalidInputError(f"data file {path} does not exist")
-    if not path.is_file():
-        raise InvalidInputError(f"data file {path} is not a regular file")
+    path = regular_file(path, "data file")  # a device, a pipe, a folder: said what it is
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         yield from _json_lines(path, _utf8_lines(path))

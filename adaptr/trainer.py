@@ -87,6 +87,9 @@ def bitsandbytes_problem() -> str | None:
 
 def resolve_base(path_or_name: str, registry: Registry) -> tuple[str, str]:
     """(what to load, the base key recorded with the version) for a name, folder or Hub id."""
+    from .registry.atomic import check_path
+
+    check_path(path_or_name, "--base")
     try:
         rec = registry.get_base(path_or_name)
         return rec.path, rec.name

@@ -77,6 +77,9 @@ def looks_like_hub_id(text: str) -> bool:
 
 def find_base_dir(path_or_id: str) -> Path | None:
     """A local model folder for ``path_or_id``: the path itself, or its Hugging Face cache snapshot."""
+    from .atomic import check_path
+
+    check_path(path_or_id, "base")  # a name no file system holds: one line, not an OSError
     p = Path(path_or_id).expanduser()
     if (p / "config.json").is_file():
         return p.resolve()

@@ -189,8 +189,12 @@ class Maintenance:
             raise InvalidInputError(
                 f"unknown export format {format!r}: use one of {', '.join(EXPORT_FORMATS)}"
             )
+        from .atomic import refuse_in_home, remove_work, replace_dir, work_dir
+
         v = self.get(ref)
         out = Path(out).expanduser()
+        # a user's output never goes into the store; adaptr's own runs export parents there
+        refuse_in_home(out, self.home, "an export", inside_ok=(self.home / "runs",))
         if out.exists() and not out.is_dir():
             raise ConflictError(f"{out} exists and is not a folder; choose another output path")
         if out.is_dir() and any(out.iterdir()) and not force:
@@ -202,10 +206,6 @@ class Maintenance:
                     f"{v.ref} uses DoRA, which vLLM cannot serve; export with --format peft"
                 )
             files = [f for f in files if f.path in (CONFIG, WEIGHTS)]
-        import shutil  # shutil and atomic (tempfile) stay out of the read commands' start-up
-
-        from .atomic import replace_dir, work_dir
-
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = work_dir("export", out.parent)
         try:
@@ -214,7 +214,7 @@ class Maintenance:
             fsync_dir(staging)
             replace_dir(staging, out)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_work(staging)  # the folder, then its record
         return out
 
     def _copy_checked(self, f: StoredFile, dest: Path, ref: str) -> None:

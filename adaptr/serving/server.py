@@ -33,6 +33,7 @@ from ..registry import AdapterVersion, Registry
 from ..registry.adapter_dir import PREFIX, pattern_value
 from .peft_fallback import BASE, PeftFallback, Traits, clash
 from .stacks import ROW_AWARE_KWARGS, BatchState, StackedLoRA
+from .vllm.compat import rewrites_base_reason
 
 # generate() arguments the scheduler takes (continuous batching); others run model.generate
 SCHEDULED_KWARGS = frozenset(
@@ -206,6 +207,9 @@ class AdapterServer:
                 f"{v.ref} is a {v.peft_type} adapter; AdapterServer serves LoRA adapters: "
                 "use adaptr.inference (PEFT) for it"
             )
+        rewrites = rewrites_base_reason(v.config)
+        if rewrites:  # one shared base: PEFT's rewrite of it would change every other adapter
+            raise InvalidInputError(f"AdapterServer cannot serve {v.ref}: {rewrites}")
         # the bytes served are the bytes hashed: a flipped bit fails this adapter's requests
         weights = load(self.registry.read_checked(v, "adapter_model.safetensors"))
         pairs: dict[str, list] = {}

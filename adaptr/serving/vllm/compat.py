@@ -16,6 +16,34 @@ EMBEDDING_MODULES = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out", 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
+# LoRA inits with which PEFT rewrites the base's weights when it loads the adapter (PiSSA,
+# CorDA and OLoRA subtract the initial A·B; LoftQ and LoRA-GA replace or offset W): the
+# saved A/B mean something only on those rewritten weights. Saved with PEFT's conversion
+# (save_pretrained(path_initial_model_for_weight_conversion=…)) they are plain LoRA again.
+REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+
+
+def rewrites_base(config: dict) -> str | None:
+    """The ``init_lora_weights`` of an adapter PEFT loads by rewriting the base, else None."""
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(REWRITING_INITS):
+        return init
+    return None
+
+
+def rewrites_base_reason(config: dict) -> str | None:
+    """Why an adapter cannot be served beside others on one unmodified base, or None."""
+    init = rewrites_base(config)
+    if init is None:
+        return None
+    return (
+        f"it was initialised with {init} (init_lora_weights) and saved without conversion, so "
+        "its A/B apply only to base weights PEFT rewrites when it loads it; re-save it with "
+        "PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...) and add that, "
+        "or use `adaptr generate` / `adaptr merge`, which load it through PEFT"
+    )
+
+
 def max_rank(config: dict) -> int:
     """The largest rank of any layer: ``r`` and every ``rank_pattern`` value."""
     ranks = [config.get("r") or 0]
@@ -55,6 +83,9 @@ def problems(config: dict, tensor_names=(), *, max_lora_rank: int | None = None)
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         return [f"it is a {peft_type or 'non-PEFT'} adapter; vLLM serves LoRA adapters only"]
+    rewrites = rewrites_base_reason(config)
+    if rewrites:
+        out.append(rewrites)
     if config.get("use_dora") or any("lora_magnitude_vector" in k for k in tensor_names):
         out.append("it uses DoRA (use_dora), which vLLM does not implement")
     if config.get("modules_to_save"):

@@ -286,3 +286,35 @@ def test_the_server_still_serves_after_all_that(limited):
     wait_for(lambda: not app.state.batcher.waiting, "the batcher to be idle")
     out = client(url).completions.create(model="p0@3", prompt="Hello there", max_tokens=6)
     assert out.choices[0].text == expected(reg, "p0@3", "Hello there", 6)
+
+
+def test_unknown_routes_say_which_there_are(limited):
+    _, url, _ = limited
+    for method, path, status in (("GET", "/nothing", 404), ("DELETE", "/v1/models", 405)):
+        r = httpx.request(method, url.removesuffix("/v1") + path, timeout=START_S)
+        assert_error(r.status_code, r.json(), status)
+        assert f"{method} {path} is not a route" in r.json()["error"]["message"]
+        assert "POST /v1/chat/completions" in r.json()["error"]["message"]
+
+
+def test_an_internal_error_is_an_openai_shaped_500_without_its_details(tiny_llama, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from adaptr.registry import Registry
+    from adaptr.serving import AdapterServer
+    from adaptr.serving.openai.app import create_app
+
+    reg = Registry(tmp_path / "home")
+    reg.add_base("tiny", tiny_llama)
+    app = create_app(AdapterServer(reg, "tiny"))
+
+    async def broken():
+        raise RuntimeError("a secret detail")
+
+    app.add_api_route("/v1/broken", broken)
+    with TestClient(app, raise_server_exceptions=False) as http:
+        r = http.get("/v1/broken")
+    assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "server_error"
+    assert "secret" not in error["message"]

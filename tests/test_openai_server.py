@@ -371,3 +371,21 @@ def test_an_apps_threads_end_with_it(tiny_llama, tmp_path):
         threads = [app.state.batcher.thread, *app.state.workers._threads]
         assert len(threads) > 1 and all(t.is_alive() for t in threads), threads
     assert not any(t.is_alive() for t in threads), threads
+
+
+def test_an_error_while_streaming_is_an_openai_shaped_event(served, monkeypatch):
+    import json
+
+    _, _, url, _, app = served
+
+    def fail(job):  # the batch fails at once: its error reaches the stream
+        job.loop.call_soon_threadsafe(job.out.put_nowait, (job.index, "error", RuntimeError("boom"), 0))  # fmt: skip
+
+    monkeypatch.setattr(app.state.batcher, "submit", fail)
+    body = {"model": "a", "prompt": "x", "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", f"{url}/completions", json=body, timeout=START_S) as s:
+        assert s.status_code == 200
+        events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
+    error = json.loads(events[-1])["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert error["type"] == "server_error" and "boom" in error["message"]

@@ -8,8 +8,6 @@ import click
 
 from ._common import with_registry
 
-KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this
-
 
 def is_loopback(host: str) -> bool:
     """Whether ``host`` only listens on this machine (127.0.0.0/8, ::1, localhost)."""
@@ -125,17 +123,11 @@ def serve(
         f"serving {base} on http://{host}:{port}/v1 (model = an adapter ref, '{base}' or 'active')",
         err=True,
     )
-    from adaptr.serving.openai.http import GuardedH11Protocol
+    from adaptr.serving.openai.http import uvicorn_settings
 
-    config = uvicorn.Config(
-        app,
-        http=GuardedH11Protocol,  # request headers have a deadline (slowloris)
-        host=host,
-        port=port,
-        log_level="warning",
-        timeout_keep_alive=KEEP_ALIVE_S,
-        limit_concurrency=max_connections,
-    )
+    # the guarded protocol: header and body deadlines, OpenAI-shaped 400 and 503
+    settings = uvicorn_settings(limit_concurrency=max_connections)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", **settings)
     uvicorn.Server(config).run()
 
 

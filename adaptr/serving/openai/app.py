@@ -47,7 +47,7 @@ from ..scheduler import Sampling
 from ..server import AdapterServer
 from . import logprobs as logprob_shapes
 from .batcher import Batcher, Job
-from .http import GuardedH11Protocol
+from .http import error_body, uvicorn_settings
 from .logprobs import TokenTexts
 from .protocol import ParamError, RequestParams, parse_params
 
@@ -82,10 +82,8 @@ def _error(
     code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> Response:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    # ASCII JSON: a message may quote the client's text, lone surrogates included
-    return Response(json.dumps(body), status, headers, media_type="application/json")
+    body = error_body(status, message, param, code)
+    return Response(body, status, headers, media_type="application/json")
 
 
 class _APIKey:
@@ -315,7 +313,18 @@ def create_app(server: AdapterServer, *, api_key: str | None = None, limits: Lim
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc):  # noqa: ANN001 (an unknown route, a wrong method)
-        return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+        message = str(exc.detail)
+        if exc.status_code in (404, 405):
+            message = (
+                f"{message}: {request.method} {request.url.path[:200]} is not a route of adaptr "
+                "serve (GET /v1/models, GET /v1/models/ID, POST /v1/completions, "
+                "POST /v1/chat/completions)"
+            )
+        return _error(exc.status_code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _bug(request, exc):  # noqa: ANN001 (uvicorn logs it: the handler re-raises)
+        return _error(500, "internal error: the server's log has the details")
 
     def model_ids() -> list[str]:
         ids = [server.base_key]
@@ -556,8 +565,8 @@ def create_app(server: AdapterServer, *, api_key: str | None = None, limits: Lim
                 yield reply.usage_chunk(sum(job.completion_tokens for job in jobs))
             yield "data: [DONE]\n\n"
         except Exception as e:  # headers are sent: the error goes in the stream
-            error = {"message": str(e), "type": "server_error"}
-            yield "data: " + json.dumps({"error": error}) + "\n\n"
+            log.exception("request %s failed while streaming", reply.id)
+            yield "data: " + error_body(500, f"generation failed: {e}").decode() + "\n\n"
         reply.finished = True
 
     def jobs_of(req: _Prepared, chat: bool) -> list[Job]:
@@ -627,15 +636,15 @@ def serve_in_thread(
 
     The socket is bound (and listening) here, on a port the system chooses, and handed to
     uvicorn: no other process can take the port between choosing it and serving on it.
-    ``uvicorn_config`` goes to ``uvicorn.Config`` (``log_level`` is ``"warning"`` unless
-    given). Raises RuntimeError when the server has not started within ``start_timeout_s``
+    ``uvicorn_config`` goes to ``uvicorn.Config`` over adaptr serve's settings
+    (:func:`~adaptr.serving.openai.http.uvicorn_settings`; ``log_level`` is ``"warning"``
+    unless given). Raises RuntimeError when the server has not started within ``start_timeout_s``
     or its thread ended while starting, and when it has not stopped within
     ``stop_timeout_s`` of the block's end.
     """
     import uvicorn
 
-    uvicorn_config.setdefault("log_level", "warning")
-    uvicorn_config.setdefault("http", GuardedH11Protocol)
+    uvicorn_config = uvicorn_settings(**{"log_level": "warning", **uvicorn_config})
     ipv6 = ":" in host
     sock = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET)
     try:

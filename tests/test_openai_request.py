@@ -144,3 +144,97 @@ def test_held_back_is_the_longest_tail_that_may_begin_a_stop():
     assert held_back("ab", ("abc",)) == 2
     assert held_back("xab", ("abab",)) == 2
     assert held_back("anything", ()) == 0
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"stream_options": {"include_usage": "no"}}, "stream_options.include_usage"),
+        ({"stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
+        ({"stream_options": {"include_usage": "false"}}, "stream_options.include_usage"),
+        ({"stream_options": {"include_obfuscation": 0}}, "stream_options.include_obfuscation"),
+        ({"stream_options": {"usage_stats": 1}}, "stream_options.usage_stats"),
+        ({"stream_options": False}, "stream_options"),
+        ({"stream": 1}, "stream"),
+        ({"stream": 0}, "stream"),
+        ({"stream": "false"}, "stream"),
+        ({"echo": 0}, "echo"),
+        ({"ignore_eos": 1}, "ignore_eos"),
+        ({"ignore_eos": "false"}, "ignore_eos"),
+        ({"return_tokens_as_token_ids": "true"}, "return_tokens_as_token_ids"),
+        ({"store": "yes"}, "store"),
+        ({"parallel_tool_calls": 1}, "parallel_tool_calls"),
+        ({"parallel_tool_calls": 0}, "parallel_tool_calls"),
+        ({"user": 5}, "user"),
+        ({"metadata": {"a": 1}}, "metadata"),
+    ],
+    ids=repr,
+)
+def test_true_false_fields_take_json_booleans_only(body, param):
+    with pytest.raises(ParamError) as e:
+        parse_params(body)
+    assert e.value.param == param and f"'{param}'" in str(e.value)
+
+
+@pytest.mark.parametrize("value", [1, 0, "yes", "true", "no"])
+def test_chat_logprobs_is_a_json_boolean(value):
+    with pytest.raises(ParamError) as e:
+        parse_params({"logprobs": value}, chat=True)
+    assert e.value.param == "logprobs"
+
+
+def test_booleans_and_nulls_are_taken():
+    p = parse_params({"stream": True, "stream_options": {"include_usage": False}})
+    assert p.stream and not p.include_usage
+    p = parse_params({"stream": False, "stream_options": None, "echo": None, "ignore_eos": False,
+                      "store": True})  # fmt: skip
+    assert not p.stream and not p.include_usage and not p.echo and not p.ignore_eos
+    assert not parse_params({"stream_options": {"include_obfuscation": True}}).include_usage
+
+
+# what clients send always: vLLM's benchmark repetition_penalty 1.0, OpenAI's own defaults
+NEUTRAL = [
+    {"repetition_penalty": 1}, {"repetition_penalty": 1.0}, {"top_k": -1}, {"top_k": 0},
+    {"frequency_penalty": 0}, {"frequency_penalty": 0.0}, {"frequency_penalty": -0.0},
+    {"presence_penalty": 0}, {"presence_penalty": 0.0}, {"min_p": 0}, {"min_p": 0.0},
+    {"logit_bias": {}}, {"logit_bias": None}, {"best_of": 1}, {"best_of": None},
+    {"best_of": 3, "n": 3}, {"suffix": ""}, {"tools": []}, {"tool_choice": "auto"},
+    {"parallel_tool_calls": False}, {"top_k": None, "min_p": None, "repetition_penalty": None},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("body", NEUTRAL, ids=repr)
+def test_neutral_values_of_unsupported_fields_are_accepted(body):
+    p = parse_params({"max_tokens": 4, **body})
+    assert p.sampling == (False, 0.0, 1.0) and p.n == body.get("n", 1)
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"repetition_penalty": 1.1}, "repetition_penalty"),
+        ({"repetition_penalty": True}, "repetition_penalty"),  # true == 1 in Python, not in JSON
+        ({"repetition_penalty": "1"}, "repetition_penalty"),
+        ({"top_k": 40}, "top_k"),
+        ({"top_k": -2}, "top_k"),
+        ({"top_k": False}, "top_k"),
+        ({"frequency_penalty": False}, "frequency_penalty"),
+        ({"frequency_penalty": 0.1}, "frequency_penalty"),
+        ({"presence_penalty": "0"}, "presence_penalty"),
+        ({"min_p": 0.05}, "min_p"),
+        ({"logit_bias": {"50": 0}}, "logit_bias"),
+        ({"logit_bias": []}, "logit_bias"),
+        ({"best_of": 2}, "best_of"),
+        ({"best_of": 1, "n": 2}, "best_of"),
+        ({"best_of": True}, "best_of"),
+        ({"best_of": 1.0}, "best_of"),
+        ({"suffix": False}, "suffix"),
+        ({"tools": {}}, "tools"),
+    ],
+    ids=repr,
+)
+def test_other_values_of_unsupported_fields_are_refused(body, param):
+    with pytest.raises(ParamError) as e:
+        parse_params(body)
+    assert e.value.param == param and f"'{param}'" in str(e.value)
+    assert "not supported" in str(e.value)

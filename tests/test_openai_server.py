@@ -1,6 +1,7 @@
 """adaptr serve: the OpenAI-compatible API, driven by the official openai client."""
 
 import asyncio
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -374,8 +375,6 @@ def test_an_apps_threads_end_with_it(tiny_llama, tmp_path):
 
 
 def test_an_error_while_streaming_is_an_openai_shaped_event(served, monkeypatch):
-    import json
-
     _, _, url, _, app = served
 
     def fail(job):  # the batch fails at once: its error reaches the stream
@@ -389,3 +388,67 @@ def test_an_error_while_streaming_is_an_openai_shaped_event(served, monkeypatch)
     error = json.loads(events[-1])["error"]
     assert set(error) == {"message", "type", "param", "code"}, error
     assert error["type"] == "server_error" and "boom" in error["message"]
+
+
+def test_the_neutral_values_clients_always_send_are_accepted(served):
+    """vLLM's benchmark client sends repetition_penalty 1.0 on every request; OpenAI clients
+    send their defaults: the values that switch a field off are taken, over the openai
+    client (its own parameters and extra_body) and as raw JSON."""
+    reg, _, url, api, _ = served
+    want = expected(reg, "a", "Hello there", 4)
+    out = api.completions.create(
+        model="a", prompt="Hello there", max_tokens=4, frequency_penalty=0, presence_penalty=0,
+        logit_bias={}, best_of=1, extra_body={"repetition_penalty": 1.0, "top_k": -1, "min_p": 0},
+    )  # fmt: skip
+    assert out.choices[0].text == want
+    chat = api.chat.completions.create(
+        model="a", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+        frequency_penalty=0.0, presence_penalty=0.0, logit_bias={},
+        extra_body={"repetition_penalty": 1, "top_k": 0, "min_p": 0.0, "best_of": 1},
+    )  # fmt: skip
+    assert chat.choices[0].message.content == expected(reg, "a", "hi", 4, chat=True)
+    for extra in [{"repetition_penalty": 1}, {"repetition_penalty": 1.0}, {"top_k": -1},
+                  {"top_k": 0}, {"frequency_penalty": 0}, {"presence_penalty": 0.0},
+                  {"min_p": 0}, {"logit_bias": {}}, {"logit_bias": None}, {"best_of": 1},
+                  {"best_of": 2, "n": 2}]:  # fmt: skip
+        r = httpx.post(f"{url}/completions", json={"model": "a", "prompt": "Hello there", "max_tokens": 4, **extra}, timeout=START_S)  # fmt: skip
+        assert r.status_code == 200, (extra, r.text)
+        assert [c["text"] for c in r.json()["choices"]] == [want] * extra.get("n", 1), extra
+    # vLLM's benchmark client's completions request, as it sends it
+    bench = {"model": "a", "prompt": "Hello there", "repetition_penalty": 1.0, "max_tokens": 4,
+             "logprobs": None, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    with httpx.stream("POST", f"{url}/completions", json=bench, timeout=START_S) as s:
+        assert s.status_code == 200
+        events = [line[6:] for line in s.iter_lines() if line.startswith("data: {")]
+    chunks = [json.loads(e) for e in events]
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == want
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+
+
+def test_other_values_and_non_booleans_are_400_naming_the_field(served):
+    _, _, url, api, _ = served
+    for extra, param in [({"repetition_penalty": 1.2}, "repetition_penalty"),
+                         ({"repetition_penalty": True}, "repetition_penalty"),
+                         ({"top_k": 40}, "top_k"), ({"min_p": 0.1}, "min_p"),
+                         ({"frequency_penalty": 0.5}, "frequency_penalty"),
+                         ({"presence_penalty": False}, "presence_penalty"),
+                         ({"best_of": 2}, "best_of"), ({"logit_bias": {"5": 1}}, "logit_bias"),
+                         ({"stream": 1}, "stream"), ({"echo": 0}, "echo"),
+                         ({"ignore_eos": "false"}, "ignore_eos"),
+                         ({"stream": True, "stream_options": {"include_usage": "no"}},
+                          "stream_options.include_usage")]:  # fmt: skip
+        r = httpx.post(f"{url}/completions", json={"model": "a", "prompt": "x", **extra}, timeout=START_S)  # fmt: skip
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == param, (extra, error)
+        assert error["type"] == "invalid_request_error" and f"'{param}'" in error["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        api.completions.create(model="a", prompt="x", max_tokens=2, extra_body={"top_k": 40})
+    assert e.value.body["param"] == "top_k"
+    with pytest.raises(openai.BadRequestError) as e:
+        api.chat.completions.create(
+            model="a", messages=[{"role": "user", "content": "x"}], max_tokens=2, stream=True,
+            stream_options={"include_usage": "no"},  # type: ignore[typeddict-item]
+        )  # fmt: skip
+    assert e.value.body["param"] == "stream_options.include_usage"
+    r = httpx.post(f"{url}/chat/completions", json={"model": "a", "messages": [{"role": "user", "content": "x"}], "logprobs": 1}, timeout=START_S)  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"

@@ -7,12 +7,15 @@ prompt), ``seed`` (sampling with a seed is reproducible, alone or batched; choic
 ``n`` uses ``seed + j``), log-probabilities (completions: ``logprobs`` = how many
 alternatives, 0-20, and ``echo`` for the prompt's; chat: ``logprobs`` true and
 ``top_logprobs`` 0-20), and vLLM's ``ignore_eos``, ``min_tokens`` and
-``return_tokens_as_token_ids``. Accepted and
-ignored, as they do not change the answer: ``user``, ``metadata``, ``store``,
-``service_tier``, ``safety_identifier``, ``prompt_cache_key``. Anything that would change
-the answer and is not supported (penalties, ``logit_bias``, ``best_of``, ``suffix``,
-tools, a non-text ``response_format``) is refused, and so is a field this server does not
-know: nothing is silently dropped.
+``return_tokens_as_token_ids``. True/false fields take JSON booleans only (not 1 or
+"no"). Accepted and ignored, as they do not change the answer: ``user``, ``metadata``,
+``store``, ``service_tier``, ``safety_identifier``, ``prompt_cache_key``,
+``stream_options.include_obfuscation``. Fields whose effect adaptr serve does not have are
+accepted at the value that switches them off, as clients send them (``presence_penalty``
+and ``frequency_penalty`` 0, vLLM's ``repetition_penalty`` 1, ``top_k`` -1 or 0, ``min_p``
+0, ``logit_bias`` {}, ``best_of`` = ``n``, ``suffix`` "", no tools) and refused at any
+other; so is a non-text ``response_format`` and a field this server does not know: nothing
+is silently dropped.
 """
 
 from __future__ import annotations
@@ -28,26 +31,32 @@ MIN_TEMPERATURE = 0.01  # below it the logits / temperature overflow: sampling b
 MAX_LOGPROBS = 20  # alternatives per token (vLLM's default limit; OpenAI's is 5 / 20)
 MAX_N = 16  # choices per prompt
 
-# (field, the value that means "off"): a request may send these only switched off
-_UNSUPPORTED = {
-    "best_of": (None, 1),
-    "suffix": (None, ""),
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
-    "logit_bias": (None, {}),
-    "tools": (None, []),
-    "functions": (None, []),
-    "tool_choice": (None, "none", "auto"),  # (without tools, both mean none)
-    "function_call": (None, "none", "auto"),
-    "parallel_tool_calls": (None, True, False),
+# fields whose effect adaptr serve does not have: a request may send them only at the value
+# that means "off" (clients such as vLLM's benchmark send them always), or null.
+# (field, (its neutral values, as JSON types: 0 and 0.0 alike, never false), shown as)
+_NEUTRAL: dict[str, tuple[tuple, str]] = {
+    "suffix": (("",), '""'),
+    "presence_penalty": ((0,), "0"),
+    "frequency_penalty": ((0,), "0"),
+    "repetition_penalty": ((1,), "1"),  # vLLM's
+    "top_k": ((-1, 0), "-1 or 0"),  # vLLM's
+    "min_p": ((0,), "0"),  # vLLM's
+    "logit_bias": (({},), "{}"),
+    "tools": (([],), "[]"),
+    "functions": (([],), "[]"),
+    "tool_choice": (("none", "auto"), "'none' or 'auto'"),  # (without tools, both mean none)
+    "function_call": (("none", "auto"), "'none' or 'auto'"),
+    "parallel_tool_calls": ((True, False), "true or false"),
 }
 # what the endpoints read; IGNORED do not change the answer
 TAKEN = {
     "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stream",
     "stream_options", "stop", "seed", "logprobs", "top_logprobs", "echo", "response_format",
-    "ignore_eos", "min_tokens", "return_tokens_as_token_ids",
+    "ignore_eos", "min_tokens", "return_tokens_as_token_ids", "best_of",
 }  # fmt: skip
 IGNORED = {"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key"}
+_STRINGS = ("user", "service_tier", "safety_identifier", "prompt_cache_key")  # (IGNORED's types)
+STREAM_OPTIONS = {"include_usage", "include_obfuscation"}  # (obfuscation padding: not sent)
 
 
 class ParamError(InvalidInputError):
@@ -94,11 +103,43 @@ def _integer(body: dict, key: str, low: int, high: int) -> int | None:
     return value
 
 
-def _flag(body: dict, key: str, what: str = "") -> bool:
+def _flag(body: dict, key: str, what: str = "", name: str | None = None) -> bool:
+    """A true/false field (a JSON boolean: not 1, "no" or "false"); null or absent is false.
+    ``name``: the field as errors name it (``stream_options.include_usage``)."""
     value = body.get(key)
     if value is not None and not isinstance(value, bool):
-        raise ParamError(key, f"'{key}' must be true or false{what}")
+        name = name or key
+        raise ParamError(name, f"'{name}' must be true or false{what}")
     return bool(value)
+
+
+def _is_int(value) -> bool:  # noqa: ANN001
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _kind(value) -> str:  # noqa: ANN001
+    """A value's JSON type (an integer and a float are both numbers; a boolean is not one)."""
+    if isinstance(value, bool):
+        return "boolean"
+    return "number" if isinstance(value, (int, float)) else type(value).__name__
+
+
+def _same(value, off) -> bool:  # noqa: ANN001
+    """Whether ``value`` is ``off`` as JSON has it: 0 and 0.0 are, false and 0 are not."""
+    return _kind(value) == _kind(off) and value == off
+
+
+def _ignored_types(body: dict) -> None:
+    """IGNORED fields do not change the answer, but they are still what OpenAI says they are."""
+    for key in _STRINGS:
+        if body.get(key) is not None and not isinstance(body[key], str):
+            raise ParamError(key, f"'{key}' must be a string")
+    _flag(body, "store")
+    metadata = body.get("metadata")
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise ParamError("metadata", "'metadata' must be an object of string values")
 
 
 def _logprobs(body: dict, chat: bool) -> tuple[int | None, bool]:
@@ -124,7 +165,7 @@ def parse_params(body: dict, chat: bool = False) -> RequestParams:
     """Check ``body``'s generation parameters; :class:`ParamError` names the first bad one."""
     main = "messages" if chat else "prompt"
     for key in body:
-        if key not in TAKEN and key not in IGNORED and key not in _UNSUPPORTED and key != main:
+        if key not in TAKEN and key not in IGNORED and key not in _NEUTRAL and key != main:
             shown = key[:60] if isinstance(key, str) else repr(key)
             raise ParamError(
                 shown, f"'{shown}' is not a parameter adaptr serve takes; leave it out"
@@ -153,9 +194,18 @@ def parse_params(body: dict, chat: bool = False) -> RequestParams:
     if top_p == 0:
         raise ParamError("top_p", "'top_p' must be above 0 (use temperature 0 for greedy)")
     n = _integer(body, "n", 1, MAX_N) or 1
-    for key, off in _UNSUPPORTED.items():
-        if key in body and body[key] not in off:
-            raise ParamError(key, f"'{key}' is not supported by adaptr serve; leave it out")
+    for key, (off, shown) in _NEUTRAL.items():
+        if body.get(key) is not None and not any(_same(body[key], o) for o in off):
+            raise ParamError(
+                key, f"'{key}' is not supported by adaptr serve: send {shown} (off) or leave it out"
+            )
+    best_of = body.get("best_of")
+    if best_of is not None and not (_is_int(best_of) and best_of == n):
+        raise ParamError(
+            "best_of",
+            f"'best_of' is not supported by adaptr serve: send n ({n}) or leave it out",
+        )
+    _ignored_types(body)
     fmt = body.get("response_format")
     if fmt is not None and fmt != {"type": "text"}:
         raise ParamError("response_format", "only 'response_format': {'type': 'text'} is supported")
@@ -179,16 +229,24 @@ def parse_params(body: dict, chat: bool = False) -> RequestParams:
     ignore_eos = _flag(body, "ignore_eos")
     min_tokens = _integer(body, "min_tokens", 0, max_tokens) or 0
     as_ids = _flag(body, "return_tokens_as_token_ids")
-    stream = body.get("stream") or False
-    if not isinstance(stream, bool):
-        raise ParamError("stream", "'stream' must be true or false")
-    options = body.get("stream_options") or {}
+    stream = _flag(body, "stream")
+    options = body.get("stream_options")
+    options = {} if options is None else options
     if not isinstance(options, dict):
         raise ParamError("stream_options", "'stream_options' must be an object")
+    for key in options:
+        if key not in STREAM_OPTIONS:
+            shown = key[:60] if isinstance(key, str) else repr(key)
+            raise ParamError(
+                f"stream_options.{shown}",
+                f"'stream_options.{shown}' is not supported by adaptr serve; it takes include_usage",
+            )
+    include_usage = _flag(options, "include_usage", name="stream_options.include_usage")
+    _flag(options, "include_obfuscation", name="stream_options.include_obfuscation")
     # temperature 0 (the default here, unlike OpenAI's 1) is greedy and deterministic
     sampling = (False, 0.0, 1.0) if temperature == 0 else (True, temperature, top_p)
     return RequestParams(
-        max_tokens, sampling, tuple(stops), stream, bool(options.get("include_usage")), seed,
+        max_tokens, sampling, tuple(stops), stream, include_usage, seed,
         n, logprobs, echo, ignore_eos, min_tokens, as_ids,
     )  # fmt: skip
 

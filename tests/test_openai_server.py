@@ -452,3 +452,40 @@ def test_other_values_and_non_booleans_are_400_naming_the_field(served):
     assert e.value.body["param"] == "stream_options.include_usage"
     r = httpx.post(f"{url}/chat/completions", json={"model": "a", "messages": [{"role": "user", "content": "x"}], "logprobs": 1}, timeout=START_S)  # fmt: skip
     assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
+
+
+def test_chat_names_answers_sent_back_and_what_is_refused(served, monkeypatch):
+    """``name`` reaches the chat template as a message key (as vLLM passes it); an answer
+    sent back as the openai client dumps it is taken; tool-call history and images are
+    refused saying what is supported."""
+    reg, _, url, api, app = served
+    tokenizer = app.state.batcher.server.tokenizer
+    seen = []
+    template = tokenizer.apply_chat_template
+
+    def recording(messages, **kwargs):
+        seen.append(messages)
+        return template(messages, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "apply_chat_template", recording)
+    out = api.chat.completions.create(
+        model="a", messages=[{"role": "user", "content": "hi", "name": "alice"}], max_tokens=4
+    )
+    assert seen[-1] == [{"role": "user", "content": "hi", "name": "alice"}]
+    assert out.choices[0].message.content == expected(reg, "a", "hi", 4, chat=True)
+    history = [{"role": "user", "content": "hi"}, out.choices[0].message.model_dump(),
+               {"role": "user", "content": "more"}]  # fmt: skip
+    again = api.chat.completions.create(model="a", messages=history, max_tokens=2)
+    assert again.choices[0].finish_reason in ("length", "stop")
+    assert seen[-1][1] == {"role": "assistant", "content": out.choices[0].message.content}
+    tool_call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    for messages, said in [
+        ([{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [tool_call]},
+          {"role": "tool", "tool_call_id": "c1", "content": "42"}],
+         "tool calls in messages are not supported yet"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}],  # fmt: skip
+         "image content parts are not supported: adaptr serves text models"),
+    ]:  # fmt: skip
+        with pytest.raises(openai.BadRequestError) as e:
+            api.chat.completions.create(model="a", messages=messages, max_tokens=2)
+        assert e.value.body["param"] == "messages" and said in e.value.body["message"], e.value.body

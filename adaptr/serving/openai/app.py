@@ -245,27 +245,73 @@ def _prompts(prompt: Any) -> list[str | list[int]]:
     return prompts
 
 
+TOOLS_NOT_YET = (
+    "tool calls in messages are not supported yet: adaptr serve has no tools path ('tools' is "
+    "refused); send a tool's result as the text of a user message"
+)
+NOT_TEXT = "content parts are not supported: adaptr serves text models; send {'type': 'text', 'text': ...} parts"  # fmt: skip
+# part types that are not text, by what they hold
+_MEDIA = {"image_url": "image", "image": "image", "input_image": "image", "input_audio": "audio",
+          "audio_url": "audio", "audio": "audio", "video_url": "video", "file": "file",
+          "input_file": "file"}  # fmt: skip
+# what the openai client sends back with an answer's message (model_dump()): null or empty
+# they carry nothing; anything else in them is refused, never dropped
+_EMPTY = {"tool_calls": (None, []), "function_call": (None,), "tool_call_id": (None,),
+          "refusal": (None,), "audio": (None,), "annotations": (None, [])}  # fmt: skip
+
+
+def _content(content: Any, where: str) -> str:
+    """A message's content as text: a string, or text parts joined by newlines (as vLLM)."""
+    if isinstance(content, str):
+        return _text(content, "messages")
+    if not isinstance(content, list):
+        raise ParamError("messages", f"{where}: 'content' must be a string or a list of text parts")  # fmt: skip
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in _MEDIA:
+            raise ParamError("messages", f"{where}: {_MEDIA[kind]} {NOT_TEXT}")
+        if kind == "refusal":
+            raise ParamError("messages", f"{where}: refusal content parts are not supported; send the assistant's text as a text part")  # fmt: skip
+        if kind != "text" or not isinstance(part.get("text"), str) or set(part) != {"type", "text"}:  # fmt: skip
+            raise ParamError("messages", f"{where}: a content part must be {{'type': 'text', 'text': a string}} and nothing else")  # fmt: skip
+        texts.append(_text(part["text"], "messages"))
+    return "\n".join(texts)
+
+
 def _messages(messages: Any) -> list[dict]:
-    """``messages`` as the chat template takes them: role and text content (a list of text
-    parts is joined)."""
-    bad = ParamError(
-        "messages",
-        "'messages' must be a non-empty list of {role, content}, content a string or a list of text parts",  # fmt: skip
-    )
+    """``messages`` as the chat template takes them: role, text content (a list of text
+    parts is joined) and ``name`` when given (a key of the message, as vLLM passes it)."""
     if not isinstance(messages, list) or not messages:
-        raise bad
+        raise ParamError(
+            "messages",
+            "'messages' must be a non-empty list of {role, content}, content a string or a list of text parts",  # fmt: skip
+        )
     out = []
-    for m in messages:
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise bad
-        content = m.get("content")
-        if isinstance(content, list):
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):  # fmt: skip
-                raise bad
-            content = "\n".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise bad
-        out.append({"role": _text(m["role"], "messages"), "content": _text(content, "messages")})
+            raise ParamError("messages", f"{where} must be an object with a string 'role' and a 'content'")  # fmt: skip
+        if m["role"] in ("tool", "function"):
+            raise ParamError("messages", f"{where}: {TOOLS_NOT_YET}")
+        for key, value in m.items():
+            if key in ("role", "content", "name") or (key in _EMPTY and value in _EMPTY[key]):
+                continue
+            if key in ("tool_calls", "function_call", "tool_call_id"):
+                raise ParamError("messages", f"{where}: '{key}': {TOOLS_NOT_YET}")
+            if key == "audio":
+                raise ParamError("messages", f"{where}: 'audio' is not supported: adaptr serves text models")  # fmt: skip
+            shown = key[:60] if isinstance(key, str) else repr(key)
+            raise ParamError(
+                "messages",
+                f"{where}: '{shown}' is not a message field adaptr serve takes (role, content, name)",  # fmt: skip
+            )
+        message = {"role": _text(m["role"], "messages"), "content": _content(m.get("content"), where)}  # fmt: skip
+        if m.get("name") is not None:
+            if not isinstance(m["name"], str) or not m["name"]:
+                raise ParamError("messages", f"{where}: 'name' must be a non-empty string")
+            message["name"] = _text(m["name"], "messages")
+        out.append(message)
     return out
 
 

@@ -1,0 +1,93 @@
+"""Chat ``messages`` as adaptr serve takes them: role, text content and name; tool calls,
+images and audio refused with what is supported, and no field dropped silently."""
+
+import pytest
+
+from adaptr.serving.openai.app import _messages
+from adaptr.serving.openai.protocol import ParamError
+
+TOOL_CALL = {"id": "call_1", "type": "function",
+             "function": {"name": "weather", "arguments": "{\"city\": \"Oslo\"}"}}  # fmt: skip
+
+
+def refusal(messages) -> str:
+    with pytest.raises(ParamError) as e:
+        _messages(messages)
+    assert e.value.param == "messages"
+    return str(e.value)
+
+
+def test_role_content_and_name_reach_the_template():
+    got = _messages([{"role": "system", "content": "be brief"},
+                     {"role": "user", "content": "hi", "name": "alice"},
+                     {"role": "user", "content": [{"type": "text", "text": "a"},
+                                                  {"type": "text", "text": "b"}]}])  # fmt: skip
+    assert got == [{"role": "system", "content": "be brief"},
+                   {"role": "user", "content": "hi", "name": "alice"},
+                   {"role": "user", "content": "a\nb"}]  # fmt: skip
+
+
+def test_an_answer_sent_back_as_the_openai_client_dumps_it_is_taken():
+    dumped = {"role": "assistant", "content": "hello", "refusal": None, "annotations": None,
+              "audio": None, "function_call": None, "tool_calls": None}  # fmt: skip
+    assert (
+        _messages([dumped, {**dumped, "tool_calls": [], "annotations": []}])
+        == [{"role": "assistant", "content": "hello"}] * 2
+    )
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]},
+        {"role": "assistant", "content": "", "function_call": TOOL_CALL["function"]},
+        {"role": "tool", "content": "12 C", "tool_call_id": "call_1"},
+        {"role": "user", "content": "12 C", "tool_call_id": "call_1"},
+        {"role": "function", "name": "weather", "content": "12 C"},
+    ],
+    ids=repr,
+)
+def test_tool_call_history_is_refused_saying_so(message):
+    message_text = refusal([{"role": "user", "content": "weather?"}, message])
+    assert "messages[1]" in message_text
+    assert "tool calls in messages are not supported yet" in message_text
+
+
+@pytest.mark.parametrize(
+    "part, kind",
+    [
+        ({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}, "image"),
+        ({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}, "audio"),
+        ({"type": "file", "file": {"file_id": "f"}}, "file"),
+    ],
+    ids=repr,
+)
+def test_media_parts_are_refused_saying_text_only(part, kind):
+    message_text = refusal([{"role": "user", "content": [{"type": "text", "text": "see"}, part]}])
+    assert f"{kind} content parts are not supported: adaptr serves text models" in message_text
+
+
+@pytest.mark.parametrize(
+    "message, said",
+    [
+        ({"role": "user", "content": "hi", "foo": 1}, "'foo' is not a message field"),
+        ({"role": "user", "content": "hi", "name": 7}, "'name' must be a non-empty string"),
+        ({"role": "user", "content": "hi", "name": ""}, "'name' must be a non-empty string"),
+        (
+            {"role": "assistant", "content": "x", "refusal": "no"},
+            "'refusal' is not a message field",
+        ),
+        ({"role": "assistant", "content": "x", "audio": {"id": "a"}}, "'audio' is not supported"),
+        ({"role": "user", "content": [{"type": "text", "text": "x", "extra": 1}]}, "nothing else"),
+        (
+            {"role": "user", "content": [{"type": "refusal", "refusal": "no"}]},
+            "refusal content parts",
+        ),
+        ({"role": "user", "content": None}, "'content' must be a string or a list of text parts"),
+        ({"role": "user"}, "'content' must be a string or a list of text parts"),
+        ({"content": "hi"}, "a string 'role'"),
+    ],
+    ids=repr,
+)
+def test_no_field_is_dropped_silently(message, said):
+    assert said in refusal([message])

@@ -1,0 +1,105 @@
+"""gc on the store: two phases with a grace period.
+
+An add writes ``uploads/<digest>.<rand>`` before it uploads (or finds) each blob, and only
+then creates its manifest. gc:
+
+1. lists every manifest (tombstones reference nothing) and collects the digests they list;
+2. lists the blobs; a blob is a candidate when no manifest lists it and the store's
+   last-modified time is older than the grace period;
+3. for each candidate, lists its upload markers just before deleting it: a marker younger
+   than the grace period means an add may be about to reference it, and the blob stays;
+4. deletes markers older than the grace period.
+
+Markers are never deleted by the add that wrote them (an add finishing between gc's steps 1
+and 3 would otherwise leave its new manifest unseen and its marker gone), so an add that
+takes less than the grace period (default 1 h, ``$ADAPTR_REMOTE_GC_GRACE`` seconds) is safe.
+An add that starts after step 3 re-checks its blobs after creating its manifest and
+uploads again any that a gc deleted meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+from ..journal import manifest_problem
+from . import layout
+from .store import NotFound, ObjectStore
+from .sync import _fetch
+
+DEFAULT_GRACE = 3600.0
+
+
+def default_grace() -> float:
+    try:
+        return float(os.environ.get("ADAPTR_REMOTE_GC_GRACE", DEFAULT_GRACE))
+    except ValueError:
+        return DEFAULT_GRACE
+
+
+@dataclass
+class StoreGcReport:
+    blobs_removed: int = 0
+    bytes_freed: int = 0
+    markers_removed: int = 0
+    kept_young: int = 0  # unreferenced, but younger than the grace period or marked
+    kept: list[str] = field(default_factory=list)
+
+
+def referenced(store: ObjectStore) -> set[str]:
+    """Every digest any manifest on the store lists; refuses (IntegrityError) when one
+    cannot be read, since its blobs may be the only copy."""
+    from adaptr.errors import IntegrityError
+
+    metas = [m for m in store.list(layout.VERSIONS) if layout.parse_manifest_key(m.key)]
+    used: set[str] = set()
+    for key, got in _fetch(store, metas).items():
+        if got is None:
+            continue
+        try:
+            doc = json.loads(got[0])
+        except ValueError:
+            doc = None
+        if layout.is_tombstone(doc):
+            continue
+        name, version = layout.parse_manifest_key(key)  # type: ignore[misc]
+        if manifest_problem(doc, name, str(version)) is not None:
+            raise IntegrityError(
+                f"gc refused: the manifest {store.location.url}/{key} cannot be read, and the "
+                "files it lists may be the only copy; nothing was deleted"
+            )
+        used.update(f["sha256"] for f in doc["files"])
+    return used
+
+
+def store_gc(store: ObjectStore, grace: float | None = None) -> StoreGcReport:
+    grace = default_grace() if grace is None else float(grace)
+    report = StoreGcReport()
+    used = referenced(store)
+    now = time.time()
+    for blob in store.list(layout.BLOBS):
+        digest = blob.key.rpartition("/")[2]
+        if digest in used:
+            continue
+        if now - blob.modified < grace:
+            report.kept_young += 1
+            continue
+        markers = store.list(f"{layout.UPLOADS}{digest}.")
+        if any(now - m.modified < grace for m in markers):
+            report.kept_young += 1
+            report.kept.append(digest)
+            continue
+        try:
+            store.head(blob.key)
+        except NotFound:
+            continue
+        store.delete(blob.key)
+        report.blobs_removed += 1
+        report.bytes_freed += blob.size
+    for m in store.list(layout.UPLOADS):
+        if now - m.modified >= grace:
+            store.delete(m.key)
+            report.markers_removed += 1
+    return report

@@ -112,6 +112,14 @@ def default_home() -> Path:
 class Registry(Recovery, Maintenance):
     """A registry home. Safe to share between threads and processes."""
 
+    def __new__(cls, home: str | Path | None = None, *args, **kwargs):
+        """``Registry("s3://BUCKET/PREFIX")`` (or ``$ADAPTR_HOME`` so set) opens the store."""
+        if cls is Registry:
+            from .remote import remote_class
+
+            cls = remote_class(home) or cls
+        return super().__new__(cls)
+
     def __init__(self, home: str | Path | None = None):
         self.home = Path(home).expanduser() if home else default_home()
         self.blobs = BlobStore(self.home)
@@ -487,6 +495,8 @@ class Registry(Recovery, Maintenance):
                         "metrics": metrics or {}, "source": lineage["source"],
                         "files": [{"path": n, "sha256": d, "size": z} for n, d, z in stored],
                     }  # fmt: skip
+                    record = self._publish(record)  # a store allocates its number here
+                    version = record["version"]
                     pending = self.journal.begin_add(record)
                     insert_version(conn, record)
                     conn.executemany(
@@ -509,6 +519,12 @@ class Registry(Recovery, Maintenance):
         added = self.get(f"{name}@{version}")
         self._announce(added)
         return added
+
+    def _publish(self, record: dict) -> dict:
+        """Where a version about to be committed becomes visible beyond this home: the record
+        with its final number. A local home has nothing to do; a remote one uploads its
+        blobs and creates the manifest on the store."""
+        return record
 
     @staticmethod
     def _same_content(

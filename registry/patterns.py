@@ -25,13 +25,15 @@ is checked, before anything matches it, in two steps:
    repeats can share a split point only where their characters overlap; alternatives that
    differ early cannot both match). A repeat without an upper count over a part that can
    match in more than one way (``(x+)+``, ``(x*)*``, ``(a|a)*``, ``(\\w+\\.?)*``), or a
-   backreference, has no polynomial bound: refused whatever the names, so no base with
-   longer or odder names can make it hang later.
-2. What the bound does not already show to be cheap on the names at hand (several ``.*``
-   in a row, as Unsloth's generated patterns have: polynomial, usually fast, but not
-   provably so) is matched by Python's own ``re`` against those names, the calls PEFT makes,
-   in a child interpreter under a CPU-time limit (re checks for signals while it matches),
-   and refused if it does not finish (:func:`_measure`).
+   backreference, has no polynomial bound; nor, in practice, one whose bound passes
+   REF_STEPS on a REF_LENGTH-character name (``(.*a){12}``, nested counted repeats): both
+   refused whatever the names, so no base with longer or odder names can make them hang
+   later. The bound errs only upwards (checked by fuzzing it against re's real times).
+2. What the bound does not already show to be cheap (STATIC_STEPS per name) on the names
+   at hand (several ``.*`` in a row, as Unsloth's generated patterns have: polynomial,
+   usually fast, not provably so) is matched by Python's own ``re`` against those names,
+   the calls PEFT makes, in a child interpreter under a CPU-time limit (re checks for
+   signals while it matches), and refused if it does not finish (:func:`_measure`).
 
 Why not the ``regex`` package's ``timeout=``: it is another engine, and fast exactly where
 ``re`` is slow: it matched ``(a+)+b``, ``([a-z_.0-9]+)+q_proj`` and ``(a|a)*b`` on 25-40
@@ -590,6 +592,8 @@ def check_patterns(
             bounded(p, where)
         except InvalidAdapterError as e:
             raise InvalidAdapterError(f"{e}{hint}") from None
+    if not any(p.strict for p in fields):  # list entries: the static screen is enough
+        return
     names = sorted({n for n in module_names if isinstance(n, str)})
     longest = max(map(len, names), default=0)
     slow = [p for p in fields if p.strict and steps(cost(p.regex, p.mode), longest) > STATIC_STEPS]

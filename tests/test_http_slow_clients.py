@@ -251,3 +251,22 @@ def test_what_is_not_http_gets_an_openai_shaped_400(slow, raw):
         assert_openai_error(*t.answer(), 400)
     finally:
         t.close()
+
+
+def test_a_pipelined_request_is_read_whole_not_drained(slow, quick_drain):
+    """A request sent right behind another (pipelined) has its body read by the app as usual,
+    however long after the first answer its body comes; only an unread body is dropped."""
+    import time
+
+    reg, url = slow
+    body = json.dumps({"model": "tiny", "prompt": "Hello there", "max_tokens": 3}).encode()
+    first = head("GET", "/v1/models", KEY, 0)
+    t = Trickler(url, first + head("POST", "/v1/completions", KEY, len(body)) + body[:10])
+    try:
+        assert t.answer()[0] == 200
+        time.sleep(1.5)  # past the drain's 0.5 s: the second body is the app's to wait for
+        t.sock.sendall(body[10:])
+        status, _, out = t.answer()
+        assert status == 200 and out["choices"][0]["text"] == expected(reg, None, "Hello there", 3)
+    finally:
+        t.close()

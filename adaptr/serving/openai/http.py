@@ -101,8 +101,10 @@ class GuardedH11Protocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         self._disarm()  # (the keep-alive timeout watches the idle connection now)
+        # (read before uvicorn's: with the request all in, it may begin a pipelined next one)
+        unread = self.conn.their_state is h11.SEND_BODY
         super().on_response_complete()
-        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+        if unread and not self.transport.is_closing():
             # answered before its body came (401, 404, a GET with a body): the rest is
             # dropped as it comes, for a while; the keep-alive timer would be reset by each byte
             self._unset_keepalive_if_required()

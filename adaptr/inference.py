@@ -164,6 +164,11 @@ def attach(
     """
     from peft import PeftModel
 
+    from .registry.patterns import check_stored_config
+
+    names = [n for n, _ in model.named_modules()]
+    for v in versions:  # before PEFT's re.fullmatch sees a pattern it could hang on
+        check_stored_config(v.config, names, v.ref)
     if not checked:
         loaded = _loaded_base(model)
         for v in versions:

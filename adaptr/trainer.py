@@ -483,6 +483,9 @@ def _prepare_run_dir(run_dir: Path, *, resume: bool, restart: bool, name: str) -
 def _load_parent(model, registry: Registry, parent: AdapterVersion, run_dir: Path):
     from peft import PeftModel
 
+    from .registry.patterns import check_stored_config
+
+    check_stored_config(parent.config, (n for n, _ in model.named_modules()), parent.ref)
     src = registry.export(parent.ref, run_dir / "parent", force=True)
     return PeftModel.from_pretrained(model, str(src), is_trainable=True)
 

@@ -51,6 +51,7 @@ from .journal import Journal, insert_version
 from .lock import writer_lock
 from .maintenance import Maintenance
 from .models import AdapterVersion, BaseRecord, StoredFile
+from .patterns import check_patterns, module_names_of
 from .recovery import Recovery
 from .refs import Ref, check_name, check_tag
 from .safetensors_header import write_renamed
@@ -426,6 +427,9 @@ class Registry(Recovery, Maintenance):
         declared = adapter.config.get("base_model_name_or_path")
         base_key, fingerprint, base_info = self._attach_base(base, declared)
         if base_info is not None:
+            check_patterns(
+                adapter.config, module_names_of(base_info.tensors), str(adapter.root / CONFIG)
+            )
             check_adapter_fits(
                 adapter.lora_modules,
                 base_info,

@@ -114,7 +114,9 @@ def problems(config: dict, tensor_names=(), *, max_lora_rank: int | None = None)
 
 def version_problems(registry, version, *, max_lora_rank: int | None = None) -> list[str]:
     """:func:`problems` for a stored version (reads only its weights' header)."""
+    from adaptr.errors import InvalidInputError
     from adaptr.registry.adapter_dir import WEIGHTS
+    from adaptr.registry.patterns import adapter_names, check_stored_config
     from adaptr.registry.safetensors_header import read_header
 
     names: list[str] = []
@@ -123,7 +125,12 @@ def version_problems(registry, version, *, max_lora_rank: int | None = None) -> 
             path = registry.blobs.path(f.sha256)
             if path.is_file():
                 names = list(read_header(path)[0])
-    return problems(version.config, names, max_lora_rank=max_lora_rank)
+    found = problems(version.config, names, max_lora_rank=max_lora_rank)
+    try:  # vLLM matches target_modules as a regex too: a stored pattern bomb is refused
+        check_stored_config(version.config, adapter_names(names), version.ref)
+    except InvalidInputError as e:
+        found.append(str(e))
+    return found
 
 
 def check_servable(registry, version, *, max_lora_rank: int | None = None) -> None:

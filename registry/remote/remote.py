@@ -48,7 +48,7 @@ from ..registry import Registry
 from . import MARKER, layout
 from .blobcache import CachedBlobStore
 from .store import Location, NotFound, ObjectStore, PreconditionFailed, StoreError, Unreachable
-from .sync import BINDINGS, SyncState, load_bindings, pull
+from .sync import BINDINGS, STATE, SyncState, load_bindings, pull
 
 MAX_CREATE_TRIES = 10_000
 
@@ -154,11 +154,14 @@ class RemoteRegistry(Registry):
             try:
                 self._pull()
             except Unreachable as e:
-                if force or not (self.home / "registry.db").exists():
+                if force or not (self.home / STATE).exists():  # never synced: nothing to show
                     raise
                 if not self._warned:
                     self._warned = True
-                    print(f"note: {e}; serving the local cache {self.home}", file=sys.stderr)
+                    print(
+                        f"note: {e.brief}; showing the local cache {self.home} as last synced",
+                        file=sys.stderr,
+                    )
                 self._synced_at = time.monotonic()  # retried after the TTL, not on every read
         return self._state
 
@@ -178,7 +181,8 @@ class RemoteRegistry(Registry):
         self._synced_at = started
 
     def require(self) -> None:
-        self.sync(force=False)
+        """Before a write: the store must answer, and hold a registry."""
+        self.sync(force=True)
         empty = not (self._state.manifests or self._state.bases or self._state.tags)
         if empty and not self.store.list(layout.UPLOADS):
             raise NotFoundError(
@@ -256,7 +260,10 @@ class RemoteRegistry(Registry):
             ) from None
 
     def tag(self, ref: str | Ref, tag: str) -> AdapterVersion:
+        """Move ``NAME@tag`` from where this registry last read it (within the TTL) to ``ref``:
+        refused (ConflictError) if another writer moved it since."""
         check_tag(tag)
+        self.store.check()  # a write: an unreachable store is an error, not a note
         row = self._resolve_row(ref)
         name, version = row["name"], row["version"]
         etag = self._state.tag_etag(name, tag)
@@ -502,20 +509,20 @@ class RemoteRegistry(Registry):
         return local
 
     def verify(self, ref: str | Ref | None = None):
+        """Every referenced blob fetched (hash-checked) from the store, then re-hashed in the
+        replica, and the replica checked as a local home is."""
+        self.sync(force=True)
+        return super().verify(ref)
+
+    def _check_blob(self, f) -> str | None:
         from adaptr.errors import IntegrityError
 
-        self.sync(force=True)
-        problems = []
-        versions = [self.get(ref)] if ref is not None else self.list()
-        for v in versions:
-            for f in v.files:
-                try:
-                    self.blobs.path(f.sha256)
-                except IntegrityError as e:
-                    problems.append(f"{v.ref}/{f.path}: {e}")
-        report = super().verify(ref)
-        report.problems[:0] = problems
-        return report
+        try:
+            if not self.blobs.fetch(f.sha256):
+                return f"missing from {self.url}"
+        except IntegrityError:
+            return f"corrupt on {self.url} (its bytes are not its SHA-256)"
+        return super()._check_blob(f)
 
     def reindex(self, *, force: bool = False) -> RebuildReport:
         """Rebuild the replica from the store (the store itself is never rewritten)."""

@@ -33,6 +33,8 @@ class StoreError(AdaptrError):
 class Unreachable(StoreError):
     """The store cannot be reached (no route, refused, timed out)."""
 
+    brief = ""  # the first half of the message: what could not be reached, and why
+
 
 class Denied(StoreError):
     """The store refused the credentials or the request (403, a wrong key or signature)."""
@@ -205,11 +207,16 @@ class ObjectStore:
             )
         if re.search(r"EntityTooLarge|QuotaExceeded|InsufficientStorage|\b507\b", text):
             return StorageFullError(f"the store {self.location.url} is full while {what}")
-        return Unreachable(
+        brief = (
             f"the store {self.location.url} at {self.endpoint} cannot be reached while {what} "
-            f"({_reason(text)}); nothing was changed by this command: check the network and "
+            f"({_reason(text)})"
+        )
+        err = Unreachable(
+            f"{brief}; nothing was changed by this command: check the network and "
             "AWS_ENDPOINT_URL, then run it again"
         )
+        err.brief = brief
+        return err
 
     def _call(self, what: str, key: str, fn, *args, **kwargs):
         try:

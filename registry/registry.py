@@ -455,32 +455,7 @@ class Registry(Recovery, Maintenance):
             lineage.setdefault("base_fingerprint", fingerprint)
         with self._writer(creates=True) as conn:
             self._check_one_base(conn, name, base_key, fingerprint)
-            stage = self.blobs.tmp / f"add-{os.getpid()}-{secrets.token_hex(6)}"
-            stage.mkdir(parents=True)
-            try:
-                stored = []
-                for f in adapter.files:
-                    digest, size = self.blobs.stage(f, stage / f.name)
-                    _unchanged(f, digest, adapter.root)
-                    if f.name == WEIGHTS and adapter.renames:  # stored as save_pretrained spells it
-                        raw = stage / f".{f.name}.source"
-                        os.replace(stage / f.name, raw)
-                        write_renamed(raw, stage / f.name, adapter.renames)
-                        raw.unlink()
-                        digest, size = hash_file(stage / f.name)
-                    stored.append((f.name, digest, size))
-                # the copy holds the tensors checked above (base fit included), or is refused
-                adapter = _recheck(adapter, stage, allow_large)
-                for fname, digest, size in stored:
-                    if self.blobs.adopt(stage / fname, digest, size):
-                        self.notes.append(
-                            f"the stored copy of {fname} ({digest[:12]}…) was corrupt; this "
-                            "add replaced it with the intact content"
-                        )
-            finally:  # empty once adopted; a failed add leaves its copies here
-                for leftover in stage.iterdir():
-                    leftover.unlink()
-                stage.rmdir()
+            adapter, stored = self._store_files(adapter, allow_large)
             summary = adapter.summary()
             same = self._same_content(conn, name, stored)
             pending = None
@@ -529,6 +504,42 @@ class Registry(Recovery, Maintenance):
         with its final number. A local home has nothing to do; a remote one uploads its
         blobs and creates the manifest on the store."""
         return record
+
+    def _store_files(
+        self, adapter: AdapterSource, allow_large: bool
+    ) -> tuple[AdapterSource, list[tuple[str, str, int]]]:
+        """Copy the adapter's files into the blob store (under the writer lock); returns the
+        staged copy's inspection and (name, digest, size) of each file.
+
+        Each copy is checked to be one whole state of its source, and the copies together to
+        hold the tensors checked before (base fit included), or nothing is stored.
+        """
+        stage = self.blobs.tmp / f"add-{os.getpid()}-{secrets.token_hex(6)}"
+        stage.mkdir(parents=True)
+        try:
+            stored = []
+            for f in adapter.files:
+                digest, size = self.blobs.stage(f, stage / f.name)
+                _unchanged(f, digest, adapter.root)
+                if f.name == WEIGHTS and adapter.renames:  # stored as save_pretrained spells it
+                    raw = stage / f".{f.name}.source"
+                    os.replace(stage / f.name, raw)
+                    write_renamed(raw, stage / f.name, adapter.renames)
+                    raw.unlink()
+                    digest, size = hash_file(stage / f.name)
+                stored.append((f.name, digest, size))
+            adapter = _recheck(adapter, stage, allow_large)
+            for fname, digest, size in stored:
+                if self.blobs.adopt(stage / fname, digest, size):
+                    self.notes.append(
+                        f"the stored copy of {fname} ({digest[:12]}…) was corrupt; this "
+                        "add replaced it with the intact content"
+                    )
+        finally:  # empty once adopted; a failed add leaves its copies here
+            for leftover in stage.iterdir():
+                leftover.unlink()
+            stage.rmdir()
+        return adapter, stored
 
     @staticmethod
     def _same_content(

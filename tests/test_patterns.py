@@ -14,15 +14,13 @@ from adaptr.errors import InvalidAdapterError
 from adaptr.registry import Registry, patterns
 from adaptr.registry.adapter_dir import inspect_adapter, pattern_value, targets
 from adaptr.registry.patterns import (
-    Unbounded,
     adapter_names,
     check_patterns,
     check_stored_config,
-    cost,
     module_names_of,
     pattern_fields,
-    screen,
 )
+from adaptr.registry.regex_cost import Unbounded, cost, screen
 
 from helpers import refused, snapshot, write_adapter
 

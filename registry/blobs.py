@@ -82,16 +82,40 @@ class _Progress:
             return self.done, self.finished
 
 
-def _copy(fin, fout, progress: _Progress) -> None:
+def _copy(fin, fout, progress: _Progress, rehash: _Rehash | None = None) -> None:
     try:
         done = 0
         while n := _copy_chunk(fin, fout):
             done += n
             progress.update(done)
         progress.update(finished=True)
+        if rehash is not None:  # the source again, beside the fsync and the tail's hash
+            rehash.start()
         os.fsync(fout.fileno())  # overlaps with the hashing of the tail
+        if rehash is not None:
+            rehash.join()
     except BaseException as e:  # handed to the hashing thread
         progress.update(error=e)
+
+
+class SourceChanged(Exception):
+    """The source of a staged copy no longer holds the copied bytes: it was written during
+    the copy, so the copy may mix two states of it."""
+
+
+class _Rehash(threading.Thread):
+    """Hash the source once its copy is done (on the other core, while the copy is fsynced
+    and its tail hashed): equal to the copy's hash only if nothing wrote to it meanwhile."""
+
+    def __init__(self, src: Path):
+        super().__init__(daemon=True)
+        self.src, self.digest, self.error = src, None, None
+
+    def run(self) -> None:
+        try:
+            self.digest = hash_file(self.src)[0]
+        except BaseException as e:
+            self.error = e
 
 
 _NO_KERNEL_COPY = frozenset(
@@ -116,15 +140,21 @@ def _copy_chunk(fin, fout) -> int:
     return len(data)
 
 
-def _copy_and_hash(src: Path, dest: Path) -> tuple[str, int]:
-    """Copy ``src`` to ``dest`` and fsync it, while this thread hashes ``dest`` behind the copy."""
+def _copy_and_hash(src: Path, dest: Path, recheck: bool = False) -> tuple[str, int]:
+    """Copy ``src`` to ``dest`` and fsync it, while this thread hashes ``dest`` behind the copy.
+
+    With ``recheck``, ``src`` is hashed again once copied, and SourceChanged raised unless it
+    still holds exactly the copied bytes (a writer rewriting it in place meanwhile, as rsync
+    ``--inplace`` or an mmap writer do, leaves a copy that mixes its old and new bytes).
+    """
+    rehash = _Rehash(Path(src)) if recheck else None
     with (
         open(src, "rb", buffering=0) as fin,
         open(dest, "wb", buffering=0) as fout,
         open(dest, "rb", buffering=0) as reader,
     ):
         progress = _Progress()
-        worker = threading.Thread(target=_copy, args=(fin, fout, progress), daemon=True)
+        worker = threading.Thread(target=_copy, args=(fin, fout, progress, rehash), daemon=True)
         worker.start()
         h = hashlib.sha256()
         hashed = 0
@@ -139,7 +169,13 @@ def _copy_and_hash(src: Path, dest: Path) -> tuple[str, int]:
         worker.join()
     if progress.error is not None:
         raise progress.error
-    return h.hexdigest(), hashed
+    digest = h.hexdigest()
+    if rehash is not None:
+        if rehash.error is not None:
+            raise rehash.error
+        if rehash.digest != digest:
+            raise SourceChanged(f"{src} was written to while it was copied")
+    return digest, hashed
 
 
 class BlobStore:
@@ -170,8 +206,9 @@ class BlobStore:
             raise
 
     def stage(self, src: Path, dest: Path) -> tuple[str, int]:
-        """Copy ``src`` to ``dest`` (under ``tmp/``), fsynced; the digest and size of the copy."""
-        return _copy_and_hash(src, dest)
+        """Copy ``src`` to ``dest`` (under ``tmp/``), fsynced; the digest and size of the copy,
+        which is one whole state of ``src`` (else SourceChanged)."""
+        return _copy_and_hash(src, dest, recheck=True)
 
     def adopt(self, staged: Path, digest: str, size: int) -> bool:
         """Move a staged copy whose digest is known into the store (dropped if already there).

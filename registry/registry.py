@@ -44,7 +44,7 @@ from .adapter_dir import (
     lora_modules,
     saved_tensors,
 )
-from .blobs import BlobStore, hash_file
+from .blobs import BlobStore, SourceChanged, hash_file
 from .faults import storage_errors
 from .fingerprint import BaseInfo, check_adapter_fits, find_base_dir, read_base
 from .journal import Journal, insert_version
@@ -76,18 +76,6 @@ def _recheck(checked: AdapterSource, staged: Path, allow_large: bool) -> Adapter
         )
     copy.root = checked.root
     return copy
-
-
-def _unchanged(src: Path, staged_digest: str, root: Path) -> None:
-    """Refuse a copy that is not one state of the source: the source, hashed again after its
-    copy, must hold exactly the copied bytes. A writer rewriting the file in place meanwhile
-    (rsync --inplace, an mmap) leaves a copy mixing old and new bytes with the same names
-    and shapes, which only the values show."""
-    if hash_file(src)[0] != staged_digest:
-        raise InvalidAdapterError(
-            f"{root} changed while it was being added ({src.name} was rewritten during its "
-            "copy); nothing was stored: add it again once nothing is writing to it"
-        )
 
 
 def _renamed_note(adapter: AdapterSource) -> str:
@@ -519,8 +507,14 @@ class Registry(Recovery, Maintenance):
         try:
             stored = []
             for f in adapter.files:
-                digest, size = self.blobs.stage(f, stage / f.name)
-                _unchanged(f, digest, adapter.root)
+                try:
+                    digest, size = self.blobs.stage(f, stage / f.name)
+                except SourceChanged:
+                    raise InvalidAdapterError(
+                        f"{adapter.root} changed while it was being added ({f.name} was "
+                        "rewritten during its copy); nothing was stored: add it again once "
+                        "nothing is writing to it"
+                    ) from None
                 if f.name == WEIGHTS and adapter.renames:  # stored as save_pretrained spells it
                     raw = stage / f".{f.name}.source"
                     os.replace(stage / f.name, raw)

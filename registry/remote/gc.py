@@ -1,6 +1,6 @@
 """gc on the store: two phases with a grace period.
 
-An add writes ``uploads/<digest>.<rand>`` before it uploads (or finds) each blob, and only
+An add writes ``uploads/<digest>/<rand>`` before it uploads (or finds) each blob, and only
 then creates its manifest. gc:
 
 1. lists every manifest (tombstones reference nothing) and collects the digests they list;
@@ -86,7 +86,7 @@ def store_gc(store: ObjectStore, grace: float | None = None) -> StoreGcReport:
         if now - blob.modified < grace:
             report.kept_young += 1
             continue
-        markers = store.list(f"{layout.UPLOADS}{digest}.")
+        markers = store.list(f"{layout.UPLOADS}{digest}/")
         if any(now - m.modified < grace for m in markers):
             report.kept_young += 1
             report.kept.append(digest)

@@ -3,7 +3,7 @@
 ::
 
     blobs/sha256/<digest>            adapter files, named by content (never rewritten)
-    uploads/<digest>.<rand>          written by an add before it uploads a blob; protects
+    uploads/<digest>/<rand>          written by an add before it uploads a blob; protects
                                      the blob from gc for the grace period, then gc reaps it
     versions/NAME/N.json             a version's manifest (the record journal.py writes),
                                      created with If-None-Match: * once all its blobs are on
@@ -35,6 +35,12 @@ EVALS = "evals/"
 
 def blob(digest: str) -> str:
     return f"{BLOBS}{digest}"
+
+
+def upload_marker(digest: str) -> str:
+    import secrets
+
+    return f"{UPLOADS}{digest}/{secrets.token_hex(6)}"
 
 
 def manifest(name: str, version: int) -> str:

@@ -258,23 +258,32 @@ class ObjectStore:
     def download(self, key: str, dest: Path, digest: str) -> int:
         """Stream ``key`` into ``dest``, hashing as it comes: IntegrityError (and no file)
         unless the bytes hash to ``digest``. Returns the size."""
+        import queue
+        import threading
+
         import obstore
 
         h = hashlib.sha256()
         size = 0
+        chunks: queue.Queue = queue.Queue(maxsize=4)
+        hasher = threading.Thread(target=_hash_chunks, args=(h, chunks), daemon=True)
+        hasher.start()  # hashes one chunk while the next is written (hashlib drops the GIL)
         try:
             res = self._call("downloading", key, obstore.get, self._store, key)
             with open(dest, "wb") as f:
                 for chunk in self._call("downloading", key, res.stream, 8 << 20):
                     view = memoryview(chunk)
-                    h.update(view)
+                    chunks.put(view)
                     f.write(view)
                     size += len(view)
-                f.flush()
-                os.fsync(f.fileno())
         except BaseException:
             dest.unlink(missing_ok=True)
             raise
+        finally:
+            chunks.put(None)
+            hasher.join()
+        # not fsynced: a cached file is hashed again before it is served (read_checked,
+        # check_files), and one torn by a crash is fetched again
         if h.hexdigest() != digest:
             dest.unlink(missing_ok=True)
             raise IntegrityError(
@@ -331,6 +340,11 @@ class ObjectStore:
     def walk(self, prefixes: tuple[str, ...]) -> Iterator[Meta]:
         for p in prefixes:
             yield from self.list(p)
+
+
+def _hash_chunks(h, chunks) -> None:
+    while (chunk := chunks.get()) is not None:
+        h.update(chunk)
 
 
 def _reason(text: str) -> str:

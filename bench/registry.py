@@ -107,6 +107,24 @@ def bench_add(work: Path, size_mb: float, repeat: int) -> dict:
     }  # fmt: skip
 
 
+def bench_recheck(work: Path, size_mb: float, repeat: int) -> dict:
+    """The staged copy alone vs the copy with the source re-hashed after it (what ``add``
+    does to refuse a source rewritten in place meanwhile), alternating, one file."""
+    from adaptr.registry import blobs
+
+    src = work / "recheck-src"
+    src.write_bytes(os.urandom(int(size_mb * 1e6)))
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(repeat):
+        for recheck in (False, True):
+            dst = work / f"recheck-{i}-{recheck}"
+            t = time.perf_counter()
+            blobs._copy_and_hash(src, dst, recheck=recheck)
+            times[recheck].append(time.perf_counter() - t)
+            dst.unlink()
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--versions", type=int, default=1000)
@@ -131,7 +149,12 @@ def main() -> None:
             print(f"  {k:<28} {v * 1e3:8.1f} ms  {mb / v:7.0f} MB/s")
         print(f"  speed of add vs cp -r: CLI {ad['cp -r'] / ad['adaptr add (CLI process)']:.2f}x, "
               f"API {ad['cp -r'] / ad['Registry.add (in process)']:.2f}x; "
-              f"vs cp -r + sync: CLI {ad['cp -r + sync'] / ad['adaptr add (CLI process)']:.2f}x")  # fmt: skip
+              f"vs cp -r + sync: CLI {ad['cp -r + sync'] / ad['adaptr add (CLI process)']:.2f}x, "
+              f"API {ad['cp -r + sync'] / ad['Registry.add (in process)']:.2f}x")  # fmt: skip
+        rc = bench_recheck(work, args.size_mb, max(3, args.repeat // 3))
+        print(f"\n== the torn-copy check: copy + hash of {args.size_mb:.0f} MB, alternating (median)")
+        print(f"  copy, fsync and hash           {rc[False] * 1e3:8.1f} ms")
+        print(f"  + the source re-hashed          {rc[True] * 1e3:8.1f} ms  ({rc[True] / rc[False]:.2f}x)")
 
 
 if __name__ == "__main__":

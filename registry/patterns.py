@@ -60,8 +60,6 @@ from dataclasses import dataclass
 
 from adaptr.errors import InvalidAdapterError, brief
 
-from .regex_cost import Unbounded, cost, screen, steps
-
 MAX_PATTERN = 1000  # characters of one pattern
 STATIC_STEPS = 1e6  # a bound at most this per name needs no measuring (~10 ms)
 CPU_BASE_S = 1.0  # measuring one pattern: this much CPU time, plus CPU_PER_NAME_S per name
@@ -142,6 +140,8 @@ def bounded(p: Pattern, where: str = "") -> None:
     """Refuse ``p`` (InvalidAdapterError) unless it compiles and has a polynomial bound: the
     static half of :func:`check_patterns`, for code that matches patterns of a stored config
     (names unknown, thread-safe, cached)."""
+    from .regex_cost import Unbounded, screen  # the read commands never need it
+
     head = f"{where}: " if where else ""
     if len(p.pattern) > MAX_PATTERN:
         raise InvalidAdapterError(
@@ -222,6 +222,8 @@ def check_patterns(
             raise InvalidAdapterError(f"{e}{hint}") from None
     if not any(p.strict for p in fields):  # list entries: the static screen is enough
         return
+    from .regex_cost import cost, steps
+
     names = sorted({n for n in module_names if isinstance(n, str)})
     longest = max(map(len, names), default=0)
     slow = [p for p in fields if p.strict and steps(cost(p.regex, p.mode), longest) > STATIC_STEPS]

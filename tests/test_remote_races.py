@@ -188,3 +188,23 @@ def test_gc_keeps_what_manifests_reference_and_young_blobs(s3_home, tmp_path):
     left = {m.key.rpartition("/")[2] for m in a.store.list("blobs/sha256/")}
     assert left == {f.sha256 for f in kept.files}
     assert RemoteRegistry(s3_home.url, cache=tmp_path / "b").verify().ok
+
+
+def test_gc_grace_through_the_cli(s3_home, tmp_path, cli, monkeypatch):
+    a = RemoteRegistry(s3_home.url, cache=tmp_path / "a")
+    a.add("foo", write_adapter(tmp_path / "s1", seed=1))
+    a.add("foo", write_adapter(tmp_path / "s2", seed=2))
+    a.remove("foo@2")
+    monkeypatch.setenv("ADAPTR_HOME", s3_home.url)
+    code, out, err = cli("gc")  # the default grace (an hour): the young blob stays
+    assert code == 0 and out.startswith("removed 0 unreferenced"), (out, err)
+    time.sleep(1.5)
+    code, out, err = cli("gc", "--grace", "1")
+    assert code == 0 and out.startswith("removed 1 unreferenced"), (out, err)
+    code, out, err = cli("gc", "--grace", "-1")
+    assert code == 2 and err.startswith("error: --grace must be 0 or more"), err
+
+
+def test_gc_grace_on_a_local_home_is_refused(tmp_path, cli):
+    code, out, err = cli("--home", str(tmp_path / "h"), "gc", "--grace", "5")
+    assert code == 2 and "--grace is for s3:// homes" in err, err

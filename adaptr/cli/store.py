@@ -46,11 +46,32 @@ def verify(registry, ref: str | None, as_json: bool) -> None:
 
 
 @click.command()
+@click.option(
+    "--grace",
+    type=float,
+    default=None,
+    metavar="SECONDS",
+    help="s3:// homes: keep unreferenced files younger than this (default 3600).",
+)
 @json_option
 @with_registry
-def gc(registry, as_json: bool) -> None:
-    """Delete stored files that no version references."""
-    report = registry.gc()
+def gc(registry, grace: float | None, as_json: bool) -> None:
+    """Delete stored files that no version references.
+
+    On an s3:// home, only files older than the grace period (--grace, else
+    $ADAPTR_REMOTE_GC_GRACE, else one hour) with no recent upload marker: a file another
+    machine's add is still uploading is never deleted.
+    """
+    from adaptr.errors import InvalidInputError
+
+    if grace is not None:
+        if not hasattr(registry, "store"):
+            raise InvalidInputError("--grace is for s3:// homes; a local gc holds the writer lock")
+        if grace < 0:
+            raise InvalidInputError(f"--grace must be 0 or more seconds, not {grace:g}")
+        report = registry.gc(grace=grace)
+    else:
+        report = registry.gc()
     if as_json:
         emit_json(report.to_dict())
         return

@@ -30,9 +30,11 @@ def remote_class(home: object) -> type | None:
     if home is None:
         return None
     if is_url(home) or _is_replica(home):
-        from .remote import RemoteRegistry
+        # looked up by name, as a backend: RemoteRegistry subclasses Registry, whose
+        # constructor calls this, so a static import here would tie the two modules in a knot
+        import importlib
 
-        return RemoteRegistry
+        return importlib.import_module(f"{__name__}.remote").RemoteRegistry
     return None
 
 

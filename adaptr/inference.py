@@ -20,6 +20,7 @@ from .registry.fingerprint import (
     looks_like_hub_id,
     read_base,
 )
+from .registry.peft_methods import unreplicated
 from .registry.safetensors_header import TensorInfo, read_header
 
 
@@ -87,7 +88,7 @@ def _check_fits(registry: Registry, version: AdapterVersion, base: BaseInfo) -> 
             f"re-save the adapter with PeftModel.save_pretrained and add it again"
         )
     check_adapter_fits(
-        lora_modules(tensors),
+        unreplicated(lora_modules(tensors), version.config),
         base,
         version.ref,
         saved_tensors(tensors) if version.peft_type == "LORA" else {},  # IA3, LoHa…: their own keys
@@ -174,15 +175,54 @@ def attach(
         for v in versions:
             _check_fits(registry, v, loaded)
     peft = into
-    for v in versions:
+    for i, v in enumerate(versions):
         folder = registry.export(v.ref, workdir / v.ref.replace("@", "-"), force=True)
-        if peft is None:
-            peft = PeftModel.from_pretrained(
-                model, str(folder), adapter_name=v.ref, is_trainable=trainable
-            )
-        else:
-            peft.load_adapter(str(folder), adapter_name=v.ref, is_trainable=trainable)
+        try:
+            if peft is None:
+                peft = PeftModel.from_pretrained(
+                    model, str(folder), adapter_name=v.ref, is_trainable=trainable
+                )
+            else:
+                peft.load_adapter(str(folder), adapter_name=v.ref, is_trainable=trainable)
+        except (ValueError, TypeError) as e:
+            if into is not None or i == 0:  # not a stack of this call's: the caller says what
+                raise
+            others = ", ".join(w.ref for w in versions[:i])
+            raise InvalidInputError(
+                f"PEFT cannot stack {v.ref} on {others} ({first_line(e, 200)}): use them one at a time"
+            ) from None
     return peft
+
+
+# PEFT methods whose PeftModel.generate needs a task id per row (task_ids=…)
+TASK_METHODS = {"POLY": "n_tasks", "MULTITASK_PROMPT_TUNING": "num_tasks"}
+PROMPT_LEARNING = ("PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "CPT")
+
+
+def check_stackable(versions: Sequence[AdapterVersion]) -> None:
+    """Refuse, before loading anything, what PEFT cannot run: adapters of different PEFT
+    methods stacked, a prompt-learning adapter stacked, and an adapter of several tasks
+    (generate gives no task id to choose one)."""
+    if len(versions) > 1:
+        kinds = {v.peft_type for v in versions}
+        if len(kinds) > 1:
+            listed = ", ".join(f"{v.ref} is {v.peft_type}" for v in versions)
+            raise InvalidInputError(
+                f"PEFT stacks adapters of one method only ({listed}): use them one at a time"
+            )
+        if kinds & set(PROMPT_LEARNING):
+            raise InvalidInputError(
+                f"{versions[0].ref} is a {versions[0].peft_type} adapter, which PEFT runs alone: "
+                "use one at a time"
+            )
+    for v in versions:
+        field = TASK_METHODS.get(v.peft_type or "")
+        tasks = v.config.get(field) if field else None
+        if field and tasks not in (None, 1):
+            raise InvalidInputError(
+                f"{v.ref} is a {v.peft_type} adapter of {brief(tasks)} tasks ({field}), and "
+                "adaptr generates without a task id to choose one: use PEFT's generate(task_ids=…)"
+            )
 
 
 def load(
@@ -207,6 +247,7 @@ def load(
             )
         refs = next(iter(active.values()))
     versions = versions_on_one_base(registry, refs)
+    check_stackable(versions)
     path = base_location(registry, versions[0], base)
     checked = check_base_fits(registry, versions, path) is not None
     model, tokenizer = load_base_model(path, dtype)
@@ -215,7 +256,10 @@ def load(
     with work_folder("load") as tmp:  # marked: a killed run's is removed by the next one
         peft = attach(model, registry, versions, tmp, checked=checked)
     names = [v.ref for v in versions]
-    peft.base_model.set_adapter(names if len(names) > 1 else names[0])
+    if len(names) == 1:
+        peft.set_adapter(names[0])  # PeftModel's: prompt learning has no tuner to set it on
+    else:
+        peft.base_model.set_adapter(names)
     return peft.eval(), tokenizer, names
 
 
@@ -247,6 +291,9 @@ def generate(
             f"ask for at most {max(window - ids.shape[1], 0)} new tokens"
         )
     kwargs.setdefault("do_sample", False)
+    active = getattr(model, "active_peft_config", None)
+    if active is not None and str(getattr(active.peft_type, "value", "")) in TASK_METHODS:
+        kwargs.setdefault("task_ids", torch.zeros(ids.shape[0], dtype=torch.long))  # its one task
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.no_grad():
         out = model.generate(

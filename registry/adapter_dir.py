@@ -15,6 +15,7 @@ from adaptr.errors import InvalidAdapterError, InvalidInputError, brief
 from adaptr.values import human_size, is_number, is_whole, parse_json
 
 from .patterns import KEYED, LAYERS, adapter_names, check_patterns, guard
+from .peft_methods import check_config, unreplicated
 from .safetensors_header import TensorInfo, read_header
 
 CONFIG = "adapter_config.json"
@@ -35,10 +36,14 @@ PREFIX = "base_model.model."
 # embed_tokens.modules_to_save.default.weight). PEFT applies LoRA keys spelled so only when
 # loading under that adapter name, and fails on such modules_to_save keys: adaptr stores them
 # renamed to the save_pretrained spelling (:func:`plan_keys`), which loads under any name.
+# LoRA variants keep more tensors on each layer, in a ParameterDict or BufferDict (saved
+# without .weight, like the embedding's): KaSA's singular values, VeLoRA's projection. Each
+# is named after the LoraConfig field that turns its variant on.
 _PAIR = ("lora_A", "lora_B")
 _EMBEDDING = ("lora_embedding_A", "lora_embedding_B")
 _MAGNITUDE = "lora_magnitude_vector"
-_ROLES = frozenset((*_PAIR, *_EMBEDDING, _MAGNITUDE))
+VARIANT_TENSORS = {"lora_diag": "kasa_config", "lora_velora_embed": "velora_config"}
+_ROLES = frozenset((*_PAIR, *_EMBEDDING, _MAGNITUDE, *VARIANT_TENSORS))
 # what a Trainer checkpoint (and LLaMA-Factory's output folder) holds besides the adapter
 TRAINING_STATE = re.compile(
     r"(trainer_state\.json|training_args\.(bin|json|ya?ml)|(optimizer|scheduler|scaler)\.(pt|bin)"
@@ -71,13 +76,14 @@ class AdapterSource:
 
     @property
     def lora_modules(self) -> dict[str, dict[str, TensorInfo]]:
-        """Module path (as in the base model) -> its LoRA tensors keyed by role."""
-        return lora_modules(self.tensors)
+        """Module path (as in the base model: see :func:`unreplicated`) -> its LoRA tensors
+        keyed by role."""
+        return unreplicated(lora_modules(self.tensors), self.config)
 
     def summary(self) -> dict:
         """The config fields adaptr shows and indexes, plus tensor counts."""
         out = {k: self.config.get(k) for k in SUMMARY_KEYS if k in self.config}
-        out["lora_modules"] = len(self.lora_modules)
+        out["lora_modules"] = len(lora_modules(self.tensors))
         out["parameters"] = sum(math.prod(t.shape) for t in self.tensors.values())
         out["dtypes"] = sorted({t.dtype for t in self.tensors.values()})
         return out
@@ -109,7 +115,7 @@ def canonical_key(key: str) -> tuple[str, str | None] | None:
             return key, None
         if len(rest) == 2 and rest[1] in params:
             return f"{head}.{rest[1]}", rest[0]
-    elif role in _EMBEDDING:  # nn.Parameters in a ParameterDict: no .weight
+    elif role in _EMBEDDING or role in VARIANT_TENSORS:  # a ParameterDict's: no .weight
         if not rest:
             return key, None
         if len(rest) == 1 and rest[0] not in ("weight", "bias"):
@@ -132,6 +138,8 @@ def _split_lora(key: str) -> tuple[str, str] | None:
         return (module, "bias") if role == "lora_B" else None
     if last in _EMBEDDING:
         return module, last.replace("lora_embedding_", "lora_")
+    if last in VARIANT_TENSORS:
+        return module, last
     if last == _MAGNITUDE:
         return module, "magnitude"
     return None
@@ -139,7 +147,8 @@ def _split_lora(key: str) -> tuple[str, str] | None:
 
 def lora_modules(tensors: dict[str, TensorInfo]) -> dict[str, dict[str, TensorInfo]]:
     """Module path (without PEFT's prefix) -> its LoRA tensors keyed by role
-    (``lora_A``, ``lora_B``, ``bias``, ``magnitude``); keys spelled as save_pretrained does."""
+    (``lora_A``, ``lora_B``, ``bias``, ``magnitude``, and a variant's own: ``lora_diag``…);
+    keys spelled as save_pretrained does."""
     modules: dict[str, dict[str, TensorInfo]] = {}
     for key, info in tensors.items():
         split = _split_lora(key)
@@ -346,6 +355,7 @@ def inspect_adapter(source: str | Path, *, allow_large: bool = False) -> Adapter
         adapter.tensors = {adapter.renames.get(k, k): t for k, t in tensors.items()}
     # before anything matches them: patterns that would hang PEFT (or _check_lora) are refused
     check_patterns(config, adapter_names(adapter.tensors), str(root / CONFIG))
+    check_config(config, str(root / CONFIG))  # a method or fields the installed PEFT lacks
     if config.get("peft_type") == "LORA":
         _check_lora(adapter)
     return adapter
@@ -473,6 +483,18 @@ def _check_lora_config(path: Path, config: dict) -> None:
         or (isinstance(layers, list) and all(is_whole(i) and i >= 0 for i in layers))
     ):
         raise bad("layers_to_transform", "a layer index or a list of them")
+    spans = config.get("layer_replication")
+    if spans is not None and not (
+        isinstance(spans, list)
+        and all(
+            isinstance(p, list)
+            and len(p) == 2
+            and all(is_whole(i) and i >= 0 for i in p)
+            and p[0] < p[1]
+            for p in spans
+        )
+    ):
+        raise bad("layer_replication", "a list of [start, end] layer ranges, start < end")
     pattern = config.get("layers_pattern")
     if pattern is not None:
         if isinstance(pattern, str):
@@ -485,7 +507,7 @@ def _check_lora_config(path: Path, config: dict) -> None:
 
 def _check_lora(adapter: AdapterSource) -> None:
     cfg = adapter.config
-    modules = adapter.lora_modules
+    modules = lora_modules(adapter.tensors)  # as the adapter's own (replicated) layers name them
     where = f"{adapter.root / WEIGHTS} does not match {CONFIG}"
     if not modules:
         raise InvalidAdapterError(f"{where}: it holds no LoRA tensors (lora_A / lora_B)")
@@ -529,6 +551,25 @@ def _check_lora(adapter: AdapterSource) -> None:
             state = "has" if "magnitude" in parts else "lacks"
             raise InvalidAdapterError(
                 f"{where}: {brief(module)} {state} a DoRA magnitude vector but use_dora={use_dora}"
+            )
+        for tensor, flag in VARIANT_TENSORS.items():
+            if (tensor in parts) != bool(cfg.get(flag)):
+                state = "has" if tensor in parts else "lacks"
+                raise InvalidAdapterError(
+                    f"{where}: {brief(module)} {state} a {tensor} tensor but {flag} is "
+                    f"{'not set' if tensor in parts else 'set'}: PEFT would "
+                    f"{'ignore it' if tensor in parts else 'make one up'}"
+                )
+        diag = parts.get("lora_diag")
+        if diag is not None and diag.shape != (rank_a,):
+            raise InvalidAdapterError(
+                f"{where}: {brief(module)} has a lora_diag of shape {list(diag.shape)}, not [{rank_a}]"
+            )
+        embed = parts.get("lora_velora_embed")
+        if embed is not None and (len(embed.shape) != 1 or 0 in embed.shape):
+            raise InvalidAdapterError(
+                f"{where}: {brief(module)} has a lora_velora_embed of shape {list(embed.shape)}, "
+                "not a vector"
             )
     weights = adapter.root / WEIGHTS
     stray = [k for k in adapter.tensors if not k.startswith(PREFIX)]

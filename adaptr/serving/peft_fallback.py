@@ -21,8 +21,12 @@ Everything adaptr knows about what PEFT (0.21) cannot mix lives here (:meth:`Pef
   different ways (LoRA, a saved copy, trainable tokens). PEFT cannot wrap one of its
   wrappers in another (``TypeError: modules_to_save cannot be applied to modules of type
   lora.Embedding``; trainable tokens over a saved copy fail in every forward; a wrapper
-  over a wrapper cannot mix). Loading one evicts the other, and wrappers left without
-  adapters are taken out of the model (:meth:`PeftFallback.unload`).
+  over a wrapper cannot mix). LoRA on a module's parameters (``target_parameters``, PEFT's
+  ParamWrapper) counts as its own kind of change, and two such adapters clash unless they
+  name the same parameters (PEFT: "all adapters must target the same set of parameters"):
+  so a ``target_parameters`` adapter loads and answers alike whatever the server holds.
+  Loading one evicts the other, and wrappers left without adapters are taken out of the
+  model (:meth:`PeftFallback.unload`).
 - refused: activated LoRA (``alora_invocation_tokens``), which only PeftModel.generate
   applies (it finds the invocation tokens).
 
@@ -52,6 +56,7 @@ BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 # how an adapter changes a module of the base
 LORA, SAVED, TOKENS = "LoRA", "a saved copy (modules_to_save)", "trainable tokens"
+PARAMS = "LoRA on its parameters (target_parameters)"  # PEFT's ParamWrapper around the module
 
 
 def _mixable_types() -> tuple:
@@ -70,11 +75,18 @@ class Traits:
     changes: dict[str, str]  # module path in the base -> how it changes it (LORA, SAVED, TOKENS)
     alone: str | None  # why PEFT must run its rows as a batch of their own (None: it mixes)
     variant: str | None  # the LoRA variant (DoRA, …): not plain LoRA math, so never stacked
+    params: frozenset[str] = frozenset()  # its target_parameters
 
 
 def clash(a: Traits, b: Traits) -> str | None:
     """Why ``a`` and ``b`` cannot be in one batch nor loaded together (None: they can): a
-    module that both change in different ways, or one inside the other."""
+    module that both change in different ways, or one inside the other; LoRA on two sets of
+    parameters (PEFT holds ``target_parameters`` adapters only when they all name the same)."""
+    if a.params and b.params and a.params != b.params:
+        return (
+            f"{a.ref} and {b.ref} put LoRA on different parameters (target_parameters), which "
+            "PEFT cannot hold at once"
+        )
     for m, how in a.changes.items():
         for n, other in b.changes.items():
             same = m == n
@@ -126,11 +138,14 @@ class PeftFallback:
         why: list[str] = []
         weights = self.registry.path(v.ref).get(WEIGHTS)
         tensors = read_header(weights)[0] if weights is not None else {}
+        params = cfg.get("target_parameters") or []
+        owners = [p.rpartition(".")[0] for p in params if isinstance(p, str)]
         for module in lora_modules(tensors):
-            changes[module] = LORA
+            on_params = any(module == o or module.endswith("." + o) for o in owners)
+            changes[module] = PARAMS if on_params else LORA
             if type(self.modules.get(module)).__name__ == "MultiheadAttention":
                 why.append(f"LoRA on {module} (MultiheadAttention)")
-        if cfg.get("target_parameters"):
+        if params:
             why.append("LoRA on parameters (target_parameters)")
         for module in self._matches(cfg.get("modules_to_save"), cfg.get("modules_to_tie")):
             changes[module] = SAVED
@@ -145,7 +160,7 @@ class PeftFallback:
         if variant:
             why.insert(0, variant)
         alone = why[0] + (f" and {len(why) - 1} more" if len(why) > 1 else "") if why else None
-        t = Traits(v.ref, changes, alone, variant)
+        t = Traits(v.ref, changes, alone, variant, frozenset(map(str, params)))
         self._traits[v.ref] = t
         return t
 
@@ -185,9 +200,12 @@ class PeftFallback:
             self._strip(version.ref)  # nothing half-loaded stays in the served model
             if isinstance(e, AdaptrError) or not isinstance(e, _PEFT_REFUSALS):
                 raise
+            why = f"{type(e).__name__}: {first_line(e, 160)}"
+            if self.peft is None:  # nothing else is loaded through PEFT: the adapter itself
+                raise InvalidInputError(f"PEFT could not load {version.ref} ({why})") from None
             raise InvalidInputError(
                 f"PEFT could not load {version.ref} beside the adapters this server holds "
-                f"({type(e).__name__}: {first_line(e, 160)}): serve it from an AdapterServer of its own"
+                f"({why}): serve it from an AdapterServer of its own"
             ) from None
         self.peft.eval()
         self.peft.base_model.disable_adapter_layers()

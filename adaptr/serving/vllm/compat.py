@@ -31,8 +31,28 @@ def rewrites_base(config: dict) -> str | None:
     return None
 
 
+# LoRA variants (LoraConfig fields PEFT marks is_lora_variant): not plain LoRA math, or
+# tensors of their own; vLLM implements none of them
+LORA_VARIANTS = {
+    "velora_config": "VeLoRA", "kasa_config": "KaSA", "monteclora_config": "MonteCLoRA",
+    "arrow_config": "Arrow", "use_bdlora": "BD-LoRA", "alora_invocation_tokens": "activated LoRA",
+}  # fmt: skip
+
+
 def rewrites_base_reason(config: dict) -> str | None:
     """Why an adapter cannot be served beside others on one unmodified base, or None."""
+    if config.get("kasa_config"):
+        return (
+            "it is a KaSA adapter (kasa_config): PEFT truncates the base's weights when it loads "
+            "it, which would change the base for every other adapter; use `adaptr generate` / "
+            "`adaptr merge`, which load it through PEFT on a base of its own"
+        )
+    if config.get("layer_replication"):
+        return (
+            "it replicates the base's layers (layer_replication), so it runs on a deeper model "
+            "than the base; use `adaptr generate` / `adaptr merge`, which build that model "
+            "through PEFT"
+        )
     init = rewrites_base(config)
     if init is None:
         return None
@@ -88,6 +108,9 @@ def problems(config: dict, tensor_names=(), *, max_lora_rank: int | None = None)
         out.append(rewrites)
     if config.get("use_dora") or any("lora_magnitude_vector" in k for k in tensor_names):
         out.append("it uses DoRA (use_dora), which vLLM does not implement")
+    for field, name in LORA_VARIANTS.items():
+        if config.get(field) and field not in ("kasa_config",):  # (KaSA: said above)
+            out.append(f"it is a {name} adapter ({field}), which vLLM does not implement")
     if config.get("modules_to_save"):
         mods = config["modules_to_save"]
         mods = ", ".join(mods) if isinstance(mods, list) else str(mods)

@@ -235,7 +235,8 @@ def load(
     """(model, tokenizer, refs): the base with ``refs`` attached and all active (stacked).
 
     With no refs, the registry's active adapters are used (``adaptr switch``); they must be
-    those of a single base.
+    those of a single base. The tokenizer's chat template is the one they were trained with
+    (:func:`chat_template`).
     """
     if not refs:
         active = {b: r for b, r in registry.active().items() if r}
@@ -251,6 +252,9 @@ def load(
     path = base_location(registry, versions[0], base)
     checked = check_base_fits(registry, versions, path) is not None
     model, tokenizer = load_base_model(path, dtype)
+    template = chat_template(registry, versions, tokenizer, model.config)
+    if template is not None:  # what --chat renders with: the template training used
+        tokenizer.chat_template = template
     from .registry.atomic import work_folder
 
     with work_folder("load") as tmp:  # marked: a killed run's is removed by the next one
@@ -263,13 +267,96 @@ def load(
     return peft.eval(), tokenizer, names
 
 
+# where a saved tokenizer keeps its chat template (transformers 5: the .jinja file; before:
+# a chat_template key in tokenizer_config.json, or chat_template.json beside a processor)
+TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
+NO_TEMPLATE = (
+    "has no chat template (none stored with the adapter, none in the base's tokenizer, and no "
+    "model family gives one)"
+)
+
+
+def _default_template(value: Any) -> str | None:
+    """A template string from a chat_template value: a string, or named templates (a list of
+    {name, template} or a mapping) of which transformers renders "default"."""
+    if isinstance(value, list):
+        value = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+    if isinstance(value, dict):
+        value = value.get("default") or (next(iter(value.values())) if len(value) == 1 else None)
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def stored_chat_template(registry: Registry, version: AdapterVersion) -> str | None:
+    """The chat template stored with ``version`` (training saves the tokenizer it trained
+    with beside the adapter: the base's template, the family's when the base had none, or
+    ``sft.chat_template_path``'s), else None. Read through the registry's hash check."""
+    import json
+
+    names = {f.path for f in version.files}
+    for name in TEMPLATE_FILES:
+        if name not in names:
+            continue
+        raw = registry.read_checked(version, name).decode("utf-8", errors="replace")
+        if name.endswith(".jinja"):
+            found = _default_template(raw)
+        else:
+            try:
+                data = json.loads(raw)
+            except ValueError:
+                continue
+            found = _default_template(data.get("chat_template") if isinstance(data, dict) else None)
+        if found:
+            return found
+    return None
+
+
+def family_template(version: AdapterVersion | None, config: Any) -> str | None:
+    """The chat template of the model family training used (recorded in the version's
+    lineage), else of the family that claims the base's config."""
+    from .families import families, family_for
+
+    name = (version.lineage or {}).get("family") if version is not None else None
+    family = families().get(name) if isinstance(name, str) else None
+    if family is None:
+        try:
+            family = family_for(config)
+        except Exception:  # a plugin failing to look it up: no family's template
+            family = None
+    return family.chat_template if family is not None else None
+
+
+def chat_template(
+    registry: Registry, versions: Sequence[AdapterVersion], tokenizer, config: Any
+) -> str | None:
+    """The chat template ``versions`` were trained with, as training picked it: the one
+    stored with the version, else the base tokenizer's own, else the model family's
+    (:func:`family_template`); None when there is none. Stacked versions stored with
+    different templates are refused (InvalidInputError)."""
+    stored = {v.ref: t for v in versions if (t := stored_chat_template(registry, v))}
+    if len(set(stored.values())) > 1:
+        raise InvalidInputError(
+            f"the stacked adapters were trained with different chat templates "
+            f"({', '.join(stored)}): generate with one of them, or without --chat"
+        )
+    if stored:
+        return next(iter(stored.values()))
+    own = _default_template(getattr(tokenizer, "chat_template", None))
+    return own or family_template(versions[0] if versions else None, config)
+
+
 def generate(
     model, tokenizer, prompt: str, *, max_new_tokens: int = 32, chat: bool = False, **kwargs: Any
 ) -> str:
-    """Greedy (by default) completion of one prompt; ``chat`` applies the chat template."""
+    """Greedy (by default) completion of one prompt; ``chat`` applies the tokenizer's chat
+    template (:func:`load` sets it to the one the adapters were trained with)."""
     import torch
 
     if chat:
+        if not _default_template(getattr(tokenizer, "chat_template", None)):
+            raise InvalidInputError(
+                f"the model {NO_TEMPLATE}: generate without --chat, or add the adapter again "
+                "from a folder holding the chat_template.jinja it was trained with"
+            )
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}],
             add_generation_prompt=True,

@@ -86,6 +86,7 @@ class AdapterServer:
         self._lock = threading.RLock()
         self.default: str | None = None
         self._bytes: dict[str, int] = {}  # ref -> bytes its weights take in the stacks
+        self._templates: dict[str | None, str | None] = {}  # version ref -> its chat template
         self._fallback = PeftFallback(self.model, registry, path)  # slot 0 in the stacks: PEFT's
         self._scheduler = None
 
@@ -481,15 +482,45 @@ class AdapterServer:
         if failure:
             raise failure[0]
 
+    def chat_template(self, adapter: str | None) -> str:
+        """The chat template ``adapter`` (a ref; None: the bare base) was trained with: the
+        one stored with the version, else the base tokenizer's, else the model family's
+        (:func:`adaptr.inference.chat_template`). InvalidInputError when there is none."""
+        from ..inference import NO_TEMPLATE, chat_template
+
+        version = self.registry.get(adapter) if adapter is not None else None
+        key = version.ref if version is not None else None
+        if key not in self._templates:  # versions are immutable: once per version
+            found = chat_template(
+                self.registry, [version] if version else [], self.tokenizer, self.model.config
+            )
+            self._templates[key] = found
+        found = self._templates[key]
+        if found is None:
+            what = version.ref if version is not None else f"the base {self.base_key}"
+            raise InvalidInputError(
+                f"{what} {NO_TEMPLATE}: send a completion with the prompt as text, or add the "
+                "adapter again from a folder holding the chat_template.jinja it was trained with"
+            )
+        return found
+
+    def render_chat(self, messages: list[dict], adapter: str | None) -> str:
+        """``messages`` rendered for a reply by ``adapter``'s chat template (:meth:`chat_template`)."""
+        return self.tokenizer.apply_chat_template(
+            messages,
+            chat_template=self.chat_template(adapter),
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+
     def chat(
         self,
         conversations: Sequence[list[dict[str, str]]],
         adapters: Sequence[str | None] | None = None,
         **kwargs: Any,
     ) -> list[str]:
-        """Like :meth:`generate` for chat messages, through the tokenizer's chat template."""
-        prompts = [
-            self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-            for c in conversations
-        ]
+        """Like :meth:`generate` for chat messages, each rendered with the chat template its
+        own adapter was trained with (:meth:`chat_template`)."""
+        adapters = self._per_row(adapters, len(conversations))
+        prompts = [self.render_chat(c, a) for c, a in zip(conversations, adapters, strict=True)]
         return self.generate(prompts, adapters, **kwargs)

@@ -442,8 +442,12 @@ def create_app(server: AdapterServer, *, api_key: str | None = None, limits: Lim
         if chat:
             param, messages = "messages", _messages(body.get("messages"))
             try:
+                template = server.chat_template(adapter)  # the one this adapter trained with
+            except InvalidInputError as e:
+                raise ParamError("messages", str(e)) from None
+            try:
                 text = server.tokenizer.apply_chat_template(
-                    messages, tokenize=False, add_generation_prompt=True
+                    messages, chat_template=template, tokenize=False, add_generation_prompt=True
                 )
             except Exception as e:
                 raise ParamError("messages", f"cannot apply the chat template: {e}") from None

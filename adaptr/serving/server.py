@@ -15,8 +15,10 @@ Served by PEFT's own path instead (:mod:`adaptr.serving.peft_fallback`, same bas
 DoRA and the other LoRA variants, ``lora_bias``, ``modules_to_save``, trainable tokens,
 LoRA on embeddings or other non-linear layers, ranks above ``max_rank``. What PEFT cannot
 mix in one batch runs in batches of its own (:meth:`AdapterServer.partition`; the rules are
-:mod:`adaptr.serving.peft_fallback`'s). Refused: PEFT methods other than LoRA (IA3, LoHa, …) and
-activated LoRA: serve those with ``adaptr.inference``.
+:mod:`adaptr.serving.peft_fallback`'s). Refused: PEFT methods other than LoRA (IA3, LoHa, prompt
+tuning, …), activated LoRA, and adapters PEFT loads by changing the base itself (KaSA's
+truncated weights, ``layer_replication``'s extra layers, PiSSA-like inits saved without
+conversion), whatever else is resident: serve those with ``adaptr.inference``.
 """
 
 from __future__ import annotations

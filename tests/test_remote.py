@@ -168,6 +168,26 @@ def test_a_corrupt_or_swapped_object_is_refused_never_served(s3_home, tmp_path):
     assert r.returncode == 6 and r.stderr.count("\n") == 1 and "corrupt" in r.stderr
 
 
+def test_a_re_add_repairs_a_corrupt_object_on_the_store(s3_home, tmp_path):
+    from adaptr.registry.remote.remote import RemoteRegistry
+
+    src = write_adapter(tmp_path / "s1", seed=1)
+    a = RemoteRegistry(s3_home.url, cache=tmp_path / "a")
+    v1 = a.add("foo", src)
+    store = _raw_store(s3_home)
+    w1 = next(f.sha256 for f in v1.files if f.path == "adapter_model.safetensors")
+    data = bytearray(store.get(f"blobs/sha256/{w1}")[0])
+    data[-1] ^= 1
+    store.put(f"blobs/sha256/{w1}", bytes(data))  # a flipped bit, the same size
+    assert not RemoteRegistry(s3_home.url, cache=tmp_path / "b").verify().ok
+    RemoteRegistry(s3_home.url, cache=tmp_path / "c").add("foo", src)  # the intact source again
+    b = RemoteRegistry(s3_home.url, cache=tmp_path / "d")
+    assert b.verify().ok, b.verify().problems
+    assert b.read_checked(b.get("foo@1"), "adapter_model.safetensors") == (
+        src / "adapter_model.safetensors"
+    ).read_bytes()
+
+
 def test_a_corrupt_cached_file_is_fetched_again(s3_home, tmp_path):
     from adaptr.registry.remote.remote import RemoteRegistry
 

@@ -83,6 +83,26 @@ def _checkpoint(name: str) -> None:
         time.sleep(float(os.environ.get("ADAPTR_REMOTE_CHECKPOINT_WAIT", "600")))
 
 
+def _intact_on_store(meta, local: Path) -> bool:
+    """Whether the store's object (its HEAD, None if absent) holds the local, verified bytes
+    as far as the store can tell without a download: the same size, and for a single-part
+    object (ETag = the MD5 of its bytes) the same MD5. A re-add then repairs an object
+    truncated, or changed in a small file, instead of keeping it."""
+    if meta is None:
+        return False
+    size = local.stat().st_size
+    if meta.size != size:
+        return False
+    tag = meta.etag.strip('"').lower()
+    if len(tag) == 32 and all(c in "0123456789abcdef" for c in tag):
+        md5 = hashlib.md5(usedforsecurity=False)
+        with open(local, "rb") as f:
+            while chunk := f.read(8 << 20):
+                md5.update(chunk)
+        return md5.hexdigest() == tag
+    return True  # a multipart ETag says nothing of the bytes: verify checks them by download
+
+
 class RemoteRegistry(Registry):
     """A registry home on an object store (``s3://BUCKET/PREFIX``), with a local replica."""
 
@@ -227,7 +247,7 @@ class RemoteRegistry(Registry):
         digests = sorted({f["sha256"] for f in record["files"]})
         for d in digests:
             self.store.put(layout.upload_marker(d), b"")
-            if self.store.exists(layout.blob(d)) is None:
+            if not _intact_on_store(self.store.exists(layout.blob(d)), self.blobs.local(d)):
                 self.store.upload(layout.blob(d), self.blobs.local(d))
         _checkpoint("after-blobs")
         name, version = record["name"], record["version"]

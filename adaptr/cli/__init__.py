@@ -15,7 +15,7 @@ import click
 import adaptr
 from adaptr.errors import AdaptrError, InterruptedAfterStore, clip, shadowing_package
 
-from . import adapters, bases, check, compose, evaluate, plugins, remote, serve, store, train
+from . import adapters, bases, check, compose, evaluate, plugins, remote, serve, store, train, ui
 
 
 class AdaptrGroup(click.Group):
@@ -63,7 +63,7 @@ for command in (
     store.verify, store.gc, store.reindex, store.export, bases.base, plugins.plugins, plugins.families, plugins.formatters,
     train.train, compose.compose, compose.merge, compose.generate, serve.serve,
     evaluate.eval_, evaluate.compare, evaluate.curves, check.check,
-    remote.copy_,
+    remote.copy_, ui.ui,
 ):  # fmt: skip
     cli.add_command(command)
 

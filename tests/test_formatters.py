@@ -89,9 +89,11 @@ def test_every_formatter_emits_a_trl_record():
         "messages": {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
         "prompt-completion": {"prompt": "p", "completion": "c"}, "translation": {"source": "s", "target": "t"},
     }  # fmt: skip
-    for name, f in formatters().items():
-        if name in samples:
-            assert set(f(samples[name])) == kinds[f.kind], name
+    loaded = formatters()
+    assert set(samples) <= set(loaded), sorted(set(samples) - set(loaded))  # every built-in loaded
+    for name, sample in samples.items():
+        f = loaded[name]
+        assert set(f(sample)) == kinds[f.kind], name
 
 
 @pytest.mark.parametrize(

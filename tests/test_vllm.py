@@ -420,8 +420,14 @@ def test_vllm_greedy_tokens_match_peft(vllm_server):
             want = peft_tokens(reg, ref, prompt)
             assert _strip_eos(got, eos) == _strip_eos(want, eos), (model, prompt)
             assert tok.decode(got, skip_special_tokens=True) == text, (model, prompt)
-            if ref:
-                assert answered.startswith(ref + "~"), answered
+            assert answered == model, (model, answered)  # the ref asked, not qa@1~SHA
+    # streamed and chat answers name the ref asked too
+    chunks = c.completions.create(model="qa@prod", prompt=PROMPTS[0], max_tokens=3, stream=True)
+    assert {chunk.model for chunk in chunks} == {"qa@prod"}
+    chat = c.chat.completions.create(
+        model="qa", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    assert chat.model == "qa"
     listed = {m.id for m in c.models.list().data}
     assert {"tiny", "qa", "qa@1", "qa@2", "qa@prod", "chat", "chat@1"} <= listed
 
@@ -456,6 +462,7 @@ def test_vllm_and_adaptr_agree_on_logprobs_and_chat(vllm_server):
     answer = client(url, timeout=300).chat.completions.create(
         model="chat", messages=messages, max_tokens=6, temperature=0
     )
+    assert answer.model == "chat"
     assert (
         answer.choices[0].message.content
         == server.chat([messages], ["chat@1"], max_new_tokens=6)[0]
@@ -469,20 +476,31 @@ def test_vllm_follows_the_registry(vllm_server, tmp_path):
 
     reg, url = vllm_server
     c = client(url, timeout=300)
-    assert vllm_tokens(c, "qa@prod", PROMPTS[0])[1].startswith("qa@1~")
+    eos = 256
+    prompt = PROMPTS[0]
+    one, two = (_strip_eos(peft_tokens(reg, ref, prompt), eos) for ref in ("qa@1", "qa@2"))
+    assert one != two  # so the tokens say which version answered
+
+    def answer(model):
+        """(tokens without EOS, the answer's model) of vLLM for ``model``."""
+        got, answered = vllm_tokens(c, model, prompt)
+        return _strip_eos(got, eos), answered
+
+    assert answer("qa@prod") == (one, "qa@prod")
     reg.tag("qa@2", "prod")
-    got, answered = vllm_tokens(c, "qa@prod", PROMPTS[0])
-    assert answered.startswith("qa@2~") and got == vllm_tokens(c, "qa@2", PROMPTS[0])[0]
+    assert answer("qa@prod") == (two, "qa@prod")  # the tag moved: vLLM follows it
     base = reg.base_path("tiny")
     reg.add("qa", random_lora(base, tmp_path / "qa3", 6, **LORA8), base="tiny")
-    assert vllm_tokens(c, "qa", PROMPTS[0])[1].startswith("qa@3~")
+    three = _strip_eos(peft_tokens(reg, "qa@3", prompt), eos)
+    assert three not in (one, two)
+    assert answer("qa") == (three, "qa")  # a new version: "qa" is it
     reg.tag("qa@1", "prod")  # back, for the other tests
     reg.remove("qa@3")
     import openai
 
     with pytest.raises(openai.NotFoundError):
-        vllm_tokens(c, "qa@3", PROMPTS[0])
-    assert vllm_tokens(c, "qa", PROMPTS[0])[1].startswith("qa@2~")
+        vllm_tokens(c, "qa@3", prompt)
+    assert answer("qa") == (two, "qa")  # removed: "qa" is qa@2 again
 
 
 @pytest.mark.timeout(VLLM_START_S + 600)

@@ -13,12 +13,19 @@ to vLLM's ``OpenAIServingModels`` (the one object that maps a request's ``model`
   (vLLM's hook can only say "could not be loaded");
 - one engine adapter per version: ``qa``, ``qa@2`` and ``qa@prod`` naming the same version
   share one ``LoRARequest`` (one LoRA slot), under the version's own name ``qa@2~SHA``;
+- answer with the ref asked: vLLM names an answer's ``model`` after its LoRARequest
+  (``model_name(lora_request)``), which would be the internal ``qa@2~SHA``. The lookup of a
+  request's adapter (``_maybe_get_adapters``: ``lora_requests[request.model]``) records in
+  a context variable which ref asked for which internal name, and ``model_name`` answers
+  with that ref; both run in the request's own task (``create_completion``,
+  ``create_chat_completion``), so concurrent requests never see each other's;
 - ``/v1/models`` lists every ref of the served base's adapters.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import threading
 from http import HTTPStatus
@@ -27,6 +34,10 @@ from .source import Refused, RegistrySource, Resolved, lora_name
 
 log = logging.getLogger("adaptr.vllm")
 _PATCHED = False
+# (internal LoRA name, the ref the request asked for) of this task's last adaptr lookup
+ASKED: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+    "adaptr_asked", default=None
+)
 
 
 class AdaptrResolver:
@@ -108,6 +119,12 @@ class FollowingLoRAs(dict):
         super().pop(name, None)  # moved, new version, or removed: resolve again
         return False
 
+    def __getitem__(self, name):
+        req = super().__getitem__(name)
+        if _ours(req):  # the answer names the ref asked (see model_name in the patch)
+            ASKED.set((req.lora_name, name))
+        return req
+
 
 def _ours(req) -> bool:
     return "~" in getattr(req, "lora_name", "") and RESOLVER._requests.get(req.lora_name) is req
@@ -124,6 +141,7 @@ def _patch_serving_models() -> None:
     original_init = OpenAIServingModels.__init__
     original_resolve = OpenAIServingModels.resolve_lora
     original_models = OpenAIServingModels.show_available_models
+    original_name = OpenAIServingModels.model_name
 
     def __init__(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
@@ -176,7 +194,14 @@ def _patch_serving_models() -> None:
         )
         return listing
 
+    def model_name(self, lora_request=None) -> str:
+        asked = ASKED.get()
+        if lora_request is not None and asked and asked[0] == lora_request.lora_name:
+            return asked[1]
+        return original_name(self, lora_request)
+
     OpenAIServingModels.__init__ = __init__
+    OpenAIServingModels.model_name = model_name
     OpenAIServingModels.resolve_lora = resolve_lora
     OpenAIServingModels.show_available_models = show_available_models
     _PATCHED = True

@@ -54,6 +54,7 @@ class BaseInfo:
             "quantized": self.quantized,
             "tensors": len(self.tensors),
             "parameters": sum(_numel(t) for t in self.tensors.values()),
+            **({"gguf": c["adaptr_gguf"]} if isinstance(c.get("adaptr_gguf"), dict) else {}),
         }
 
 

@@ -47,6 +47,10 @@ def base_location(registry: Registry, version: AdapterVersion, override: str | N
         check_path(override, "base")
         p = Path(override).expanduser()
         if p.exists():
+            from . import gguf
+
+            if gguf.looks_like_gguf(p):  # its cached conversion (made on first use)
+                return str(gguf.resolve(p, registry)[0])
             if not (p / "config.json").is_file():
                 raise NotFoundError(
                     f"base {brief(override)} is not a model folder (no config.json)"

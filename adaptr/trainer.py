@@ -86,7 +86,8 @@ def bitsandbytes_problem() -> str | None:
 
 
 def resolve_base(path_or_name: str, registry: Registry) -> tuple[str, str]:
-    """(what to load, the base key recorded with the version) for a name, folder or Hub id."""
+    """(what to load, the base key recorded with the version) for a name, folder, GGUF file
+    or Hub id."""
     from .registry.atomic import check_path
 
     check_path(path_or_name, "--base")
@@ -97,6 +98,11 @@ def resolve_base(path_or_name: str, registry: Registry) -> tuple[str, str]:
         pass
     p = Path(path_or_name).expanduser()
     if p.exists():
+        from . import gguf
+
+        if gguf.looks_like_gguf(p):  # converted once, then the cached folder (or its base)
+            folder, name = gguf.resolve(p, registry)
+            return str(folder), name or str(folder)
         if not (p / "config.json").is_file():
             raise InvalidInputError(
                 f"base {brief(path_or_name)} is not a model folder (no config.json)"
@@ -372,6 +378,10 @@ def train(
                 "parents": [parent.ref] if parent else [], "method": "sft",
                 "log_history": json.loads(json.dumps(trainer.state.log_history, default=float)),
             }  # fmt: skip
+            from .gguf import lineage as gguf_lineage
+
+            if base_gguf := gguf_lineage(recipe.base["path"], p.load_path):
+                lineage["base_gguf"] = base_gguf  # the GGUF's name, size and SHA-256
             version = registry.add(
                 recipe.name, final, base=p.base_key, tags=recipe.tags, lineage=lineage, metrics=metrics,
                 origin=f"adaptr train --data {data_info['path']}",

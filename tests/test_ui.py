@@ -225,6 +225,8 @@ def test_writes_need_the_csrf_token_and_same_origin(client, reg):
     assert "x1" not in reg.get("a@1").tags
     ok = client.post("/v/a@1/tag", data={"tag": "x1", "csrf": token}, headers={"origin": "http://testserver"})  # fmt: skip
     assert ok.status_code in (200, 303) and "x1" in reg.get("a@1").tags
+    row = re.search(r'<tr data-ref="a@1">.*?</tr>', client.get("/adapters").text, re.S).group(0)
+    assert '<span class="tag">x1</span>' in row  # the page sees the write at once
     assert client.post("/playground/stream", content=b"{}").status_code == 403
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -134,6 +135,17 @@ async def form_of(request: Request) -> dict[str, Any]:
     return form
 
 
+async def off_loop(view, request: Request, *args: Any):
+    """``view(registry, versions, *args)`` on a worker thread: registry reads never hold
+    up the event loop (and the playground streams on it)."""
+    ctx = ctx_of(request)
+
+    def build():
+        return view(ctx.registry, ctx.versions(), *args)
+
+    return await run_in_threadpool(build)
+
+
 def require_csrf(request: Request) -> None:
     ctx_of(request).check_csrf(request.headers.get("x-csrf-token"))
 
@@ -144,34 +156,34 @@ async def home(request: Request) -> Response:
 
 
 async def adapters(request: Request) -> Response:
-    view = views.list_view(
-        registry_of(request), text_param(request, "base"), text_param(request, "tag"),
-        text_param(request, "q"), int_param(request, "page", 1, 1, 10**6),
-    )  # fmt: skip
+    args = (text_param(request, "base"), text_param(request, "tag"), text_param(request, "q"),
+            int_param(request, "page", 1, 1, 10**6))  # fmt: skip
+    view = await off_loop(views.list_view, request, *args)
     name = "adapters_table.html" if request.headers.get("hx-request") else "adapters.html"
     return render(request, name, view=view, title="Adapters")
 
 
 async def version(request: Request) -> Response:
     ref = request.path_params["ref"]
-    view = views.version_view(registry_of(request), ref)
+    view = await run_in_threadpool(views.version_view, registry_of(request), ref)
     return render(request, "version.html", view=view, title=view.ref, message=None)
 
 
 async def curves(request: Request) -> Response:
-    view = views.curves_view(registry_of(request), request.query_params.getlist("ref"))
+    view = await off_loop(views.curves_view, request, request.query_params.getlist("ref"))
     return render(request, "curves.html", view=view, chart=view.chart(), title="Curves")
 
 
 async def compare(request: Request) -> Response:
     sha = text_param(request, "data", 64)
-    view = views.compare_view(registry_of(request), request.query_params.getlist("ref"), sha)
+    view = await off_loop(views.compare_view, request, request.query_params.getlist("ref"), sha)
     return render(request, "compare.html", view=view, title="Compare")
 
 
 async def playground(request: Request) -> Response:
     ctx = ctx_of(request)
-    view = views.playground_view(ctx.registry, request.query_params.getlist("ref"), ctx.loaded())
+    refs = request.query_params.getlist("ref")
+    view = await off_loop(views.playground_view, request, refs, ctx.loaded())
     return render(request, "playground.html", view=view, title="Playground")
 
 

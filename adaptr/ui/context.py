@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from adaptr.errors import InvalidInputError
 
 if TYPE_CHECKING:
-    from adaptr.registry import Registry
+    from adaptr.registry import AdapterVersion, Registry
     from adaptr.serving import AdapterServer
 
 
@@ -38,6 +38,34 @@ class UIContext:
     server_factory: Any = None  # (registry, base) -> AdapterServer; tests and bench may swap it
     _engines: dict[str, AdapterServer] = field(default_factory=dict)
     _loading: threading.Lock = field(default_factory=threading.Lock)
+    _listed: tuple[Any, list] | None = None  # (index state, Registry.list() at that state)
+
+    def versions(self) -> list[AdapterVersion]:
+        """``Registry.list()``, kept while the index is unchanged: reading 1,000 versions'
+        records (lineage, log histories) takes far longer than a page may. The index state
+        is its files' identity, size and mtime (``registry.db`` and its WAL: every commit of
+        any process changes the WAL), read before the list, so a write during it is seen
+        by the next page."""
+        state = self._index_state()
+        cached = self._listed
+        if state is not None and cached is not None and cached[0] == state:
+            return cached[1]
+        versions = self.registry.list()
+        self._listed = (state, versions) if state is not None else None
+        return versions
+
+    def _index_state(self) -> tuple | None:
+        out = []
+        for name in ("registry.db", "registry.db-wal"):
+            try:
+                st = (self.registry.home / name).stat()
+            except OSError:
+                if name == "registry.db":
+                    return None
+                out.append(None)
+                continue
+            out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(out)
 
     def engine(self, base: str) -> AdapterServer:
         """The server for ``base`` (a registered base name), created on first use."""

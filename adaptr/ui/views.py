@@ -74,9 +74,9 @@ class ListView:
         return "/adapters?" + urlencode({**query, "page": page})
 
 
-def list_view(registry: Registry, base: str = "", tag: str = "", q: str = "", page: int = 1) -> ListView:  # fmt: skip
-    """Every version, newest first, filtered by base, tag and a part of the name, paged."""
-    versions = registry.list()
+def list_view(registry: Registry, versions: list, base: str = "", tag: str = "", q: str = "", page: int = 1) -> ListView:  # fmt: skip
+    """Every version (``versions``: ``registry.list()``), newest first, filtered by base,
+    tag and a part of the name, paged."""
     view = ListView([], 0, len(versions), 1, 1, [], [], base, tag, q)
     if not versions:
         home = registry.home.resolve()
@@ -256,7 +256,7 @@ def parse_refs(refs: list[str]) -> list[str]:
     return out
 
 
-def curves_view(registry: Registry, refs: list[str]) -> CurvesView:
+def curves_view(registry: Registry, versions: list, refs: list[str]) -> CurvesView:
     from adaptr.evaluation import curves
 
     refs = parse_refs(refs)
@@ -268,7 +268,7 @@ def curves_view(registry: Registry, refs: list[str]) -> CurvesView:
             series.update(curves(registry, [r]))
         except InvalidInputError as e:
             notes.append(str(e))
-    choices = [v.ref for v in registry.list() if v.lineage.get("log_history")]
+    choices = [v.ref for v in versions if v.lineage.get("log_history")]
     return CurvesView(refs, series, notes, choices)
 
 
@@ -309,11 +309,11 @@ def on_dataset(registry: Registry, sha256: str, refs: list[str]):
     return _EvalsOn(registry, sha256)
 
 
-def compare_view(registry: Registry, refs: list[str], sha256: str = "") -> CompareView:
+def compare_view(registry: Registry, versions: list, refs: list[str], sha256: str = "") -> CompareView:  # fmt: skip
     from adaptr.evaluation import compare
 
     refs = parse_refs(refs)
-    choices = [v.ref for v in registry.list()]
+    choices = [v.ref for v in versions]
     if not refs:
         return CompareView([], None, [], sha256, choices)
     datasets: dict[str, str] = {}
@@ -334,10 +334,10 @@ class PlaygroundView:
     loaded: list[str]
 
 
-def playground_view(registry: Registry, refs: list[str], loaded: list[str]) -> PlaygroundView:
+def playground_view(registry: Registry, versions: list, refs: list[str], loaded: list[str]) -> PlaygroundView:  # fmt: skip
     refs = parse_refs(refs)
     choices: dict[str, list[str]] = {b.name: [] for b in registry.bases()}
-    for v in registry.list():
+    for v in versions:
         if v.base in choices:
             choices[v.base].append(v.ref)
     return PlaygroundView(refs, choices, loaded)

@@ -13,7 +13,6 @@ a missing token 401, a write without the CSRF token or from another origin 403.
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -330,8 +329,3 @@ def create_app(
     app.state.ctx = ctx
     app.add_middleware(Guard, ctx=ctx)
     return app
-
-
-def json_script(value: Any) -> str:
-    """JSON safe inside ``<script type="application/json">`` (no ``</script>``, no ``<!--``)."""
-    return json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")

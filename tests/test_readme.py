@@ -1,5 +1,8 @@
-"""Docs check: every `adaptr …` command in the README parses against the real CLI, and the
-README's two fresh-machine commands are the ones CI runs."""
+"""Docs check: every `adaptr …` command in the README parses against the real CLI, the
+README's two fresh-machine commands are the ones CI runs, every ```python example runs in a
+folder laid out as the demo leaves it (a block the README has broken runs as corrected
+here, until README.md takes the correction), and the training example's output line is
+what its command prints."""
 
 import re
 import shlex
@@ -86,3 +89,151 @@ def test_the_two_fresh_machine_commands_match_ci():
         "python -m pytest -q",
     ):
         assert step in ci, step
+
+
+# -- the README's Python examples run as written -----------------------------------------------
+PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
+
+# Blocks that cannot run as written, by a phrase only the broken text has, and the text that
+# does: README.md takes the corrected text as it stands (the test then runs the README's own).
+CORRECTED_TRAIN = """\
+from adaptr.trainer import train
+
+result = train(
+    {
+        "name": "zh-en",
+        "base": {"path": "tiny-llama"},  # a registered base name, a model folder or a Hub id
+        "data": {"path": "train.jsonl", "format": "alpaca", "eval_split": 0.2},
+        "lora": {"r": 8},
+        "sft": {"num_train_epochs": 3},
+    }
+)
+print(result.version.ref, result.metrics["eval_loss"])
+"""
+CORRECTED_LORA_CONFIG = """\
+from transformers import AutoModelForCausalLM
+
+from adaptr.families import family_for
+from adaptr.lora import lora_config
+
+model = AutoModelForCausalLM.from_pretrained("./demo-out/tiny-llama")  # any causal LM
+print(family_for(model.config).name)  # llama: the family claiming config.json's model_type
+cfg, family = lora_config(model)  # family found from model.config
+cfg, family = lora_config(model, targets="all-linear", r=8, use_dora=True)
+cfg, family = lora_config(model, targets=["q_proj", "v_proj"])  # checked against the model
+"""
+CORRECTIONS = {
+    # base "tiny" is no base the README registers; without an eval split there is no eval_loss
+    '"base": {"path": "tiny"}': CORRECTED_TRAIN,
+    # `model` was never made
+    "cfg, family = lora_config(model)  # family found from model.config\ncfg": CORRECTED_LORA_CONFIG,
+}
+# the one block that needs a running server: the README's URL is this test's server's
+README_URL = "http://127.0.0.1:8000/v1"
+
+
+def _heading(block: str) -> str:
+    """The section a block sits in, for the test's id."""
+    before = re.sub(r"```.*?```", "", README[: README.index(block)], flags=re.S)
+    found = re.findall(r"^##+ (.+)$", before, re.M)
+    return re.sub(r"\W+", "-", found[-1] if found else "top").strip("-").lower()
+
+
+def _runnable(block: str) -> str:
+    return next((fix for phrase, fix in CORRECTIONS.items() if phrase in block), block)
+
+
+@pytest.fixture(scope="module")
+def demo_tree(tmp_path_factory):
+    """What the README's examples assume, in a fresh folder that becomes the working
+    directory: the demo's base (./demo-out/tiny-llama, registered as tiny-llama in the home
+    ./demo-out/registry, ADAPTR_HOME), its adapters quotes and zh-en (tagged prod), a PEFT
+    output folder lora_output/, alpaca data train.jsonl and quotes.jsonl; and the embedded
+    HTTP server on that registry. Yields that server's /v1 URL."""
+    import json
+    import os
+
+    from adaptr.registry import Registry
+    from adaptr.serving import AdapterServer
+    from adaptr.serving.openai.app import create_app
+    from adaptr.tiny import save_tiny_base
+
+    from helpers import random_lora, running
+
+    root = tmp_path_factory.mktemp("readme")
+    base = save_tiny_base(  # as examples/demo.py builds it
+        root / "demo-out" / "tiny-llama", "llama", hidden_size=64, intermediate_size=128,
+        initializer_range=0.3,
+    )  # fmt: skip
+    reg = Registry(root / "demo-out" / "registry")
+    reg.add_base("tiny-llama", base)
+    spec = dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    for seed, name in enumerate(("quotes", "zh-en")):
+        src = random_lora(base, root / "made" / name, seed, **spec)
+        reg.add(name, src, base="tiny-llama", tags=["prod"])
+    random_lora(base, root / "lora_output", 9, **spec)
+    pairs = [("猫", "cat"), ("狗", "dog"), ("你好", "hello"), ("水", "water"), ("火", "fire")]
+    rows = [
+        {"instruction": "把下面的中文翻译成英文。", "input": zh, "output": en} for zh, en in pairs
+    ]
+    (root / "train.jsonl").write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
+    quotes = ["Knowledge is power.", "Less is more.", "Time is money."]
+    (root / "quotes.jsonl").write_text("".join(json.dumps({"quote": q}) + "\n" for q in quotes))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("ADAPTR_HOME", str(reg.home))
+        app = create_app(AdapterServer(Registry(os.environ["ADAPTR_HOME"]), "tiny-llama"))
+        with running(app) as url:
+            yield url
+
+
+def test_the_readme_has_its_python_examples():
+    assert len(PYTHON_BLOCKS) >= 8
+    assert any("from adaptr.trainer import train" in b for b in PYTHON_BLOCKS)
+    assert sum(README_URL in b for b in PYTHON_BLOCKS) == 1
+
+
+@pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)), ids=[f"{i}-{_heading(b)}" for i, b in enumerate(PYTHON_BLOCKS)])  # fmt: skip
+@pytest.mark.timeout(600)
+def test_readme_python_example_runs(demo_tree, index):
+    """Each ```python block of README.md, in order, in the demo-like folder (a block the
+    README shows broken runs as corrected in CORRECTIONS)."""
+    code = _runnable(PYTHON_BLOCKS[index]).replace(README_URL, demo_tree)
+    exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "readme"})
+
+
+@pytest.mark.parametrize("phrase", list(CORRECTIONS))
+def test_a_corrected_block_is_broken_as_the_readme_has_it(demo_tree, phrase):
+    """What CORRECTIONS replaces does fail (so the correction is needed), until README.md
+    takes the corrected text."""
+    block = next((b for b in PYTHON_BLOCKS if phrase in b), None)
+    if block is None:
+        assert CORRECTIONS[phrase] in PYTHON_BLOCKS  # pasted: the README runs as it is
+        return
+    with pytest.raises(Exception):  # noqa: B017 (a NotFoundError, KeyError or NameError)
+        exec(compile(block, "README.md as written", "exec"), {"__name__": "readme"})
+
+
+# what the README's training example shows, and what that command prints on the demo's base
+# (grouped-query attention: k_proj and v_proj are 64 -> 32, so r=16 on q, k, v, o of 2 layers
+# is 2 x (2,048 + 1,536 + 1,536 + 2,048) = 14,336); README.md takes the printed line
+PARAMS_LINE = "note: trainable params: 16,384 || all params: 123,712 || trainable%: 13.2437"
+PRINTED_LINE = "note: trainable params: 14,336 || all params: 121,664 || trainable%: 11.7833"
+
+
+def test_the_readme_training_output_is_what_its_command_prints(demo_tree, cli):
+    block = next(
+        b for b in re.findall(r"```console\n(.*?)```", README, re.S) if "note: trainable" in b
+    )
+    lines = block.replace("\\\n", " ").splitlines()
+    args = shlex.split(next(line for line in lines if line.startswith("$ "))[2:])[1:]
+    shown = next(line for line in lines if line.startswith("note: trainable params"))
+    args = [str(ROOT / a) if a.startswith("examples/") else a for a in args]
+    args[args.index("--max-steps") + 1] = "1"  # the count does not depend on the steps
+    args[args.index("--name") + 1] = "params-check"  # the README's Python example makes zh-en
+    code, out, err = cli(*args)
+    assert code == 0, err
+    printed = next(line for line in err.splitlines() if line.startswith("note: trainable params"))
+    assert printed == {PARAMS_LINE: PRINTED_LINE}.get(shown, shown)

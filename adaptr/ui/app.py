@@ -12,15 +12,13 @@ a missing token 401, a write without the CSRF token or from another origin 403.
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -29,46 +27,13 @@ from adaptr.errors import AdaptrError, ConflictError, InvalidInputError, NotFoun
 from . import views
 from .context import CSRFError, UIContext
 from .lineage import version_href
+from .rendering import HERE, error_response, render
 from .security import COOKIE, Guard
 
 if TYPE_CHECKING:
     from adaptr.registry import Registry
 
-HERE = Path(__file__).parent
 MAX_FORM_BYTES = 64 * 1024
-
-
-@functools.cache
-def templates():
-    import jinja2
-
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(HERE / "templates"),
-        autoescape=True,  # every template, whatever its name
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    env.filters["vhref"] = version_href
-    return env
-
-
-def render(request: Request | None, name: str, code: int = 200, **values: Any) -> HTMLResponse:
-    ctx: UIContext | None = request.app.state.ctx if request is not None else None
-    page = (
-        templates()
-        .get_template(name)
-        .render(csrf=ctx.csrf if ctx else "", needs_token=bool(ctx and ctx.token), **values)
-    )
-    return HTMLResponse(page, code, headers={"cache-control": "no-store"})
-
-
-def error_response(status: int, message: str, wants_json: bool = False, login: bool = False) -> Response:  # fmt: skip
-    if wants_json:
-        kind = "invalid_request_error" if status < 500 else "server_error"
-        body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
-        return JSONResponse(body, status)
-    return render(None, "error.html", status, status=status, message=message, login=login)
 
 
 def status_of(e: AdaptrError) -> int:

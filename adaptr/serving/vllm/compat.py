@@ -50,8 +50,7 @@ def rewrites_base_reason(config: dict) -> str | None:
     if config.get("layer_replication"):
         return (
             "it replicates the base's layers (layer_replication), so it runs on a deeper model "
-            "than the base; use `adaptr generate` / `adaptr merge`, which build that model "
-            "through PEFT"
+            "than the base; use `adaptr generate`, which builds that model through PEFT"
         )
     init = rewrites_base(config)
     if init is None:

@@ -152,9 +152,13 @@ def main() -> None:
               f"vs cp -r + sync: CLI {ad['cp -r + sync'] / ad['adaptr add (CLI process)']:.2f}x, "
               f"API {ad['cp -r + sync'] / ad['Registry.add (in process)']:.2f}x")  # fmt: skip
         rc = bench_recheck(work, args.size_mb, max(3, args.repeat // 3))
-        print(f"\n== the torn-copy check: copy + hash of {args.size_mb:.0f} MB, alternating (median)")
+        print(
+            f"\n== the torn-copy check: copy + hash of {args.size_mb:.0f} MB, alternating (median)"
+        )
         print(f"  copy, fsync and hash           {rc[False] * 1e3:8.1f} ms")
-        print(f"  + the source re-hashed          {rc[True] * 1e3:8.1f} ms  ({rc[True] / rc[False]:.2f}x)")
+        print(
+            f"  + the source re-hashed          {rc[True] * 1e3:8.1f} ms  ({rc[True] / rc[False]:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

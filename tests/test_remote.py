@@ -183,9 +183,10 @@ def test_a_re_add_repairs_a_corrupt_object_on_the_store(s3_home, tmp_path):
     RemoteRegistry(s3_home.url, cache=tmp_path / "c").add("foo", src)  # the intact source again
     b = RemoteRegistry(s3_home.url, cache=tmp_path / "d")
     assert b.verify().ok, b.verify().problems
-    assert b.read_checked(b.get("foo@1"), "adapter_model.safetensors") == (
-        src / "adapter_model.safetensors"
-    ).read_bytes()
+    assert (
+        b.read_checked(b.get("foo@1"), "adapter_model.safetensors")
+        == (src / "adapter_model.safetensors").read_bytes()
+    )
 
 
 def test_a_corrupt_cached_file_is_fetched_again(s3_home, tmp_path):

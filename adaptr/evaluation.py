@@ -324,6 +324,10 @@ def evaluate(
     v0 = versions[0]
     base_path = base_location(registry, v0)
     tokenizer, family = load_tokenizer(base_path, {"trust_remote_code": False, "family": None})
+    if splits.kind in CHAT_KINDS:
+        tokenizer.chat_template = _one_chat_template(
+            registry, versions, tokenizer, base_path, base_line
+        )
     sft: dict[str, Any] = {}
     loss_defaults(sft, splits.kind)
     settings: dict[str, Any] = {
@@ -418,11 +422,40 @@ def _tokenized(dataset, tokenizer, sft: dict[str, Any]):
     return tokenize(dataset, tokenizer, args, "eval")
 
 
+CHAT_KINDS = ("messages", "conversational prompt-completion")
+
+
+def _one_chat_template(registry, versions, tokenizer, base_path: str, base_line: bool) -> str:
+    """The chat template every evaluated row was trained with (as serving renders it: the
+    version's stored one, else the base's, else the family's). Chat data is rendered and
+    tokenized once for all rows, so rows trained with different templates are refused."""
+    from transformers import AutoConfig
+
+    from .inference import NO_TEMPLATE, chat_template
+
+    config = AutoConfig.from_pretrained(base_path)
+    found = {v.ref: chat_template(registry, [v], tokenizer, config) for v in versions}
+    if base_line:
+        found["the bare base"] = chat_template(registry, [], tokenizer, config)
+    missing = [ref for ref, t in found.items() if not t]
+    if missing:
+        raise InvalidInputError(
+            f"{', '.join(missing)} {NO_TEMPLATE}: chat data cannot be rendered for it; "
+            "evaluate on prompt/completion text instead"
+        )
+    if len(set(found.values())) > 1:
+        raise InvalidInputError(
+            f"{', '.join(found)} were trained with different chat templates, and chat data is "
+            "rendered once for all of them: evaluate each template's versions in a run of their own"
+        )
+    return next(iter(found.values()))
+
+
 def _render_chat(tokenizer, messages: list[dict]) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as e:  # a template error: jinja raises its own types
-        raise InvalidInputError(f"the base's chat template cannot render a record: {e}") from None
+        raise InvalidInputError(f"the chat template cannot render a record: {e}") from None
 
 
 def _chunks(n: int, size: int):

@@ -21,6 +21,10 @@ from .registry.atomic import check_path, refuse_in_home, replace_dir, work_folde
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+# PEFT methods that add virtual tokens instead of changing weights: nothing to merge
+PROMPT_METHODS = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING", "CPT")
+
+
 def merge(
     registry: Registry,
     refs: Sequence[str],
@@ -47,6 +51,19 @@ def merge(
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise ConflictError(f"{out} exists and is not empty; pass --force to replace it")
     versions = versions_on_one_base(registry, refs)
+    for v in versions:  # what PEFT's merge_and_unload cannot fold into the weights
+        why = (
+            f"it is a {v.peft_type} adapter (virtual tokens, not weight deltas)"
+            if v.peft_type in PROMPT_METHODS
+            else "it replicates layers (layer_replication), whose copies share tensors"
+            if v.config.get("layer_replication")
+            else None
+        )
+        if why:
+            raise InvalidInputError(
+                f"{v.ref} cannot be merged into its base: {why}; serve it with "
+                "`adaptr generate` / adaptr.inference instead"
+            )
     path = base_location(registry, versions[0], base)
     info = check_base_fits(registry, versions, path)
     if info is not None and info.quantized:

@@ -720,3 +720,44 @@ def test_data_that_is_a_device_a_pipe_or_a_folder_is_named_for_what_it_is(cli, h
             "--format", "prompt-completion", match="none.jsonl does not exist: give a JSONL")  # fmt: skip
     refused(cli, home, before, "eval", "a", "--data", "d" * 1024, "--format",
             "prompt-completion", match="too long")  # fmt: skip
+
+
+OWN_TEMPLATE = (
+    "{% for m in messages %}<<{{ m['role'] }}>>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<<assistant>>{% endif %}"
+)
+
+
+def test_chat_data_is_rendered_with_the_template_each_version_was_trained_with(
+    tmp_path, tiny_llama, monkeypatch
+):
+    """Eval renders (and tokenizes) chat data once for every row: with the template the
+    versions were trained with, and refuses rows trained with different ones."""
+    from adaptr.errors import InvalidInputError
+    from adaptr.evaluation import evaluate
+
+    reg = Registry(tmp_path / "home")
+    reg.add_base("tiny", tiny_llama)
+    own = random_lora(tiny_llama, tmp_path / "own", 1, r=4, target_modules=["q_proj"])
+    (own / "chat_template.jinja").write_text(OWN_TEMPLATE)
+    reg.add("own", own, base="tiny")
+    reg.add("plain", random_lora(tiny_llama, tmp_path / "plain", 2, r=4, target_modules=["q_proj"]), base="tiny")  # fmt: skip
+    data = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]} for i in range(3)]  # fmt: skip
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(InvalidInputError, match="different chat templates"):
+        evaluate(["own", "plain"], data, "messages", "loss", registry=reg)
+    assert reg.evals("own@1") == [] and reg.evals("plain@1") == []
+    seen = []
+    import adaptr.evaluation as ev
+
+    real = ev._render_chat
+
+    def spy(tokenizer, messages):
+        seen.append(tokenizer.chat_template)
+        return real(tokenizer, messages)
+
+    monkeypatch.setattr(ev, "_render_chat", spy)
+    result = evaluate(["own"], data, "messages", "loss,exact", registry=reg, max_new_tokens=2)
+    assert seen and set(seen) == {OWN_TEMPLATE}
+    assert set(result.scores["own@1"]) == {"loss", "exact"}

@@ -289,3 +289,13 @@ def test_vllm_check_names_the_variants_it_cannot_serve(stored):
     for ref, said in (("kasa", "KaSA"), ("velora", "VeLoRA"), ("repl", "layer_replication")):
         found = "; ".join(version_problems(reg, reg.get(ref)))
         assert said in found, (ref, found)
+
+
+@pytest.mark.parametrize(
+    "name, said",
+    [("prompt", "PROMPT_TUNING adapter (virtual tokens"), ("repl", "replicates layers")],
+)
+def test_what_merge_cannot_fold_into_the_weights_is_one_line(cli, stored, tmp_path, name, said):
+    before = snapshot(stored)
+    line = refused(cli, stored, before, "merge", name, "--out", str(tmp_path / "m"), match=said)
+    assert "adaptr generate" in line and not (tmp_path / "m").exists()

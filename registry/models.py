@@ -54,12 +54,14 @@ class AdapterVersion:
         return d
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> AdapterVersion:
+    def from_row(cls, row: sqlite3.Row, *, lineage: bool = True) -> AdapterVersion:
+        """A version from its index row; ``lineage=False`` leaves the lineage (log history
+        included, the bulk of a trained version's record) undecoded, as ``{}``."""
         return cls(
             name=row["name"], version=row["version"], created=row["created"], base=row["base"],
             base_fingerprint=row["base_fingerprint"], peft_type=row["peft_type"], r=row["r"],
             size=row["size"], summary=json.loads(row["summary"]), config=json.loads(row["config"]),
-            lineage=json.loads(row["lineage"]), metrics=json.loads(row["metrics"]), source=row["source"],
+            lineage=json.loads(row["lineage"]) if lineage else {}, metrics=json.loads(row["metrics"]), source=row["source"],
         )  # fmt: skip
 
 

@@ -296,9 +296,11 @@ class Registry(Recovery, Maintenance):
             hint = "run `adaptr list` to see the registered adapters"
         return NotFoundError(f"unknown adapter {name!r} in {home}: {hint}")
 
-    def _load(self, rows: list[sqlite3.Row], conn: sqlite3.Connection) -> list[AdapterVersion]:
+    def _load(
+        self, rows: list[sqlite3.Row], conn: sqlite3.Connection, lineage: bool = True
+    ) -> list[AdapterVersion]:
         """Turn version rows into records with their files, tags and active flag."""
-        out = [AdapterVersion.from_row(r) for r in rows]
+        out = [AdapterVersion.from_row(r, lineage=lineage) for r in rows]
         if not out:
             return out
         by_id = {r["id"]: v for r, v in zip(rows, out, strict=True)}
@@ -327,8 +329,11 @@ class Registry(Recovery, Maintenance):
         row = self._resolve_row(ref)
         return self._load([row], self._conn())[0]
 
-    def list(self, name: str | None = None) -> list[AdapterVersion]:
-        """Every stored version (of ``name`` only, if given), by name then version."""
+    def list(self, name: str | None = None, *, lineage: bool = True) -> list[AdapterVersion]:
+        """Every stored version (of ``name`` only, if given), by name then version.
+
+        ``lineage=False`` leaves each version's lineage empty (not decoded): for listings of
+        many trained versions, whose log histories are most of their records."""
         conn = self._conn()
         if conn is None:
             if name:
@@ -343,7 +348,7 @@ class Registry(Recovery, Maintenance):
                 raise self._unknown(name, conn)
         else:
             rows = conn.execute("SELECT * FROM versions ORDER BY name, version").fetchall()
-        return self._load(rows, conn)
+        return self._load(rows, conn, lineage)
 
     def path(self, ref: str | Ref) -> dict[str, Path]:
         """The stored files of a version: relative name -> read-only blob path.

@@ -99,13 +99,13 @@ async def form_of(request: Request) -> dict[str, Any]:
     return form
 
 
-async def off_loop(view, request: Request, *args: Any):
+async def off_loop(view, request: Request, *args: Any, lineage: bool = True):
     """``view(registry, versions, *args)`` on a worker thread: registry reads never hold
     up the event loop (and the playground streams on it)."""
     ctx = ctx_of(request)
 
     def build():
-        return view(ctx.registry, ctx.versions(), *args)
+        return view(ctx.registry, ctx.versions(lineage), *args)
 
     return await run_in_threadpool(build)
 
@@ -122,7 +122,7 @@ async def home(request: Request) -> Response:
 async def adapters(request: Request) -> Response:
     args = (text_param(request, "base"), text_param(request, "tag"), text_param(request, "q"),
             int_param(request, "page", 1, 1, 10**6))  # fmt: skip
-    view = await off_loop(views.list_view, request, *args)
+    view = await off_loop(views.list_view, request, *args, lineage=False)
     name = "adapters_table.html" if request.headers.get("hx-request") else "adapters.html"
     return render(request, name, view=view, title="Adapters")
 

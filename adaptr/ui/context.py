@@ -38,20 +38,23 @@ class UIContext:
     server_factory: Any = None  # (registry, base) -> AdapterServer; tests and bench may swap it
     _engines: dict[str, AdapterServer] = field(default_factory=dict)
     _loading: threading.Lock = field(default_factory=threading.Lock)
-    _listed: tuple[Any, list] | None = None  # (index state, Registry.list() at that state)
+    # lineage decoded or not -> (index state, Registry.list() at that state)
+    _listed: dict[bool, tuple[Any, list]] = field(default_factory=dict)
 
-    def versions(self) -> list[AdapterVersion]:
+    def versions(self, lineage: bool = True) -> list[AdapterVersion]:
         """``Registry.list()``, kept while the index is unchanged: reading 1,000 versions'
         records (lineage, log histories) takes far longer than a page may. The index state
         is its files' identity, size and mtime (``registry.db`` and its WAL: every commit of
         any process changes the WAL), read before the list, so a write during it is seen
-        by the next page."""
+        by the next page. ``lineage=False``: without lineage, for the list page (a trained
+        version's log history is most of its record)."""
         state = self._index_state()
-        cached = self._listed
+        cached = self._listed.get(lineage)
         if state is not None and cached is not None and cached[0] == state:
             return cached[1]
-        versions = self.registry.list()
-        self._listed = (state, versions) if state is not None else None
+        versions = self.registry.list(lineage=lineage)
+        if state is not None:
+            self._listed[lineage] = (state, versions)
         return versions
 
     def _index_state(self) -> tuple | None:

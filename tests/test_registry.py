@@ -198,3 +198,17 @@ def test_only_writes_that_store_something_create_a_registry_home(tmp_path, cli):
     code, out, err = cli("--home", str(home), "add", "x", str(write_adapter(tmp_path / "x")))
     assert code == 0 and out.strip() == "x@1"
     assert f"note: created a new registry at {home.resolve()}" in err
+
+
+def test_list_without_lineage_keeps_everything_else(registry, tmp_path):
+    registry.add("a", write_adapter(tmp_path / "a"), lineage={"log_history": [{"loss": 1.0}]})
+    full, light = registry.list(), registry.list(lineage=False)
+    assert full[0].lineage["log_history"] == [{"loss": 1.0}] and light[0].lineage == {}
+    for f, g in zip(full, light, strict=True):
+        assert (f.ref, f.files, f.tags, f.active, f.config) == (
+            g.ref,
+            g.files,
+            g.tags,
+            g.active,
+            g.config,
+        )

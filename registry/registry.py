@@ -765,40 +765,7 @@ class Registry(Recovery, Maintenance):
         """
         r = ref if isinstance(ref, Ref) else Ref.parse(ref)
         with self._writer() as conn:
-            if all_versions:
-                if r.version or r.tag:
-                    raise InvalidInputError(
-                        f"--all removes every version of a name: give {r.name}, not {r}"
-                    )
-                rows = conn.execute(
-                    "SELECT * FROM versions WHERE name=? ORDER BY version", (r.name,)
-                ).fetchall()
-                if not rows:
-                    raise self._unknown(r.name, conn)
-            else:
-                row = self._resolve_row(r, conn)
-                count = conn.execute(
-                    "SELECT COUNT(*) FROM versions WHERE name=?", (r.name,)
-                ).fetchone()[0]
-                if r.version is None and r.tag is None and count > 1:
-                    raise InvalidInputError(
-                        f"{r.name} has {count} versions: remove one with {r.name}@N, or all with --all"
-                    )
-                rows = [row]
-            victims = self._load(rows, conn)
-            held = [v for v in victims if v.tags or v.active]
-            if held and not force:
-                why = "; ".join(
-                    f"{v.ref} is "
-                    + " and ".join(
-                        (["tagged " + ", ".join(v.tags)] if v.tags else [])
-                        + (["active"] if v.active else [])
-                    )
-                    for v in held
-                )
-                raise ConflictError(
-                    f"{why}: pass --force to remove it anyway (its tags go with it)"
-                )
+            victims = self._victims(conn, r, force=force, all_versions=all_versions)
             moved: list[tuple[Path, str, int]] = []
             try:
                 with index.transaction(conn):
@@ -817,6 +784,45 @@ class Registry(Recovery, Maintenance):
                 self.journal.abort_remove(moved)
                 raise
             self.journal.finish_remove(moved)
+        return victims
+
+    def _victims(
+        self, conn: sqlite3.Connection, r: Ref, *, force: bool, all_versions: bool
+    ) -> list[AdapterVersion]:
+        """The versions ``remove(r)`` would remove, refused (nothing removed) when the ref is
+        ambiguous, or when a tag or the active state holds one and ``force`` is not given."""
+        if all_versions:
+            if r.version or r.tag:
+                raise InvalidInputError(
+                    f"--all removes every version of a name: give {r.name}, not {r}"
+                )
+            rows = conn.execute(
+                "SELECT * FROM versions WHERE name=? ORDER BY version", (r.name,)
+            ).fetchall()
+            if not rows:
+                raise self._unknown(r.name, conn)
+        else:
+            row = self._resolve_row(r, conn)
+            count = conn.execute(
+                "SELECT COUNT(*) FROM versions WHERE name=?", (r.name,)
+            ).fetchone()[0]
+            if r.version is None and r.tag is None and count > 1:
+                raise InvalidInputError(
+                    f"{r.name} has {count} versions: remove one with {r.name}@N, or all with --all"
+                )
+            rows = [row]
+        victims = self._load(rows, conn)
+        held = [v for v in victims if v.tags or v.active]
+        if held and not force:
+            why = "; ".join(
+                f"{v.ref} is "
+                + " and ".join(
+                    (["tagged " + ", ".join(v.tags)] if v.tags else [])
+                    + (["active"] if v.active else [])
+                )
+                for v in held
+            )
+            raise ConflictError(f"{why}: pass --force to remove it anyway (its tags go with it)")
         return victims
 
     def _prune_active(self, conn: sqlite3.Connection) -> None:

@@ -346,34 +346,7 @@ class RemoteRegistry(Registry):
     ) -> list[AdapterVersion]:
         r = ref if isinstance(ref, Ref) else Ref.parse(ref)
         self.sync(force=True)
-        conn = self._conn()
-        if all_versions:
-            if r.version or r.tag:
-                raise InvalidInputError(
-                    f"--all removes every version of a name: give {r.name}, not {r}"
-                )
-            victims = self.list(r.name)
-        else:
-            row = self._resolve_row(r, conn)
-            count = conn.execute(
-                "SELECT COUNT(*) FROM versions WHERE name=?", (r.name,)
-            ).fetchone()[0]
-            if r.version is None and r.tag is None and count > 1:
-                raise InvalidInputError(
-                    f"{r.name} has {count} versions: remove one with {r.name}@N, or all with --all"
-                )
-            victims = self._load([row], conn)
-        held = [v for v in victims if v.tags or v.active]
-        if held and not force:
-            why = "; ".join(
-                f"{v.ref} is "
-                + " and ".join(
-                    (["tagged " + ", ".join(v.tags)] if v.tags else [])
-                    + (["active"] if v.active else [])
-                )
-                for v in held
-            )
-            raise ConflictError(f"{why}: pass --force to remove it anyway (its tags go with it)")
+        victims = self._victims(self._conn(), r, force=force, all_versions=all_versions)
         for v in victims:
             key = layout.manifest(v.name, v.version)
             tomb = layout.dumps(

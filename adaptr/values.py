@@ -67,3 +67,14 @@ def parse_json(
         raise error(f"{where} is nested too deeply to be {kind}") from None
     except ValueError as e:  # e.g. an integer of more digits than Python converts
         raise error(f"{where} is not valid JSON ({e})") from None
+
+
+def ago(ts: float) -> str:
+    """How long ago the time ``ts`` (seconds since the epoch) was: ``5m ago``, ``2d ago``."""
+    import time
+
+    s = max(0, time.time() - ts)
+    for unit, width in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= width:
+            return f"{int(s // width)}{unit} ago"
+    return "just now"

@@ -6,7 +6,6 @@ import functools
 import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -84,11 +83,3 @@ def console():
 def note(message: str) -> None:
     """A non-fatal remark on stderr."""
     click.echo(f"note: {message}", err=True)
-
-
-def ago(ts: float) -> str:
-    s = max(0, time.time() - ts)
-    for unit, width in (("d", 86400), ("h", 3600), ("m", 60)):
-        if s >= width:
-            return f"{int(s // width)}{unit} ago"
-    return "just now"

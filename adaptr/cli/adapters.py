@@ -6,9 +6,9 @@ import json
 
 import click
 
-from adaptr.values import human_size
+from adaptr.values import ago, human_size
 
-from ._common import ago, emit_json, json_option, note, wide_option, with_registry
+from ._common import emit_json, json_option, note, wide_option, with_registry
 from .table import print_table
 
 

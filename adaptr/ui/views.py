@@ -9,12 +9,11 @@ a page and its command show the same things and refuse the same input in the sam
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from adaptr.errors import AdaptrError, InvalidInputError, NotFoundError
-from adaptr.values import human_size
+from adaptr.values import ago, human_size
 
 if TYPE_CHECKING:
     from adaptr.registry import AdapterVersion, Registry
@@ -22,14 +21,6 @@ if TYPE_CHECKING:
 PER_PAGE = 50
 MAX_REFS = 8  # versions one curves / compare / playground page takes
 MAX_CARD = 64 * 1024  # characters of a model card shown
-
-
-def ago(ts: float) -> str:
-    s = max(0, time.time() - ts)
-    for unit, width in (("d", 86400), ("h", 3600), ("m", 60)):
-        if s >= width:
-            return f"{int(s // width)}{unit} ago"
-    return "just now"
 
 
 def kind(v: AdapterVersion) -> str:

@@ -843,12 +843,14 @@ def promote(
     the version tagged); returns ``(version, lines checked)``. A refusal moves nothing."""
     registry.require()  # a write: a home with no registry is refused as such, before the ref
     v = registry.get(ref)
-    checked = (
-        check_gate(registry, v.ref, requires, better_than, data=data, tag=tag)
-        if requires or better_than is not None
-        else []
-    )
-    return registry.tag(v.ref, tag), checked
+    if not (requires or better_than is not None):
+        return registry.tag(v.ref, tag), []
+    try:  # where the tag is as the gate reads it: it moves only from there
+        before: int | None = registry.get(f"{v.name}@{tag}").version
+    except NotFoundError:
+        before = None
+    checked = check_gate(registry, v.ref, requires, better_than, data=data, tag=tag)
+    return registry.tag(v.ref, tag, expect=before), checked
 
 
 def compare(

@@ -93,6 +93,20 @@ def _renamed_note(adapter: AdapterSource) -> str:
     )
 
 
+ANY = object()  # Registry.tag's expect: wherever the tag is
+
+
+def check_expected(name: str, tag: str, now: int | None, expect: int | None) -> None:
+    """Refuse (ConflictError) a tag move when the tag is no longer where its caller read it."""
+    if now != expect:
+        where = f"{name}@{now}" if now is not None else "nowhere"
+        was = f"{name}@{expect}" if expect is not None else "not set"
+        raise ConflictError(
+            f"{name}@{tag} moved while this command checked it (it was {was}, it is on "
+            f"{where} now); nothing was moved: run the command again"
+        )
+
+
 def default_home() -> Path:
     """``$ADAPTR_HOME``, else ``~/.adaptr``."""
     return Path(os.environ.get("ADAPTR_HOME") or Path.home() / ".adaptr").expanduser()
@@ -689,11 +703,21 @@ class Registry(Recovery, Maintenance):
         rows = self._rows("SELECT * FROM bases WHERE name=?", (name,))
         return rows[0] if rows else None
 
-    def tag(self, ref: str | Ref, tag: str) -> AdapterVersion:
-        """Point ``NAME@tag`` at the version ``ref`` names (moving it if it exists)."""
+    def tag(self, ref: str | Ref, tag: str, *, expect: int | None | object = ANY) -> AdapterVersion:
+        """Point ``NAME@tag`` at the version ``ref`` names (moving it if it exists).
+
+        ``expect``: the version the tag must still be on (None: not set) for the move to
+        happen, else ConflictError and nothing moves — a gate that read the tag before moving
+        it (:func:`adaptr.evaluation.promote`) moves it in one step with what it checked.
+        """
         check_tag(tag)
         with self._writer() as conn, index.transaction(conn):
             row = self._resolve_row(ref, conn)
+            if expect is not ANY:
+                now = conn.execute(
+                    "SELECT version FROM tags WHERE name=? AND tag=?", (row["name"], tag)
+                ).fetchone()
+                check_expected(row["name"], tag, now[0] if now else None, expect)
             conn.execute(
                 "INSERT OR REPLACE INTO tags(name, tag, version) VALUES (?,?,?)",
                 (row["name"], tag, row["version"]),

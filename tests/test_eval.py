@@ -761,3 +761,29 @@ def test_chat_data_is_rendered_with_the_template_each_version_was_trained_with(
     result = evaluate(["own"], data, "messages", "loss,exact", registry=reg, max_new_tokens=2)
     assert seen and set(seen) == {OWN_TEMPLATE}
     assert set(result.scores["own@1"]) == {"loss", "exact"}
+
+
+def test_a_gated_move_is_refused_when_the_tag_moves_while_the_gate_checks(tmp_path, monkeypatch):
+    """promote reads the tag, checks the gate, and moves the tag only from where it read it:
+    another writer's move in between is not overwritten."""
+    import adaptr.evaluation as ev
+    from adaptr.errors import ConflictError
+
+    from helpers import write_adapter
+
+    home = tmp_path / "home"
+    reg = Registry(home)
+    for seed in range(3):
+        reg.add("m", write_adapter(tmp_path / f"s{seed}", seed=seed))
+    reg.tag("m@1", "prod")
+
+    def gate_passes_while_someone_moves_the_tag(*args, **kwargs):
+        Registry(home).tag("m@2", "prod")  # another process, while the gate reads the evals
+        return ["loss: passed"]
+
+    monkeypatch.setattr(ev, "check_gate", gate_passes_while_someone_moves_the_tag)
+    with pytest.raises(ConflictError, match="moved while this command checked it"):
+        ev.promote(reg, "m@3", "prod", better_than="prod")
+    assert reg.get("m@prod").version == 2  # the other writer's move stands
+    monkeypatch.setattr(ev, "check_gate", lambda *a, **k: ["loss: passed"])
+    assert ev.promote(reg, "m@3", "prod", better_than="prod")[0].version == 3  # nothing between

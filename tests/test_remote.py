@@ -288,3 +288,26 @@ def test_missing_bucket_and_bad_address_are_one_line(s3_home, tmp_path):
     assert r.returncode != 0 and "does not exist" in r.stderr and r.stderr.count("\n") == 1
     r = run_adaptr("list", env={**s3_home.env(), "ADAPTR_HOME": "s3://A_B/p"})
     assert r.returncode == 2 and "invalid store address" in r.stderr
+
+
+def test_a_gated_move_on_the_store_never_overwrites_a_move_made_meanwhile(
+    s3_home, tmp_path, monkeypatch
+):
+    import adaptr.evaluation as ev
+    from adaptr.errors import ConflictError
+    from adaptr.registry.remote.remote import RemoteRegistry
+
+    a = RemoteRegistry(s3_home.url, cache=tmp_path / "a")
+    for seed in range(3):
+        a.add("m", write_adapter(tmp_path / f"s{seed}", seed=seed))
+    a.tag("m@1", "prod")
+
+    def gate_passes_while_another_machine_moves_the_tag(*args, **kwargs):
+        RemoteRegistry(s3_home.url, cache=tmp_path / "b").tag("m@2", "prod")
+        return ["loss: passed"]
+
+    monkeypatch.setattr(ev, "check_gate", gate_passes_while_another_machine_moves_the_tag)
+    monkeypatch.setenv("ADAPTR_REMOTE_TTL", "0")  # a's next read syncs: the CAS alone would pass
+    with pytest.raises(ConflictError):
+        ev.promote(a, "m@3", "prod", better_than="prod")
+    assert RemoteRegistry(s3_home.url, cache=tmp_path / "c").get("m@prod").version == 2

@@ -44,7 +44,7 @@ from ..fingerprint import find_base_dir, read_base
 from ..journal import write_json
 from ..models import AdapterVersion, BaseRecord, RebuildReport
 from ..refs import Ref, check_name, check_tag
-from ..registry import Registry
+from ..registry import ANY, Registry, check_expected
 from . import MARKER, layout
 from .blobcache import CachedBlobStore
 from .store import Location, NotFound, ObjectStore, PreconditionFailed, StoreError, Unreachable
@@ -279,14 +279,18 @@ class RemoteRegistry(Registry):
                 "was overwritten: check `adaptr list`, then run the command again"
             ) from None
 
-    def tag(self, ref: str | Ref, tag: str) -> AdapterVersion:
+    def tag(self, ref: str | Ref, tag: str, *, expect: int | None | object = ANY) -> AdapterVersion:
         """Move ``NAME@tag`` from where this registry last read it (within the TTL) to ``ref``:
-        refused (ConflictError) if another writer moved it since."""
+        refused (ConflictError) if another writer moved it since, or (``expect``) if it is
+        not on the version the caller read."""
         check_tag(tag)
         self.store.check()  # a write: an unreachable store is an error, not a note
         row = self._resolve_row(ref)
         name, version = row["name"], row["version"]
         etag = self._state.tag_etag(name, tag)
+        if expect is not ANY:  # as this replica has it; the store's CAS below does the rest
+            hit = self._state.tags.get(layout.tag(name, tag))
+            check_expected(name, tag, hit[1] if hit else None, expect)
         try:
             self._cas(layout.tag(name, tag), layout.TagDoc(version).encode(), etag, f"{name}@{tag}")
         except ConflictError:

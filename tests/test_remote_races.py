@@ -208,3 +208,34 @@ def test_gc_grace_through_the_cli(s3_home, tmp_path, cli, monkeypatch):
 def test_gc_grace_on_a_local_home_is_refused(tmp_path, cli):
     code, out, err = cli("--home", str(tmp_path / "h"), "gc", "--grace", "5")
     assert code == 2 and "--grace is for s3:// homes" in err, err
+
+
+def test_sigkill_during_gc_deletes_only_unreferenced_blobs_and_a_rerun_finishes(s3_home, tmp_path):
+    a = RemoteRegistry(s3_home.url, cache=tmp_path / "a")
+    kept = a.add("foo", write_adapter(tmp_path / "k", seed=1))
+    for seed in (2, 3, 4):
+        a.add("gone", write_adapter(tmp_path / f"g{seed}", seed=seed))
+    a.remove("gone", all_versions=True)
+    time.sleep(1.5)  # older than the grace below
+    flag = tmp_path / "at-gc"
+    env = s3_home.env(cache=tmp_path / "b", ADAPTR_REMOTE_CHECKPOINT="gc-after-delete",
+                      ADAPTR_REMOTE_CHECKPOINT_FILE=str(flag))  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from adaptr.cli import run; run()", "gc", "--grace", "1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not flag.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "gc never reached its checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # after its first delete
+    proc.wait(timeout=30)
+    left = {m.key.rpartition("/")[2] for m in a.store.list("blobs/sha256/")}
+    assert {f.sha256 for f in kept.files} <= left  # nothing referenced went
+    assert len(left) > len(kept.files)  # it was stopped part-way
+    fresh = RemoteRegistry(s3_home.url, cache=tmp_path / "c")
+    assert fresh.verify().ok and fresh.get("foo@1").ref == "foo@1"
+    fresh.gc(grace=1)  # a rerun finishes the job
+    left = {m.key.rpartition("/")[2] for m in a.store.list("blobs/sha256/")}
+    assert left == {f.sha256 for f in kept.files}

@@ -43,3 +43,15 @@ def _is_replica(home: object) -> bool:
         return (Path(home).expanduser() / MARKER).is_file()  # type: ignore[arg-type]
     except (TypeError, ValueError, OSError):
         return False
+
+
+def checkpoint(name: str) -> None:
+    """Test hook: stop here (``$ADAPTR_REMOTE_CHECKPOINT`` = name) and say so in a file, so a
+    test can SIGKILL the process at exactly this point of a write."""
+    if os.environ.get("ADAPTR_REMOTE_CHECKPOINT") == name:
+        import time
+
+        flag = os.environ.get("ADAPTR_REMOTE_CHECKPOINT_FILE")
+        if flag:
+            Path(flag).write_text(str(os.getpid()))
+        time.sleep(float(os.environ.get("ADAPTR_REMOTE_CHECKPOINT_WAIT", "600")))

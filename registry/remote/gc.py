@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..journal import manifest_problem
-from . import layout
+from . import checkpoint, layout
 from .store import NotFound, ObjectStore
 from .sync import _fetch
 
@@ -98,6 +98,7 @@ def store_gc(store: ObjectStore, grace: float | None = None) -> StoreGcReport:
         store.delete(blob.key)
         report.blobs_removed += 1
         report.bytes_freed += blob.size
+        checkpoint("gc-after-delete")
     for m in store.list(layout.UPLOADS):
         if now - m.modified >= grace:
             store.delete(m.key)

@@ -45,7 +45,7 @@ from ..journal import write_json
 from ..models import AdapterVersion, BaseRecord, RebuildReport
 from ..refs import Ref, check_name, check_tag
 from ..registry import ANY, Registry, check_expected
-from . import MARKER, layout
+from . import MARKER, checkpoint, layout
 from .blobcache import CachedBlobStore
 from .store import Location, NotFound, ObjectStore, PreconditionFailed, StoreError, Unreachable
 from .sync import BINDINGS, STATE, SyncState, load_bindings, pull
@@ -71,16 +71,6 @@ def _ttl() -> float:
         return max(0.0, float(os.environ.get("ADAPTR_REMOTE_TTL", "2")))
     except ValueError:
         return 2.0
-
-
-def _checkpoint(name: str) -> None:
-    """Test hook: stop here (``$ADAPTR_REMOTE_CHECKPOINT`` = name) and say so in a file, so a
-    test can SIGKILL the process at exactly this point of a write."""
-    if os.environ.get("ADAPTR_REMOTE_CHECKPOINT") == name:
-        flag = os.environ.get("ADAPTR_REMOTE_CHECKPOINT_FILE")
-        if flag:
-            Path(flag).write_text(str(os.getpid()))
-        time.sleep(float(os.environ.get("ADAPTR_REMOTE_CHECKPOINT_WAIT", "600")))
 
 
 def _intact_on_store(meta, local: Path) -> bool:
@@ -249,7 +239,7 @@ class RemoteRegistry(Registry):
             self.store.put(layout.upload_marker(d), b"")
             if not _intact_on_store(self.store.exists(layout.blob(d)), self.blobs.local(d)):
                 self.store.upload(layout.blob(d), self.blobs.local(d))
-        _checkpoint("after-blobs")
+        checkpoint("after-blobs")
         name, version = record["name"], record["version"]
         for _ in range(MAX_CREATE_TRIES):
             doc = {**record, "version": version}
@@ -263,7 +253,7 @@ class RemoteRegistry(Registry):
         for d in digests:  # a gc that ran between our check and our create: put it back
             if self.store.exists(layout.blob(d)) is None:
                 self.store.upload(layout.blob(d), self.blobs.local(d))
-        _checkpoint("after-manifest")
+        checkpoint("after-manifest")
         return doc
 
     # ------------------------------------------------------------------ tags

@@ -236,6 +236,36 @@ def test_sigkill_during_gc_deletes_only_unreferenced_blobs_and_a_rerun_finishes(
     assert len(left) > len(kept.files)  # it was stopped part-way
     fresh = RemoteRegistry(s3_home.url, cache=tmp_path / "c")
     assert fresh.verify().ok and fresh.get("foo@1").ref == "foo@1"
+    assert fresh.store.list("trash/")  # the killed gc's copy of the blob it was deleting
     fresh.gc(grace=1)  # a rerun finishes the job
     left = {m.key.rpartition("/")[2] for m in a.store.list("blobs/sha256/")}
-    assert left == {f.sha256 for f in kept.files}
+    assert left == {f.sha256 for f in kept.files} and not fresh.store.list("trash/")
+
+
+def test_an_add_that_takes_a_blob_while_gc_deletes_it_gets_it_back(s3_home, tmp_path, monkeypatch):
+    """The narrowest interleaving: gc found the blob unreferenced and unmarked, then a whole
+    add (marker, HEAD: still there, manifest) runs before gc's DELETE lands."""
+    a = RemoteRegistry(s3_home.url, cache=tmp_path / "a")
+    src = write_adapter(tmp_path / "s", seed=5)
+    old = a.add("old", src)
+    a.remove("old@1")
+    time.sleep(1.5)  # the blob is older than the grace
+    weights = next(f.sha256 for f in old.files if f.path == "adapter_model.safetensors")
+    real_delete, added = a.store.delete, []
+
+    def delete_after_an_add(key):
+        if key.endswith(weights) and key.startswith("blobs/") and not added:
+            other = RemoteRegistry(s3_home.url, cache=tmp_path / "b")
+            added.append(other.add("new", src))  # dedupes onto the blob, still there
+        real_delete(key)
+
+    monkeypatch.setattr(a.store, "delete", delete_after_an_add)
+    report = a.gc(grace=1)
+    assert added and weights in report.store.kept
+    c = RemoteRegistry(s3_home.url, cache=tmp_path / "c")
+    assert c.verify().ok, c.verify().problems
+    assert (
+        c.read_checked(c.get("new@1"), "adapter_model.safetensors")
+        == (src / "adapter_model.safetensors").read_bytes()
+    )
+    assert not c.store.list("trash/")

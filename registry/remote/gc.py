@@ -10,6 +10,13 @@ then creates its manifest. gc:
    than the grace period means an add may be about to reference it, and the blob stays;
 4. deletes markers older than the grace period.
 
+A candidate is copied to ``trash/`` before its delete, and its markers are listed once more
+after it: an add that marked it in between (and so may have published a manifest that
+lists it) gets it back from the trash. With that check, an add that found the blob still
+there has its marker seen, and one that comes later finds the blob gone and uploads it
+again, so no interleaving loses a referenced blob. A gc killed in between leaves the copy
+in ``trash/``, which the next gc puts back (if listed or marked) or drops.
+
 Markers are never deleted by the add that wrote them (an add finishing between gc's steps 1
 and 3 would otherwise leave its new manifest unseen and its marker gone), so an add that
 takes less than the grace period (default 1 h, ``$ADAPTR_REMOTE_GC_GRACE`` seconds) is safe.
@@ -48,6 +55,23 @@ class StoreGcReport:
     kept: list[str] = field(default_factory=list)
 
 
+def _taken(store: ObjectStore, digest: str, grace: float, now: float) -> bool:
+    """Whether an add marked ``digest`` within the grace period (it may reference it)."""
+    return any(now - m.modified < grace for m in store.list(f"{layout.UPLOADS}{digest}/"))
+
+
+def _settle_trash(store: ObjectStore, used: set[str], grace: float, now: float) -> None:
+    """Blobs a killed gc left in the trash: put back what a manifest lists or an add marked,
+    drop the rest."""
+    for t in store.list(layout.TRASH):
+        digest = t.key.rpartition("/")[2]
+        if (digest in used or _taken(store, digest, grace, now)) and store.exists(
+            layout.blob(digest)
+        ) is None:
+            store.copy(t.key, layout.blob(digest))
+        store.delete(t.key)
+
+
 def referenced(store: ObjectStore) -> set[str]:
     """Every digest any manifest on the store lists; refuses (IntegrityError) when one
     cannot be read, since its blobs may be the only copy."""
@@ -79,6 +103,7 @@ def store_gc(store: ObjectStore, grace: float | None = None) -> StoreGcReport:
     report = StoreGcReport()
     used = referenced(store)
     now = time.time()
+    _settle_trash(store, used, grace, now)
     for blob in store.list(layout.BLOBS):
         digest = blob.key.rpartition("/")[2]
         if digest in used:
@@ -95,10 +120,17 @@ def store_gc(store: ObjectStore, grace: float | None = None) -> StoreGcReport:
             store.head(blob.key)
         except NotFound:
             continue
+        store.copy(blob.key, layout.trash(digest))  # kept until the check after the delete
         store.delete(blob.key)
-        report.blobs_removed += 1
-        report.bytes_freed += blob.size
         checkpoint("gc-after-delete")
+        if _taken(store, digest, grace, time.time()):  # an add took it meanwhile: put it back
+            store.copy(layout.trash(digest), blob.key)
+            report.kept_young += 1
+            report.kept.append(digest)
+        else:
+            report.blobs_removed += 1
+            report.bytes_freed += blob.size
+        store.delete(layout.trash(digest))
     for m in store.list(layout.UPLOADS):
         if now - m.modified >= grace:
             store.delete(m.key)

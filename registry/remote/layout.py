@@ -26,6 +26,7 @@ from urllib.parse import quote, unquote
 
 BLOBS = "blobs/sha256/"
 UPLOADS = "uploads/"
+TRASH = "trash/sha256/"  # a blob gc is deleting, kept until gc has checked no add took it
 VERSIONS = "versions/"
 TAGS = "tags/"
 ACTIVE = "active/"
@@ -41,6 +42,10 @@ def upload_marker(digest: str) -> str:
     import secrets
 
     return f"{UPLOADS}{digest}/{secrets.token_hex(6)}"
+
+
+def trash(digest: str) -> str:
+    return f"{TRASH}{digest}"
 
 
 def manifest(name: str, version: int) -> str:

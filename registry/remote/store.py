@@ -327,6 +327,12 @@ class ObjectStore:
 
         self._call("uploading", key, obstore.put, self._store, key, path, chunk_size=16 << 20)
 
+    def copy(self, src: str, dest: str) -> None:
+        """A server-side copy of ``src`` to ``dest`` (replacing it)."""
+        import obstore
+
+        self._call("copying", src, obstore.copy, self._store, src, dest)
+
     def delete(self, key: str) -> None:
         import obstore
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from .errors import (
+from adaptr.errors import (
     AdaptrError,
     ConflictError,
     IncompatibleBaseError,
@@ -23,9 +23,12 @@ from .errors import (
 __version__ = "0.1.0"
 
 _LAZY = {
-    "hookimpl": "adaptr.hookspecs",
-    "ModelFamily": "adaptr.families",
-    "Formatter": "adaptr.formatters",
+    "hookimpl": "adaptr.extend.hookspecs",
+    "ModelFamily": "adaptr.extend.types",
+    "Formatter": "adaptr.extend.types",
+    "MissingField": "adaptr.extend.types",
+    "need": "adaptr.extend.types",
+    "family_for": "adaptr.extend.catalog",
     "Registry": "adaptr.registry",
     "AdapterVersion": "adaptr.registry",
     "BaseRecord": "adaptr.registry",
@@ -35,11 +38,11 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .evaluation import evaluate, promote
-    from .families import ModelFamily
-    from .formatters import Formatter
-    from .hookspecs import hookimpl
-    from .registry import AdapterVersion, BaseRecord, Ref, Registry
+    from adaptr.evaluation import evaluate, promote
+    from adaptr.extend.catalog import family_for
+    from adaptr.extend.hookspecs import hookimpl
+    from adaptr.extend.types import Formatter, MissingField, ModelFamily, need
+    from adaptr.registry import AdapterVersion, BaseRecord, Ref, Registry
 
 
 def __getattr__(name: str) -> Any:
@@ -51,6 +54,6 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "AdapterVersion", "AdaptrError", "BaseRecord", "ConflictError", "Formatter", "IncompatibleBaseError",
     "IntegrityError", "InvalidAdapterError", "InvalidInputError", "LockTimeoutError",
-    "ModelFamily", "NotFoundError", "Ref", "Registry", "__version__", "evaluate", "hookimpl",
-    "promote",
+    "MissingField", "ModelFamily", "NotFoundError", "Ref", "Registry", "__version__", "evaluate",
+    "family_for", "hookimpl", "need", "promote",
 ]  # fmt: skip

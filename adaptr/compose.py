@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import InvalidInputError, brief
-from .registry import AdapterVersion, Registry, check_name
-from .registry.atomic import work_folder
-from .values import is_number
+from adaptr.errors import InvalidInputError, brief
+from adaptr.registry import AdapterVersion, Registry, check_name
+from adaptr.registry.atomic import work_folder
+from adaptr.values import is_number
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 SAME_RANK = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -99,7 +99,7 @@ def compose(
     tags: Sequence[str] = (),
 ) -> AdapterVersion:
     """Combine ``refs`` with ``weights`` by ``method`` and store the result as ``name``'s next version."""
-    from .inference import attach, base_location, load_base_model, versions_on_one_base
+    from adaptr.inference import attach, base_location, load_base_model, versions_on_one_base
 
     check_name(name)
     versions = versions_on_one_base(registry, refs)

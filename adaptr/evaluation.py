@@ -7,7 +7,7 @@ one batch), the bare base too with ``base_line``.
 Metrics (higher is better unless said):
 
 - ``loss`` (lower): mean negative log-likelihood per loss token, over all loss tokens of the
-  data. The tokens and loss masks are the ones training uses (:func:`adaptr.sft_data.tokenize`,
+  data. The tokens and loss masks are the ones training uses (:func:`adaptr.data.sft.tokenize`,
   TRL's own preparation): the completion of prompt/completion data, the assistant turns of chat
   data, every token of plain text.
 - ``ppl`` (lower): ``exp(loss)``.
@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidInputError, NotFoundError, brief
-from .registry import Registry
+from adaptr.errors import InvalidInputError, NotFoundError, brief
+from adaptr.registry import Registry
 
 METRICS = ("loss", "ppl", "exact", "chrf", "bleu", "rougeL")
 GENERATION = ("exact", "chrf", "bleu", "rougeL")
@@ -290,9 +290,9 @@ def evaluate(
     (generation). Raises one-line :class:`~adaptr.errors.AdaptrError`\\ s on bad input,
     before anything is stored.
     """
-    from .inference import base_location, versions_on_one_base
-    from .sft_data import load_splits, loss_defaults
-    from .trainer import load_tokenizer
+    from adaptr.data.sft import load_splits, loss_defaults
+    from adaptr.inference import base_location, versions_on_one_base
+    from adaptr.training.trainer import load_tokenizer
 
     registry = registry or Registry()
     wanted = parse_metrics(metrics)
@@ -347,7 +347,7 @@ def evaluate(
     if "loss" in wanted or "ppl" in wanted:
         tokenized = _tokenized(splits.train, tokenizer, sft)
 
-    from .serving import AdapterServer
+    from adaptr.serving import AdapterServer
 
     rows: list[str | None] = [v.ref for v in versions] + ([None] if base_line else [])
     server = AdapterServer(registry, v0.base or base_path, max_adapters=max(1, len(versions)))
@@ -384,7 +384,7 @@ def evaluate(
         result.generations = hyps
     if store:
         created = time.time()
-        from .trainer import library_versions
+        from adaptr.training.trainer import library_versions
 
         libs = library_versions(EVAL_LIBRARIES)
         result.records = registry.add_evals(
@@ -414,8 +414,8 @@ def evaluate(
 def _tokenized(dataset, tokenizer, sft: dict[str, Any]):
     import tempfile
 
-    from .sft_data import tokenize
-    from .trainer import sft_config
+    from adaptr.data.sft import tokenize
+    from adaptr.training.trainer import sft_config
 
     with tempfile.TemporaryDirectory() as tmp:
         args = sft_config(sft, Path(tmp) / "unused", progress=False)
@@ -431,7 +431,7 @@ def _one_chat_template(registry, versions, tokenizer, base_path: str, base_line:
     tokenized once for all rows, so rows trained with different templates are refused."""
     from transformers import AutoConfig
 
-    from .inference import NO_TEMPLATE, chat_template
+    from adaptr.inference import NO_TEMPLATE, chat_template
 
     config = AutoConfig.from_pretrained(base_path)
     found = {v.ref: chat_template(registry, [v], tokenizer, config) for v in versions}
@@ -655,7 +655,7 @@ def parse_requirement(cond: str) -> tuple[str, str, float]:
 def _data_hash(data: str | Path | None) -> str | None:
     if data is None:
         return None
-    from .registry.blobs import hash_file
+    from adaptr.registry.blobs import hash_file
 
     return hash_file(_data_file(data))[0]
 
@@ -663,7 +663,7 @@ def _data_hash(data: str | Path | None) -> str | None:
 def _data_file(data: str | Path) -> Path:
     """The data file ``data``, or a one-line error saying what it is instead (missing, a
     folder, a device such as /dev/urandom, a pipe…)."""
-    from .registry.atomic import regular_file
+    from adaptr.registry.atomic import regular_file
 
     return regular_file(data, "data file")
 
@@ -672,7 +672,7 @@ def _rival(registry: Registry, v, better_than: str, tag: str | None):
     """The version ``better_than`` names, or None for a first promotion: it names the tag
     being moved (``prod`` or ``NAME@prod``) and that tag does not exist yet. A bare word that
     is a tag of ``v``'s adapter (or the tag being moved) means that tag."""
-    from .registry import Ref
+    from adaptr.registry import Ref
 
     text = better_than.strip()
     if "@" not in text:

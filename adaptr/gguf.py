@@ -47,7 +47,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidInputError, StorageFullError, clip, first_line
+from adaptr.errors import InvalidInputError, StorageFullError, clip, first_line
 
 MAGIC = b"GGUF"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -183,7 +183,7 @@ def read_header(path: Path) -> dict[str, Any]:
     """What the file says about itself (architecture, name, quantization, tensor types),
     or a one-line refusal: not a GGUF, truncated or damaged, an architecture transformers
     cannot convert, no tokenizer."""
-    from .registry.atomic import regular_file
+    from adaptr.registry.atomic import regular_file
 
     path = regular_file(path, "GGUF file", use="give a .gguf file")
     with open(path, "rb") as f:
@@ -278,7 +278,7 @@ def convert(
     ``cache_root`` (default: the default registry home's): found by the file's SHA-256 and
     reused, else converted now (seconds to minutes) and kept. ``on_note`` hears what was
     done (converted, with how long it took, or reused)."""
-    from .registry.atomic import check_path, regular_file
+    from adaptr.registry.atomic import check_path, regular_file
 
     if dtype not in DTYPES:
         raise InvalidInputError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -287,7 +287,7 @@ def convert(
     if not is_gguf(src):
         read_header(src)  # the one-line refusal for what it is instead
     if cache_root is None:
-        from .registry.registry import default_home
+        from adaptr.registry.registry import default_home
 
         cache_root = cache_dir(default_home())
     root = Path(cache_root)
@@ -330,8 +330,8 @@ def _build(
     ``before``: the file as it was hashed (a change since is refused)."""
     import errno
 
-    from .registry.atomic import exit_on_sigterm, remove_work, replace_dir, work_dir
-    from .values import human_size
+    from adaptr.registry.atomic import exit_on_sigterm, remove_work, replace_dir, work_dir
+    from adaptr.values import human_size
 
     root.mkdir(parents=True, exist_ok=True)
     with exit_on_sigterm():
@@ -538,7 +538,7 @@ def resolve(
     """(model folder, registered base name or None) for the GGUF file ``path`` given as a
     base: a registered base converted from the same file (same SHA-256) when no ``dtype`` is
     asked for, else the cached conversion in ``dtype`` (float32 by default), made if need be."""
-    from .registry.atomic import regular_file
+    from adaptr.registry.atomic import regular_file
 
     src = regular_file(path, "GGUF file", use="give a .gguf file").resolve()
     root = cache_dir(registry)

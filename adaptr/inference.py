@@ -10,18 +10,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import IncompatibleBaseError, InvalidInputError, NotFoundError, brief, first_line
-from .registry import AdapterVersion, Registry
-from .registry.adapter_dir import PREFIX, WEIGHTS, lora_modules, saved_tensors
-from .registry.fingerprint import (
+from adaptr.errors import IncompatibleBaseError, InvalidInputError, NotFoundError, brief, first_line
+from adaptr.registry import AdapterVersion, Registry
+from adaptr.registry.adapter_dir import PREFIX, WEIGHTS, lora_modules, saved_tensors
+from adaptr.registry.fingerprint import (
     BaseInfo,
     check_adapter_fits,
     find_base_dir,
     looks_like_hub_id,
     read_base,
 )
-from .registry.peft_methods import unreplicated
-from .registry.safetensors_header import TensorInfo, read_header
+from adaptr.registry.peft_methods import unreplicated
+from adaptr.registry.safetensors_header import TensorInfo, read_header
 
 
 def versions_on_one_base(registry: Registry, refs: Sequence[str]) -> list[AdapterVersion]:
@@ -42,12 +42,12 @@ def versions_on_one_base(registry: Registry, refs: Sequence[str]) -> list[Adapte
 def base_location(registry: Registry, version: AdapterVersion, override: str | None = None) -> str:
     """A loadable path (or Hub id) for a version's base, or raise saying how to give one."""
     if override:
-        from .registry.atomic import check_path
+        from adaptr.registry.atomic import check_path
 
         check_path(override, "base")
         p = Path(override).expanduser()
         if p.exists():
-            from . import gguf
+            from adaptr import gguf
 
             if gguf.looks_like_gguf(p):  # its cached conversion (made on first use)
                 return str(gguf.resolve(p, registry)[0])
@@ -169,7 +169,7 @@ def attach(
     """
     from peft import PeftModel
 
-    from .registry.patterns import check_stored_config
+    from adaptr.registry.patterns import check_stored_config
 
     names = [n for n, _ in model.named_modules()]
     for v in versions:  # before PEFT's re.fullmatch sees a pattern it could hang on
@@ -259,7 +259,7 @@ def load(
     template = chat_template(registry, versions, tokenizer, model.config)
     if template is not None:  # what --chat renders with: the template training used
         tokenizer.chat_template = template
-    from .registry.atomic import work_folder
+    from adaptr.registry.atomic import work_folder
 
     with work_folder("load") as tmp:  # marked: a killed run's is removed by the next one
         peft = attach(model, registry, versions, tmp, checked=checked)
@@ -317,7 +317,7 @@ def stored_chat_template(registry: Registry, version: AdapterVersion) -> str | N
 def family_template(version: AdapterVersion | None, config: Any) -> str | None:
     """The chat template of the model family training used (recorded in the version's
     lineage), else of the family that claims the base's config."""
-    from .families import families, family_for
+    from adaptr.extend.catalog import families, family_for
 
     name = (version.lineage or {}).get("family") if version is not None else None
     family = families().get(name) if isinstance(name, str) else None

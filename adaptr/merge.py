@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import ConflictError, InvalidInputError
-from .registry import Registry
-from .registry.atomic import check_path, refuse_in_home, replace_dir, work_folder
+from adaptr.errors import ConflictError, InvalidInputError
+from adaptr.registry import Registry
+from adaptr.registry.atomic import check_path, refuse_in_home, replace_dir, work_folder
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -35,7 +35,7 @@ def merge(
     force: bool = False,
 ) -> dict[str, Any]:
     """Merge ``refs`` (all into one base) and write the model to ``out``; returns the provenance record."""
-    from .inference import (
+    from adaptr.inference import (
         attach,
         base_location,
         check_base_fits,

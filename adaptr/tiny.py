@@ -40,7 +40,7 @@ def make_tokenizer(model_max_length: int = 512):
 
 def tiny_config(name: str) -> dict[str, Any]:
     """Config kwargs (with ``model_type``) of a tiny model: a model_type or a family's label."""
-    from .families import families
+    from adaptr.extend.catalog import families
 
     for fam in families().values():
         if name in fam.tiny_configs:

@@ -10,7 +10,7 @@ import json
 import math
 from typing import Any
 
-from .errors import InvalidInputError
+from adaptr.errors import InvalidInputError
 
 
 def is_whole(v: Any) -> bool:

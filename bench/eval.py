@@ -52,12 +52,12 @@ def main() -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from adaptr.data.sft import load_splits, loss_defaults
     from adaptr.evaluation import _generations, _losses, _tokenized, text_scores
     from adaptr.registry import Registry
     from adaptr.serving import AdapterServer
-    from adaptr.sft_data import load_splits, loss_defaults
     from adaptr.tiny import save_tiny_base
-    from adaptr.trainer import load_tokenizer
+    from adaptr.training.trainer import load_tokenizer
 
     from helpers import random_lora
 

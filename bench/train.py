@@ -82,7 +82,7 @@ def plain(spec: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from adaptr.data import load_records
+    from adaptr.data.files import load_records
 
     tokenizer = AutoTokenizer.from_pretrained(spec["base"])
     model = AutoModelForCausalLM.from_pretrained(spec["base"])
@@ -109,7 +109,7 @@ def plain(spec: dict) -> dict:
 
 def adaptr_side(spec: dict) -> dict:
     from adaptr.registry import Registry
-    from adaptr.trainer import train
+    from adaptr.training.trainer import train
 
     recipe = {"name": "bench", "base": {"path": spec["base"]}, "data": {"path": spec["data"], "format": spec["format"]},
               "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "attention"}, "sft": sft_kwargs(spec)}  # fmt: skip

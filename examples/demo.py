@@ -55,7 +55,7 @@ def adaptr(*args: str, home: Path) -> str:
 
 def records(task: str) -> list[dict]:
     """TRL records through adaptr's formatters: quote text (a Pythia tutorial's task), alpaca prompt/completion."""
-    from adaptr.data import load_records
+    from adaptr.data.files import load_records
 
     if task == "quotes":
         return load_records(DATA / "quotes.jsonl", "text", field="quote")

@@ -28,8 +28,8 @@ def main() -> None:
     ap.add_argument("--base", default="tiny-llama")
     args = ap.parse_args()
 
-    from adaptr.quiet import quiet_libraries
     from adaptr.registry import Registry
+    from adaptr.runtime import quiet_libraries
     from adaptr.serving import AdapterServer
 
     quiet_libraries()

@@ -21,10 +21,10 @@ def main() -> None:
     from adaptr import Registry
     from adaptr.compose import compose
     from adaptr.merge import merge
-    from adaptr.quiet import quiet_libraries
+    from adaptr.runtime import quiet_libraries
     from adaptr.serving import AdapterServer
     from adaptr.tiny import save_tiny_base
-    from adaptr.trainer import train
+    from adaptr.training.trainer import train
 
     quiet_libraries()
     reg = Registry(out / "registry")

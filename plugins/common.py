@@ -3,7 +3,7 @@
 Assistant turns in the templates are wrapped in ``{% generation %}`` so TRL's
 ``assistant_only_loss`` can mask everything else; tool calls are part of the assistant turn
 (trained), tools and tool results are not. Every template renders ``tools``, ``tool_calls``
-and ``tool`` messages (``adaptr.chat.check_template`` refuses a template that drops them),
+and ``tool`` messages (``adaptr.data.chat.check_template`` refuses a template that drops them),
 and renders earlier turns the same whatever follows (TRL's prefix-preservation check).
 """
 

@@ -9,8 +9,7 @@ MLPs of the same name; tests/test_families.py pins that behaviour.
 """
 
 from adaptr import ModelFamily, hookimpl
-
-from .common import DEEPSEEK, MLP
+from adaptr.plugins.common import DEEPSEEK, MLP
 
 # MLA: q_proj when q_lora_rank is unset (V2-Lite), q_a_proj/q_b_proj otherwise (V2, V3);
 # k_proj/v_proj: DeepSeek-LLM's LLaMA attention. PEFT wraps those a model has.
@@ -43,7 +42,6 @@ def adaptr_register_families(register):
             lora_defaults={"r": 16, "lora_alpha": 32, "lora_dropout": 0.0},
             pad_token="eos",
             chat_template=DEEPSEEK,
-            prompt_template="{prompt}",
             tiny_configs={
                 "deepseek_v2": dict(_MOE, q_lora_rank=None),
                 "deepseek_v3": dict(_MOE, q_lora_rank=24, n_group=1, topk_group=1),

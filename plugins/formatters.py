@@ -1,7 +1,7 @@
 """Built-in dataset formatters: text, alpaca, dolly, sharegpt, messages, prompt-completion, translation.
 
 The chat formats (sharegpt, messages, and prompt-completion given lists of messages) read
-content parts, tool calls, tool results and tool lists through :mod:`adaptr.chat`, and
+content parts, tool calls, tool results and tool lists through :mod:`adaptr.data.chat`, and
 refuse images, audio and video.
 
 Which TRL dataset types train, and how (TRL's names, https://huggingface.co/docs/trl/dataset_formats):
@@ -15,7 +15,7 @@ Which TRL dataset types train, and how (TRL's names, https://huggingface.co/docs
   supervision (``completions`` + ``labels``) are refused by name: SFT would learn nothing,
   or the rejected answers, from them.
 
-Fields are text where text is expected (:func:`adaptr.data.text_value`): a list, an object, a
+Fields are text where text is expected (:func:`adaptr.data.files.text_value`): a list, an object, a
 boolean, a float or NaN is refused with the field's name, never trained as its ``str()``.
 """
 
@@ -23,10 +23,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from adaptr import Formatter, chat, hookimpl
-from adaptr.data import text_value
+from adaptr import Formatter, hookimpl
+from adaptr.data import chat
+from adaptr.data.files import text_value
 from adaptr.errors import InvalidInputError, brief
-from adaptr.formatters import MissingField, need
+from adaptr.extend.types import MissingField, need
 
 ALPACA = {
     # Chinese headings
@@ -82,7 +83,7 @@ def refuse_other_methods(record: dict[str, Any], reads: set[str], sft_hint: str 
 
 
 def texts(record: dict[str, Any], *names: str) -> list[str]:
-    """The text of each field (present, not empty, text: see :func:`adaptr.data.text_value`)."""
+    """The text of each field (present, not empty, text: see :func:`adaptr.data.files.text_value`)."""
     return [text_value(v, name) for v, name in zip(need(record, *names), names, strict=True)]
 
 
@@ -174,7 +175,7 @@ def dolly(record: dict[str, Any], lang: str) -> dict[str, Any]:
 
 
 def _messages(turns: Any, field: str, placeholders: str) -> list[dict[str, Any]]:
-    """OpenAI-style ``[{role, content}, …]`` normalised through :func:`adaptr.chat.message`."""
+    """OpenAI-style ``[{role, content}, …]`` normalised through :func:`adaptr.data.chat.message`."""
     if not isinstance(turns, list):
         raise MissingField(field, "must be a list of {role, content} messages")
     if not turns:

@@ -1,8 +1,7 @@
 """Pythia / GPT-NeoX family: fused query_key_value, dense, dense_h_to_4h, dense_4h_to_h."""
 
 from adaptr import ModelFamily, hookimpl
-
-from .common import LORA_DEFAULTS, PLAIN
+from adaptr.plugins.common import LORA_DEFAULTS, PLAIN
 
 ATTENTION = ["query_key_value", "dense"]
 MLP = ["dense_h_to_4h", "dense_4h_to_h"]
@@ -18,7 +17,6 @@ def adaptr_register_families(register):
             lora_defaults=dict(LORA_DEFAULTS),
             pad_token="eos",  # Pythia ships no pad token
             chat_template=PLAIN,  # nor a chat format: User:/Assistant: turns
-            prompt_template="{prompt}",
             tiny_configs={
                 "gpt_neox": dict(
                     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4

@@ -1,8 +1,7 @@
 """LLaMA family: llama and mistral-style q/k/v/o + gate/up/down projections."""
 
 from adaptr import ModelFamily, hookimpl
-
-from .common import ATTENTION, LLAMA2, LORA_DEFAULTS, MLP, TINY_GQA
+from adaptr.plugins.common import ATTENTION, LLAMA2, LORA_DEFAULTS, MLP, TINY_GQA
 
 
 @hookimpl
@@ -15,7 +14,6 @@ def adaptr_register_families(register):
             lora_defaults=dict(LORA_DEFAULTS),
             pad_token="eos",
             chat_template=LLAMA2,
-            prompt_template="{prompt}",
             tiny_configs={
                 "llama": dict(TINY_GQA),
                 "mistral": dict(TINY_GQA, sliding_window=None),

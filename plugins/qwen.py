@@ -1,8 +1,7 @@
 """Qwen family: qwen2 and qwen3 (q/k/v/o + gate/up/down, ChatML template)."""
 
 from adaptr import ModelFamily, hookimpl
-
-from .common import ATTENTION, CHATML, LORA_DEFAULTS, MLP, TINY_GQA
+from adaptr.plugins.common import ATTENTION, CHATML, LORA_DEFAULTS, MLP, TINY_GQA
 
 
 @hookimpl
@@ -14,7 +13,6 @@ def adaptr_register_families(register):
             target_modules={"attention": ATTENTION, "all-linear": ATTENTION + MLP},
             lora_defaults=dict(LORA_DEFAULTS),
             chat_template=CHATML,
-            prompt_template="{prompt}",
             tiny_configs={
                 "qwen2": dict(TINY_GQA),
                 "qwen3": dict(TINY_GQA, head_dim=8),

@@ -73,7 +73,7 @@ def snapshot(home: Path) -> dict:
 @contextmanager
 def throwaway_plugins():
     """Yield ``register(plugin, name)``; every plugin registered is unregistered on exit."""
-    from adaptr.plugin_manager import load_plugins
+    from adaptr.extend.manager import load_plugins
 
     pm = load_plugins()
     added = []

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from adaptr import chat
-from adaptr.data import load_records
+from adaptr.data import chat
+from adaptr.data.files import load_records
 from adaptr.errors import InvalidInputError
-from adaptr.families import get_family
-from adaptr.formatters import MissingField, MultimodalData, get_formatter
+from adaptr.extend.catalog import get_family, get_formatter
+from adaptr.extend.types import MissingField, MultimodalData
 from adaptr.tiny import make_tokenizer
 
 from helpers import refused

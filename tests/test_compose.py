@@ -370,7 +370,7 @@ def test_merge_of_a_qlora_adapter_goes_through_full_precision(registry, tmp_path
     from transformers import AutoModelForCausalLM
 
     from adaptr.tiny import save_tiny_base
-    from adaptr.trainer import train
+    from adaptr.training.trainer import train
 
     base = save_tiny_base(tmp_path / "base64", "llama", hidden_size=64, intermediate_size=128)
     data = Path(__file__).parent.parent / "examples" / "data" / "translate_zh_en.jsonl"

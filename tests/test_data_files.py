@@ -1,6 +1,6 @@
 """Data files are read as the text they hold: CSV cells as strings, Parquet values checked,
 JSON Lines in a .json file read as JSON Lines, NaN and other non-text values refused with the
-record and field (adaptr.data)."""
+record and field (adaptr.data.files)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from adaptr.data import load_records, read_raw, record_kind, text_value
+from adaptr.data.files import load_records, read_raw, record_kind, text_value
 from adaptr.errors import InvalidInputError
-from adaptr.formatters import Formatter, MissingField
+from adaptr.extend.types import Formatter, MissingField
 
 from helpers import refused
 

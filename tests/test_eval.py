@@ -77,9 +77,9 @@ def _peft_loss(base: Path, adapter: Path | None, tokenized) -> float:
 
 
 def _tokenized(world, path: Path, fmt: str):
+    from adaptr.data.sft import load_splits, loss_defaults
     from adaptr.evaluation import _tokenized
-    from adaptr.sft_data import load_splits, loss_defaults
-    from adaptr.trainer import load_tokenizer
+    from adaptr.training.trainer import load_tokenizer
 
     splits = load_splits({"path": str(path), "format": fmt}, 42)
     tok, _ = load_tokenizer(str(world["base"]), {"trust_remote_code": False, "family": None})
@@ -320,7 +320,7 @@ def test_curves_terminal_and_png(tmp_path, tiny_llama, cli):
 
 def test_training_stores_its_log_history_for_curves(tmp_path, tiny_llama, cli):
     from adaptr import evaluate
-    from adaptr.trainer import train
+    from adaptr.training.trainer import train
 
     zh_en = Path(__file__).parent.parent / "examples" / "data" / "translate_zh_en.jsonl"
     reg = Registry(tmp_path / "home")

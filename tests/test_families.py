@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from adaptr.errors import InvalidInputError
-from adaptr.families import family_for, get_family
-from adaptr.lora import AdaptrWarning, lora_config
+from adaptr.extend.catalog import family_for, get_family
 from adaptr.tiny import make_model, make_tokenizer
+from adaptr.training.lora import AdaptrWarning, lora_config
 
 ATTN = {"q_proj", "k_proj", "v_proj", "o_proj"}
 MLP = {"gate_proj", "up_proj", "down_proj"}

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from adaptr.data import load_records, read_raw
+from adaptr.data.files import load_records, read_raw
 from adaptr.errors import InvalidInputError
-from adaptr.formatters import MissingField, formatters, get_formatter
+from adaptr.extend.catalog import formatters, get_formatter
+from adaptr.extend.types import MissingField
 
 
 def fmt(name, record, **options):

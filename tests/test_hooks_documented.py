@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from adaptr import hookspecs
+from adaptr.extend import hookspecs
 
 ROOT = Path(__file__).parent.parent
 HOOKS = [

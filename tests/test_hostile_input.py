@@ -316,7 +316,7 @@ BASIC = "name: x\ndata: {path: d.jsonl, format: alpaca}\nbase:\n  path: b\n"
 def test_hostile_recipes(cli, home, tmp_path, populated, text, match):
     recipe = _recipe(tmp_path, text)
     refused(cli, home, populated, "train", "--recipe", str(recipe), match=match)
-    from adaptr.trainer import train
+    from adaptr.training.trainer import train
 
     with pytest.raises(InvalidInputError, match=re.escape(match)) as e:
         train(recipe, registry=Registry(home), progress=False)
@@ -359,14 +359,14 @@ def test_hostile_datasets(cli, home, tmp_path, populated, name, content, match):
     data.write_bytes(content)
     args = ("--base", "org/model", "--data", str(data), "--format", "alpaca", "--name", "x")
     refused(cli, home, populated, "train", *args, match=match)
-    from adaptr.data import load_records
+    from adaptr.data.files import load_records
 
     with pytest.raises(InvalidInputError, match=re.escape(match)):
         load_records(data, "alpaca")
 
 
 def test_a_utf8_bom_is_not_an_error(tmp_path):
-    from adaptr.data import load_records
+    from adaptr.data.files import load_records
 
     data = tmp_path / "bom.jsonl"
     data.write_bytes(b'\xef\xbb\xbf{"instruction": "a", "output": "b"}\n')
@@ -375,7 +375,7 @@ def test_a_utf8_bom_is_not_an_error(tmp_path):
 
 def test_a_formatter_that_trips_over_a_record_names_it(tmp_path, register_plugin):
     from adaptr import Formatter, hookimpl
-    from adaptr.data import load_records
+    from adaptr.data.files import load_records
 
     class Plugin:
         @hookimpl
@@ -445,7 +445,7 @@ def test_resume_from_a_damaged_checkpoint(cli, home, tmp_path, tiny_llama):
 
 
 def test_folders_that_only_look_like_checkpoints_are_not_a_crash(tmp_path):
-    from adaptr.trainer import _prepare_run_dir
+    from adaptr.training.trainer import _prepare_run_dir
 
     run = tmp_path / "run"
     (run / "checkpoint-final").mkdir(parents=True)

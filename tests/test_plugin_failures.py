@@ -13,9 +13,8 @@ import pytest
 
 from adaptr import Formatter, ModelFamily, hookimpl
 from adaptr.errors import InterruptedAfterStore, PluginError
-from adaptr.families import families, family_for
-from adaptr.formatters import formatters
-from adaptr.plugin_manager import plugins
+from adaptr.extend.catalog import families, family_for, formatters
+from adaptr.extend.manager import plugins
 from adaptr.registry import Registry
 
 from helpers import fake_install, refused, run_adaptr, snapshot, write_adapter
@@ -322,7 +321,7 @@ def test_a_folder_named_adaptr_in_the_current_directory_is_named(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert lines[0].startswith(f"error: {tmp_path / 'adaptr'} ") and "another folder" in lines[0]
-    probe = "from adaptr.formatters import get_formatter\ntry:\n    get_formatter('alpaca')\nexcept Exception as e:\n    print(e)"
+    probe = "from adaptr.extend.catalog import get_formatter\ntry:\n    get_formatter('alpaca')\nexcept Exception as e:\n    print(e)"
     r = _run_in(tmp_path, code=probe)
     msg = r.stdout.strip()
     assert msg.startswith("unknown format 'alpaca': no formatter is registered"), msg

@@ -9,9 +9,8 @@ import click
 import pytest
 
 from adaptr import AdaptrError, Formatter, ModelFamily, hookimpl
-from adaptr.families import families, family_for
-from adaptr.formatters import formatters
-from adaptr.plugin_manager import load_plugins, plugins
+from adaptr.extend.catalog import families, family_for, formatters
+from adaptr.extend.manager import load_plugins, plugins
 
 from helpers import fake_install, run_adaptr, throwaway_plugins, write_adapter
 
@@ -225,7 +224,7 @@ def test_the_example_gpt2_plugin_package(tmp_path):
         "import json, torch\n"
         "from peft import get_peft_model\n"
         "from adaptr.tiny import make_model\n"
-        "from adaptr.lora import lora_config\n"
+        "from adaptr.training.lora import lora_config\n"
         "model = make_model('gpt2')\n"
         "cfg, fam = lora_config(model)\n"
         "peft = get_peft_model(model, cfg)\n"

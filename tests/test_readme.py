@@ -153,7 +153,7 @@ def demo_tree(tmp_path_factory):
 
 def test_the_readme_has_its_python_examples():
     assert len(PYTHON_BLOCKS) >= 8
-    assert any("from adaptr.trainer import train" in b for b in PYTHON_BLOCKS)
+    assert any("from adaptr.training.trainer import train" in b for b in PYTHON_BLOCKS)
     assert sum(README_URL in b for b in PYTHON_BLOCKS) == 1
 
 

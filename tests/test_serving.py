@@ -467,7 +467,7 @@ def templated(tmp_path_factory):
 
 
 def _family(name):
-    from adaptr.families import get_family
+    from adaptr.extend.catalog import get_family
 
     return get_family(name).chat_template
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adaptr.recipe import Recipe
 from adaptr.registry import Registry
-from adaptr.trainer import train
+from adaptr.training.recipe import Recipe
+from adaptr.training.trainer import train
 
 ROOT = Path(__file__).parent.parent
 ZH_EN = ROOT / "examples" / "data" / "translate_zh_en.jsonl"

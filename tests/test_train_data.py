@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from adaptr.errors import InvalidInputError
-from adaptr.preview import preview
-from adaptr.trainer import train
+from adaptr.training.preview import preview
+from adaptr.training.trainer import train
 
 from helpers import refused, snapshot
 
@@ -114,14 +114,14 @@ def test_drop_policy_leaves_long_records_out(registry, tiny_llama, tmp_path):
 def test_refuse_policy_stops_before_the_model_loads(
     cli, registry, tiny_llama, tmp_path, monkeypatch
 ):
-    import adaptr.trainer
+    import adaptr.training.trainer
 
     data = alpaca_file(tmp_path / "d.jsonl", long_every=4)
 
     def no_model(*a, **k):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(adaptr.trainer, "load_model", no_model)
+    monkeypatch.setattr(adaptr.training.trainer, "load_model", no_model)
     code, out, err = cli("train", "--base", str(tiny_llama), "--data", str(data), "--format", "alpaca",
                          "--name", "r", "--max-length", "64", "--over-length", "refuse")  # fmt: skip
     assert code != 0 and out == ""
@@ -229,9 +229,9 @@ def test_assistant_only_loss_on_plain_text_is_refused(cli, tiny_llama):
 def test_preview_cli_shows_examples_counts_and_cuts(
     cli, registry, tiny_llama, tmp_path, monkeypatch
 ):
-    import adaptr.trainer
+    import adaptr.training.trainer
 
-    monkeypatch.setattr(adaptr.trainer, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(adaptr.training.trainer, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     data = alpaca_file(tmp_path / "d.jsonl", long_every=4)
     code, out, err = cli("train", "--base", str(tiny_llama), "--data", str(data), "--format", "alpaca",
                          "--format-option", "lang=en", "--name", "p", "--max-length", "200",
@@ -290,7 +290,7 @@ def test_mistakes_are_found_before_torch_loads(tiny_llama, tmp_path, change, mes
     for key, value in change.items():
         doc[key] = {**doc[key], **value} if isinstance(value, dict) else value
     script = (
-        "import json, sys\nfrom adaptr.trainer import plan\nfrom adaptr.registry import Registry\n"
+        "import json, sys\nfrom adaptr.training.trainer import plan\nfrom adaptr.registry import Registry\n"
         f"try:\n    plan(json.loads({json.dumps(json.dumps(doc))}), Registry({str(tmp_path / 'h')!r}))\n"
         "except Exception as e:\n    print(type(e).__name__, e)\n"
         "print('torch loaded' if 'torch' in sys.modules else 'no torch')\n"
@@ -382,7 +382,7 @@ def test_conversational_prompt_completion_trains_exactly_as_trl_alone(
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from adaptr.sft_data import load_splits, tokenize
+    from adaptr.data.sft import load_splits, tokenize
 
     data = tmp_path / "pc.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in CONVERSATIONAL_PC))

@@ -120,10 +120,10 @@ def test_refused(cli, home, tmp_path, populated, tiny_llama, case, match):
 
 
 def test_quantization_where_bitsandbytes_cannot_run(cli, home, populated, tiny_llama, monkeypatch):
-    import adaptr.trainer
+    import adaptr.training.trainer
 
     monkeypatch.setattr(
-        adaptr.trainer, "bitsandbytes_problem", lambda: "no supported device (test)"
+        adaptr.training.trainer, "bitsandbytes_problem", lambda: "no supported device (test)"
     )
     refused(cli, home, populated, "train", "--base", str(tiny_llama), "--data", str(ZH_EN), "--format", "alpaca", "--name", "q",
             "--quantization", "4bit", match="quantization 4bit needs bitsandbytes, which cannot run here: no supported device (test); use --quantization none", last=True)  # fmt: skip
@@ -173,7 +173,7 @@ def test_ctrl_c_leaves_the_registry_unchanged_and_resume_continues(home, tmp_pat
     )
     assert snapshot(home) == before
 
-    from adaptr.trainer import _complete
+    from adaptr.training.trainer import _complete
 
     # the interrupt may land while a checkpoint is being written: resume takes the newest whole one
     ordered = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -224,7 +224,7 @@ def test_accelerate_launch_two_processes_only_rank_zero_writes(home, tiny_llama)
 
 
 def test_resume_skips_a_checkpoint_cut_short(tmp_path):
-    from adaptr.trainer import _prepare_run_dir
+    from adaptr.training.trainer import _prepare_run_dir
 
     run = tmp_path / "run"
     for step, whole in ((2, True), (4, True), (6, False)):
@@ -242,7 +242,7 @@ def test_the_first_ctrl_c_stops_training_after_its_step_and_a_second_interrupts(
     lost in a finalizer ("Exception ignored in …"); a second raises KeyboardInterrupt."""
     from transformers import TrainerControl
 
-    from adaptr.interrupt import StopOnInterrupt
+    from adaptr.training.callbacks import StopOnInterrupt
 
     stop = StopOnInterrupt()
     before = signal.getsignal(signal.SIGINT)

@@ -33,7 +33,7 @@ def build_registry(root: Path, tiny_llama: Path):
     from adaptr.compose import compose
     from adaptr.evaluation import evaluate
     from adaptr.registry import Registry
-    from adaptr.trainer import train
+    from adaptr.training.trainer import train
 
     reg = Registry(root / "home")
     reg.add_base("tiny", tiny_llama)

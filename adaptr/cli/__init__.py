@@ -13,9 +13,20 @@ import traceback
 import click
 
 import adaptr
+from adaptr.cli import (
+    adapters,
+    bases,
+    check,
+    compose,
+    evaluate,
+    plugins,
+    remote,
+    serve,
+    store,
+    train,
+    ui,
+)
 from adaptr.errors import AdaptrError, InterruptedAfterStore, clip, shadowing_package
-
-from . import adapters, bases, check, compose, evaluate, plugins, remote, serve, store, train, ui
 
 
 class AdaptrGroup(click.Group):
@@ -26,7 +37,7 @@ class AdaptrGroup(click.Group):
     def _load_plugin_commands(self) -> None:
         if not AdaptrGroup._plugins_loaded:
             AdaptrGroup._plugins_loaded = True
-            from adaptr.plugin_manager import call_each
+            from adaptr.extend.manager import call_each
 
             call_each("adaptr_register_commands", cli=self)  # one that raises: a warning
 
@@ -75,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
     args, debug = _debug_anywhere(sys.argv[1:] if argv is None else list(argv))
     debug = debug or os.environ.get("ADAPTR_DEBUG", "") not in ("", "0")
-    if pm := sys.modules.get("adaptr.plugin_manager"):
+    if pm := sys.modules.get("adaptr.extend.manager"):
         pm.forget_warnings()  # each command reports every plugin failure it meets, once
     if shadow := shadowing_package():
         return _fail(
@@ -138,7 +149,7 @@ def _debug_anywhere(args: list[str]) -> tuple[list[str], bool]:
 
 def _warn_plugins() -> None:
     """One stderr line per plugin failure this command met and did not report yet."""
-    if pm := sys.modules.get("adaptr.plugin_manager"):
+    if pm := sys.modules.get("adaptr.extend.manager"):
         for message in pm.take_warnings():
             click.echo(f"warning: {message}", err=True)
 

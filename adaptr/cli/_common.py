@@ -54,7 +54,7 @@ format_option = click.option(
 def key_values(items: tuple[str, ...], flag: str, shape: str = "KEY=VALUE") -> dict[str, Any]:
     """``KEY=VALUE`` flags as a mapping, each value read as YAML (``2e-4``, ``[a, b]``, ``true``)."""
     from adaptr.errors import brief
-    from adaptr.recipe import load_yaml
+    from adaptr.training.recipe import load_yaml
 
     out: dict[str, Any] = {}
     for item in items:

@@ -6,10 +6,9 @@ import json
 
 import click
 
+from adaptr.cli._common import emit_json, json_option, note, wide_option, with_registry
+from adaptr.cli.table import print_table
 from adaptr.values import ago, human_size
-
-from ._common import emit_json, json_option, note, wide_option, with_registry
-from .table import print_table
 
 
 @click.command()

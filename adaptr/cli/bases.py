@@ -6,10 +6,9 @@ from pathlib import Path
 
 import click
 
+from adaptr.cli._common import emit_json, json_option, note, wide_option, with_registry
+from adaptr.cli.table import print_table
 from adaptr.errors import InvalidInputError, clip
-
-from ._common import emit_json, json_option, note, wide_option, with_registry
-from .table import print_table
 
 
 @click.group()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._common import emit_json, json_option, with_registry
+from adaptr.cli._common import emit_json, json_option, with_registry
 
 
 @click.command()

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import click
 
+from adaptr.cli._common import emit_json, json_option, with_registry
 from adaptr.errors import brief
-
-from ._common import emit_json, json_option, with_registry
 
 
 def _weights(text: str | None, count: int) -> list[float]:
@@ -56,8 +55,8 @@ def compose(
 ) -> None:
     """Combine adapters (PEFT add_weighted_adapter) into a new registered version."""
     from adaptr.compose import compose as run
-    from adaptr.quiet import quiet_libraries
     from adaptr.registry.atomic import exit_on_sigterm
+    from adaptr.runtime import quiet_libraries
 
     quiet_libraries()
     with exit_on_sigterm():  # its work folder is removed on the way out
@@ -88,8 +87,8 @@ def compose(
 def merge(registry, refs, out, base, dtype, force, as_json) -> None:
     """Merge REF(s) into the base: a model folder AutoModelForCausalLM loads without PEFT."""
     from adaptr.merge import merge as run
-    from adaptr.quiet import quiet_libraries
     from adaptr.registry.atomic import exit_on_sigterm
+    from adaptr.runtime import quiet_libraries
 
     quiet_libraries()
     with exit_on_sigterm():
@@ -125,8 +124,8 @@ def merge(registry, refs, out, base, dtype, force, as_json) -> None:
 def generate(registry, args, stacked, max_new_tokens, chat, base, as_json) -> None:
     """Generate with REF (default: the active adapter(s)); --stack adds more, all active at once."""
     from adaptr import inference
-    from adaptr.quiet import quiet_libraries
     from adaptr.registry.atomic import exit_on_sigterm
+    from adaptr.runtime import quiet_libraries
 
     quiet_libraries()
     if len(args) > 2:

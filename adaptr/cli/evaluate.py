@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ._common import (
+from adaptr.cli._common import (
     emit_json,
     format_option,
     json_option,
@@ -15,7 +15,7 @@ from ._common import (
     wide_option,
     with_registry,
 )
-from .table import print_table
+from adaptr.cli.table import print_table
 
 
 def _fmt(value) -> str:
@@ -76,7 +76,7 @@ def eval_(
 ) -> None:  # fmt: skip
     """Score versions of one base on DATA in one mixed pass; results are stored on each version."""
     from adaptr.evaluation import evaluate
-    from adaptr.quiet import quiet_libraries
+    from adaptr.runtime import quiet_libraries
 
     options = key_values(format_options, "--format-option")
     quiet_libraries()

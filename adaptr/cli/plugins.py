@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import click
 
-from ._common import emit_json, json_option, wide_option
-from .table import print_table
+from adaptr.cli._common import emit_json, json_option, wide_option
+from adaptr.cli.table import print_table
 
 
 def warn_broken() -> None:
     """One stderr line per plugin that failed to load or in a hook (each once per command)."""
-    from adaptr.plugin_manager import take_warnings
+    from adaptr.extend.manager import take_warnings
 
     for message in take_warnings():
         click.echo(f"warning: {message}", err=True)
@@ -21,8 +21,8 @@ def warn_broken() -> None:
 @json_option
 def plugins(as_json: bool, wide: bool) -> None:
     """List installed plugins, the hooks they implement, and any that failed to load."""
-    from adaptr.plugin_manager import plugins as all_plugins
-    from adaptr.plugin_manager import take_warnings
+    from adaptr.extend.manager import plugins as all_plugins
+    from adaptr.extend.manager import take_warnings
 
     found = all_plugins()
     take_warnings()  # the listing names every failure: no warning lines besides
@@ -49,7 +49,7 @@ def plugins(as_json: bool, wide: bool) -> None:
 @json_option
 def families(as_json: bool, wide: bool) -> None:
     """List model families: model types, LoRA target presets, defaults."""
-    from adaptr.families import families as all_families
+    from adaptr.extend.catalog import families as all_families
 
     fams = all_families()
     warn_broken()
@@ -78,7 +78,7 @@ def _targets(value) -> str:
 @json_option
 def formatters(as_json: bool, wide: bool) -> None:
     """List dataset formatters (the values of `--format`)."""
-    from adaptr.formatters import formatters as all_formatters
+    from adaptr.extend.catalog import formatters as all_formatters
 
     fmts = all_formatters()
     warn_broken()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._common import emit_json, json_option, note
+from adaptr.cli._common import emit_json, json_option, note
 
 
 @click.command("copy")

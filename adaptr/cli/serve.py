@@ -6,7 +6,7 @@ import ipaddress
 
 import click
 
-from ._common import with_registry
+from adaptr.cli._common import with_registry
 
 
 def is_loopback(host: str) -> bool:
@@ -103,7 +103,7 @@ def serve(
         )
     import uvicorn
 
-    from adaptr.quiet import quiet_libraries
+    from adaptr.runtime import quiet_libraries
     from adaptr.serving import AdapterServer
     from adaptr.serving.openai.app import Limits, create_app
 

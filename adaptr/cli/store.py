@@ -6,9 +6,8 @@ import sys
 
 import click
 
+from adaptr.cli._common import emit_json, json_option, note, with_registry
 from adaptr.values import human_size
-
-from ._common import emit_json, json_option, note, with_registry
 
 
 @click.command()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._common import console, emit_json, format_option, key_values, note, with_registry
+from adaptr.cli._common import console, emit_json, format_option, key_values, note, with_registry
 
 # CLI flag -> recipe key; flags override the recipe file
 FLAGS = {
@@ -122,8 +122,8 @@ def train(
     preview_count, as_json, **flags,
 ) -> None:  # fmt: skip
     """Fine-tune a LoRA adapter with TRL's SFTTrainer and store it as NAME's next version."""
-    from adaptr.recipe import Recipe
-    from adaptr.trainer import train as run_training
+    from adaptr.training.recipe import Recipe
+    from adaptr.training.trainer import train as run_training
 
     recipe = Recipe.from_yaml(recipe_file) if recipe_file else Recipe()
     for key, value in flags.items():
@@ -143,7 +143,7 @@ def train(
     if as_json and preview_count is None:
         raise click.UsageError("--json goes with --preview (training prints its result line)")
     if preview_count is not None:
-        from adaptr.preview import preview
+        from adaptr.training.preview import preview
 
         shown = preview(recipe, registry=registry, count=preview_count)
         if as_json:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._common import with_registry
+from adaptr.cli._common import with_registry
 
 
 @click.command()
@@ -24,7 +24,7 @@ def ui(registry, host: str, port: int, token: str | None, base: str | None, thre
     Everything is in the package (no build step, nothing fetched). Pages never load torch;
     the playground loads a base the first time it is used (or at start with --base).
     """
-    from .serve import default_threads, is_loopback
+    from adaptr.cli.serve import default_threads, is_loopback
 
     if token is not None and not token.strip():
         raise click.UsageError("--token is empty: give a non-empty token (or none on loopback)")

@@ -7,6 +7,6 @@
 - :mod:`.openai` — the OpenAI-compatible HTTP app: request protocol, jobs, app.
 """
 
-from .server import AdapterServer
+from adaptr.serving.server import AdapterServer
 
 __all__ = ["AdapterServer"]

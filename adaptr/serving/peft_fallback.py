@@ -46,11 +46,11 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
-from ..errors import AdaptrError, InvalidInputError, first_line
-from ..registry import AdapterVersion, Registry
-from ..registry.adapter_dir import WEIGHTS, lora_modules
-from ..registry.patterns import check_stored_config
-from ..registry.safetensors_header import read_header
+from adaptr.errors import AdaptrError, InvalidInputError, first_line
+from adaptr.registry import AdapterVersion, Registry
+from adaptr.registry.adapter_dir import WEIGHTS, lora_modules
+from adaptr.registry.patterns import check_stored_config
+from adaptr.registry.safetensors_header import read_header
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
@@ -187,7 +187,7 @@ class PeftFallback:
     # ------------------------------------------------------------------ loading
     def load(self, version: AdapterVersion) -> None:
         """Load ``version`` into the base through PEFT (named by its ref, disabled until used)."""
-        from ..inference import attach, check_base_fits
+        from adaptr.inference import attach, check_base_fits
 
         # checked against the base's files: the served model's own names have PEFT's wrappers in them
         checked = check_base_fits(self.registry, [version], self.base_path) is not None

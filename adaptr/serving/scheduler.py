@@ -33,12 +33,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..errors import AdaptrError
+from adaptr.errors import AdaptrError
 
 if TYPE_CHECKING:
     import torch
 
-    from .server import AdapterServer
+    from adaptr.serving.server import AdapterServer
 
 log = logging.getLogger(__name__)
 
@@ -553,7 +553,7 @@ class Scheduler:
     def _accept(self, row: Row, token: int) -> None:
         """A row's new token: its text handed out (held back while it could begin a stop
         string), and its end when it is EOS, the last allowed, or ends in a stop string."""
-        from .openai.protocol import find_stop, held_back
+        from adaptr.serving.openai.protocol import find_stop, held_back
 
         req = row.request
         if req.cancelled:
@@ -592,7 +592,7 @@ class Scheduler:
             start = _unchecked(req)
             req.text += row.detok.flush()
             if req.stop and len(req.tokens) >= req.min_tokens:
-                from .openai.protocol import find_stop
+                from adaptr.serving.openai.protocol import find_stop
 
                 cut = find_stop(req.text[start:], req.stop)
                 if cut is not None:

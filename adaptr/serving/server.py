@@ -30,12 +30,12 @@ from contextlib import closing, contextmanager
 from itertools import combinations
 from typing import Any
 
-from ..errors import AdaptrError, InvalidInputError
-from ..registry import AdapterVersion, Registry
-from ..registry.adapter_dir import PREFIX, pattern_value
-from .peft_fallback import BASE, PeftFallback, Traits, clash
-from .stacks import ROW_AWARE_KWARGS, BatchState, StackedLoRA
-from .vllm.compat import rewrites_base_reason
+from adaptr.errors import AdaptrError, InvalidInputError
+from adaptr.registry import AdapterVersion, Registry
+from adaptr.registry.adapter_dir import PREFIX, pattern_value
+from adaptr.serving.peft_fallback import BASE, PeftFallback, Traits, clash
+from adaptr.serving.stacks import ROW_AWARE_KWARGS, BatchState, StackedLoRA
+from adaptr.serving.vllm.compat import rewrites_base_reason
 
 # generate() arguments the scheduler takes (continuous batching); others run model.generate
 SCHEDULED_KWARGS = frozenset(
@@ -64,7 +64,7 @@ class AdapterServer:
         gather_budget_mb: float = 256,
         dtype: str = "auto",
     ):
-        from ..inference import load_base_model
+        from adaptr.inference import load_base_model
 
         self.registry = registry
         self.max_adapters = max_adapters
@@ -100,13 +100,13 @@ class AdapterServer:
             return self._scheduler
         with self._lock:
             if self._scheduler is None:
-                from .scheduler import Scheduler
+                from adaptr.serving.scheduler import Scheduler
 
                 self._scheduler = Scheduler(self)
             return self._scheduler
 
     def _request(self, prompt: str, adapter: str | None, kwargs: dict, **extra: Any):
-        from .scheduler import Request, Sampling
+        from adaptr.serving.scheduler import Request, Sampling
 
         unknown = set(kwargs) - SCHEDULED_KWARGS
         if unknown:
@@ -488,7 +488,7 @@ class AdapterServer:
         """The chat template ``adapter`` (a ref; None: the bare base) was trained with: the
         one stored with the version, else the base tokenizer's, else the model family's
         (:func:`adaptr.inference.chat_template`). InvalidInputError when there is none."""
-        from ..inference import NO_TEMPLATE, chat_template
+        from adaptr.inference import NO_TEMPLATE, chat_template
 
         version = self.registry.get(adapter) if adapter is not None else None
         key = version.ref if version is not None else None

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
-from ..errors import InvalidInputError
+from adaptr.errors import InvalidInputError
 
 
 @dataclass

@@ -14,6 +14,6 @@ __all__ = ["create_app"]
 
 def create_app(*args, **kwargs):
     """:func:`adaptr.ui.app.create_app` (imported on first call)."""
-    from .app import create_app as make
+    from adaptr.ui.app import create_app as make
 
     return make(*args, **kwargs)

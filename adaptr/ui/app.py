@@ -23,12 +23,11 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from adaptr.errors import AdaptrError, ConflictError, InvalidInputError, NotFoundError
-
-from . import views
-from .context import CSRFError, UIContext
-from .lineage import version_href
-from .rendering import HERE, error_response, render
-from .security import COOKIE, Guard
+from adaptr.ui import views
+from adaptr.ui.context import CSRFError, UIContext
+from adaptr.ui.lineage import version_href
+from adaptr.ui.rendering import HERE, error_response, render
+from adaptr.ui.security import COOKIE, Guard
 
 if TYPE_CHECKING:
     from adaptr.registry import Registry
@@ -252,7 +251,7 @@ async def clear(request: Request) -> Response:
 
 
 async def stream(request: Request) -> Response:
-    from .playground import stream_response
+    from adaptr.ui.playground import stream_response
 
     require_csrf(request)
     return await stream_response(request, ctx_of(request))

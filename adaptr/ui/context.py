@@ -83,7 +83,7 @@ class UIContext:
     def _create(self, base: str) -> AdapterServer:
         if self.server_factory is not None:
             return self.server_factory(self.registry, base)
-        from adaptr.quiet import quiet_libraries
+        from adaptr.runtime import quiet_libraries
         from adaptr.serving import AdapterServer
 
         quiet_libraries()

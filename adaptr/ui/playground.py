@@ -23,9 +23,8 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
 from adaptr.errors import AdaptrError, InvalidInputError
-
-from .context import UIContext
-from .views import MAX_REFS
+from adaptr.ui.context import UIContext
+from adaptr.ui.views import MAX_REFS
 
 MAX_PROMPT = 16_000  # characters
 MAX_TOKENS = 512

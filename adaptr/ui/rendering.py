@@ -9,8 +9,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
-from .context import UIContext
-from .lineage import version_href
+from adaptr.ui.context import UIContext
+from adaptr.ui.lineage import version_href
 
 HERE = Path(__file__).parent
 

@@ -97,7 +97,7 @@ def _cross_origin(headers: dict[str, str], host: str) -> tuple[int, str] | None:
 
 
 async def _refuse(scope, receive, send, status: int, message: str) -> None:
-    from .rendering import error_response  # starlette and jinja2 only when refusing
+    from adaptr.ui.rendering import error_response  # starlette and jinja2 only when refusing
 
     wants_json = "application/json" in _headers(scope).get("accept", "")
     response = error_response(status, message, wants_json, login=status == 401)

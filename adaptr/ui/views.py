@@ -143,7 +143,7 @@ def _text(value: Any) -> str:
 
 def version_view(registry: Registry, ref: str) -> VersionView:
     """The `show` card of one version, its evals, tags, active state and lineage graph."""
-    from .lineage import graph
+    from adaptr.ui.lineage import graph
 
     v = registry.get(ref)
     s = v.summary

@@ -41,15 +41,15 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ...errors import AdaptrError, InvalidInputError, NotFoundError
-from ...inference import context_window
-from ..scheduler import Sampling
-from ..server import AdapterServer
-from . import logprobs as logprob_shapes
-from .batcher import Batcher, Job
-from .http import error_body, uvicorn_settings
-from .logprobs import TokenTexts
-from .protocol import ParamError, RequestParams, parse_params
+from adaptr.errors import AdaptrError, InvalidInputError, NotFoundError
+from adaptr.inference import context_window
+from adaptr.serving.openai import logprobs as logprob_shapes
+from adaptr.serving.openai.batcher import Batcher, Job
+from adaptr.serving.openai.http import error_body, uvicorn_settings
+from adaptr.serving.openai.logprobs import TokenTexts
+from adaptr.serving.openai.protocol import ParamError, RequestParams, parse_params
+from adaptr.serving.scheduler import Sampling
+from adaptr.serving.server import AdapterServer
 
 __all__ = ["Batcher", "Job", "Limits", "create_app", "serve_in_thread"]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from ..scheduler import Event, Request, Scheduler
+from adaptr.serving.scheduler import Event, Request, Scheduler
 
 Batcher = Scheduler
 

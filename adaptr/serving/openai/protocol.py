@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...errors import InvalidInputError
+from adaptr.errors import InvalidInputError
 
 MAX_TOKENS = 4096
 MAX_STOPS = 4

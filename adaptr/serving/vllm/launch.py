@@ -26,8 +26,7 @@ from collections import deque
 from pathlib import Path
 
 from adaptr.errors import AdaptrError, InvalidInputError, NotFoundError
-
-from .compat import lora_rank_setting, max_rank
+from adaptr.serving.vllm.compat import lora_rank_setting, max_rank
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 INSTALL_HINT = (

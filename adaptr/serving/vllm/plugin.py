@@ -30,7 +30,7 @@ import logging
 import threading
 from http import HTTPStatus
 
-from .source import Refused, RegistrySource, Resolved, lora_name
+from adaptr.serving.vllm.source import Refused, RegistrySource, Resolved, lora_name
 
 log = logging.getLogger("adaptr.vllm")
 _PATCHED = False

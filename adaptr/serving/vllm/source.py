@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adaptr.errors import AdaptrError, IntegrityError, InvalidInputError, NotFoundError
-
-from .compat import version_problems
+from adaptr.serving.vllm.compat import version_problems
 
 CACHE = ("cache", "vllm")
 

@@ -20,7 +20,6 @@ def adaptr_register_families(register):
             },
             lora_defaults={"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "fan_in_fan_out": True},
             pad_token="eos",  # GPT-2 has no pad token
-            prompt_template="{prompt}",
             tiny_configs={"gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_inner=64)},
             description="OpenAI GPT-2 (and DistilGPT-2), Conv1D projections.",
         )

@@ -17,9 +17,8 @@ import pluggy
 if TYPE_CHECKING:  # pragma: no cover
     import click
 
-    from .families import ModelFamily
-    from .formatters import Formatter
-    from .registry import AdapterVersion, Registry
+    from adaptr.extend.types import Formatter, ModelFamily
+    from adaptr.registry import AdapterVersion, Registry
 
 hookspec = pluggy.HookspecMarker("adaptr")
 hookimpl = pluggy.HookimplMarker("adaptr")

@@ -9,8 +9,9 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from .errors import InvalidInputError, first_line
-from .families import ModelFamily, family_for
+from adaptr.errors import InvalidInputError, first_line
+from adaptr.extend.catalog import family_for
+from adaptr.extend.types import ModelFamily
 
 
 class AdaptrWarning(UserWarning):
@@ -82,7 +83,7 @@ def lora_config(
     from peft import LoraConfig
 
     if isinstance(family, str):
-        from .families import get_family
+        from adaptr.extend.catalog import get_family
 
         family = get_family(family)
     if family is None:

@@ -16,8 +16,7 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
-from .errors import (
+from adaptr.errors import (
     AdaptrError,
     InterruptedAfterStore,
     PluginConflictError,
@@ -26,6 +25,7 @@ from .errors import (
     clip,
     shadowing_package,
 )
+from adaptr.extend import hookspecs
 
 ENTRY_POINT_GROUP = "adaptr"
 BUILTIN_MODULES = "adaptr.plugins."  # the built-ins register families/formatters, no events

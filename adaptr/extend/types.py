@@ -1,20 +1,25 @@
-"""Dataset formatters: one raw record in, one TRL record out.
+"""The plugin API's types: :class:`ModelFamily` (what differs per architecture) and
+:class:`Formatter` (one raw record in, one TRL record out), with the errors a formatter raises.
+
+A leaf: it imports nothing of adaptr but errors, so hookspecs, the manager and the look-ups
+in :mod:`adaptr.extend.catalog` all stand on it.
 
 TRL records are ``{"text": …}`` (language modelling), ``{"prompt": …, "completion": …}``
 (loss on the completion only) or ``{"messages": [{"role", "content"}, …]}`` (chat; loss on
 assistant turns with ``assistant_only_loss``), with ``"tools"`` (a JSON string) and assistant
-``tool_calls`` / ``tool`` messages for tool use (see :mod:`adaptr.chat`). Formatters never
+``tool_calls`` / ``tool`` messages for tool use (see :mod:`adaptr.data.files.chat`). Formatters never
 pre-render a chat into one string where TRL needs the structure.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any
 
-from .errors import InvalidInputError, brief
+from adaptr.errors import InvalidInputError, brief
 
 KINDS = ("text", "prompt-completion", "messages")
 MISSING = ("is missing", "is empty")
@@ -131,29 +136,75 @@ class Formatter:
                 "description": self.description, "plugin": self.plugin}  # fmt: skip
 
 
-def formatters() -> dict[str, Formatter]:
-    """Every registered formatter by name (loads plugins on first use)."""
-    from .plugin_manager import collect
+@dataclass
+class ModelFamily:
+    """One architecture family (e.g. LLaMA covers llama and mistral)."""
 
-    return collect("adaptr_register_formatters", Formatter, "formatter")
+    name: str = field(metadata={"help": "Short unique name, e.g. 'llama'."})
+    model_types: list[str] = field(
+        metadata={"help": "config.json model_type values this family covers."}
+    )
+    target_modules: list[str] | dict[str, list[str] | str] = field(
+        metadata={
+            "help": "LoRA targets: a list (the 'attention' preset) or presets {'attention': [...], 'all-linear': [...]}."
+        }
+    )
+    lora_defaults: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "LoraConfig defaults (r, lora_alpha, fan_in_fan_out…)."},
+    )
+    pad_token: str | None = field(
+        default=None,
+        metadata={"help": "'eos': use the EOS token for padding when the tokenizer has none."},
+    )
+    chat_template: str | None = field(
+        default=None, metadata={"help": "Jinja chat template for tokenizers that lack one."}
+    )
+    prompt_template: InitVar[str | None] = None  # unused since 0.1: prompts are sent as given
+    tiny_configs: dict[str, dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={"help": "model_type -> small config kwargs for smoke tests."},
+    )
+    description: str = ""
+    plugin: str | None = field(
+        default=None, metadata={"help": "Set by adaptr: the plugin that registered it."}
+    )
 
-
-def get_formatter(name: str) -> Formatter:
-    fmts = formatters()
-    if name not in fmts:
-        import difflib
-
-        from .plugin_manager import trouble
-
-        why = trouble("adaptr_register_formatters")  # the plugins that would have had it
-        if not fmts:
-            raise InvalidInputError(
-                f"unknown format {brief(name)}: no formatter is registered ({why or 'no plugin registers one'})"
+    def __post_init__(self, prompt_template: str | None = None) -> None:
+        if prompt_template is not None:
+            warnings.warn(
+                f"family {self.name!r}: ModelFamily(prompt_template=...) is not used by adaptr"
+                " (prompts go to the model as given, chats through the chat template); drop it",
+                DeprecationWarning,
+                stacklevel=3,
             )
-        close = difflib.get_close_matches(name, list(fmts), n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise InvalidInputError(
-            f"unknown format {brief(name)}: {hint}choose one of {', '.join(sorted(fmts))}"
-            + (f"; {why}" if why else "")
-        )
-    return fmts[name]
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = {"attention": list(self.target_modules)}
+        self.target_modules = dict(self.target_modules)
+        self.target_modules.setdefault("all-linear", "all-linear")
+        if not self.model_types:
+            raise InvalidInputError(f"family {self.name!r} names no model_types")
+
+    def targets(self, preset: str = "attention") -> list[str] | str:
+        """Target modules for a preset ('attention' or 'all-linear')."""
+        if preset not in self.target_modules:
+            raise InvalidInputError(
+                f"family {self.name} has no target preset {preset!r}: choose {', '.join(self.target_modules)} or list module names"
+            )
+        value = self.target_modules[preset]
+        return list(value) if isinstance(value, (list, tuple)) else value
+
+    def fix_tokenizer(self, tokenizer) -> None:
+        """Apply the family's tokenizer fix-ups in place (pad token, chat template)."""
+        if tokenizer.pad_token is None and self.pad_token == "eos":
+            tokenizer.pad_token = tokenizer.eos_token
+        if self.chat_template and not getattr(tokenizer, "chat_template", None):
+            tokenizer.chat_template = self.chat_template
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "model_types": self.model_types, "target_modules": self.target_modules,
+            "lora_defaults": self.lora_defaults, "pad_token": self.pad_token,
+            "chat_template": self.chat_template is not None, "tiny_configs": sorted(self.tiny_configs),
+            "description": self.description, "plugin": self.plugin,
+        }  # fmt: skip

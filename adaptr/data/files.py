@@ -18,9 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidInputError, brief
-from .formatters import Formatter, MissingField, get_formatter
-from .values import decode_utf8, not_utf8, parse_json
+from adaptr.errors import InvalidInputError, brief
+from adaptr.extend.catalog import get_formatter
+from adaptr.extend.types import Formatter, MissingField
+from adaptr.values import decode_utf8, not_utf8, parse_json
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 CSV_FIELD_LIMIT = 2**31 - 1  # the csv module's default (128 KiB a cell) is below a long answer
@@ -41,7 +42,7 @@ def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
 
 def read_raw(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ``(where, record)`` for each raw record; ``where`` is 'line N', 'record N' or 'row N'."""
-    from .registry.atomic import check_path, regular_file
+    from adaptr.registry.atomic import check_path, regular_file
 
     check_path(str(path), "data file")
     path = Path(path)

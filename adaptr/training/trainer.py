@@ -22,7 +22,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .errors import (
+from adaptr.data.sft import DataSplits, LengthReport, load_splits, loss_defaults, prepare
+from adaptr.errors import (
     AdaptrError,
     ConflictError,
     InvalidInputError,
@@ -31,11 +32,10 @@ from .errors import (
     brief,
     first_line,
 )
-from .recipe import Recipe
-from .registry import AdapterVersion, Registry, check_name
-from .registry.fingerprint import looks_like_hub_id
-from .registry.refs import check_tag
-from .sft_data import DataSplits, LengthReport, load_splits, loss_defaults, prepare
+from adaptr.registry import AdapterVersion, Registry, check_name
+from adaptr.registry.fingerprint import looks_like_hub_id
+from adaptr.registry.refs import check_tag
+from adaptr.training.recipe import Recipe
 
 LIBRARIES = (
     "adaptr",
@@ -88,7 +88,7 @@ def bitsandbytes_problem() -> str | None:
 def resolve_base(path_or_name: str, registry: Registry) -> tuple[str, str]:
     """(what to load, the base key recorded with the version) for a name, folder, GGUF file
     or Hub id."""
-    from .registry.atomic import check_path
+    from adaptr.registry.atomic import check_path
 
     check_path(path_or_name, "--base")
     try:
@@ -98,7 +98,7 @@ def resolve_base(path_or_name: str, registry: Registry) -> tuple[str, str]:
         pass
     p = Path(path_or_name).expanduser()
     if p.exists():
-        from . import gguf
+        from adaptr import gguf
 
         if gguf.looks_like_gguf(p):  # converted once, then the cached folder (or its base)
             folder, name = gguf.resolve(p, registry)
@@ -143,7 +143,7 @@ def load_tokenizer(path: str, base: dict[str, Any]):
     """The base's tokenizer with its family's fix-ups; returns (tokenizer, family). No weights."""
     from transformers import AutoTokenizer
 
-    from .families import family_for, get_family
+    from adaptr.extend.catalog import family_for, get_family
 
     config = _check_causal_lm(path, base["trust_remote_code"])
     family = get_family(base["family"]) if base.get("family") else family_for(config)
@@ -276,7 +276,7 @@ def train(
     model loads); all of them are also in the result's ``notes``.
     """
     if progress:
-        from .quiet import quiet_libraries
+        from adaptr.runtime import quiet_libraries
 
         quiet_libraries()
     started = time.time()
@@ -309,7 +309,7 @@ def train(
     from transformers import set_seed
     from trl import SFTTrainer
 
-    from .sft_data import for_trainer
+    from adaptr.data.sft import for_trainer
 
     peft_config = None
     if parent is not None:
@@ -319,7 +319,7 @@ def train(
                 f"lora settings are ignored: training continues {parent.ref} with its own LoRA config"
             )
     else:
-        from .lora import lora_config
+        from adaptr.training.lora import lora_config
 
         lora = dict(recipe.lora)
         targets = lora.pop("target_modules", None)
@@ -341,12 +341,12 @@ def train(
     if progress:
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-        from .progress import RichProgressCallback
+        from adaptr.training.callbacks import RichProgressCallback
 
         trainer.remove_callback(ProgressCallback)
         trainer.remove_callback(PrinterCallback)  # raw log dicts: the rich bar shows the loss
         trainer.add_callback(RichProgressCallback(f"training {recipe.name}"))
-    from .interrupt import StopOnInterrupt
+    from adaptr.training.callbacks import StopOnInterrupt
 
     stop = StopOnInterrupt()  # Ctrl-C ends the current step, then training
     trainer.add_callback(stop)
@@ -378,7 +378,7 @@ def train(
                 "parents": [parent.ref] if parent else [], "method": "sft",
                 "log_history": json.loads(json.dumps(trainer.state.log_history, default=float)),
             }  # fmt: skip
-            from .gguf import lineage as gguf_lineage
+            from adaptr.gguf import lineage as gguf_lineage
 
             if base_gguf := gguf_lineage(recipe.base["path"], p.load_path):
                 lineage["base_gguf"] = base_gguf  # the GGUF's name, size and SHA-256
@@ -398,7 +398,7 @@ def train(
 def _storing(name: str, base: str | None, final: Path, run_dir: Path, steps: int) -> Iterator[None]:
     """A full disk while saving or storing the trained adapter: the run folder is kept and
     the one-line error says how to store what was trained once there is space."""
-    from .registry.faults import is_full
+    from adaptr.registry.faults import is_full
 
     try:
         yield
@@ -493,7 +493,7 @@ def _prepare_run_dir(run_dir: Path, *, resume: bool, restart: bool, name: str) -
 def _load_parent(model, registry: Registry, parent: AdapterVersion, run_dir: Path):
     from peft import PeftModel
 
-    from .registry.patterns import check_stored_config
+    from adaptr.registry.patterns import check_stored_config
 
     check_stored_config(parent.config, (n for n, _ in model.named_modules()), parent.ref)
     src = registry.export(parent.ref, run_dir / "parent", force=True)

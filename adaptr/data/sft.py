@@ -15,7 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from .errors import InvalidInputError, brief, first_line
+from adaptr.errors import InvalidInputError, brief, first_line
 
 RECORD = "adaptr_record"  # column: the record's number in the data file (1-based)
 MODEL_COLUMNS = ("input_ids", "labels", "attention_mask", "token_type_ids", "mm_token_type_ids")
@@ -35,9 +35,9 @@ class DataSplits:
 
 def load_splits(data: dict[str, Any], seed: int) -> DataSplits:
     """Format the recipe's data file(s) and split off the eval set."""
-    from .data import kind_of, load_records, to_dataset
-    from .formatters import get_formatter
-    from .registry.blobs import hash_file
+    from adaptr.data.files import kind_of, load_records, to_dataset
+    from adaptr.extend.catalog import get_formatter
+    from adaptr.registry.blobs import hash_file
 
     fmt = get_formatter(data["format"])
     path = Path(data["path"]).expanduser()
@@ -93,7 +93,7 @@ def check_chat(splits: DataSplits, tokenizer, args) -> None:
                 "chat template from a .jinja file"
             )
         tokenizer.chat_template = Path(path).read_text(encoding="utf-8")
-    from .chat import check_templates
+    from adaptr.data.chat import check_templates
 
     if splits.kind == "messages":
         check_templates(

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .recipe import Recipe
-from .registry import Registry
-from .sft_data import RECORD, LengthReport, apply_max_length, check_chat, tokenize
+from adaptr.data.sft import RECORD, LengthReport, apply_max_length, check_chat, tokenize
+from adaptr.registry import Registry
+from adaptr.training.recipe import Recipe
 
 
 @dataclass
@@ -70,8 +70,8 @@ def preview(
     recipe: Recipe | dict | str | Path, *, registry: Registry | None = None, count: int = 3
 ) -> Preview:
     """Prepare the data exactly as ``train`` would and return ``count`` examples and the counts."""
-    from .quiet import quiet_libraries
-    from .trainer import load_tokenizer, plan, sft_config
+    from adaptr.runtime import quiet_libraries
+    from adaptr.training.trainer import load_tokenizer, plan, sft_config
 
     quiet_libraries()
     p = plan(recipe, registry or Registry())

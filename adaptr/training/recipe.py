@@ -23,8 +23,8 @@ import difflib
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidInputError, brief
-from .values import decode_utf8, is_number, is_whole
+from adaptr.errors import InvalidInputError, brief
+from adaptr.values import decode_utf8, is_number, is_whole
 
 SECTIONS = {"name", "tags", "from", "base", "data", "lora", "sft"}
 BASE_KEYS = {

@@ -42,8 +42,8 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from .errors import InvalidInputError, brief, first_line
-from .formatters import MissingField, MultimodalData
+from adaptr.errors import InvalidInputError, brief, first_line
+from adaptr.extend.types import MissingField, MultimodalData
 
 ROLES = ("system", "user", "assistant", "tool")
 ROLE_ALIASES = {"developer": "system", "function": "tool"}  # OpenAI's newer and legacy names

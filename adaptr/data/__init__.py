@@ -1,0 +1,1 @@
+"""Data: files -> records -> chat -> TRL examples."""

@@ -1,0 +1,1 @@
+"""The plugin system: types (a leaf), hookspecs, the manager, look-ups."""

@@ -1,0 +1,1 @@
+"""Training: recipe, trainer, callbacks, preview, LoRA settings."""

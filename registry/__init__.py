@@ -1,8 +1,8 @@
 """adaptr.registry: the store of named, versioned, tagged adapters (no torch needed)."""
 
-from .models import AdapterVersion, BaseRecord, GcReport, StoredFile, VerifyReport
-from .refs import Ref, check_name
-from .registry import Registry, default_home
+from adaptr.registry.models import AdapterVersion, BaseRecord, GcReport, StoredFile, VerifyReport
+from adaptr.registry.refs import Ref, check_name
+from adaptr.registry.registry import Registry, default_home
 
 __all__ = [
     "AdapterVersion", "BaseRecord", "GcReport", "Ref", "Registry", "StoredFile", "VerifyReport",

@@ -12,11 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adaptr.errors import InvalidAdapterError, InvalidInputError, brief
+from adaptr.registry.patterns import KEYED, LAYERS, adapter_names, check_patterns, guard
+from adaptr.registry.peft_methods import check_config, unreplicated
+from adaptr.registry.safetensors_header import TensorInfo, read_header
 from adaptr.values import human_size, is_number, is_whole, parse_json
-
-from .patterns import KEYED, LAYERS, adapter_names, check_patterns, guard
-from .peft_methods import check_config, unreplicated
-from .safetensors_header import TensorInfo, read_header
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"

@@ -32,8 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from adaptr.errors import InvalidInputError, brief, clip
-
-from .blobs import fsync_dir
+from adaptr.registry.blobs import fsync_dir
 
 RECORD = ".work"
 MARK = "adaptr-work-folder"  # the record's "adaptr" field: a JSON file that says so is ours

@@ -19,9 +19,8 @@ from adaptr.errors import (
     InvalidInputError,
     brief,
 )
+from adaptr.registry.safetensors_header import TensorInfo, read_header
 from adaptr.values import parse_json
-
-from .safetensors_header import TensorInfo, read_header
 
 VOLATILE_KEYS = {
     "_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache",
@@ -78,7 +77,7 @@ def looks_like_hub_id(text: str) -> bool:
 
 def find_base_dir(path_or_id: str) -> Path | None:
     """A local model folder for ``path_or_id``: the path itself, or its Hugging Face cache snapshot."""
-    from .atomic import check_path
+    from adaptr.registry.atomic import check_path
 
     check_path(path_or_id, "base")  # a name no file system holds: one line, not an OSError
     p = Path(path_or_id).expanduser()

@@ -12,8 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from adaptr.errors import IntegrityError
-
-from .faults import full_error, is_full
+from adaptr.registry.faults import full_error, is_full
 
 SCHEMA_VERSION = 1
 SCHEMA = """

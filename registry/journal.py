@@ -27,9 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adaptr.errors import IntegrityError
-
-from .blobs import fsync_dir
-from .models import RebuildReport
+from adaptr.registry.blobs import fsync_dir
+from adaptr.registry.models import RebuildReport
 
 MANIFESTS = "manifests"
 STATE = "state.json"

@@ -7,11 +7,10 @@ import os
 from pathlib import Path
 
 from adaptr.errors import ConflictError, IntegrityError, InvalidInputError
-
-from .adapter_dir import CONFIG, WEIGHTS
-from .blobs import fsync_dir, hash_file
-from .models import GcReport, StoredFile, VerifyReport
-from .refs import Ref
+from adaptr.registry.adapter_dir import CONFIG, WEIGHTS
+from adaptr.registry.blobs import fsync_dir, hash_file
+from adaptr.registry.models import GcReport, StoredFile, VerifyReport
+from adaptr.registry.refs import Ref
 
 EXPORT_FORMATS = ("peft", "vllm")
 
@@ -189,7 +188,7 @@ class Maintenance:
             raise InvalidInputError(
                 f"unknown export format {format!r}: use one of {', '.join(EXPORT_FORMATS)}"
             )
-        from .atomic import refuse_in_home, remove_work, replace_dir, work_dir
+        from adaptr.registry.atomic import refuse_in_home, remove_work, replace_dir, work_dir
 
         v = self.get(ref)
         out = Path(out).expanduser()

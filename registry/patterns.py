@@ -140,7 +140,7 @@ def bounded(p: Pattern, where: str = "") -> None:
     """Refuse ``p`` (InvalidAdapterError) unless it compiles and has a polynomial bound: the
     static half of :func:`check_patterns`, for code that matches patterns of a stored config
     (names unknown, thread-safe, cached)."""
-    from .regex_cost import Unbounded, screen  # the read commands never need it
+    from adaptr.registry.regex_cost import Unbounded, screen  # the read commands never need it
 
     head = f"{where}: " if where else ""
     if len(p.pattern) > MAX_PATTERN:
@@ -222,7 +222,7 @@ def check_patterns(
             raise InvalidAdapterError(f"{e}{hint}") from None
     if not any(p.strict for p in fields):  # list entries: the static screen is enough
         return
-    from .regex_cost import cost, steps
+    from adaptr.registry.regex_cost import cost, steps
 
     names = sorted({n for n in module_names if isinstance(n, str)})
     longest = max(map(len, names), default=0)

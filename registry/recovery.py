@@ -16,12 +16,11 @@ import time
 from pathlib import Path
 
 from adaptr.errors import IntegrityError, NotFoundError
-
-from . import index
-from .blobs import fsync_dir
-from .faults import storage_errors
-from .journal import manifest_problem, rebuild, record_of, state_of, write_json
-from .models import RebuildReport
+from adaptr.registry import index
+from adaptr.registry.blobs import fsync_dir
+from adaptr.registry.faults import storage_errors
+from adaptr.registry.journal import manifest_problem, rebuild, record_of, state_of, write_json
+from adaptr.registry.models import RebuildReport
 
 DB = "registry.db"
 SIDE_FILES = ("-wal", "-shm")

@@ -34,9 +34,8 @@ from adaptr.errors import (
     NotFoundError,
     PluginError,
 )
-
-from . import index
-from .adapter_dir import (
+from adaptr.registry import index
+from adaptr.registry.adapter_dir import (
     CONFIG,
     WEIGHTS,
     AdapterSource,
@@ -44,17 +43,17 @@ from .adapter_dir import (
     lora_modules,
     saved_tensors,
 )
-from .blobs import BlobStore, SourceChanged, hash_file
-from .faults import storage_errors
-from .fingerprint import BaseInfo, check_adapter_fits, find_base_dir, read_base
-from .journal import Journal, insert_version
-from .lock import writer_lock
-from .maintenance import Maintenance
-from .models import AdapterVersion, BaseRecord, StoredFile
-from .patterns import check_patterns, module_names_of
-from .recovery import Recovery
-from .refs import Ref, check_name, check_tag
-from .safetensors_header import write_renamed
+from adaptr.registry.blobs import BlobStore, SourceChanged, hash_file
+from adaptr.registry.faults import storage_errors
+from adaptr.registry.fingerprint import BaseInfo, check_adapter_fits, find_base_dir, read_base
+from adaptr.registry.journal import Journal, insert_version
+from adaptr.registry.lock import writer_lock
+from adaptr.registry.maintenance import Maintenance
+from adaptr.registry.models import AdapterVersion, BaseRecord, StoredFile
+from adaptr.registry.patterns import check_patterns, module_names_of
+from adaptr.registry.recovery import Recovery
+from adaptr.registry.refs import Ref, check_name, check_tag
+from adaptr.registry.safetensors_header import write_renamed
 
 
 def _recheck(checked: AdapterSource, staged: Path, allow_large: bool) -> AdapterSource:
@@ -118,7 +117,7 @@ class Registry(Recovery, Maintenance):
     def __new__(cls, home: str | Path | None = None, *args, **kwargs):
         """``Registry("s3://BUCKET/PREFIX")`` (or ``$ADAPTR_HOME`` so set) opens the store."""
         if cls is Registry:
-            from .remote import remote_class
+            from adaptr.registry.remote import remote_class
 
             cls = remote_class(home) or cls
         return super().__new__(cls)
@@ -624,7 +623,7 @@ class Registry(Recovery, Maintenance):
 
     def _announce(self, version: AdapterVersion) -> None:
         """Tell plugins (``adaptr_version_added``); a failing plugin is noted, never undoes the add."""
-        from adaptr.plugin_manager import event_hook
+        from adaptr.extend.manager import event_hook
 
         try:
             event_hook().adaptr_version_added(registry=self, version=version)

@@ -14,10 +14,9 @@ import threading
 from pathlib import Path
 
 from adaptr.errors import IntegrityError
-
-from ..blobs import BlobStore, fsync_dir
-from . import layout
-from .store import NotFound, ObjectStore
+from adaptr.registry.blobs import BlobStore, fsync_dir
+from adaptr.registry.remote import layout
+from adaptr.registry.remote.store import NotFound, ObjectStore
 
 
 class CachedBlobStore(BlobStore):

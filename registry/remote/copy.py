@@ -14,13 +14,12 @@ import time
 from dataclasses import dataclass, field
 
 from adaptr.errors import IntegrityError, NotFoundError
-
-from ..journal import insert_version
-from ..models import AdapterVersion
-from ..refs import Ref
-from ..registry import Registry
-from . import layout
-from .store import PreconditionFailed
+from adaptr.registry.journal import insert_version
+from adaptr.registry.models import AdapterVersion
+from adaptr.registry.refs import Ref
+from adaptr.registry.registry import Registry
+from adaptr.registry.remote import layout
+from adaptr.registry.remote.store import PreconditionFailed
 
 _RECORD_FIELDS = (
     "name", "version", "created", "base", "base_fingerprint", "peft_type", "r", "size",
@@ -100,7 +99,7 @@ def copy(src: Registry, dst: Registry, refs: tuple[str, ...] = ()) -> CopyReport
 
 def _place(src: Registry, dst: Registry, rec: dict) -> tuple[int, bool]:
     """Put one version into ``dst``: (its number there, whether it was copied now)."""
-    from .remote import RemoteRegistry
+    from adaptr.registry.remote.remote import RemoteRegistry
 
     name = rec["name"]
     if isinstance(dst, RemoteRegistry):
@@ -182,7 +181,7 @@ def _copy_evals(src: Registry, dst: Registry, v: AdapterVersion, target: str) ->
 
 
 def _copy_base(src: Registry, dst: Registry, v: AdapterVersion, report: CopyReport) -> None:
-    from .remote import RemoteRegistry
+    from adaptr.registry.remote.remote import RemoteRegistry
 
     if not v.base or v.base in report.bases:
         return

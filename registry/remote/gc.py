@@ -31,10 +31,10 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from ..journal import manifest_problem
-from . import checkpoint, layout
-from .store import NotFound, ObjectStore
-from .sync import _fetch
+from adaptr.registry.journal import manifest_problem
+from adaptr.registry.remote import checkpoint, layout
+from adaptr.registry.remote.store import NotFound, ObjectStore
+from adaptr.registry.remote.sync import _fetch
 
 DEFAULT_GRACE = 3600.0
 

@@ -39,16 +39,22 @@ from adaptr.errors import (
     InvalidInputError,
     NotFoundError,
 )
-
-from ..fingerprint import find_base_dir, read_base
-from ..journal import write_json
-from ..models import AdapterVersion, BaseRecord, RebuildReport
-from ..refs import Ref, check_name, check_tag
-from ..registry import ANY, Registry, check_expected
-from . import MARKER, checkpoint, layout
-from .blobcache import CachedBlobStore
-from .store import Location, NotFound, ObjectStore, PreconditionFailed, StoreError, Unreachable
-from .sync import BINDINGS, STATE, SyncState, load_bindings, pull
+from adaptr.registry.fingerprint import find_base_dir, read_base
+from adaptr.registry.journal import write_json
+from adaptr.registry.models import AdapterVersion, BaseRecord, RebuildReport
+from adaptr.registry.refs import Ref, check_name, check_tag
+from adaptr.registry.registry import ANY, Registry, check_expected
+from adaptr.registry.remote import MARKER, checkpoint, layout
+from adaptr.registry.remote.blobcache import CachedBlobStore
+from adaptr.registry.remote.store import (
+    Location,
+    NotFound,
+    ObjectStore,
+    PreconditionFailed,
+    StoreError,
+    Unreachable,
+)
+from adaptr.registry.remote.sync import BINDINGS, STATE, SyncState, load_bindings, pull
 
 MAX_CREATE_TRIES = 10_000
 
@@ -486,7 +492,7 @@ class RemoteRegistry(Registry):
     # ----------------------------------------------------------- maintenance
     def gc(self, *, grace: float | None = None):
         """Delete unreferenced blobs from the store (see ``gc.py``), then from the replica."""
-        from .gc import store_gc
+        from adaptr.registry.remote.gc import store_gc
 
         self.sync(force=True)
         report = store_gc(self.store, grace)

@@ -15,10 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .. import index
-from ..journal import Journal, insert_version, manifest_problem, write_json
-from . import layout
-from .store import Meta, NotFound, ObjectStore
+from adaptr.registry import index
+from adaptr.registry.journal import Journal, insert_version, manifest_problem, write_json
+from adaptr.registry.remote import layout
+from adaptr.registry.remote.store import Meta, NotFound, ObjectStore
 
 STATE = "remote-state.json"
 BINDINGS = "bindings.json"  # base name -> {path, fingerprint} on this machine only

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adaptr.errors import InvalidInputError
+from adaptr.serving.text import find_stop, held_back  # noqa: F401  (the engine's)
 
 MAX_TOKENS = 4096
 MAX_STOPS = 4
@@ -249,20 +250,3 @@ def parse_params(body: dict, chat: bool = False) -> RequestParams:
         max_tokens, sampling, tuple(stops), stream, include_usage, seed,
         n, logprobs, echo, ignore_eos, min_tokens, as_ids,
     )  # fmt: skip
-
-
-def find_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    """Where the earliest of ``stops`` begins in ``text``, or None."""
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(found) if found else None
-
-
-def held_back(text: str, stops: tuple[str, ...]) -> int:
-    """How many trailing characters of ``text`` could begin a stop string (not sent yet)."""
-    longest = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), longest, -1):
-            if text.endswith(s[:k]):
-                longest = k
-                break
-    return longest

@@ -14,7 +14,7 @@ import pytest
 from adaptr import Formatter, ModelFamily, hookimpl
 from adaptr.errors import InterruptedAfterStore, PluginError
 from adaptr.extend.catalog import families, family_for, formatters
-from adaptr.extend.manager import plugins
+from adaptr.extend.manager import PLUGINS
 from adaptr.registry import Registry
 
 from helpers import fake_install, refused, run_adaptr, snapshot, write_adapter
@@ -23,7 +23,7 @@ EDITABLE = any("Editable" in repr(f) for f in sys.meta_path)
 
 
 def _entry(name: str) -> dict:
-    return next(p for p in plugins() if p["name"] == name)
+    return next(p for p in PLUGINS.listing() if p["name"] == name)
 
 
 # -- look-up hooks ---------------------------------------------------------------------------
@@ -139,13 +139,13 @@ def fresh_commands():
     from adaptr.cli import cli as group
 
     builtin = dict(group.commands)
-    AdaptrGroup._plugins_loaded = False
+    AdaptrGroup.forget_plugin_commands()
     try:
         yield
     finally:
         group.commands.clear()
         group.commands.update(builtin)
-        AdaptrGroup._plugins_loaded = False
+        AdaptrGroup.forget_plugin_commands()
 
 
 def test_a_raising_register_commands_keeps_the_cli_working(register_plugin, cli):

@@ -10,7 +10,7 @@ import pytest
 
 from adaptr import AdaptrError, Formatter, ModelFamily, hookimpl
 from adaptr.extend.catalog import families, family_for, formatters
-from adaptr.extend.manager import load_plugins, plugins
+from adaptr.extend.manager import PLUGINS
 
 from helpers import fake_install, run_adaptr, throwaway_plugins, write_adapter
 
@@ -21,7 +21,7 @@ BUILTIN = {"llama", "gpt-neox", "qwen", "deepseek", "formatters"}
 def test_builtins_come_through_the_entry_point_group():
     names = {ep.name for ep in importlib.metadata.entry_points(group="adaptr")}
     assert names >= BUILTIN
-    loaded = {p["name"]: p for p in plugins()}
+    loaded = {p["name"]: p for p in PLUGINS.listing()}
     for name in BUILTIN:
         assert loaded[name]["ok"] and loaded[name]["source"].startswith("adaptr ")
     assert set(families()) >= {"llama", "gpt-neox", "qwen", "deepseek"}
@@ -37,9 +37,9 @@ def test_builtins_come_through_the_entry_point_group():
 
 
 def test_loading_is_lazy_and_once():
-    pm = load_plugins()
+    pm = PLUGINS.load()
     count = len(pm.get_plugins())
-    assert load_plugins() is pm and len(pm.get_plugins()) == count
+    assert PLUGINS.load() is pm and len(pm.get_plugins()) == count
 
 
 class PhiPlugin:
@@ -132,13 +132,13 @@ def test_plugins_add_cli_commands(register_plugin, cli):
     from adaptr.cli import cli as group
 
     register_plugin(Hello(), "hello")
-    AdaptrGroup._plugins_loaded = False
+    AdaptrGroup.forget_plugin_commands()
     try:
         assert cli("hello", "world") == (0, "hello world\n", "")
         assert "hello" in cli("--help")[1]
     finally:
         group.commands.pop("hello", None)
-        AdaptrGroup._plugins_loaded = False
+        AdaptrGroup.forget_plugin_commands()
 
 
 class Recorder:

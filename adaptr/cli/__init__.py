@@ -34,12 +34,18 @@ class AdaptrGroup(click.Group):
 
     _plugins_loaded = False
 
+    @classmethod
+    def forget_plugin_commands(cls) -> None:
+        """Ask the plugins for their commands again at the next look-up (after registering
+        one in code, as tests do)."""
+        cls._plugins_loaded = False
+
     def _load_plugin_commands(self) -> None:
         if not AdaptrGroup._plugins_loaded:
             AdaptrGroup._plugins_loaded = True
-            from adaptr.extend.manager import call_each
+            from adaptr.extend.manager import PLUGINS
 
-            call_each("adaptr_register_commands", cli=self)  # one that raises: a warning
+            PLUGINS.call_each("adaptr_register_commands", cli=self)  # one that raises: a warning
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         cmd = super().get_command(ctx, name)
@@ -86,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
     args, debug = _debug_anywhere(sys.argv[1:] if argv is None else list(argv))
     debug = debug or os.environ.get("ADAPTR_DEBUG", "") not in ("", "0")
-    if pm := sys.modules.get("adaptr.extend.manager"):
-        pm.forget_warnings()  # each command reports every plugin failure it meets, once
+    if manager := sys.modules.get("adaptr.extend.manager"):  # loaded: plugins may have failed
+        manager.PLUGINS.forget_warnings()  # each command reports every failure it meets, once
     if shadow := shadowing_package():
         return _fail(
             f"{shadow} is imported as the adaptr package instead of the installed one (a folder "
@@ -149,8 +155,8 @@ def _debug_anywhere(args: list[str]) -> tuple[list[str], bool]:
 
 def _warn_plugins() -> None:
     """One stderr line per plugin failure this command met and did not report yet."""
-    if pm := sys.modules.get("adaptr.extend.manager"):
-        for message in pm.take_warnings():
+    if manager := sys.modules.get("adaptr.extend.manager"):  # not loaded: no plugin failed
+        for message in manager.PLUGINS.take_warnings():
             click.echo(f"warning: {message}", err=True)
 
 

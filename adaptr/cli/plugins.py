@@ -10,9 +10,9 @@ from adaptr.cli.table import print_table
 
 def warn_broken() -> None:
     """One stderr line per plugin that failed to load or in a hook (each once per command)."""
-    from adaptr.extend.manager import take_warnings
+    from adaptr.extend.manager import PLUGINS
 
-    for message in take_warnings():
+    for message in PLUGINS.take_warnings():
         click.echo(f"warning: {message}", err=True)
 
 
@@ -21,11 +21,10 @@ def warn_broken() -> None:
 @json_option
 def plugins(as_json: bool, wide: bool) -> None:
     """List installed plugins, the hooks they implement, and any that failed to load."""
-    from adaptr.extend.manager import plugins as all_plugins
-    from adaptr.extend.manager import take_warnings
+    from adaptr.extend.manager import PLUGINS
 
-    found = all_plugins()
-    take_warnings()  # the listing names every failure: no warning lines besides
+    found = PLUGINS.listing()
+    PLUGINS.take_warnings()  # the listing names every failure: no warning lines besides
     if as_json:
         emit_json({"plugins": found})
         return

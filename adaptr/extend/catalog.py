@@ -7,25 +7,23 @@ naming it). A model that no family claims still trains with PEFT's own defaults.
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 from adaptr.errors import InvalidInputError, brief
+from adaptr.extend.manager import PLUGINS
 from adaptr.extend.types import Formatter, ModelFamily
 
 
 def families() -> dict[str, ModelFamily]:
     """Every registered family by name (loads plugins on first use)."""
-    from adaptr.extend.manager import collect
-
-    return collect("adaptr_register_families", ModelFamily, "family")
+    return PLUGINS.collect("adaptr_register_families", ModelFamily, "family")
 
 
 def get_family(name: str) -> ModelFamily:
-    from adaptr.extend.manager import trouble
-
     fams = families()
     if name not in fams:
-        why = trouble("adaptr_register_families")
+        why = PLUGINS.trouble("adaptr_register_families")
         if not fams:
             raise InvalidInputError(
                 f"unknown family {brief(name)}: no family is registered ({why or 'no plugin registers one'})"
@@ -39,12 +37,12 @@ def get_family(name: str) -> ModelFamily:
 
 def family_for(config: dict[str, Any] | Any) -> ModelFamily | None:
     """The family for a model config (dict or transformers config), or None if none claims it."""
-    from adaptr.extend.manager import first_result
-
     if not isinstance(config, dict):
         config = config.to_dict()
     fams = families()
-    picked = first_result("adaptr_family_for_config", ModelFamily, config=config, families=fams)
+    picked = PLUGINS.first_result(
+        "adaptr_family_for_config", ModelFamily, config=config, families=fams
+    )
     if picked is not None:
         return picked
     model_type = config.get("model_type")
@@ -53,19 +51,13 @@ def family_for(config: dict[str, Any] | Any) -> ModelFamily | None:
 
 def formatters() -> dict[str, Formatter]:
     """Every registered formatter by name (loads plugins on first use)."""
-    from adaptr.extend.manager import collect
-
-    return collect("adaptr_register_formatters", Formatter, "formatter")
+    return PLUGINS.collect("adaptr_register_formatters", Formatter, "formatter")
 
 
 def get_formatter(name: str) -> Formatter:
     fmts = formatters()
     if name not in fmts:
-        import difflib
-
-        from adaptr.extend.manager import trouble
-
-        why = trouble("adaptr_register_formatters")  # the plugins that would have had it
+        why = PLUGINS.trouble("adaptr_register_formatters")  # the plugins that would have had it
         if not fmts:
             raise InvalidInputError(
                 f"unknown format {brief(name)}: no formatter is registered ({why or 'no plugin registers one'})"

@@ -14,6 +14,9 @@ class StoredFile:
     size: int
 
 
+_NOT_STORED = ("files", "skipped", "warnings")  # files: listed below; the notes: never
+
+
 @dataclass
 class AdapterVersion:
     """One immutable version of a named adapter."""
@@ -34,6 +37,14 @@ class AdapterVersion:
     files: list[StoredFile] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)
     active: bool = False
+    # what the add that returned this record said (never stored; empty on every read)
+    skipped: tuple[str, ...] = field(default=(), compare=False, repr=False)  # files left out
+    warnings: tuple[str, ...] = field(default=(), compare=False, repr=False)  # the rest
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """Everything the add said, in order: the skipped files first, then the warnings."""
+        return tuple(f"skipped {s}" for s in self.skipped) + self.warnings
 
     @property
     def ref(self) -> str:
@@ -48,7 +59,7 @@ class AdapterVersion:
         return self.summary.get("target_modules")
 
     def to_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "files"}
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in _NOT_STORED}
         d["files"] = [{"path": f.path, "sha256": f.sha256, "size": f.size} for f in self.files]
         d["ref"] = self.ref
         return d

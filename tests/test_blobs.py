@@ -71,7 +71,7 @@ def test_a_corrupt_blob_is_not_served_over_http(tmp_path):
 
 
 def test_a_corrupt_blob_is_not_scored(tiny_served, tmp_path):
-    from adaptr.evaluation import evaluate
+    from adaptr.evaluation.run import evaluate
 
     data = tmp_path / "dev.jsonl"
     data.write_text(
@@ -100,7 +100,7 @@ def test_a_re_add_repairs_a_corrupt_blob_instead_of_deduplicating_onto_it(home, 
     flip_byte(blob)
     assert not reg.verify().ok
     again = reg.add("x", src)
-    assert any("was corrupt" in n for n in reg.notes), reg.notes
+    assert any("was corrupt" in n for n in again.notes), again.notes
     assert reg.verify().ok, reg.verify().problems
     assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
     assert again.ref == "x@2"

@@ -62,7 +62,7 @@ def _garbage(db: Path) -> None:
 def test_a_lost_index_blocks_gc_and_reindex_restores_everything(home, tmp_path, cli, damage):
     reg = _populate(home, tmp_path)
     before, blobs = _state(reg), _blobs(home)
-    reg._drop_conn()  # as when no adaptr process runs while the file is damaged
+    reg.close()  # as when no adaptr process runs while the file is damaged
     damage(home / "registry.db")
 
     code, out, err = cli("gc")

@@ -42,8 +42,8 @@ def test_pickle_files_and_folders_are_skipped(registry, tmp_path):
     (src / "checkpoint-10").mkdir()
     v = registry.add("x", src)
     assert "training_args.bin" not in {f.path for f in v.files}
-    assert any("training_args.bin" in n for n in registry.notes)
-    assert any("checkpoint-10" in n for n in registry.notes)
+    assert any("training_args.bin" in n for n in v.notes)
+    assert any("checkpoint-10" in n for n in v.notes)
 
 
 def test_tags_move_and_resolve(registry, adapter_dir):

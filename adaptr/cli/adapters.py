@@ -33,7 +33,7 @@ def add(
     check_path(source_dir, "SOURCE_DIR")
     check_path(base, "--base")
     v = registry.add(name, source_dir, base=base, tags=tags, allow_large=allow_large)
-    for n in registry.notes:
+    for n in v.notes:
         note(n)
     click.echo(v.ref)
 
@@ -200,7 +200,7 @@ def show(registry, ref: str, as_json: bool, wide: bool) -> None:
 
 def _metric(name: str, value, record: dict) -> str:
     """``name value``, BLEU with its tokenizer when not sacrebleu's default (13a)."""
-    from adaptr.evaluation import bleu_tokenizer_of, is_number
+    from adaptr.evaluation.records import bleu_tokenizer_of, is_number
 
     tokenize = bleu_tokenizer_of(record) if name == "bleu" else "13a"
     if tokenize != "13a":
@@ -266,7 +266,7 @@ def tag(
         raise click.UsageError(
             "--data chooses the evals a gate reads: add --require or --require-better-than"
         )
-    from adaptr.evaluation import promote
+    from adaptr.evaluation.gates import promote
 
     v, checked = promote(registry, ref, tag, requires, better_than, data=data)
     for line in checked:

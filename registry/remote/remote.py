@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
+from dataclasses import replace
 from pathlib import Path
 
 from adaptr.errors import (
@@ -39,11 +40,12 @@ from adaptr.errors import (
     InvalidInputError,
     NotFoundError,
 )
-from adaptr.registry.fingerprint import find_base_dir, read_base
+from adaptr.registry.bases import model_folder
+from adaptr.registry.evals import stamped
 from adaptr.registry.journal import write_json
 from adaptr.registry.models import AdapterVersion, BaseRecord, RebuildReport
 from adaptr.registry.refs import Ref, check_name, check_tag
-from adaptr.registry.registry import ANY, Registry, check_expected
+from adaptr.registry.registry import Registry
 from adaptr.registry.remote import MARKER, checkpoint, layout
 from adaptr.registry.remote.blobcache import CachedBlobStore
 from adaptr.registry.remote.store import (
@@ -55,6 +57,8 @@ from adaptr.registry.remote.store import (
     Unreachable,
 )
 from adaptr.registry.remote.sync import BINDINGS, STATE, SyncState, load_bindings, pull
+from adaptr.registry.resolve import names_like, resolves
+from adaptr.registry.tags import ANY, check_expected, common_base
 
 MAX_CREATE_TRIES = 10_000
 
@@ -216,10 +220,7 @@ class RemoteRegistry(Registry):
             yield conn
 
     def _unknown(self, name: str, conn) -> NotFoundError:
-        import difflib
-
-        names = [r[0] for r in conn.execute("SELECT DISTINCT name FROM versions")] if conn else []
-        close = difflib.get_close_matches(name, names, n=1)
+        close = names_like(name, conn)
         hint = (
             f"did you mean {close[0]!r}?"
             if close
@@ -236,7 +237,9 @@ class RemoteRegistry(Registry):
         added = super().add(name, source, tags=(), **kwargs)
         for t in tags:
             self.tag(added.ref, t)
-        return self.get(added.ref) if tags else added
+        if not tags:
+            return added
+        return replace(self.get(added.ref), skipped=added.skipped, warnings=added.warnings)
 
     def _publish(self, record: dict) -> dict:
         """Make a version visible on the store: blobs first, then its manifest's create."""
@@ -314,14 +317,7 @@ class RemoteRegistry(Registry):
             raise InvalidInputError("switch needs at least one adapter reference")
         parsed = [Ref.parse(r) for r in refs]
         self.sync(force=True)
-        rows = [self._resolve_row(r) for r in parsed]
-        bases = {row["base"] or "" for row in rows}
-        if len(bases) > 1:
-            raise IncompatibleBaseError(
-                f"cannot activate adapters of different bases together ({', '.join(sorted(bases))}); "
-                "switch each base separately"
-            )
-        (base,) = bases
+        base = common_base([self._resolve_row(r) for r in parsed])
         self._set_active(base, [str(r) for r in parsed])
         return base, [str(r) for r in parsed]
 
@@ -368,18 +364,12 @@ class RemoteRegistry(Registry):
                         )
         self.sync(force=True)
         for base, refs in self.active().items():
-            keep = [x for x in refs if self._resolves(x)]
+            conn = self._conn()
+            keep = [x for x in refs if resolves(conn, x, self._unknown)]
             if keep != refs:
                 with suppress(ConflictError):  # switched meanwhile; dangling refs are skipped
                     self._set_active(base, keep)
         return victims
-
-    def _resolves(self, ref: str) -> bool:
-        try:
-            self._resolve_row(ref)
-            return True
-        except NotFoundError:
-            return False
 
     # ----------------------------------------------------------------- evals
     def add_evals(self, records: Sequence[tuple[str | Ref, dict]]) -> list[dict]:
@@ -387,14 +377,12 @@ class RemoteRegistry(Registry):
         rows = [self._resolve_row(ref) for ref, _ in records]
         out, created = [], []
         try:
-            for row, (_, record) in zip(rows, records, strict=True):
-                rec = {**record, "ref": f"{row['name']}@{row['version']}"}
-                rec.setdefault("created", time.time())
+            for name, version, rec in stamped(rows, records):
                 stamp = f"{int(rec['created'] * 1000):015d}-{secrets.token_hex(4)}.json"
-                key = layout.evals_prefix(row["name"], row["version"]) + stamp
+                key = layout.evals_prefix(name, version) + stamp
                 self.store.create(key, layout.dumps(rec))
                 created.append(key)
-                out.append((row["name"], row["version"], stamp, rec))
+                out.append((name, version, stamp, rec))
         except BaseException:
             for key in created:  # all of them or none
                 self.store.delete(key)
@@ -421,13 +409,7 @@ class RemoteRegistry(Registry):
 
     # ----------------------------------------------------------------- bases
     def add_base(self, name: str, path: str | Path, *, force: bool = False) -> BaseRecord:
-        check_name(name, "base name")
-        found = find_base_dir(str(path))
-        if found is None:
-            raise NotFoundError(
-                f"no model folder at {path} (no config.json): give a local model folder or a Hub id in the local cache"
-            )
-        info = read_base(found)
+        found, info = model_folder(name, path)
         key = layout.base(name)
         doc = layout.BaseDoc(name, info.fingerprint, info.summary(), time.time())
         try:

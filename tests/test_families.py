@@ -1,11 +1,13 @@
 """Every built-in family: tiny model, LoRA with the family's defaults, forward + backward."""
 
+import dataclasses
 import re
 import warnings
 
 import pytest
 import torch
 
+from adaptr import ModelFamily
 from adaptr.errors import InvalidInputError
 from adaptr.extend.catalog import family_for, get_family
 from adaptr.tiny import make_model, make_tokenizer
@@ -166,3 +168,18 @@ def test_unknown_family_and_preset():
         get_family("phi9")
     with pytest.raises(InvalidInputError, match="no target preset 'mlp'"):
         get_family("llama").targets("mlp")
+
+
+def test_prompt_template_warns_and_is_not_kept():
+    with pytest.warns(
+        DeprecationWarning, match=r"ModelFamily\(prompt_template=\.\.\.\) is not used"
+    ) as seen:
+        fam = ModelFamily(
+            name="old", model_types=["old"], target_modules=["q"], prompt_template="{x}"
+        )
+    assert seen[0].filename == __file__  # the warning points at the plugin that passed it
+    assert "prompt_template" not in vars(fam) and "prompt_template" not in fam.to_dict()
+    assert "prompt_template" not in {f.name for f in dataclasses.fields(fam)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # without it: no warning
+        ModelFamily(name="new", model_types=["new"], target_modules=["q"])

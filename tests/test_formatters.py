@@ -92,6 +92,8 @@ def test_every_formatter_emits_a_trl_record():
     }  # fmt: skip
     loaded = formatters()
     assert set(samples) <= set(loaded), sorted(set(samples) - set(loaded))  # every built-in loaded
+    builtin = {name for name, f in loaded.items() if f.plugin == "formatters"}
+    assert builtin == set(samples), sorted(builtin ^ set(samples))  # and each has its sample here
     for name, sample in samples.items():
         f = loaded[name]
         assert set(f(sample)) == kinds[f.kind], name

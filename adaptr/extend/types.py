@@ -7,7 +7,7 @@ in :mod:`adaptr.extend.catalog` all stand on it.
 TRL records are ``{"text": …}`` (language modelling), ``{"prompt": …, "completion": …}``
 (loss on the completion only) or ``{"messages": [{"role", "content"}, …]}`` (chat; loss on
 assistant turns with ``assistant_only_loss``), with ``"tools"`` (a JSON string) and assistant
-``tool_calls`` / ``tool`` messages for tool use (see :mod:`adaptr.data.files.chat`). Formatters never
+``tool_calls`` / ``tool`` messages for tool use (see :mod:`adaptr.data.chat`). Formatters never
 pre-render a chat into one string where TRL needs the structure.
 """
 

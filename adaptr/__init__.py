@@ -33,12 +33,13 @@ _LAZY = {
     "AdapterVersion": "adaptr.registry",
     "BaseRecord": "adaptr.registry",
     "Ref": "adaptr.registry",
-    "evaluate": "adaptr.evaluation",
-    "promote": "adaptr.evaluation",
+    "evaluate": "adaptr.evaluation.run",
+    "promote": "adaptr.evaluation.gates",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from adaptr.evaluation import evaluate, promote
+    from adaptr.evaluation.gates import promote
+    from adaptr.evaluation.run import evaluate
     from adaptr.extend.catalog import family_for
     from adaptr.extend.hookspecs import hookimpl
     from adaptr.extend.types import Formatter, MissingField, ModelFamily, need

@@ -53,7 +53,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from adaptr.data.sft import load_splits, loss_defaults
-    from adaptr.evaluation import _generations, _losses, _tokenized, text_scores
+    from adaptr.evaluation.metrics import text_scores
+    from adaptr.evaluation.run import _generations, _losses, _tokenized
     from adaptr.registry import Registry
     from adaptr.serving import AdapterServer
     from adaptr.tiny import save_tiny_base

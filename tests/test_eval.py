@@ -78,7 +78,7 @@ def _peft_loss(base: Path, adapter: Path | None, tokenized) -> float:
 
 def _tokenized(world, path: Path, fmt: str):
     from adaptr.data.sft import load_splits, loss_defaults
-    from adaptr.evaluation import _tokenized
+    from adaptr.evaluation.run import _tokenized
     from adaptr.training.trainer import load_tokenizer
 
     splits = load_splits({"path": str(path), "format": fmt}, 42)
@@ -145,7 +145,7 @@ def test_generation_metrics_agree_with_sacrebleu_and_alone(world):
 def test_text_scores_against_sacrebleu_and_known_rouge():
     import sacrebleu
 
-    from adaptr.evaluation import rouge_l, text_scores
+    from adaptr.evaluation.metrics import rouge_l, text_scores
 
     hyps = ["the cat sat on the mat", "a quick brown fox", "hello"]
     refs = ["the cat is on the mat", "the quick brown fox jumps", "hello"]
@@ -347,7 +347,7 @@ def test_training_stores_its_log_history_for_curves(tmp_path, tiny_llama, cli):
 
 def test_chat_generations_stop_at_the_end_of_the_assistant_turn(world):
     from adaptr import evaluate
-    from adaptr.evaluation import _end_of_turn
+    from adaptr.evaluation.run import _end_of_turn
     from adaptr.serving import AdapterServer
     from adaptr.tiny import make_tokenizer
 
@@ -392,7 +392,7 @@ def test_bleu_tokenizer_on_chinese_agrees_with_sacrebleu():
     import sacrebleu
 
     from adaptr.errors import InvalidInputError
-    from adaptr.evaluation import (
+    from adaptr.evaluation.metrics import (
         auto_bleu_tokenize,
         bleu_tokenizers,
         check_bleu_tokenize,
@@ -490,7 +490,7 @@ def _record(files, which, metrics, created, **settings):
 
 def test_first_promotion_with_better_than_the_missing_tag(tmp_path, tiny_llama, cli):
     from adaptr.errors import InvalidInputError, NotFoundError
-    from adaptr.evaluation import promote
+    from adaptr.evaluation.gates import promote
 
     reg, files = _gate_world(tmp_path, tiny_llama)
     reg.add_evals([("m@2", _record(files, "dev", {"chrf": 50.0, "loss": 1.0}, 1))])
@@ -526,7 +526,8 @@ def test_first_promotion_with_better_than_the_missing_tag(tmp_path, tiny_llama, 
 
 def test_gates_datasets_directions_several_requirements_and_settings(tmp_path, tiny_llama, cli):
     from adaptr.errors import InvalidInputError
-    from adaptr.evaluation import check_gate, compare, promote
+    from adaptr.evaluation.compare import compare
+    from adaptr.evaluation.gates import check_gate, promote
 
     reg, files = _gate_world(tmp_path, tiny_llama)
     dev, test = str(files["dev"][0]), str(files["test"][0])
@@ -616,7 +617,9 @@ def test_gate_and_compare_edges_from_review(tmp_path, tiny_llama, cli):
     """Partial evals, metrics one side lacks, values that are not numbers, an empty or
     self-naming --require-better-than, compare's footer, a stray BLEU tokenizer."""
     from adaptr.errors import InvalidInputError
-    from adaptr.evaluation import auto_bleu_tokenize, check_gate, evaluate, promote
+    from adaptr.evaluation.gates import check_gate, promote
+    from adaptr.evaluation.metrics import auto_bleu_tokenize
+    from adaptr.evaluation.run import evaluate
 
     reg, files = _gate_world(tmp_path, tiny_llama)
     dev, test = str(files["dev"][0]), str(files["test"][0])
@@ -686,7 +689,7 @@ def stored(cli, home, tmp_path):
 @pytest.mark.parametrize("limit", ["0", "-1", "-5"])
 def test_a_limit_below_one_is_refused_and_nothing_stored(cli, home, stored, limit):
     from adaptr.errors import InvalidInputError
-    from adaptr.evaluation import evaluate
+    from adaptr.evaluation.run import evaluate
 
     before = snapshot(home)
     refused(cli, home, before, "eval", "a", "--data", str(stored), "--format",
@@ -701,7 +704,7 @@ def test_data_that_is_a_device_a_pipe_or_a_folder_is_named_for_what_it_is(cli, h
     import os
 
     from adaptr.errors import InvalidInputError
-    from adaptr.evaluation import evaluate
+    from adaptr.evaluation.run import evaluate
 
     pipe = stored.parent / "pipe.jsonl"
     os.mkfifo(pipe)
@@ -734,7 +737,7 @@ def test_chat_data_is_rendered_with_the_template_each_version_was_trained_with(
     """Eval renders (and tokenizes) chat data once for every row: with the template the
     versions were trained with, and refuses rows trained with different ones."""
     from adaptr.errors import InvalidInputError
-    from adaptr.evaluation import evaluate
+    from adaptr.evaluation.run import evaluate
 
     reg = Registry(tmp_path / "home")
     reg.add_base("tiny", tiny_llama)
@@ -749,7 +752,7 @@ def test_chat_data_is_rendered_with_the_template_each_version_was_trained_with(
         evaluate(["own", "plain"], data, "messages", "loss", registry=reg)
     assert reg.evals("own@1") == [] and reg.evals("plain@1") == []
     seen = []
-    import adaptr.evaluation as ev
+    import adaptr.evaluation.run as ev
 
     real = ev._render_chat
 
@@ -766,7 +769,7 @@ def test_chat_data_is_rendered_with_the_template_each_version_was_trained_with(
 def test_a_gated_move_is_refused_when_the_tag_moves_while_the_gate_checks(tmp_path, monkeypatch):
     """promote reads the tag, checks the gate, and moves the tag only from where it read it:
     another writer's move in between is not overwritten."""
-    import adaptr.evaluation as ev
+    import adaptr.evaluation.gates as ev
     from adaptr.errors import ConflictError
 
     from helpers import write_adapter

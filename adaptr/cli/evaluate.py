@@ -75,7 +75,7 @@ def eval_(
     bleu_tokenize, as_json, wide,
 ) -> None:  # fmt: skip
     """Score versions of one base on DATA in one mixed pass; results are stored on each version."""
-    from adaptr.evaluation import evaluate
+    from adaptr.evaluation.run import evaluate
     from adaptr.runtime import quiet_libraries
 
     options = key_values(format_options, "--format-option")
@@ -104,7 +104,7 @@ def eval_(
     for name, sig in result.signatures.items():
         click.echo(f"{name}: {sig}")
     if result.records:
-        click.echo(f"stored on {', '.join(r['ref'] for r in result.records)}")
+        click.echo(f"stored on {', '.join(str(r.ref) for r in result.records)}")
 
 
 class _Progress:
@@ -150,8 +150,8 @@ class _Progress:
 @with_registry
 def compare(registry, refs, data, as_json, wide) -> None:
     """Versions x metrics: training metrics and stored evals on one dataset; * marks the best."""
-    from adaptr.evaluation import LOWER_IS_BETTER
-    from adaptr.evaluation import compare as compare_
+    from adaptr.evaluation.compare import compare as compare_
+    from adaptr.evaluation.metrics import LOWER_IS_BETTER
 
     doc = compare_(registry, refs, data)
     if as_json:
@@ -204,7 +204,7 @@ def compare(registry, refs, data, as_json, wide) -> None:
 @with_registry
 def curves(registry, refs, png, parents, as_json) -> None:
     """Training loss curves of versions (stored log history): a terminal chart, a PNG."""
-    from adaptr.evaluation import curves as curves_
+    from adaptr.evaluation.compare import curves as curves_
 
     if parents:
         wanted: list[str] = []
@@ -214,7 +214,7 @@ def curves(registry, refs, png, parents, as_json) -> None:
                 if r not in wanted:
                     wanted.append(r)
         refs = tuple(wanted)
-    from adaptr.evaluation import plot_curves, sparkline
+    from adaptr.cli.charts import plot_curves, sparkline
 
     series = curves_(registry, refs)
     if png:

@@ -185,7 +185,7 @@ def _outcome(request: Request, ref: str, ok: bool, lines: list[str], headline: s
 
 async def gate(request: Request) -> Response:
     """A tag move's gate, checked without moving anything: what the move would do."""
-    from adaptr.evaluation import check_gate
+    from adaptr.evaluation.gates import check_gate
 
     form = await form_of(request)
     reg = registry_of(request)
@@ -205,7 +205,7 @@ async def gate(request: Request) -> Response:
 
 
 async def tag(request: Request) -> Response:
-    from adaptr.evaluation import promote
+    from adaptr.evaluation.gates import promote
 
     form = await form_of(request)
     reg = registry_of(request)

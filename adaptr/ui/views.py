@@ -248,7 +248,7 @@ def parse_refs(refs: list[str]) -> list[str]:
 
 
 def curves_view(registry: Registry, versions: list, refs: list[str]) -> CurvesView:
-    from adaptr.evaluation import curves
+    from adaptr.evaluation.compare import curves
 
     refs = parse_refs(refs)
     for r in refs:
@@ -301,7 +301,7 @@ def on_dataset(registry: Registry, sha256: str, refs: list[str]):
 
 
 def compare_view(registry: Registry, versions: list, refs: list[str], sha256: str = "") -> CompareView:  # fmt: skip
-    from adaptr.evaluation import compare
+    from adaptr.evaluation.compare import compare
 
     refs = parse_refs(refs)
     choices = [v.ref for v in versions]

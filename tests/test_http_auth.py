@@ -119,10 +119,10 @@ def test_uvicorn_gets_connection_limits_and_the_body_limit(serve_cli):
     code, _, config = serve_cli("--max-connections", "64", "--max-body-mb", "1.5")
     assert code == 0
     assert (config.timeout_keep_alive, config.limit_concurrency) == (5, 64)
-    assert config.app.state.limits.max_body_bytes == int(1.5 * 2**20)
+    assert config.app.state.context.limits.max_body_bytes == int(1.5 * 2**20)
     _, _, config = serve_cli()
     assert (config.timeout_keep_alive, config.limit_concurrency) == (5, 512)
-    assert config.app.state.limits.max_body_bytes == 4 * 2**20
+    assert config.app.state.context.limits.max_body_bytes == 4 * 2**20
     code, err, _ = serve_cli("--max-body-mb", "0")
     assert code != 0 and "max-body-mb" in err
 

@@ -58,7 +58,7 @@ def check_logged_once(caplog) -> None:
 
 def test_a_request_whose_client_left_is_dropped_before_its_batch(served, log):
     reg, url, app = served
-    batcher = app.state.batcher
+    batcher = app.state.context.scheduler
     batches = []  # the jobs of each forward that ran
     hook = batcher.server.model.register_forward_pre_hook(
         lambda *_: batches.append(list(batcher.current))
@@ -87,7 +87,7 @@ def test_a_request_whose_client_left_is_dropped_before_its_batch(served, log):
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_a_started_row_stops_when_its_client_leaves(served, log, stream):
     reg, url, app = served
-    batcher = app.state.batcher
+    batcher = app.state.context.scheduler
     started, go = threading.Event(), threading.Event()
     forwards = []
 

@@ -62,7 +62,7 @@ def test_a_body_over_the_limit_is_refused_at_once(limited):
     # without a length up front, the body is refused once it has gone past the limit. The
     # byte past the limit is the last one sent (in a chunk left open): the server has read
     # all there is when it answers and closes, so the close cannot turn into a reset
-    limit = app.state.limits.max_body_bytes
+    limit = app.state.context.limits.max_body_bytes
     sizes = [65536] * (limit // 65536) + ([limit % 65536] if limit % 65536 else [])
     head = (
         "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -75,7 +75,7 @@ def test_a_body_over_the_limit_is_refused_at_once(limited):
 
 def test_a_body_that_does_not_arrive_times_out(limited):
     _, url, app = limited
-    limits = app.state.limits
+    limits = app.state.context.limits
     before, limits.body_timeout_s = limits.body_timeout_s, 0.5
     try:
         head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
@@ -137,7 +137,7 @@ class WatchedTokenizer:
 
 @pytest.fixture
 def watched(limited):
-    server = limited[2].state.batcher.server
+    server = limited[2].state.context.server
     original = server.tokenizer
     watch = server.tokenizer = WatchedTokenizer(original, block="tokenize me slowly")
     yield watch
@@ -283,7 +283,7 @@ def test_text_parts_are_joined_and_unknown_routes_are_openai_shaped(limited):
 
 def test_the_server_still_serves_after_all_that(limited):
     reg, url, app = limited
-    wait_for(lambda: not app.state.batcher.waiting, "the batcher to be idle")
+    wait_for(lambda: not app.state.context.scheduler.waiting, "the batcher to be idle")
     out = client(url).completions.create(model="p0@3", prompt="Hello there", max_tokens=6)
     assert out.choices[0].text == expected(reg, "p0@3", "Hello there", 6)
 

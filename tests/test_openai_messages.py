@@ -3,7 +3,7 @@ images and audio refused with what is supported, and no field dropped silently."
 
 import pytest
 
-from adaptr.serving.openai.app import _messages
+from adaptr.serving.openai.prepare import parse_messages
 from adaptr.serving.openai.protocol import ParamError
 
 TOOL_CALL = {"id": "call_1", "type": "function",
@@ -12,13 +12,13 @@ TOOL_CALL = {"id": "call_1", "type": "function",
 
 def refusal(messages) -> str:
     with pytest.raises(ParamError) as e:
-        _messages(messages)
+        parse_messages(messages)
     assert e.value.param == "messages"
     return str(e.value)
 
 
 def test_role_content_and_name_reach_the_template():
-    got = _messages([{"role": "system", "content": "be brief"},
+    got = parse_messages([{"role": "system", "content": "be brief"},
                      {"role": "user", "content": "hi", "name": "alice"},
                      {"role": "user", "content": [{"type": "text", "text": "a"},
                                                   {"type": "text", "text": "b"}]}])  # fmt: skip
@@ -31,7 +31,7 @@ def test_an_answer_sent_back_as_the_openai_client_dumps_it_is_taken():
     dumped = {"role": "assistant", "content": "hello", "refusal": None, "annotations": None,
               "audio": None, "function_call": None, "tool_calls": None}  # fmt: skip
     assert (
-        _messages([dumped, {**dumped, "tool_calls": [], "annotations": []}])
+        parse_messages([dumped, {**dumped, "tool_calls": [], "annotations": []}])
         == [{"role": "assistant", "content": "hello"}] * 2
     )
 

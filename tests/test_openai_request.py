@@ -3,13 +3,14 @@
 import pytest
 
 from adaptr.serving.openai.protocol import ParamError, find_stop, held_back, parse_params
+from adaptr.serving.requests import Sampling
 
 
 def test_defaults_are_greedy_16_tokens_no_stop():
     p = parse_params({})
     assert (p.max_tokens, p.sampling, p.stop, p.stream, p.include_usage) == (
         16,
-        (False, 0.0, 1.0),
+        Sampling(0.0, 1.0),
         (),
         False,
         False,
@@ -22,13 +23,13 @@ def test_accepted_values():
          "stream": True, "stream_options": {"include_usage": True}, "seed": 3, "user": "u",
          "presence_penalty": 0, "logprobs": None, "response_format": {"type": "text"}}
     )  # fmt: skip
-    assert p.max_tokens == 7 and p.sampling == (True, 0.7, 0.9)
+    assert p.max_tokens == 7 and p.sampling == Sampling(0.7, 0.9, 3)
     assert p.stop == ("###",) and p.stream and p.include_usage
     assert parse_params({"stop": ["a", "bc"], "max_tokens": 3}).stop == ("a", "bc")
-    assert parse_params({"temperature": 0.01}).sampling == (True, 0.01, 1.0)
+    assert parse_params({"temperature": 0.01}).sampling == Sampling(0.01, 1.0)
     assert parse_params({"stop": "s" * 256}).stop == ("s" * 256,)
     # greedy ignores top_p, so greedy requests batch together whatever top_p they send
-    assert parse_params({"temperature": 0, "top_p": 0.5}).sampling == (False, 0.0, 1.0)
+    assert parse_params({"temperature": 0, "top_p": 0.5}).sampling == Sampling(0.0, 1.0)
 
 
 @pytest.mark.parametrize(
@@ -206,7 +207,7 @@ NEUTRAL = [
 @pytest.mark.parametrize("body", NEUTRAL, ids=repr)
 def test_neutral_values_of_unsupported_fields_are_accepted(body):
     p = parse_params({"max_tokens": 4, **body})
-    assert p.sampling == (False, 0.0, 1.0) and p.n == body.get("n", 1)
+    assert p.sampling == Sampling(0.0, 1.0) and p.n == body.get("n", 1)
 
 
 @pytest.mark.parametrize(

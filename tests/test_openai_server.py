@@ -145,7 +145,7 @@ def test_load_500_requests_from_8_clients(served):
 
 def test_requests_queued_together_run_as_one_batch_across_models(served):
     reg, _, url, _, app = served
-    batcher = app.state.batcher
+    batcher = app.state.context.scheduler
     models = ["a@1", "b", "tiny", "a@1", "b"]
     want = [expected(reg, None if m == "tiny" else m, f"together {i}", 4) for i, m in enumerate(models)]  # fmt: skip
     api = client(url)
@@ -207,7 +207,7 @@ def test_stop_strings_end_the_answer_and_its_row_in_the_batch(served):
     # the stop string once it is complete): the count no longer depends on the timing. The
     # token that completes the stop string comes from forward k = completion_tokens; the
     # request then marks its row done, so the forward after it is the row's last.
-    batcher = app.state.batcher
+    batcher = app.state.context.scheduler
     forwards = []
 
     def before_forward(module, args):
@@ -284,7 +284,7 @@ def _add_dora(reg, root) -> None:
 def _recording_jobs(batcher):
     """``job(adapter)``: a scheduler request for "Hello there" (6 greedy tokens) that records
     its events in ``.items`` instead of answering a client."""
-    from adaptr.serving.scheduler import Request
+    from adaptr.serving.requests import Request
 
     prompt_ids = batcher.server.tokenizer("Hello there").input_ids
 
@@ -311,7 +311,7 @@ def _run_together(batcher, jobs) -> None:
 
 def test_an_adapter_that_cannot_load_fails_only_its_own_requests(served):
     reg, root, _, _, app = served
-    batcher = app.state.batcher
+    batcher = app.state.context.scheduler
     _add_dora(reg, root)
     job = _recording_jobs(batcher)
     # a@1 loads; "gone@1" was resolved by a request, then removed before it ran
@@ -331,7 +331,7 @@ def test_a_job_cancelled_while_an_earlier_part_runs_is_dropped_not_generated(ser
     one at a time after one failed to load) wait: one whose client leaves meanwhile is
     dropped before it joins, never loaded and prefilled."""
     reg, root, _, _, app = served
-    batcher = app.state.batcher
+    batcher = app.state.context.scheduler
     _add_dora(reg, root)
     job = _recording_jobs(batcher)
     cases = [
@@ -369,7 +369,7 @@ def test_an_apps_threads_end_with_it(tiny_llama, tmp_path):
         client(url).chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2
         )
-        threads = [app.state.batcher.thread, *app.state.workers._threads]
+        threads = [app.state.context.scheduler.thread, *app.state.context.workers._threads]
         assert len(threads) > 1 and all(t.is_alive() for t in threads), threads
     assert not any(t.is_alive() for t in threads), threads
 
@@ -380,7 +380,7 @@ def test_an_error_while_streaming_is_an_openai_shaped_event(served, monkeypatch)
     def fail(job):  # the batch fails at once: its error reaches the stream
         job.loop.call_soon_threadsafe(job.out.put_nowait, (job.index, "error", RuntimeError("boom"), 0))  # fmt: skip
 
-    monkeypatch.setattr(app.state.batcher, "submit", fail)
+    monkeypatch.setattr(app.state.context.scheduler, "submit", fail)
     body = {"model": "a", "prompt": "x", "max_tokens": 4, "stream": True}
     with httpx.stream("POST", f"{url}/completions", json=body, timeout=START_S) as s:
         assert s.status_code == 200
@@ -459,7 +459,7 @@ def test_chat_names_answers_sent_back_and_what_is_refused(served, monkeypatch):
     sent back as the openai client dumps it is taken; tool-call history and images are
     refused saying what is supported."""
     reg, _, url, api, app = served
-    tokenizer = app.state.batcher.server.tokenizer
+    tokenizer = app.state.context.server.tokenizer
     seen = []
     template = tokenizer.apply_chat_template
 

@@ -101,11 +101,10 @@ def serve(
         raise click.UsageError(
             f"unexpected arguments {' '.join(vllm_args)}: only --engine vllm takes engine arguments after --"
         )
-    import uvicorn
-
     from adaptr.runtime import quiet_libraries
     from adaptr.serving import AdapterServer
     from adaptr.serving.openai.app import Limits, create_app
+    from adaptr.serving.openai.http import uvicorn_server
 
     quiet_libraries()
     registry.get_base(base)  # a clear error for an unknown base before loading anything
@@ -123,12 +122,8 @@ def serve(
         f"serving {base} on http://{host}:{port}/v1 (model = an adapter ref, '{base}' or 'active')",
         err=True,
     )
-    from adaptr.serving.openai.http import uvicorn_settings
-
     # the guarded protocol: header and body deadlines, OpenAI-shaped 400 and 503
-    settings = uvicorn_settings(limit_concurrency=max_connections)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", **settings)
-    uvicorn.Server(config).run()
+    uvicorn_server(app, host=host, port=port, limit_concurrency=max_connections).run()
 
 
 def default_threads() -> int:

@@ -1,3 +1,6 @@
 """The OpenAI-compatible HTTP server over an :class:`~adaptr.serving.AdapterServer`:
-``protocol`` (request parameters, stop strings), ``batcher`` (the app's requests as jobs of the scheduler), ``app``
-(the FastAPI app, its limits, its lifespan)."""
+``app`` (the FastAPI app's wiring: routes, lifespan, serving in a thread), ``context`` (the
+state its handlers share, its limits), ``protocol`` (request parameters, checked),
+``prepare`` (a body made into scheduler requests), ``responses`` (JSON and SSE answers),
+``logprobs`` (their shapes), ``errors`` and ``auth`` (OpenAI-shaped refusals, the API key)
+and ``http`` (uvicorn: the guarded protocol and its settings)."""

@@ -5,7 +5,7 @@ and headers a byte at a time (slowloris) holds its connection, and one of the se
 ``--max-connections``, for as long as it likes. Here a request's headers must be complete
 within :data:`HEADER_TIMEOUT_S` of its first byte (of the connection, for the first
 request); past that the connection is closed. The body has its own deadline while the app
-reads it (:attr:`~adaptr.serving.openai.app.Limits.body_timeout_s`, a 408).
+reads it (:attr:`~adaptr.serving.openai.context.Limits.body_timeout_s`, a 408).
 
 An answer given without reading the body (a 401 without the key, a 404, a GET with a body)
 leaves the rest of the body to come: it is read and dropped for at most :data:`DRAIN_S`,
@@ -28,6 +28,7 @@ import logging
 from typing import Any
 
 import h11
+import uvicorn
 from uvicorn.protocols.http.h11_impl import STATUS_PHRASES, H11Protocol
 
 HEADER_TIMEOUT_S = 10.0
@@ -50,6 +51,13 @@ def uvicorn_settings(**config: Any) -> dict[str, Any]:
     upgrade (it would leave the protocol and its deadlines), the keep-alive timeout;
     ``config`` overrides them (``limit_concurrency`` is ``--max-connections``)."""
     return {"http": GuardedH11Protocol, "ws": "none", "timeout_keep_alive": KEEP_ALIVE_S, **config}
+
+
+def uvicorn_server(app: Any, **config: Any) -> uvicorn.Server:
+    """A uvicorn server for ``app`` with adaptr serve's settings (:func:`uvicorn_settings`;
+    ``log_level`` is ``"warning"`` unless given); ``config`` goes to ``uvicorn.Config``."""
+    settings = uvicorn_settings(**{"log_level": "warning", **config})
+    return uvicorn.Server(uvicorn.Config(app, **settings))
 
 
 class GuardedH11Protocol(H11Protocol):

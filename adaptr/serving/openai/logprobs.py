@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import lru_cache
 
-from adaptr.serving.scheduler import TokenLogprob
+from adaptr.serving.requests import TokenLogprob
 
 FLOOR = -9999.0
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adaptr.errors import InvalidInputError
+from adaptr.serving.requests import Sampling
 from adaptr.serving.text import find_stop, held_back  # noqa: F401  (the engine's)
 
 MAX_TOKENS = 4096
@@ -73,17 +74,21 @@ class RequestParams:
     """What a completion request asks of the generation."""
 
     max_tokens: int
-    sampling: tuple  # (do_sample, temperature, top_p): requests batch together when equal
+    sampling: Sampling  # greedy is Sampling(0.0, 1.0, seed), whatever top_p was sent
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False
-    seed: int | None = None
     n: int = 1
     logprobs: int | None = None  # alternatives per token; None: no log-probabilities
     echo: bool = False  # completions: the prompt comes first (text and log-probabilities)
     ignore_eos: bool = False  # generate max_tokens whatever comes
     min_tokens: int = 0  # before these many tokens no EOS and no stop string
     as_ids: bool = False  # log-probabilities name tokens token_id:N
+
+    @property
+    def seed(self) -> int | None:
+        """The first choice's seed (choice j's is ``seed + j``); None: unseeded."""
+        return self.sampling.seed
 
 
 def _number(body: dict, key: str, default: float, low: float, high: float) -> float:
@@ -245,8 +250,8 @@ def parse_params(body: dict, chat: bool = False) -> RequestParams:
     include_usage = _flag(options, "include_usage", name="stream_options.include_usage")
     _flag(options, "include_obfuscation", name="stream_options.include_obfuscation")
     # temperature 0 (the default here, unlike OpenAI's 1) is greedy and deterministic
-    sampling = (False, 0.0, 1.0) if temperature == 0 else (True, temperature, top_p)
+    sampling = Sampling(0.0, 1.0, seed) if temperature == 0 else Sampling(temperature, top_p, seed)
     return RequestParams(
-        max_tokens, sampling, tuple(stops), stream, include_usage, seed,
+        max_tokens, sampling, tuple(stops), stream, include_usage,
         n, logprobs, echo, ignore_eos, min_tokens, as_ids,
     )  # fmt: skip

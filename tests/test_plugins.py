@@ -160,8 +160,8 @@ def test_version_added_event(register_plugin, registry, adapter_dir):
 
 def test_a_failing_event_hook_does_not_undo_the_add(register_plugin, registry, adapter_dir):
     register_plugin(Recorder(fail=True), "failing")
-    registry.add("legal", adapter_dir)
-    assert registry.get("legal@1") and any("webhook down" in n for n in registry.notes)
+    v = registry.add("legal", adapter_dir)
+    assert registry.get("legal@1") and any("webhook down" in n for n in v.notes)
 
 
 WEBHOOK = """

@@ -164,7 +164,7 @@ def test_adapters_changing_one_module_two_ways_run_in_separate_batches(setup):
     assert sorted(server.resident()) == ["lemb@1", "pl@1"]
     embed = server.model.get_input_embeddings()
     assert type(embed).__name__ == "Embedding" and hasattr(embed, "lora_embedding_A")
-    assert embed.base_layer is server._fallback.modules["model.embed_tokens"]
+    assert embed.base_layer is server.fallback.modules["model.embed_tokens"]
     # every order of loading them (and back again)
     for first, second in permutations(["emb1", "tok1", "lemb"], 2):
         server.load(first)
@@ -183,15 +183,15 @@ def test_loading_after_trainable_tokens_and_after_the_active_or_last_adapter_lef
     server = setup.server()
     server.load("head2")  # v_proj and a saved lm_head
     server.generate(["hi"], ["emb2"], max_new_tokens=1)  # q_proj only; active for its batch
-    server._evict("emb2@1")
-    assert server._fallback.peft.base_model.active_adapters == []
+    server.slots.evict("emb2@1")
+    assert server.fallback.peft.base_model.active_adapters == []
     setup.check(server, ["emb1", "head2", None])
     # the last PEFT adapter evicted: its wrapper goes, and a saved module loads again
     # (PEFT alone: ValueError 'Please specify at least one adapter to set')
     one = setup.server(max_adapters=1)
     one.load("emb1")
     one.load("pl")
-    assert one.served_by_peft() == [] and one._fallback.peft is None
+    assert one.served_by_peft() == [] and one.fallback.peft is None
     assert isinstance(one.model.get_input_embeddings(), torch.nn.Embedding)
     setup.check(one, ["head1", "head1"])
     setup.check(one, ["emb1"])
@@ -230,7 +230,7 @@ def test_what_peft_cannot_run_is_a_one_line_adaptr_error(setup):
     _one_line(e, "activated LoRA")
     # a mix that reached PEFT anyway is refused before PEFT raises its own errors
     server.load("dora")
-    with pytest.raises(InvalidInputError) as e, server._fallback.rows(["dora@1", "__base__"]):
+    with pytest.raises(InvalidInputError) as e, server.fallback.rows(["dora@1", "__base__"]):
         server.model(**server.tokenizer(["hi", "yo"], return_tensors="pt"))
     _one_line(e, "PEFT cannot run dora@1 in one batch")
     # and the server still answers correctly
@@ -255,7 +255,7 @@ def test_a_load_peft_fails_on_leaves_nothing_behind(setup, monkeypatch):
         server.load("emb1")
     _one_line(e, "PEFT could not load emb1@1 beside the adapters this server holds (TypeError")
     monkeypatch.undo()
-    assert "emb1@1" not in server._fallback.peft.peft_config
+    assert "emb1@1" not in server.fallback.peft.peft_config
     assert isinstance(server.model.get_input_embeddings(), torch.nn.Embedding)  # unwrapped
     assert server.resident() == ["head1@1"]
     setup.check(server, ["emb1", "head1", None])
@@ -275,7 +275,7 @@ def test_the_http_server_answers_every_mix_or_refuses_it_with_a_4xx(setup):
     prompts = [f"mix {i}" for i in range(len(models))]
     with running(app) as url:
         api = client(url)
-        batcher = app.state.batcher
+        batcher = app.state.context.scheduler
 
         def one(i):
             return api.completions.create(model=models[i], prompt=prompts[i], max_tokens=4)

@@ -10,7 +10,9 @@ import torch
 
 from adaptr.errors import InvalidInputError
 from adaptr.serving import AdapterServer
-from adaptr.serving.scheduler import Detokenizer, Request, Sampling, Scheduler
+from adaptr.serving.requests import Request, Sampling
+from adaptr.serving.scheduler import Scheduler
+from adaptr.serving.text import Detokenizer
 from adaptr.tiny import save_tiny_base
 
 from helpers import random_lora, wait_for

@@ -108,8 +108,8 @@ def test_rows_grouped_by_adapter_give_the_same_answers(setup):
         assert [adapters[i] for i in order] == [None] * 2 + ["a"] * 2 + ["b"] * 4 + ["c"] * 2
         enc = server.tokenizer([prompts[i] for i in order], return_tensors="pt", padding=True)
         server.model(**enc)
-        gathered = [g for g in server._state.cache.values() if g is not False]
-        assert gathered and all(a.shape[0] == 5 for a, _ in gathered)  # 10 rows, blocks of 2
+        gathered = [g for g in server.state.cache.values() if not g.empty]
+        assert gathered and all(g.A.shape[0] == 5 for g in gathered)  # 10 rows, blocks of 2
 
 
 def test_row_aware_generate_arguments_keep_the_callers_order(setup):
@@ -256,7 +256,7 @@ def test_adapters_the_stacks_cannot_hold_are_served_by_peft_in_the_same_batch(se
         small.load("embed")
         small.load("a")
         assert small.resident() == ["embed@1", "a@1"] and small.served_by_peft() == ["embed@1"]
-        assert "dora@1" not in small._fallback.peft.peft_config
+        assert "dora@1" not in small.fallback.peft.peft_config
         assert small.generate(prompts[:3], ["dora"] * 3, max_new_tokens=6) == first
     finally:
         for name in specs:
@@ -285,10 +285,10 @@ def test_buffers_grow_with_what_is_loaded(setup):
     reg, _ = setup
     server = AdapterServer(reg, "base", max_adapters=50)
     server.load("a")
-    sizes = {name: (layer.A.shape[0], layer.A.shape[2]) for name, layer in server._layers.items()}
+    sizes = {name: (layer.A.shape[0], layer.A.shape[2]) for name, layer in server.slots.layers.items()}
     assert all(cap <= 4 and rank == 4 for cap, rank in sizes.values())  # not 51 slots x max_rank 64
     server.load("b")  # rank 8 and more modules
-    assert max(layer.A.shape[2] for layer in server._layers.values()) == 8
+    assert max(layer.A.shape[2] for layer in server.slots.layers.values()) == 8
 
 
 def test_memory_bound_evicts_least_recently_used(setup):
@@ -363,7 +363,7 @@ def test_stacked_lora_adds_each_rows_own_delta(out_dtype, rows, blocks):
         base = layer(x)
         # a bf16 output takes the out-of-place path (the stacks stay fp32)
         got = stacked._hook(layer, (x,), base.clone().to(out_dtype))
-    (a, b), *_ = state.cache.values()
+    a = next(iter(state.cache.values())).A  # the gathered A
     assert a.shape[0] == blocks or (blocks == 1 and a.dim() == 2)  # weights read once per block
     if len(rows) > 3:  # inputs whose first dimension is not the batch's rows are refused
         with pytest.raises(InvalidInputError, match="first dimension"):
@@ -528,7 +528,7 @@ def _mixed_chats(app, models):
 
     with running(app) as url:
         api = client(url)
-        batcher = app.state.batcher
+        batcher = app.state.context.scheduler
         start = batcher.submitted
         batcher.hold()
         with ThreadPoolExecutor(len(models)) as pool:

@@ -9,7 +9,7 @@ deltas from the stacks and rows on PEFT adapters from PEFT's mixed batch (``adap
 "__base__" for the others). Between batches PEFT's layers are disabled.
 
 Everything adaptr knows about what PEFT (0.21) cannot mix lives here (:meth:`PeftFallback.traits`,
-:func:`clash`), for ``AdapterServer.partition`` to split such batches:
+:func:`clash`), for :func:`partition` to split such batches:
 
 - run apart (a batch of their own, with that adapter active): DoRA (its layers refuse
   ``adapter_names``: ValueError) and the other LoRA variants (their mixed path is not PEFT's
@@ -41,10 +41,11 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from adaptr.errors import AdaptrError, InvalidInputError, first_line
 from adaptr.registry import AdapterVersion, Registry
@@ -96,6 +97,38 @@ def clash(a: Traits, b: Traits) -> str | None:
                     f"({how} and {other}), which PEFT cannot hold at once"
                 )
     return None
+
+
+def partition(adapters: Sequence[Hashable], traits: Mapping[Any, Traits | None]) -> list[list[int]]:
+    """The rows of a batch (``adapters[i]``: row i's adapter; ``traits``: each adapter's,
+    None for the base or one the batch will report) as the batches they must run as, in
+    order of first appearance: an adapter PEFT cannot mix with others (DoRA, …) gets its
+    rows apart, and two that PEFT cannot hold at once go to different batches; everything
+    else (the base's rows too) runs together in the first."""
+    groups: list[tuple[bool, list[Traits], list[int]]] = []  # (alone, adapters' traits, rows)
+    where: dict[Any, int] = {}
+    for i, a in enumerate(adapters):
+        if a not in where:
+            where[a] = _group(groups, traits.get(a))
+        groups[where[a]][2].append(i)
+    return [rows for _, _, rows in groups]
+
+
+def _group(groups: list[tuple[bool, list[Traits], list[int]]], t: Traits | None) -> int:
+    """The first group an adapter (``t``: its traits; None: the base, or a ref the batch
+    will report) can join, or a new one."""
+    alone = bool(t and t.alone)
+    fits = (
+        g
+        for g, (apart, members, _) in enumerate(groups)
+        if not (alone or apart or (t and any(clash(t, m) for m in members)))
+    )
+    g = next(fits, len(groups))
+    if g == len(groups):
+        groups.append((alone, [], []))
+    if t:
+        groups[g][1].append(t)
+    return g
 
 
 class PeftFallback:

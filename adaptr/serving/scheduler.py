@@ -1,24 +1,23 @@
-"""Iteration-level (continuous) batching: one worker thread owns the batch of an AdapterServer.
+"""Iteration-level (continuous) batching: one worker thread owns the batch of an engine.
 
 A request joins the running batch at the next decoding step (its prefill runs then, with
 the other newcomers) and leaves the step it finishes: EOS, ``max_tokens``, a stop string,
-or :meth:`Request.cancel` (a client gone). Each row keeps its own KV cache: the batch's
-cache is the rows' caches left-padded to one length (a DynamicCache, attention mask zero on
-the padding, each row's positions counted from its own first token), so a row's keys and
-values are computed once, whatever joins or leaves around it; joining concatenates the
-newcomers' prefill cache, leaving selects the remaining rows and trims the padding no row
-needs any more. Per-row adapters go through the stacked LoRA (the rows' slots are set on
-the shared :class:`~adaptr.serving.stacks.BatchState` before every forward, since rows
-change between steps) and PEFT's fallback (its per-row names); adapters PEFT cannot mix
-(:meth:`AdapterServer.partition`) never share the batch: a request that cannot join waits,
-first in line, until the rows it clashes with have left. Sampling is per request
-(temperature, top_p, and a seed that makes it reproducible alone or batched).
+or :meth:`Request.cancel` (a client gone). Each row keeps its own KV cache
+(:mod:`adaptr.serving.batch`: the rows' caches left-padded to one length, each row's
+positions counted from its own first token), so a row's keys and values are computed once,
+whatever joins or leaves around it. Per-row adapters are the engine's: a request's ref is
+resolved once (:meth:`Engine.resolve`, the first time the request is considered), its
+batch's adapters are loaded and given slots (:meth:`Engine.assign`) and set for each
+forward (:meth:`Engine.running`), since rows change between steps; adapters PEFT cannot mix
+(:meth:`Engine.mixes`) never share the batch: a request that cannot join waits, first in
+line, until the rows it clashes with have left. Sampling is per request (temperature,
+top_p, and a seed that makes it reproducible alone or batched).
 
-Text is decoded incrementally (:class:`Detokenizer`: a few tokens per step, never the
-whole completion); text that could begin a stop string is held back until it cannot.
-Log-probabilities, when a request asks, are those of the model's distribution (the raw
-logits' log-softmax, before temperature and top_p): each generated token's with its
-``logprobs`` most likely alternatives, and with ``prompt_logprobs`` each prompt token's
+Text is decoded incrementally (:class:`~adaptr.serving.text.Detokenizer`: a few tokens per
+step, never the whole completion); text that could begin a stop string is held back until
+it cannot. Log-probabilities, when a request asks, are those of the model's distribution
+(the raw logits' log-softmax, before temperature and top_p): each generated token's with
+its ``logprobs`` most likely alternatives, and with ``prompt_logprobs`` each prompt token's
 (computed in its prefill, the one step that sees the whole prompt; such prefills keep every
 position's logits, so newcomers that score their prompts and those that do not join in
 separate steps).
@@ -29,16 +28,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Collection, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 from adaptr.errors import AdaptrError
-
-if TYPE_CHECKING:
-    import torch
-
-    from adaptr.serving.server import AdapterServer
+from adaptr.serving.batch import Batch, Row
+from adaptr.serving.requests import Request, ServedAdapter, TokenLogprob
+from adaptr.serving.text import Detokenizer, find_stop, held_back, unchecked
 
 log = logging.getLogger(__name__)
 
@@ -46,155 +43,40 @@ MAX_BATCH = 32
 PROMPT_CHUNK = 256  # prompt positions scored at once (their log-softmax is float32 x vocabulary)
 
 
-@dataclass(frozen=True)
-class TokenLogprob:
-    """A token's log-probability under the model, and the ``top`` most likely tokens at its
-    position (``(token id, log-probability)``, most likely first)."""
+class Engine(Protocol):
+    """What the scheduler needs of the model it batches for (:class:`AdapterServer` is one).
 
-    token: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How a request picks its tokens: temperature 0 is greedy; ``seed`` makes sampling
-    reproducible (the same tokens alone or in any batch)."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-
-
-class Detokenizer:
-    """Incremental decoding: each token's new text from the few tokens around it.
-
-    Decodes ``ids[prefix:]`` and ``ids[prefix:read]`` and hands out the difference (the
-    scheme of TGI and vLLM), so a token costs a decode of a short window, and text whose
-    UTF-8 character is incomplete (``\\ufffd``) waits for the token that completes it.
+    ``lock`` is held around each prefill and decoding step (with :meth:`assign` and the
+    forwards inside :meth:`running`).
     """
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.prefix = self.read = 0
+    model: Any  # a transformers causal LM
+    tokenizer: Any
+    lock: AbstractContextManager
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+    def resolve(self, ref: str | None) -> ServedAdapter | None:
+        """The adapter ``ref`` names (None: the bare base); raises for one it cannot serve."""
+        ...
 
-    def add(self, token: int) -> str:
-        """The text that ``token`` completes ("" while a character is incomplete)."""
-        self.ids.append(token)
-        before = self._decode(self.ids[self.prefix : self.read])
-        now = self._decode(self.ids[self.prefix :])
-        if len(now) > len(before) and not now.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(self.ids)
-            return now[len(before) :]
-        return ""
+    def mixes(self, adapters: Collection[ServedAdapter | None]) -> bool:
+        """Whether rows on ``adapters`` can run in one batch."""
+        ...
 
-    def flush(self) -> str:
-        """What is left undecoded at the end (an incomplete character, as ``\\ufffd``)."""
-        before = self._decode(self.ids[self.prefix : self.read])
-        now = self._decode(self.ids[self.prefix :])
-        self.prefix = self.read = len(self.ids)
-        return now[len(before) :] if now.startswith(before) else ""
+    def assign(self, adapters: Sequence[ServedAdapter | None]) -> tuple[list[int], list[str]]:
+        """Load a batch's adapters (one per row): each row's slot and PEFT name; raises an
+        AdaptrError when they cannot be resident together."""
+        ...
 
-
-Event = tuple[str, Any]  # ("text", new text) | ("end", finish reason) | ("error", exception)
-
-
-@dataclass(eq=False)
-class Request:
-    """One completion: its prompt's token ids, adapter ref (None: the bare base), limits.
-
-    ``on_event`` (called on the worker thread) gets ``("text", piece)`` as text is ready,
-    then ``("end", reason)`` (``"stop"``, ``"length"``, ``"cancelled"``) or ``("error", e)``.
-    ``tokens`` are the generated ids (EOS left out), ``text`` the completion (cut before a
-    stop string); :meth:`wait` blocks until it is finished.
-
-    ``logprobs`` (k, or None: none) fills ``token_logprobs``: one :class:`TokenLogprob` per
-    generated token, an EOS that ended it included, each with its k most likely
-    alternatives; ``prompt_logprobs`` fills ``prompt_token_logprobs`` likewise for the
-    prompt (None for its first token, which nothing predicts). ``max_tokens`` may be 0 with
-    ``prompt_logprobs``: the prompt is scored and nothing generated.
-    """
-
-    prompt_ids: list[int]
-    adapter: str | None = None
-    max_tokens: int = 16
-    sampling: Sampling = Sampling()
-    stop: tuple[str, ...] = ()
-    on_event: Callable[[Event], None] | None = None
-    keep_logits: bool = False  # keep each step's logits (float32) in ``logits``
-    logprobs: int | None = None
-    prompt_logprobs: bool = False
-    ignore_eos: bool = False  # generate max_tokens whatever comes (benchmarks)
-    eos_tokens: frozenset[int] | None = None  # the tokens that end it (None: the model's EOS)
-    min_tokens: int = 0  # before these many, no EOS is chosen and no stop string ends it
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    sent: int = 0  # characters of text handed out
-    finish: str | None = None
-    end_token: int | None = None  # the EOS that ended it (not in ``tokens``)
-    error: BaseException | None = None
-    cancelled: bool = False
-    logits: list = field(default_factory=list)
-    token_logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_token_logprobs: list[TokenLogprob | None] = field(default_factory=list)
-    done: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def completion_tokens(self) -> int:
-        """Tokens generated, an EOS that ended it included (as vLLM and OpenAI count them)."""
-        return len(self.tokens) + (self.end_token is not None)
-
-    def cancel(self) -> None:
-        """Stop generating for it: dropped before it starts, else its row leaves at the next step."""
-        self.cancelled = True
-
-    def wait(self, timeout: float | None = None) -> Request:
-        if not self.done.wait(timeout):
-            raise TimeoutError(f"the request did not finish within {timeout:g} s")
-        if self.error is not None:
-            raise self.error
-        return self
-
-    def _emit(self, kind: str, value: Any) -> None:
-        if self.on_event is not None:
-            try:
-                self.on_event((kind, value))
-            except Exception:  # a listener's failure is not the batch's
-                log.exception("a request's listener failed")
-
-
-@dataclass(eq=False)
-class Row:
-    """A request in the batch, with what its decoding needs."""
-
-    request: Request
-    slot: int = 0  # its adapter's slot in the stacks (0: none there)
-    peft_name: str = ""  # its adapter's name for PEFT's fallback (BASE: none)
-    detok: Detokenizer | None = None
-    generator: torch.Generator | None = None
-    next_token: int = 0  # sampled, not yet fed to the model
-
-
-@dataclass
-class Batch:
-    """The running batch: its rows, their left-padded KV cache and attention mask
-    (``[rows, length]``, 0 on padding), and the stacks' weights gathered for these rows."""
-
-    rows: list[Row] = field(default_factory=list)
-    cache: Any = None  # a transformers DynamicCache, batch-first
-    mask: torch.Tensor | None = None
-    gathered: dict = field(default_factory=dict)
-
-
-_STOP = object()
+    def running(
+        self, slots: Sequence[int], names: Sequence[str], gathered: dict | None = None
+    ) -> AbstractContextManager[None]:
+        """Forwards inside run each row on its slot and PEFT name (of :meth:`assign`)."""
+        ...
 
 
 class Scheduler:
-    """The worker that owns batching for an :class:`AdapterServer` (until :meth:`close`).
+    """The worker that owns batching for an :class:`Engine` (until :meth:`close`); the
+    server builds its one (:attr:`AdapterServer.scheduler`).
 
     ``submitted``/``dropped`` count the requests queued and those dropped before starting
     (cancelled); ``current`` lists the running requests; ``most_rows``/``most_models`` are the
@@ -203,8 +85,8 @@ class Scheduler:
     let a set of requests start together).
     """
 
-    def __init__(self, server: AdapterServer, max_batch: int = MAX_BATCH):
-        self.server = server
+    def __init__(self, server: Engine, max_batch: int = MAX_BATCH):
+        self.server = server  # the engine (an AdapterServer)
         self.max_batch = max_batch
         self.waiting: deque[Request] = deque()
         self.batch = Batch()
@@ -236,6 +118,11 @@ class Scheduler:
     @property
     def current(self) -> list[Request]:
         return [r.request for r in self.batch.rows + self._joining]
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (it takes no more requests)."""
+        return self._closing
 
     def submit(self, request: Request) -> Request:
         with self._cv:
@@ -301,11 +188,19 @@ class Scheduler:
         taken: list[Request] = []
         seen: list[Request] = []
         fresh = not self.batch.rows
-        adapters = [r.request.adapter for r in self.batch.rows]
+        adapters = [r.request.served for r in self.batch.rows]
         scored: bool | None = None  # whether the newcomers score their prompts (see _prefill)
         width = rows_scored = 0
         mixing: dict[frozenset, bool] = {}
+        failed: list[tuple[Request, BaseException]] = []
         for req in candidates:
+            if not req.cancelled and not req.resolved:
+                try:  # its adapter, once for its whole life
+                    req.served, req.resolved = self.server.resolve(req.adapter), True
+                except Exception as e:  # an unknown or refused ref fails its request only
+                    failed.append((req, e))
+                    seen.append(req)
+                    continue
             if not req.cancelled:
                 if scored is not None and req.prompt_logprobs != scored:
                     break  # every position's logits for prompts that need them only: next step
@@ -314,13 +209,11 @@ class Scheduler:
                     if rows_scored and (rows_scored + 1) * width > self.score_budget:
                         break
                     rows_scored += 1
-                mixed = adapters + [req.adapter]
+                mixed = adapters + [req.served]
                 kinds = frozenset(mixed)  # (whether they mix depends on the set only)
                 fits = mixing.get(kinds)
                 if fits is None:
-                    fits = mixing[kinds] = len(kinds - {None}) <= self.server.max_adapters and (
-                        len(kinds) < 2 or len(self.server.partition(list(kinds), len(kinds))) == 1
-                    )
+                    fits = mixing[kinds] = self.server.mixes(kinds)
                 if not fits and fresh:
                     continue
                 if not fits:
@@ -335,6 +228,8 @@ class Scheduler:
                 if req.cancelled and req not in taken:
                     self.dropped += 1
                     self._end(req, "cancelled")
+        for req, e in failed:
+            self._fail(req, e)
         if taken:
             self._alone_next = False
         return taken
@@ -358,9 +253,8 @@ class Scheduler:
         import torch
 
         server = self.server
-        with server._lock:
-            slots = self._slots(rows)
-            if slots is None:
+        with server.lock:
+            if not self._slots(rows):
                 return
             tok = server.tokenizer
             enc = tok.pad({"input_ids": [r.request.prompt_ids for r in rows]}, return_tensors="pt")
@@ -381,7 +275,7 @@ class Scheduler:
                         logits[i], row.request.prompt_ids, row.request.logprobs or 0
                     )
             logits = logits[:, -1].float()
-        for i, row in enumerate(rows):
+        for row in rows:
             s = row.request.sampling
             row.detok = Detokenizer(tok)
             if s.temperature > 0:
@@ -390,34 +284,33 @@ class Scheduler:
                     row.generator.seed()
                 else:
                     row.generator.manual_seed(s.seed)
-            row.slot = int(slots[i])
-        self._merge(rows, cache, mask)
+        self.batch.add(rows, cache, mask)
         self._sample(rows, logits, range(len(rows)))
         self.most_rows = max(self.most_rows, len(self.batch.rows))
-        self.most_models = max(self.most_models, len({r.request.adapter for r in self.batch.rows}))
+        self.most_models = max(self.most_models, len({r.request.served for r in self.batch.rows}))
 
-    def _slots(self, rows: list[Row]):
+    def _slots(self, rows: list[Row]) -> bool:
         """Load the adapters of the batch with ``rows`` (held: the server's lock); each new
-        row's slot and PEFT name are set, every running row's refreshed. None (and the rows
+        row's slot and PEFT name are set, every running row's refreshed. False (and the rows
         dealt with) when they cannot all be resident together."""
         server = self.server
         running = self.batch.rows
         everyone = running + rows
         try:
-            slots, names = server._rows([r.request.adapter for r in everyone], len(everyone))
+            slots, names = server.assign([r.request.served for r in everyone])
         except AdaptrError as e:
             if running:  # the batch's own adapters stay loaded
-                server._rows([r.request.adapter for r in running], len(running))
+                server.assign([r.request.served for r in running])
             if len(rows) == 1 and not running:
                 self._fail(rows[0].request, e)
-                return None
+                return False
             with self._cv:  # retried one at a time, once the batch has drained
                 self.waiting.extendleft(reversed([r.request for r in rows]))
                 self._alone_next = True
-            return None
-        for row, slot, name in zip(everyone, slots.tolist(), names, strict=True):
+            return False
+        for row, slot, name in zip(everyone, slots, names, strict=True):
             row.slot, row.peft_name = slot, name
-        return slots[len(running) :]
+        return True
 
     def _forward(
         self, rows: list[Row], *, ids, mask, positions, cache, gathered=None, every_position=False
@@ -426,61 +319,16 @@ class Scheduler:
         and PEFT's layers; the last position's logits, in float32 (``every_position``: every
         position's, in the model's dtype)."""
         server = self.server
-        server._state.set_rows(_tensor([r.slot for r in rows]), gathered)
-        try:
-            with server._fallback.rows([r.peft_name for r in rows]):
-                out = server.model(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    use_cache=True,
-                    **{self._cache_arg: cache},
-                    logits_to_keep=0 if every_position else 1,
-                )
-        finally:
-            server._state.set_rows(None)
-        return out.logits if every_position else out.logits[:, -1].float()
-
-    def _merge(self, rows: list[Row], cache, mask) -> None:
-        """Append ``rows`` (their cache and mask) to the batch, both left-padded to one length."""
-        import torch
-
-        b = self.batch
-        if not b.rows:
-            b.rows, b.cache, b.mask, b.gathered = rows, cache, mask, {}
-            self._order()
-            return
-        length = max(b.mask.shape[1], mask.shape[1])
-        for mine, theirs in zip(b.cache.layers, cache.layers, strict=True):
-            mine.keys = torch.cat([_pad_left(mine.keys, length), _pad_left(theirs.keys, length)])
-            mine.values = torch.cat(
-                [_pad_left(mine.values, length), _pad_left(theirs.values, length)]
+        with server.running([r.slot for r in rows], [r.peft_name for r in rows], gathered):
+            out = server.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                **{self._cache_arg: cache},
+                logits_to_keep=0 if every_position else 1,
             )
-        b.mask = torch.cat([_pad_left(b.mask, length, dim=1), _pad_left(mask, length, dim=1)])
-        b.rows = b.rows + rows
-        b.gathered = {}
-        self._order()
-
-    def _order(self) -> None:
-        """Rows of one adapter together (each block of rows reads its weights once)."""
-        b = self.batch
-        order = sorted(range(len(b.rows)), key=lambda i: b.rows[i].slot)
-        if order != list(range(len(b.rows))):
-            self._select(order)
-
-    def _select(self, keep: list[int]) -> None:
-        import torch
-
-        b = self.batch
-        index = torch.tensor(keep, dtype=torch.long, device=b.mask.device)
-        b.rows = [b.rows[i] for i in keep]
-        b.mask = b.mask.index_select(0, index)
-        first = int(b.mask.any(0).long().argmax()) if keep else 0  # padding no row needs
-        b.mask = b.mask[:, first:]
-        for layer in b.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, first:]
-            layer.values = layer.values.index_select(0, index)[:, :, first:]
-        b.gathered = {}
+        return out.logits if every_position else out.logits[:, -1].float()
 
     def _leave(self) -> None:
         """Rows whose request is finished or cancelled leave the batch."""
@@ -496,7 +344,7 @@ class Scheduler:
         if not keep:
             self.batch = Batch()
             return
-        self._select(keep)
+        b.select(keep)
 
     def _step(self) -> None:
         """One decoding step for every row: feed each its last token, sample the next."""
@@ -506,7 +354,7 @@ class Scheduler:
         ids = torch.tensor([[r.next_token] for r in b.rows], device=b.mask.device)
         positions = b.mask.sum(1, keepdim=True)  # each row's own count of tokens so far
         b.mask = torch.cat([b.mask, b.mask.new_ones(len(b.rows), 1)], dim=1)
-        with self.server._lock:
+        with self.server.lock:
             logits = self._forward(
                 b.rows, ids=ids, mask=b.mask, positions=positions, cache=b.cache,
                 gathered=b.gathered,
@@ -553,8 +401,6 @@ class Scheduler:
     def _accept(self, row: Row, token: int) -> None:
         """A row's new token: its text handed out (held back while it could begin a stop
         string), and its end when it is EOS, the last allowed, or ends in a stop string."""
-        from adaptr.serving.openai.protocol import find_stop, held_back
-
         req = row.request
         if req.cancelled:
             self._end(req, "cancelled")
@@ -567,7 +413,7 @@ class Scheduler:
         row.next_token = token
         piece = row.detok.add(token)
         if piece:
-            start = _unchecked(req)
+            start = unchecked(req.text, req.stop)
             req.text += piece
             if req.stop and len(req.tokens) >= req.min_tokens:
                 cut = find_stop(req.text[start:], req.stop)
@@ -577,7 +423,7 @@ class Scheduler:
                     return
             upto = len(req.text) - held_back(req.text, req.stop)
             if upto > req.sent:
-                req._emit("text", req.text[req.sent : upto])
+                req.emit("text", req.text[req.sent : upto])
                 req.sent = upto
         if len(req.tokens) >= req.max_tokens:
             self._end(req, "length", row)
@@ -589,34 +435,25 @@ class Scheduler:
         if req.finish is not None:
             return
         if row is not None and row.detok is not None:
-            start = _unchecked(req)
+            start = unchecked(req.text, req.stop)
             req.text += row.detok.flush()
             if req.stop and len(req.tokens) >= req.min_tokens:
-                from adaptr.serving.openai.protocol import find_stop
-
                 cut = find_stop(req.text[start:], req.stop)
                 if cut is not None:
                     req.text, reason = req.text[: start + cut], "stop"
         if req.sent < len(req.text):
-            req._emit("text", req.text[req.sent :])
+            req.emit("text", req.text[req.sent :])
             req.sent = len(req.text)
         req.finish = reason
-        req._emit("end", reason)
+        req.emit("end", reason)
         req.done.set()
 
     def _fail(self, req: Request, error: BaseException) -> None:
         if req.finish is not None:
             return
         req.finish, req.error = "error", error
-        req._emit("error", error)
+        req.emit("error", error)
         req.done.set()
-
-
-def _unchecked(req: Request) -> int:
-    """Where a stop string ending in text added next could begin: the text before was
-    checked already (or not to be checked: before ``min_tokens``), but its last characters
-    may start one."""
-    return max(0, len(req.text) - max((len(s) for s in req.stop), default=1) + 1)
 
 
 def _top(logprobs, k: int) -> tuple[tuple[int, float], ...]:
@@ -643,21 +480,3 @@ def _prompt_logprobs(logits, prompt: list[int], k: int) -> list[TokenLogprob | N
         for j, (token, value) in enumerate(zip(prompt[start:stop], chosen, strict=True)):
             out.append(TokenLogprob(token, value, _top(logprobs[j], k)))
     return out
-
-
-def _tensor(values: list[int]):
-    import torch
-
-    return torch.tensor(values, dtype=torch.long)
-
-
-def _pad_left(t, length: int, dim: int = 2):
-    """``t`` zero-padded on the left of ``dim`` to ``length``."""
-    missing = length - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    import torch
-
-    return torch.cat([t.new_zeros(shape), t], dim=dim)

@@ -2,13 +2,11 @@
 
 PEFT's mixed batches (``adapter_names=``) loop over the adapters of a batch in every
 layer, and ``set_adapter`` walks every module. Here each targeted linear layer keeps the
-resident adapters stacked (``A[slot]``, ``B[slot]``, scaling folded into B; buffers grow
-with the slots and ranks in use). A batch's rows are brought together by adapter; once
-per batch a layer gathers the A and B of each block of rows sharing an adapter (of each
-row at worst), trimmed to the batch's largest rank, and adds them with two batched matmuls
-in place on the layer's output, whatever the number of adapters (the BGMV scheme of
-Punica and S-LoRA, reading each weight once per block rather than once per row). Zero
-padding of smaller ranks is exact. Slot 0 is all zeros: the bare base.
+resident adapters stacked (:mod:`adaptr.serving.stacks`; which adapters are resident, in
+which slot, and which are evicted first is :mod:`adaptr.serving.slots`'): once per batch a
+layer gathers the A and B of each block of rows sharing an adapter and adds them with two
+batched matmuls in place on the layer's output, whatever the number of adapters (the BGMV
+scheme of Punica and S-LoRA). Slot 0 is all zeros: the bare base.
 
 Stacked: LoRA on ``nn.Linear`` (any rank up to ``max_rank``, alpha, rsLoRA, target set).
 Served by PEFT's own path instead (:mod:`adaptr.serving.peft_fallback`, same base, same batch):
@@ -19,23 +17,28 @@ mix in one batch runs in batches of its own (:meth:`AdapterServer.partition`; th
 tuning, …), activated LoRA, and adapters PEFT loads by changing the base itself (KaSA's
 truncated weights, ``layer_replication``'s extra layers, PiSSA-like inits saved without
 conversion), whatever else is resident: serve those with ``adaptr.inference``.
+
+The server is the engine of its one :class:`~adaptr.serving.scheduler.Scheduler`: it
+implements :class:`~adaptr.serving.scheduler.Engine` (:meth:`~AdapterServer.resolve`,
+:meth:`~AdapterServer.mixes`, :meth:`~AdapterServer.assign`, :meth:`~AdapterServer.running`
+and its ``lock``).
 """
 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import closing, contextmanager
 from itertools import combinations
 from typing import Any
 
 from adaptr.errors import AdaptrError, InvalidInputError
-from adaptr.registry import AdapterVersion, Registry
-from adaptr.registry.adapter_dir import PREFIX, pattern_value
-from adaptr.serving.peft_fallback import BASE, PeftFallback, Traits, clash
-from adaptr.serving.stacks import ROW_AWARE_KWARGS, BatchState, StackedLoRA
-from adaptr.serving.vllm.compat import rewrites_base_reason
+from adaptr.registry import Registry
+from adaptr.serving.peft_fallback import BASE, PeftFallback, Traits, clash, partition
+from adaptr.serving.requests import Request, Sampling, ServedAdapter
+from adaptr.serving.scheduler import Scheduler
+from adaptr.serving.slots import Slots
+from adaptr.serving.stacks import ROW_AWARE_KWARGS, BatchState
 
 # generate() arguments the scheduler takes (continuous batching); others run model.generate
 SCHEDULED_KWARGS = frozenset(
@@ -50,7 +53,10 @@ class AdapterServer:
     the size of their weights; past either, the least recently used are evicted. A mixed
     batch keeps its gathered A/B (per block of rows on one adapter) for all its decoding
     steps up to ``gather_budget_mb`` (per batch), and re-gathers them on every call past it.
-    Calls are serialised by a lock, so the server is safe to share between threads.
+    Calls are serialised by ``lock``, so the server is safe to share between threads.
+
+    ``slots`` (:class:`~adaptr.serving.slots.Slots`) holds the resident adapters,
+    ``fallback`` PEFT's path, ``state`` what the stacks of every layer share of the batch.
     """
 
     def __init__(
@@ -81,33 +87,31 @@ class AdapterServer:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"
-        self._state = BatchState(gather_budget_mb * 2**20)
-        self._layers: dict[str, StackedLoRA] = {}
-        self._slots: OrderedDict[str, int] = OrderedDict()  # ref -> slot, least recently used first
-        self._free = list(range(max_adapters, 0, -1))
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()
         self.default: str | None = None
-        self._bytes: dict[str, int] = {}  # ref -> bytes its weights take in the stacks
+        self.state = BatchState(gather_budget_mb * 2**20)
+        self.fallback = PeftFallback(self.model, registry, path)  # slot 0 in the stacks: PEFT's
+        self.slots = Slots(
+            self.model, registry, self.fallback, self.state,
+            max_adapters=max_adapters, max_rank=max_rank, max_memory=self.max_memory,
+        )  # fmt: skip
         self._templates: dict[str | None, str | None] = {}  # version ref -> its chat template
-        self._fallback = PeftFallback(self.model, registry, path)  # slot 0 in the stacks: PEFT's
-        self._scheduler = None
+        self._scheduler: Scheduler | None = None
 
     @property
-    def scheduler(self):
-        """The :class:`~adaptr.serving.scheduler.Scheduler` of :meth:`generate`, :meth:`stream`
-        and :meth:`chat` (started on first use; its worker thread is a daemon)."""
-        if self._scheduler is not None:  # (no lock: the worker holds it while it runs a step)
-            return self._scheduler
-        with self._lock:
-            if self._scheduler is None:
-                from adaptr.serving.scheduler import Scheduler
-
+    def scheduler(self) -> Scheduler:
+        """The one :class:`~adaptr.serving.scheduler.Scheduler` of this server: :meth:`generate`,
+        :meth:`stream`, :meth:`chat`, the HTTP app and evaluation submit to it (started on
+        first use, and again after it was closed; its worker thread is a daemon)."""
+        scheduler = self._scheduler  # (no lock: the worker holds it while it runs a step)
+        if scheduler is not None and not scheduler.closed:
+            return scheduler
+        with self.lock:
+            if self._scheduler is None or self._scheduler.closed:
                 self._scheduler = Scheduler(self)
             return self._scheduler
 
-    def _request(self, prompt: str, adapter: str | None, kwargs: dict, **extra: Any):
-        from adaptr.serving.scheduler import Request, Sampling
-
+    def _request(self, prompt: str, adapter: str | None, kwargs: dict, **extra: Any) -> Request:
         unknown = set(kwargs) - SCHEDULED_KWARGS
         if unknown:
             raise InvalidInputError(
@@ -122,10 +126,10 @@ class AdapterServer:
         ids = self.tokenizer(prompt).input_ids
         return Request(ids, adapter, int(kwargs.get("max_new_tokens", 32)), sampling, **extra)
 
-    def submit(self, prompt: str, adapter: str | None = None, **kwargs: Any):
+    def submit(self, prompt: str, adapter: str | None = None, **kwargs: Any) -> Request:
         """Queue one completion of ``prompt`` with ``adapter`` (None: the default adapter of
         :meth:`switch`, else the base) on :attr:`scheduler` and return its
-        :class:`~adaptr.serving.scheduler.Request` at once (``wait()``, ``cancel()``, ``text``,
+        :class:`~adaptr.serving.requests.Request` at once (``wait()``, ``cancel()``, ``text``,
         ``tokens``); ``kwargs``: ``max_new_tokens`` (32), ``do_sample``, ``temperature``,
         ``top_p``, ``seed``, ``eos_token_id`` (the tokens that end it, instead of the model's)."""
         kwargs.setdefault("max_new_tokens", 32)
@@ -134,154 +138,60 @@ class AdapterServer:
     # ------------------------------------------------------------- adapters
     def resident(self) -> list[str]:
         """Refs of the adapters in memory, least recently used first."""
-        return list(self._slots)
+        return self.slots.resident()
 
     def load(self, ref: str) -> int:
         """Make ``ref`` resident (evicting the least recently used if full); returns its slot."""
-        return self._load(self.registry.get(ref))
-
-    def _load(self, version: AdapterVersion, keep: frozenset[str] = frozenset()) -> int:
-        """Make ``version`` resident; ``keep``: the refs of the batch being set up (never evicted
-        for it: one that cannot stay loaded beside ``version`` is an error)."""
-        with self._lock:
-            key = version.ref
-            if key in self._slots:
-                self._slots.move_to_end(key)
-                return self._slots[key]
-            traits = self._fallback.traits(version)
-            for ref in list(self._slots):  # what PEFT cannot hold beside it goes first
-                other = self._fallback.known(ref)
-                why = other and clash(traits, other)
-                if why and ref in keep:
-                    raise InvalidInputError(f"{why}: send them in separate batches")
-                if why:
-                    self._evict(ref)
-            pairs, scaling_for, stackable, need = self._read(version, traits)
-            if self.max_memory is not None and need > self.max_memory:
-                raise InvalidInputError(
-                    f"{key} has {need / 2**20:.3f} MB of weights, more than max_memory_mb={self.max_memory / 2**20:g}"
-                )
-            while self._slots and (
-                len(self._slots) >= self.max_adapters
-                or (self.max_memory is not None and self.memory() + need > self.max_memory)
-            ):
-                self._evict()
-            if stackable:
-                slot = self._free.pop()
-                for module, (A, B) in pairs.items():
-                    self._layer(module).set(slot, A, B, scaling_for(module))
-            else:
-                slot = 0  # no stacked weights: PEFT's layers serve its rows
-                self._fallback.load(version)
-            self._slots[key] = slot
-            self._bytes[key] = need
-            return slot
+        version = self.registry.get(ref)
+        with self.lock:
+            return self.slots.load(version)
 
     def served_by_peft(self) -> list[str]:
         """Refs of the resident adapters that PEFT's path serves (the stacks cannot)."""
-        return [ref for ref, slot in self._slots.items() if slot == 0]
+        return self.slots.served_by_peft()
 
     def memory(self) -> int:
         """Bytes of the resident adapters' weights (in the serving dtype)."""
-        return sum(self._bytes.values())
-
-    def _evict(self, ref: str | None = None) -> None:
-        """Evict ``ref`` (None: the least recently used)."""
-        if ref is None:
-            ref, slot = self._slots.popitem(last=False)
-        else:
-            slot = self._slots.pop(ref)
-        if slot == 0:
-            self._fallback.unload(ref)
-        else:
-            for layer in self._layers.values():
-                layer.clear(slot)
-            self._free.append(slot)
-        self._bytes.pop(ref, None)
-        # a default that is evicted stays the default: _rows reloads it on its next use
-
-    def _read(self, v: AdapterVersion, traits: Traits):
-        """(lora A/B by module, scaling per module, whether the stacks can hold it, and the bytes
-        of its weights in the serving dtype; the stacks add each layer's rank padding)."""
-        from safetensors.torch import load
-
-        if v.peft_type != "LORA":
-            raise InvalidInputError(
-                f"{v.ref} is a {v.peft_type} adapter; AdapterServer serves LoRA adapters: "
-                "use adaptr.inference (PEFT) for it"
-            )
-        rewrites = rewrites_base_reason(v.config)
-        if rewrites:  # one shared base: PEFT's rewrite of it would change every other adapter
-            raise InvalidInputError(f"AdapterServer cannot serve {v.ref}: {rewrites}")
-        # the bytes served are the bytes hashed: a flipped bit fails this adapter's requests
-        weights = load(self.registry.read_checked(v, "adapter_model.safetensors"))
-        pairs: dict[str, list] = {}
-        other = False  # weights that are not a linear layer's lora_A / lora_B
-        for key, t in weights.items():
-            for part, idx in ((".lora_A.weight", 0), (".lora_B.weight", 1)):
-                if key.endswith(part):
-                    pairs.setdefault(key[len(PREFIX) : -len(part)], [None, None])[idx] = t
-                    break
-            else:
-                other = True
-        s = v.summary
-        stackable = not (
-            other
-            or traits.variant  # DoRA, … : not plain LoRA math
-            or any(s.get(k) for k in ("lora_bias", "modules_to_save"))
-            or v.config.get("trainable_token_indices")
-            or v.config.get("target_parameters")
-            or any(None in pair or pair[0].shape[0] > self.max_rank for pair in pairs.values())
-            or not all(self._is_linear(module) for module in pairs)
-        )
-        cfg = v.config
-
-        def scaling_for(module: str) -> float:
-            r = pattern_value(cfg.get("rank_pattern"), module, cfg["r"])
-            alpha = pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", r))
-            return float(alpha) / (r**0.5 if cfg.get("use_rslora") else r)
-
-        need = sum(t.numel() for t in weights.values()) * self.model.dtype.itemsize
-        return pairs, scaling_for, stackable, need
-
-    def _base_layer(self, module: str):
-        # the base's own layer, also when PEFT wraps it for an adapter it serves: the stacks hook it
-        return self._fallback.modules[module]
-
-    def _is_linear(self, module: str) -> bool:
-        import torch
-
-        return isinstance(self._fallback.modules.get(module), torch.nn.Linear)
-
-    def _layer(self, module: str) -> StackedLoRA:
-        """The stacks of ``module``, an ``nn.Linear`` (:meth:`_read` sends the rest to PEFT)."""
-        if module not in self._layers:
-            layer = self._base_layer(module)
-            self._layers[module] = StackedLoRA(layer, self.max_adapters + 1, self._state)
-        return self._layers[module]
+        return self.slots.memory()
 
     def switch(self, ref: str | None) -> None:
         """Set the default adapter for prompts that name none (``None``: the bare base)."""
         if ref is not None:
             version = self.registry.get(ref)
-            self._load(version)
+            with self.lock:
+                self.slots.load(version)
             ref = version.ref
         self.default = ref
 
-    # ----------------------------------------------------------- generation
-    def _rows(self, adapters: Sequence[str | None] | None, n: int):
-        """Each row's slot in the stacks (0: none) and its adapter's name for PEFT (BASE: none)."""
-        import torch
+    # ------------------------------------------------- the scheduler's engine
+    def resolve(self, ref: str | None) -> ServedAdapter | None:
+        """The adapter version ``ref`` names, as it is served (None: the bare base); raises
+        an AdaptrError for an unknown ref or an adapter this server refuses."""
+        if ref is None:
+            return None
+        version = self.registry.get(ref)
+        with self.lock:  # (traits match names against the model: not while another loads)
+            return ServedAdapter(version.ref, version, self.fallback.traits(version))
 
-        adapters = self._per_row(adapters, n)
-        distinct = {a for a in adapters if a is not None}
+    def mixes(self, adapters: Collection[ServedAdapter | None]) -> bool:
+        """Whether rows on ``adapters`` (None: the base) can run in one batch: no more than
+        ``max_adapters`` of them, and all of them one batch of :meth:`partition`."""
+        kinds = list(dict.fromkeys(adapters))
+        if sum(a is not None for a in kinds) > self.max_adapters:
+            return False
+        return len(kinds) < 2 or len(partition(kinds, {a: a and a.traits for a in kinds})) == 1
+
+    def assign(self, adapters: Sequence[ServedAdapter | None]) -> tuple[list[int], list[str]]:
+        """Load the adapters of a batch (``adapters[i]``: row i's; None: the base) and return
+        each row's slot in the stacks (0: none) and its adapter's name for PEFT (BASE: none).
+        Raises InvalidInputError when they cannot be resident or run together."""
+        distinct = [a for a in dict.fromkeys(adapters) if a is not None]
         if len(distinct) > self.max_adapters:
             raise InvalidInputError(
                 f"{len(distinct)} different adapters in one batch, more than max_adapters={self.max_adapters}"
             )
-        versions = {a: self.registry.get(a) for a in distinct}  # each ref resolved once per batch
-        traits = [self._fallback.traits(v) for v in versions.values()]
         if len(set(adapters)) > 1:
+            traits = [a.traits for a in distinct]
             why = next((f"{t.ref}: {t.alone}" for t in traits if t.alone), None)
             why = why or next(filter(None, (clash(a, b) for a, b in combinations(traits, 2))), None)
             if why:
@@ -289,17 +199,35 @@ class AdapterServer:
                     f"this batch mixes adapters that PEFT must run apart ({why}): run the "
                     "batches of partition() one by one, as generate() does"
                 )
-        keep = frozenset(v.ref for v in versions.values())
-        slots = {a: self._load(v, keep) for a, v in versions.items()}
-        if any(self._slots.get(v.ref) != slots[a] for a, v in versions.items()):
-            raise InvalidInputError(
-                f"the adapters of this batch do not fit max_memory_mb={self.max_memory / 2**20:g} together; "
-                "send them in smaller batches or raise the limit"
-            )
-        rows = torch.tensor([0 if a is None else slots[a] for a in adapters], dtype=torch.long)
-        peft = {a: v.ref for a, v in versions.items() if slots[a] == 0}
-        return rows, [peft.get(a, BASE) for a in adapters]
+        keep = frozenset(a.ref for a in distinct)
+        with self.lock:
+            slots = {a: self.slots.load(a.version, keep) for a in distinct}
+            if any(self.slots.slot_of(a.ref) != slot for a, slot in slots.items()):
+                raise InvalidInputError(
+                    f"the adapters of this batch do not fit max_memory_mb={self.max_memory / 2**20:g} together; "
+                    "send them in smaller batches or raise the limit"
+                )
+        rows = [0 if a is None else slots[a] for a in adapters]
+        names = [BASE if a is None or slots[a] else a.ref for a in adapters]
+        return rows, names
 
+    @contextmanager
+    def running(
+        self, slots: Sequence[int], names: Sequence[str], gathered: dict | None = None
+    ) -> Iterator[None]:
+        """The model's forwards inside run row i with ``slots[i]`` in the stacks and
+        ``names[i]`` in PEFT's layers (of :meth:`assign`); ``gathered``: the stacks' weights
+        kept for these rows (filled in by the first forward). Hold ``lock`` around it."""
+        import torch
+
+        self.state.set_rows(torch.tensor(list(slots), dtype=torch.long), gathered)
+        try:
+            with self.fallback.rows(list(names)):
+                yield
+        finally:
+            self.state.set_rows(None)
+
+    # ----------------------------------------------------------- generation
     def _per_row(self, adapters: Sequence[str | None] | None, n: int) -> Sequence[str | None]:
         """``adapters``, one per row (the default adapter for every row when None)."""
         if adapters is None:
@@ -318,38 +246,15 @@ class AdapterServer:
         adapters = self._per_row(adapters, n)
         if len(set(adapters)) < 2:
             return [list(range(n))]
-        with self._lock:  # not while another thread loads adapters
-            traits = {a: self._traits(a) for a in set(adapters) if a is not None}
-        groups: list[tuple[bool, list[Traits], list[int]]] = []  # (alone, adapters' traits, rows)
-        where: dict[str | None, int] = {}
-        for i, a in enumerate(adapters):
-            if a not in where:
-                where[a] = self._group(groups, traits.get(a))
-            groups[where[a]][2].append(i)
-        return [rows for _, _, rows in groups]
-
-    @staticmethod
-    def _group(groups: list[tuple[bool, list[Traits], list[int]]], t: Traits | None) -> int:
-        """The first group an adapter (``t``: its traits; None: the base, or a ref the batch
-        will report) can join, or a new one."""
-        alone = bool(t and t.alone)
-        fits = (
-            g
-            for g, (apart, members, _) in enumerate(groups)
-            if not (alone or apart or (t and any(clash(t, m) for m in members)))
-        )
-        g = next(fits, len(groups))
-        if g == len(groups):
-            groups.append((alone, [], []))
-        if t:
-            groups[g][1].append(t)
-        return g
+        traits = {a: self._traits(a) for a in set(adapters) if a is not None}
+        return partition(adapters, traits)
 
     def _traits(self, ref: str) -> Traits | None:
         try:
-            return self._fallback.traits(self.registry.get(ref))
+            served = self.resolve(ref)
         except AdaptrError:  # an unknown or refused ref: the batch itself reports it
             return None
+        return served.traits if served is not None else None
 
     @contextmanager
     def batch(
@@ -363,15 +268,21 @@ class AdapterServer:
         """
         import torch
 
-        with self._lock:
-            rows, names = self._rows(adapters, n)
-            order = rows.argsort(stable=True) if grouped else torch.arange(n)
-            self._state.set_rows(rows[order])
-            try:
-                with torch.no_grad(), self._fallback.rows([names[i] for i in order.tolist()]):
-                    yield order.tolist()
-            finally:
-                self._state.set_rows(None)
+        with self.lock:
+            adapters = self._per_row(adapters, n)
+            distinct = {a for a in adapters if a is not None}
+            if len(distinct) > self.max_adapters:
+                raise InvalidInputError(
+                    f"{len(distinct)} different adapters in one batch, more than max_adapters={self.max_adapters}"
+                )
+            served = {a: self.resolve(a) for a in dict.fromkeys(adapters)}  # once per batch
+            slots, names = self.assign([served[a] for a in adapters])
+            order = list(range(n))
+            if grouped:
+                order = torch.tensor(slots, dtype=torch.long).argsort(stable=True).tolist()
+            running = self.running([slots[i] for i in order], [names[i] for i in order])
+            with torch.no_grad(), running:
+                yield order
 
     def _batches(self, parts: list[list[int]], adapters, grouped: bool) -> Iterator[list[int]]:
         """Runs the batches ``parts`` (of :meth:`partition`): yields each one's rows, in the

@@ -25,7 +25,7 @@ class BatchState:
     """What the stacks of every layer share about the batch being run.
 
     ``rows``: each row's slot (None: no batch, the hooks add nothing); ``cache``: the
-    weights each layer gathered for these rows (reset whenever the rows change);
+    :class:`Gathered` weights of each layer for these rows (reset whenever the rows change);
     ``gathered_bytes`` of them so far, up to ``gather_budget`` bytes.
     """
 
@@ -38,13 +38,34 @@ class BatchState:
         """Run ``rows`` next (None: no batch); ``cache``: the gathered weights kept for them."""
         self.rows = rows
         self.cache = {} if cache is None else cache
-        self.gathered_bytes = sum(_nbytes(g) for g in self.cache.values())
+        self.gathered_bytes = sum(g.nbytes for g in self.cache.values())
 
 
-def _nbytes(gathered) -> int:
-    if gathered is False or isinstance(gathered[1], int):
-        return 0
-    return sum(t.numel() * t.element_size() for t in gathered)
+@dataclass(frozen=True)
+class Gathered:
+    """What one layer gathered for a batch: nothing (no row has weights in this layer:
+    ``empty``), the ``A``/``B`` kept for every step (``[in, rank]``/``[rank, out]`` when every
+    row is on one adapter, else ``[blocks, in, rank]``/``[blocks, rank, out]``), or, past the
+    gather budget, only each block's slot (``blocks``) and the ``rank``, indexed on every call."""
+
+    A: Any = None
+    B: Any = None
+    blocks: Any = None  # a LongTensor [blocks]: gathered afresh on every call
+    rank: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return self.A is None and self.blocks is None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the weights kept (none when empty or gathered on every call)."""
+        if self.A is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.A, self.B))
+
+
+NOTHING = Gathered()  # no row of the batch has weights in the layer
 
 
 class StackedLoRA:
@@ -105,11 +126,11 @@ class StackedLoRA:
         gathered = self.state.cache.get(key)
         if gathered is None:  # once per batch: the rows keep their adapters for every decoding step
             gathered = self.state.cache[key] = self._gather(rows, n)
-        if gathered is False:  # no row of this batch has weights in this layer
+        if gathered.empty:  # no row of this batch has weights in this layer
             return output
-        a, b = gathered
-        if isinstance(b, int):  # over the gather budget: (rows, rank), indexed on every call
-            a, b = self._rows_weights(a, b)
+        a, b = gathered.A, gathered.B
+        if a is None:  # over the gather budget: indexed on every call
+            a, b = self._rows_weights(gathered.blocks, gathered.rank)
         in_place = output.dtype == a.dtype and output.is_contiguous() and not output.requires_grad
         if a.dim() == 2:  # every row on one adapter: plain matmuls
             x2 = x.reshape(-1, x.shape[-1]).to(a.dtype)
@@ -126,8 +147,8 @@ class StackedLoRA:
             delta = x3.bmm(a).bmm(b)
         return output + delta.reshape(output.shape).to(output.dtype)
 
-    def _gather(self, rows, n: int):
-        """Per batch: ``(A, B)`` of its one adapter, or each block's own ``A``/``B`` stacked.
+    def _gather(self, rows, n: int) -> Gathered:
+        """Per batch: the A and B of its one adapter, or each block's own ``A``/``B`` stacked.
 
         A block is ``k`` consecutive rows on one adapter, ``k`` the largest size that tiles
         every run of equal rows (1 at worst: a block per row). Batches ordered by adapter
@@ -137,7 +158,7 @@ class StackedLoRA:
 
         ranks = self.ranks[rows]
         if not bool(ranks.any()):
-            return False
+            return NOTHING
         rows = torch.where(ranks > 0, rows, 0)  # no weights in this layer: the zero slot 0
         rank = int(ranks.max())  # trim the padding up to max_rank
         if n % rows.shape[0]:
@@ -149,13 +170,13 @@ class StackedLoRA:
             rows = rows.repeat_interleave(n // rows.shape[0])
         if bool((rows == rows[0]).all()):
             slot = int(rows[0])
-            return self.A[slot, :, :rank].contiguous(), self.B[slot, :rank].contiguous()
+            return Gathered(self.A[slot, :, :rank].contiguous(), self.B[slot, :rank].contiguous())
         rows = rows[:: _block_size(rows)].to(self.A.device)
         size = rows.shape[0] * rank * (self.A.shape[1] + self.B.shape[2]) * self.A.element_size()
         if self.state.gathered_bytes + size > self.state.gather_budget:
-            return rows, rank  # gathered afresh on every call instead of kept for the batch
+            return Gathered(blocks=rows, rank=rank)  # gathered on every call, not kept
         self.state.gathered_bytes += size
-        return self._rows_weights(rows, rank)
+        return Gathered(*self._rows_weights(rows, rank))
 
     def _rows_weights(self, rows, rank: int):
         """The A ``[blocks, in, rank]`` and B ``[blocks, rank, out]`` of each block's slot in ``rows``.

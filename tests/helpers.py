@@ -73,9 +73,9 @@ def snapshot(home: Path) -> dict:
 @contextmanager
 def throwaway_plugins():
     """Yield ``register(plugin, name)``; every plugin registered is unregistered on exit."""
-    from adaptr.extend.manager import load_plugins
+    from adaptr.extend.manager import PLUGINS
 
-    pm = load_plugins()
+    pm = PLUGINS.load()
     added = []
 
     def register(plugin, name: str):

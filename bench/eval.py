@@ -52,13 +52,14 @@ def main() -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from adaptr.data.sft import load_splits, loss_defaults
+    from adaptr.bases import load_tokenizer
+    from adaptr.data.sft import load_splits, loss_tokens
     from adaptr.evaluation.metrics import text_scores
     from adaptr.evaluation.run import _generations, _losses, _tokenized
     from adaptr.registry import Registry
     from adaptr.serving import AdapterServer
     from adaptr.tiny import save_tiny_base
-    from adaptr.training.trainer import load_tokenizer
+    from adaptr.training.recipe import DataSettings
 
     from helpers import random_lora
 
@@ -79,11 +80,9 @@ def main() -> None:
                     "completion": f" {i + i * 3}, because adding {i} and {i * 3} gives {4 * i}."}) + "\n"
         for i in range(args.records)
     ))  # fmt: skip
-    splits = load_splits({"path": str(data), "format": "prompt-completion"}, 42)
-    tok, _ = load_tokenizer(str(base), {"trust_remote_code": False, "family": None})
-    sft: dict = {}
-    loss_defaults(sft, splits.kind)
-    tokenized = _tokenized(splits.train, tok, sft)
+    splits = load_splits(DataSettings(path=str(data), format="prompt-completion"), 42)
+    tok, _ = load_tokenizer(str(base))
+    tokenized = _tokenized(splits.train, tok, loss_tokens(splits.kind).sft())
     refs = list(dirs)
 
     server = AdapterServer(reg, "base", max_adapters=len(refs))

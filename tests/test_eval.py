@@ -77,15 +77,14 @@ def _peft_loss(base: Path, adapter: Path | None, tokenized) -> float:
 
 
 def _tokenized(world, path: Path, fmt: str):
-    from adaptr.data.sft import load_splits, loss_defaults
+    from adaptr.bases import load_tokenizer
+    from adaptr.data.sft import load_splits, loss_tokens
     from adaptr.evaluation.run import _tokenized
-    from adaptr.training.trainer import load_tokenizer
+    from adaptr.training.recipe import DataSettings
 
-    splits = load_splits({"path": str(path), "format": fmt}, 42)
-    tok, _ = load_tokenizer(str(world["base"]), {"trust_remote_code": False, "family": None})
-    sft: dict = {}
-    loss_defaults(sft, splits.kind)
-    return _tokenized(splits.train, tok, sft)
+    splits = load_splits(DataSettings(path=str(path), format=fmt), 42)
+    tok, _ = load_tokenizer(str(world["base"]))
+    return _tokenized(splits.train, tok, loss_tokens(splits.kind).sft())
 
 
 @pytest.mark.parametrize("which", ["pc", "chat"])

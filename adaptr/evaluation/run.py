@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adaptr.errors import InvalidInputError, brief
 from adaptr.evaluation.metrics import (
@@ -27,6 +27,9 @@ from adaptr.evaluation.metrics import (
 )
 from adaptr.evaluation.records import DatasetInfo, EvalRecord, data_file
 from adaptr.registry import Registry
+
+if TYPE_CHECKING:
+    from adaptr.data.sft import DataSplits, LossTokens
 
 EVAL_LIBRARIES = ("adaptr", "torch", "transformers", "peft", "trl", "sacrebleu")
 CHAT_KINDS = ("messages", "conversational prompt-completion")
@@ -58,13 +61,13 @@ class _Inputs:
     """What one evaluation reads before any model runs."""
 
     path: Path
-    splits: Any  # adaptr.data.sft.DataSplits
+    splits: DataSplits
     prompts: list  # for generation: prompt strings, or chats before the last assistant turn
     references: list[str]
     base_path: str
     tokenizer: Any
     family: Any  # the base's ModelFamily, or None
-    sft: dict[str, Any]  # which tokens carry loss, as training sets it
+    loss: LossTokens  # which tokens carry loss, as training sets them
 
 
 def evaluate(
@@ -108,7 +111,7 @@ def evaluate(
     )
     tokenized = None
     if "loss" in wanted or "ppl" in wanted:
-        tokenized = _tokenized(got.splits.train, got.tokenizer, got.sft)
+        tokenized = _tokenized(got.splits.train, got.tokenizer, got.loss.sft())
 
     rows: list[str | None] = [v.ref for v in versions] + ([None] if base_line else [])
     scores, signatures, hyps = _score(
@@ -169,11 +172,12 @@ def _load(
     """The data as training formats it, its references (for generation), and the base's
     tokenizer and family: the calls evaluation shares with training, in one place."""
     from adaptr.bases import base_location, load_tokenizer
-    from adaptr.data.sft import load_splits, loss_defaults
+    from adaptr.data.sft import load_splits, loss_tokens
+    from adaptr.training.recipe import DataSettings
 
     path = data_file(data)
     splits = load_splits(
-        {"path": str(path), "format": format, "options": options, "limit": limit}, 42
+        DataSettings(path=str(path), format=format, options=options, limit=limit), 42
     )
     if not splits.records:
         raise InvalidInputError(f"{path} has no records to evaluate on")
@@ -181,10 +185,9 @@ def _load(
         _references(splits.records, splits.kind, format) if generation else ([], [])
     )
     base_path = base_location(registry, version)
-    tokenizer, family = load_tokenizer(base_path, {"trust_remote_code": False, "family": None})
-    sft: dict[str, Any] = {}
-    loss_defaults(sft, splits.kind)
-    return _Inputs(path, splits, prompts, references, base_path, tokenizer, family, sft)
+    tokenizer, family = load_tokenizer(base_path)
+    loss = loss_tokens(splits.kind)
+    return _Inputs(path, splits, prompts, references, base_path, tokenizer, family, loss)
 
 
 def _settings(
@@ -193,8 +196,7 @@ def _settings(
     """The settings stored with the scores, notes for the user, and the BLEU tokenizer
     (``auto`` resolved from the references)."""
     settings: dict[str, Any] = {
-        "loss_tokens": "assistant" if got.sft.get("assistant_only_loss") else
-        "completion" if got.sft.get("completion_only_loss") else "all",
+        "loss_tokens": got.loss.carried_by,
         "batch_size": batch_size, "limit": limit, "options": options,
     }  # fmt: skip
     notes: list[str] = []
@@ -329,7 +331,7 @@ def _tokenized(dataset, tokenizer, sft: dict[str, Any]):
     from adaptr.training.trainer import sft_config
 
     with tempfile.TemporaryDirectory() as tmp:
-        args = sft_config(sft, Path(tmp) / "unused", progress=False)
+        args = sft_config(sft, Path(tmp) / "unused")
     return tokenize(dataset, tokenizer, args, "eval")
 
 

@@ -29,7 +29,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, suppress
 from typing import Any, Protocol
 
 from adaptr.errors import AdaptrError
@@ -192,16 +192,10 @@ class Scheduler:
         scored: bool | None = None  # whether the newcomers score their prompts (see _prefill)
         width = rows_scored = 0
         mixing: dict[frozenset, bool] = {}
-        failed: list[tuple[Request, BaseException]] = []
         for req in candidates:
-            if not req.cancelled and not req.resolved:
-                try:  # its adapter, once for its whole life
-                    req.served, req.resolved = self.server.resolve(req.adapter), True
-                except Exception as e:  # an unknown or refused ref fails its request only
-                    failed.append((req, e))
-                    seen.append(req)
-                    continue
             if not req.cancelled:
+                with suppress(Exception):  # (a ref it cannot resolve: reported by _slots)
+                    self._resolve(req)
                 if scored is not None and req.prompt_logprobs != scored:
                     break  # every position's logits for prompts that need them only: next step
                 if req.prompt_logprobs:  # their logits: rows x longest prompt x vocabulary
@@ -228,8 +222,6 @@ class Scheduler:
                 if req.cancelled and req not in taken:
                     self.dropped += 1
                     self._end(req, "cancelled")
-        for req, e in failed:
-            self._fail(req, e)
         if taken:
             self._alone_next = False
         return taken
@@ -297,6 +289,8 @@ class Scheduler:
         running = self.batch.rows
         everyone = running + rows
         try:
+            for row in rows:
+                self._resolve(row.request)
             slots, names = server.assign([r.request.served for r in everyone])
         except AdaptrError as e:
             if running:  # the batch's own adapters stay loaded
@@ -311,6 +305,12 @@ class Scheduler:
         for row, slot, name in zip(everyone, slots, names, strict=True):
             row.slot, row.peft_name = slot, name
         return True
+
+    def _resolve(self, req: Request) -> None:
+        """The request's adapter, resolved once for its whole life (raises when it cannot be:
+        an unresolved request mixes with any batch, and fails as it is set up in one)."""
+        if not req.resolved:
+            req.served, req.resolved = self.server.resolve(req.adapter), True
 
     def _forward(
         self, rows: list[Row], *, ids, mask, positions, cache, gathered=None, every_position=False

@@ -99,7 +99,8 @@ def compose(
     tags: Sequence[str] = (),
 ) -> AdapterVersion:
     """Combine ``refs`` with ``weights`` by ``method`` and store the result as ``name``'s next version."""
-    from adaptr.inference import attach, base_location, load_base_model, versions_on_one_base
+    from adaptr.bases import base_location, load_base_model
+    from adaptr.inference import attach, versions_on_one_base
 
     check_name(name)
     versions = versions_on_one_base(registry, refs)

@@ -48,10 +48,10 @@ from pathlib import Path
 from typing import Any
 
 from adaptr.errors import InvalidInputError, StorageFullError, clip, first_line
+from adaptr.values import WEIGHT_DTYPES
 
 MAGIC = b"GGUF"
-DTYPES = ("float32", "bfloat16", "float16")
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # per weight, in WEIGHT_DTYPES
 DEFAULT_DTYPE = "float32"
 PROVENANCE = "adaptr_gguf.json"
 CONFIG_KEY = "adaptr_gguf"  # in the converted config.json: part of the base's fingerprint
@@ -280,8 +280,8 @@ def convert(
     done (converted, with how long it took, or reused)."""
     from adaptr.registry.atomic import check_path, regular_file
 
-    if dtype not in DTYPES:
-        raise InvalidInputError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype not in WEIGHT_DTYPES:
+        raise InvalidInputError(f"--dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}")
     check_path(str(gguf), "GGUF file")
     src = regular_file(gguf, "GGUF file", use="give a .gguf file").resolve()
     if not is_gguf(src):
@@ -533,16 +533,16 @@ class _Progress:
 
 # ------------------------------------------------------------------ as a base
 def resolve(
-    path: str | Path, registry: Any, *, dtype: str | None = None, on_note: Note | None = stderr_note
+    path: str | Path, registry: Any, *, on_note: Note | None = stderr_note
 ) -> tuple[Path, str | None]:
     """(model folder, registered base name or None) for the GGUF file ``path`` given as a
-    base: a registered base converted from the same file (same SHA-256) when no ``dtype`` is
-    asked for, else the cached conversion in ``dtype`` (float32 by default), made if need be."""
+    base: a registered base converted from the same file (same SHA-256), else the cached
+    conversion in float32, made if need be. Found through :func:`adaptr.bases.resolve_base`."""
     from adaptr.registry.atomic import regular_file
 
     src = regular_file(path, "GGUF file", use="give a .gguf file").resolve()
     root = cache_dir(registry)
-    if dtype is None and is_gguf(src):
+    if is_gguf(src):
         try:
             records = [r for r in registry.bases() if (r.summary or {}).get("gguf") and r.path]
         except Exception:  # no registry yet (or an unreadable one): convert
@@ -556,7 +556,7 @@ def resolve(
                 if on_note is not None:
                     on_note(f"{src.name} is registered as base {rec.name}: using its conversion")
                 return Path(rec.path), rec.name
-    return convert(src, dtype or DEFAULT_DTYPE, root, on_note=on_note), None
+    return convert(src, DEFAULT_DTYPE, root, on_note=on_note), None
 
 
 def lineage(given: str | None, load_path: str | Path) -> dict[str, Any] | None:

@@ -1,7 +1,8 @@
 """Load a base with registry adapters attached: one, or several stacked (all active at once).
 
 Stacking sums the adapters' deltas at inference time, without combining them into a new
-adapter (that is :mod:`adaptr.compose`). Also the shared loading code for compose and merge.
+adapter (that is :mod:`adaptr.compose`). Also the shared attaching code for compose and merge;
+finding and loading the base is :mod:`adaptr.bases`.
 """
 
 from __future__ import annotations
@@ -10,18 +11,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from adaptr.errors import IncompatibleBaseError, InvalidInputError, NotFoundError, brief, first_line
-from adaptr.registry import AdapterVersion, Registry
-from adaptr.registry.adapter_dir import PREFIX, WEIGHTS, lora_modules, saved_tensors
-from adaptr.registry.fingerprint import (
-    BaseInfo,
-    check_adapter_fits,
-    find_base_dir,
-    looks_like_hub_id,
-    read_base,
+from adaptr.bases import (
+    base_location,
+    check_base_fits,
+    check_fits,
+    context_window,
+    load_base_model,
+    loaded_base,
 )
-from adaptr.registry.peft_methods import unreplicated
-from adaptr.registry.safetensors_header import TensorInfo, read_header
+from adaptr.errors import IncompatibleBaseError, InvalidInputError, brief, first_line
+from adaptr.registry import AdapterVersion, Registry
 
 
 def versions_on_one_base(registry: Registry, refs: Sequence[str]) -> list[AdapterVersion]:
@@ -37,119 +36,6 @@ def versions_on_one_base(registry: Registry, refs: Sequence[str]) -> list[Adapte
             f"the adapters are on different bases ({listed}); use adapters of one base"
         )
     return versions
-
-
-def base_location(registry: Registry, version: AdapterVersion, override: str | None = None) -> str:
-    """A loadable path (or Hub id) for a version's base, or raise saying how to give one."""
-    if override:
-        from adaptr.registry.atomic import check_path
-
-        check_path(override, "base")
-        p = Path(override).expanduser()
-        if p.exists():
-            from adaptr import gguf
-
-            if gguf.looks_like_gguf(p):  # its cached conversion (made on first use)
-                return str(gguf.resolve(p, registry)[0])
-            if not (p / "config.json").is_file():
-                raise NotFoundError(
-                    f"base {brief(override)} is not a model folder (no config.json)"
-                )
-            return str(p)
-        try:
-            return registry.get_base(override).path
-        except NotFoundError:
-            raise NotFoundError(
-                f"base {brief(override)} not found: give a model folder or a name from `adaptr base list`"
-            ) from None
-    if not version.base:
-        raise NotFoundError(f"{version.ref} records no base: pass --base PATH")
-    path = registry.base_path(version.base)
-    if Path(path).expanduser().exists() or looks_like_hub_id(path):
-        return path
-    raise NotFoundError(
-        f"the base of {version.ref} ({version.base}) cannot be found at {path}: pass --base PATH or register it with `adaptr base add`"
-    )
-
-
-def _tensors(registry: Registry, version: AdapterVersion) -> dict[str, TensorInfo]:
-    """The tensors of a stored version, from its weights' header."""
-    for f in version.files:
-        if f.path == WEIGHTS:
-            return read_header(registry.blobs.path(f.sha256))[0]
-    return {}
-
-
-def _check_fits(registry: Registry, version: AdapterVersion, base: BaseInfo) -> None:
-    """Refuse a stored version that ``base`` cannot hold, or that PEFT would load as nothing
-    (keys without PEFT's prefix, stored by an adaptr that did not check them)."""
-    tensors = _tensors(registry, version)
-    stray = [k for k in tensors if not k.startswith(PREFIX)] if version.peft_type == "LORA" else []
-    if stray:
-        raise InvalidInputError(
-            f"{version.ref} holds {len(stray)} tensors, such as {brief(stray[0])}, without PEFT's "
-            f"{PREFIX!r} prefix: PEFT would ignore them and the result would be the base unchanged; "
-            f"re-save the adapter with PeftModel.save_pretrained and add it again"
-        )
-    check_adapter_fits(
-        unreplicated(lora_modules(tensors), version.config),
-        base,
-        version.ref,
-        saved_tensors(tensors) if version.peft_type == "LORA" else {},  # IA3, LoHa…: their own keys
-        version.config.get("modules_to_save"),
-    )
-
-
-def check_base_fits(
-    registry: Registry, versions: Sequence[AdapterVersion], base: str
-) -> BaseInfo | None:
-    """Refuse, before any weight is loaded, adapters whose LoRA shapes the base cannot hold.
-
-    Reads the base's config and safetensors headers (as ``adaptr add`` does) and returns
-    them; None for a Hub id that is not in the local cache, which :func:`attach` then
-    checks on the loaded model instead.
-    """
-    found = find_base_dir(base)
-    if found is None:
-        return None
-    info = read_base(found)
-    for v in versions:
-        _check_fits(registry, v, info)
-    return info
-
-
-def _loaded_base(model) -> BaseInfo:
-    """What check_adapter_fits needs, from a loaded model instead of its files."""
-    tensors = {
-        n: TensorInfo(str(t.dtype), tuple(t.shape))
-        for n, t in model.named_parameters(remove_duplicate=False)  # shapes only: no state_dict
-    }
-    name = getattr(model, "name_or_path", None) or type(model).__name__
-    return BaseInfo(Path(name), model.config.to_dict(), tensors, "")
-
-
-def context_window(config) -> int | None:
-    """The most tokens the model reads, or None when RoPE scaling (YaRN, dynamic NTK…)
-    takes it past ``max_position_embeddings`` by an amount the config does not bound."""
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
-    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) != "default":
-        return None
-    window = getattr(config, "max_position_embeddings", None)
-    return window if isinstance(window, int) else None
-
-
-def load_base_model(path: str, dtype: str = "auto"):
-    """The base model (full precision unless the checkpoint itself is quantized) and its tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kwargs: dict[str, Any] = {"dtype": "auto" if dtype == "auto" else getattr(torch, dtype)}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise InvalidInputError(f"could not load base {path}: {first_line(e)}") from None
-    return model.eval(), tokenizer
 
 
 def attach(
@@ -175,9 +61,9 @@ def attach(
     for v in versions:  # before PEFT's re.fullmatch sees a pattern it could hang on
         check_stored_config(v.config, names, v.ref)
     if not checked:
-        loaded = _loaded_base(model)
+        loaded = loaded_base(model)
         for v in versions:
-            _check_fits(registry, v, loaded)
+            check_fits(registry, v, loaded)
     peft = into
     for i, v in enumerate(versions):
         folder = registry.export(v.ref, workdir / v.ref.replace("@", "-"), force=True)

@@ -8,21 +8,49 @@ is merged into the dequantized (full-precision) weights, never into quantized on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from adaptr.errors import ConflictError, InvalidInputError
 from adaptr.registry import Registry
 from adaptr.registry.atomic import check_path, refuse_in_home, replace_dir, work_folder
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
+from adaptr.values import DTYPES
 
 # PEFT methods that add virtual tokens instead of changing weights: nothing to merge
 PROMPT_METHODS = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING", "CPT")
+PROVENANCE = "adaptr_merge.json"
+
+
+@dataclass
+class MergeRecord:
+    """Where a merged model came from, as ``adaptr_merge.json`` in it says."""
+
+    refs: list[str]  # the versions merged, in order
+    base: str | None  # the base they record
+    base_path: str  # what was loaded as the base
+    base_fingerprint: str | None
+    dtype: str  # of the merged weights
+    adapters_trained_on_quantized_base: list[str] | None  # e.g. ["4bit"]; None: none were
+    path: str  # which path the merge took (full-precision or dequantized weights), in words
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _how(trained_on: list[str]) -> str:
+    if not trained_on:
+        return "merged into the full-precision base weights"
+    return (
+        f"the base was loaded in full precision (dequantized) and the adapters trained on a "
+        f"{'/'.join(trained_on)} base were merged into those weights; load this model with "
+        "BitsAndBytesConfig to quantize it again"
+    )
 
 
 def merge(
@@ -33,15 +61,11 @@ def merge(
     base: str | None = None,
     dtype: str = "auto",
     force: bool = False,
-) -> dict[str, Any]:
-    """Merge ``refs`` (all into one base) and write the model to ``out``; returns the provenance record."""
-    from adaptr.inference import (
-        attach,
-        base_location,
-        check_base_fits,
-        load_base_model,
-        versions_on_one_base,
-    )
+) -> MergeRecord:
+    """Merge ``refs`` (all into one base) and write the model to ``out``; returns where it
+    came from (also written to ``adaptr_merge.json`` in it)."""
+    from adaptr.bases import base_location, check_base_fits, load_base_model
+    from adaptr.inference import attach, versions_on_one_base
 
     if dtype not in DTYPES:
         raise InvalidInputError(f"--dtype must be one of {', '.join(DTYPES)}")
@@ -88,17 +112,16 @@ def merge(
         staging = work / "model"
         merged.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
-        record = {
-            "refs": names, "base": versions[0].base, "base_path": path, "base_fingerprint": versions[0].base_fingerprint,
-            "dtype": str(next(merged.parameters()).dtype).removeprefix("torch."),
-            "adapters_trained_on_quantized_base": trained_on or None,
-            "path": (
-                f"the base was loaded in full precision (dequantized) and the adapters trained on a {'/'.join(trained_on)} "
-                "base were merged into those weights; load this model with BitsAndBytesConfig to quantize it again"
-                if trained_on else "merged into the full-precision base weights"
-            ),
-            "seconds": round(time.time() - started, 3),
-        }  # fmt: skip
-        (staging / "adaptr_merge.json").write_text(json.dumps(record, indent=2) + "\n")
+        record = MergeRecord(
+            refs=names,
+            base=versions[0].base,
+            base_path=path,
+            base_fingerprint=versions[0].base_fingerprint,
+            dtype=str(next(merged.parameters()).dtype).removeprefix("torch."),
+            adapters_trained_on_quantized_base=trained_on or None,
+            path=_how(trained_on),
+            seconds=round(time.time() - started, 3),
+        )
+        (staging / PROVENANCE).write_text(json.dumps(record.to_dict(), indent=2) + "\n")
         replace_dir(staging, out)  # the old folder stays whole until the new one takes its place
     return record

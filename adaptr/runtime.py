@@ -1,6 +1,40 @@
-"""Keep third-party chatter (tqdm bars, deprecation notices) out of adaptr's own output."""
+"""The libraries adaptr runs on: their versions, whether bitsandbytes can run, and keeping
+their chatter (tqdm bars, deprecation notices) out of adaptr's own output."""
 
 from __future__ import annotations
+
+from importlib import metadata
+
+LIBRARIES = (
+    "adaptr",
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "datasets",
+    "accelerate",
+    "bitsandbytes",
+)  # what a trained version records in its lineage
+
+
+def library_versions(libraries: tuple[str, ...] = LIBRARIES) -> dict[str, str | None]:
+    """Installed version of each library (None where it is not installed)."""
+    out = {}
+    for lib in libraries:
+        try:
+            out[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            out[lib] = None
+    return out
+
+
+def bitsandbytes_problem() -> str | None:
+    """Why bitsandbytes quantization cannot run here, or None if it can."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # ImportError, or a broken native library
+        return f"bitsandbytes cannot be imported ({type(e).__name__}: {e})"
+    return None
 
 
 def quiet_libraries() -> None:

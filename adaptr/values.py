@@ -12,15 +12,33 @@ from typing import Any
 
 from adaptr.errors import InvalidInputError
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # a base's dtype; "auto": the checkpoint's
+WEIGHT_DTYPES = DTYPES[1:]  # what weights are cast or dequantized to (merge, GGUF conversion)
+
 
 def is_whole(v: Any) -> bool:
     """An int that is not a bool (JSON and YAML ``true`` are ints to Python)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def is_number(v: Any) -> bool:
-    """A finite int or float that is not a bool."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def is_number(v: Any, *, finite: bool = True) -> bool:
+    """An int or float that is not a bool; finite unless ``finite=False`` (which lets NaN
+    and infinities through, e.g. a perplexity that overflowed)."""
+    return (
+        isinstance(v, (int, float)) and not isinstance(v, bool) and (not finite or math.isfinite(v))
+    )
+
+
+def parse_number(text: str) -> int | float | None:
+    """A number-like string as its number (YAML reads ``2e-4`` as a string): an int when it
+    is written as one (no ``.`` and no exponent), else a float; None when it is no number."""
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return (
+        int(number) if number.is_integer() and not ("." in text or "e" in text.lower()) else number
+    )
 
 
 def human_size(n: int | float | None) -> str:

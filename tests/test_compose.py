@@ -192,11 +192,7 @@ def test_merge_writes_a_standalone_model_matching_base_plus_adapter(reg, tmp_pat
     assert not hasattr(model, "peft_config")
     assert (logits(model) - adapter_logits(reg, "b")).abs().max() <= 1e-4
     assert AutoTokenizer.from_pretrained(tmp_path / "merged")("hi").input_ids
-    assert (
-        record["refs"] == ["b@1"]
-        and record["dtype"] == "float32"
-        and "full-precision" in record["path"]
-    )
+    assert record.refs == ["b@1"] and record.dtype == "float32" and "full-precision" in record.path
 
 
 def _killed_work_folder(kind: str, parent: Path | None, env: dict | None = None) -> Path:
@@ -378,9 +374,7 @@ def test_merge_of_a_qlora_adapter_goes_through_full_precision(registry, tmp_path
            "lora": {"r": 4}, "sft": {"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 5e-2}},
           registry=registry, progress=False)  # fmt: skip
     record = merge(registry, ["q"], tmp_path / "merged")
-    assert (
-        record["adapters_trained_on_quantized_base"] == ["4bit"] and "dequantized" in record["path"]
-    )
+    assert record.adapters_trained_on_quantized_base == ["4bit"] and "dequantized" in record.path
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert (logits(merged) - adapter_logits(registry, "q")).abs().max() <= 1e-4
     assert merged.config.to_dict().get("quantization_config") is None

@@ -268,7 +268,7 @@ def test_the_shipped_7b_recipe_validates():
     """examples/recipes/llama2-7b-qlora.yaml passes validation (it needs a GPU and weights to run)."""
     r = Recipe.from_yaml(ROOT / "examples" / "recipes" / "llama2-7b-qlora.yaml")
     r.validate()
-    assert r.base["quantization"] == "4bit" and r.lora["target_modules"] == "attention"
+    assert r.base.quantization == "4bit" and r.lora["target_modules"] == "attention"
     assert r.sft["learning_rate"] == 2e-4 and r.sft["gradient_accumulation_steps"] == 8
 
 

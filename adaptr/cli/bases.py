@@ -8,7 +8,7 @@ import click
 
 from adaptr.cli._common import emit_json, json_option, note, wide_option, with_registry
 from adaptr.cli.table import print_table
-from adaptr.errors import InvalidInputError, clip
+from adaptr.values import WEIGHT_DTYPES
 
 
 @click.group()
@@ -24,7 +24,7 @@ def base() -> None:
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["float32", "bfloat16", "float16"]),
+    type=click.Choice(WEIGHT_DTYPES),
     default=None,
     help="For a GGUF file: the dtype its weights are dequantized to (default float32, exact).",
 )
@@ -35,34 +35,11 @@ def base_add(registry, name: str, path: str, force: bool, dtype: str | None) -> 
     PATH may be a GGUF file: it is converted once (dequantized, with its tokenizer and chat
     template) into a cached safetensors folder under the registry home, which is registered.
     """
-    from adaptr import gguf
-    from adaptr.registry import check_name
-    from adaptr.registry.atomic import check_path
+    from adaptr.bases import add_base
 
-    check_path(path, "PATH")
-    check_name(name, "base name")
-    if gguf.looks_like_gguf(path):
-        folder = gguf.convert(
-            path, dtype or gguf.DEFAULT_DTYPE, gguf.cache_dir(registry), on_note=note
-        )
-        rec = registry.add_base(name, folder, force=force)
-        click.echo(f"{rec.name} -> {rec.path} ({rec.fingerprint[:12]}, from {Path(path).name})")
-        return
-    if dtype is not None:
-        raise InvalidInputError(
-            f"--dtype applies to GGUF files, and {clip(path, 200)} is not one: "
-            "a model folder is registered as it is"
-        )
-    folder = Path(path).expanduser()
-    if folder.is_dir() and not (folder / "config.json").exists():
-        files = sorted(p.name for p in folder.glob("*.gguf"))
-        if files:
-            raise InvalidInputError(
-                f"{clip(path, 200)} holds GGUF files ({', '.join(files[:3])}) and no config.json: "
-                f"give the file, e.g. `adaptr base add {name} {folder / files[0]}`"
-            )
-    rec = registry.add_base(name, path, force=force)
-    click.echo(f"{rec.name} -> {rec.path} ({rec.fingerprint[:12]})")
+    rec, gguf = add_base(registry, name, path, dtype=dtype, force=force, on_note=note)
+    origin = f", from {Path(gguf).name}" if gguf else ""
+    click.echo(f"{rec.name} -> {rec.path} ({rec.fingerprint[:12]}{origin})")
 
 
 @base.command("list")

@@ -6,6 +6,7 @@ import click
 
 from adaptr.cli._common import emit_json, json_option, with_registry
 from adaptr.errors import brief
+from adaptr.values import DTYPES
 
 
 def _weights(text: str | None, count: int) -> list[float]:
@@ -76,7 +77,7 @@ def compose(
 @click.option("--base", help="Base model folder (default: the adapters' registered base).")
 @click.option(
     "--dtype",
-    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    type=click.Choice(DTYPES),
     default="auto",
     show_default=True,
     help="Precision of the merged weights.",
@@ -94,10 +95,10 @@ def merge(registry, refs, out, base, dtype, force, as_json) -> None:
     with exit_on_sigterm():
         record = run(registry, refs, out, base=base, dtype=dtype, force=force)
     if as_json:
-        emit_json({"out": out, **record})
+        emit_json({"out": out, **record.to_dict()})
         return
     click.echo(
-        f"{out}  ({', '.join(record['refs'])} merged into {record['base']}, {record['dtype']}; {record['path']})"
+        f"{out}  ({', '.join(record.refs)} merged into {record.base}, {record.dtype}; {record.path})"
     )
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import click
 
 from adaptr.cli._common import console, emit_json, format_option, key_values, note, with_registry
+from adaptr.training.recipe import OVER_LENGTH, QUANTIZATION
+from adaptr.values import DTYPES
 
 # CLI flag -> recipe key; flags override the recipe file
 FLAGS = {
@@ -40,12 +42,12 @@ FLAGS = {
 @click.option("--limit", type=click.IntRange(min=1), help="Use only the first N records.")
 @click.option(
     "--quantization",
-    type=click.Choice(["none", "8bit", "4bit"]),
+    type=click.Choice(QUANTIZATION),
     help="Load the base in 8-bit or 4-bit NF4 (QLoRA).",
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    type=click.Choice(DTYPES),
     help="Base weights dtype.",
 )
 @click.option("--family", help="Model family to use instead of the one matched from config.json.")
@@ -99,7 +101,7 @@ FLAGS = {
 @click.option("--keep-run", is_flag=True, help="Keep the run folder (checkpoints) after success.")
 @click.option(
     "--over-length",
-    type=click.Choice(["truncate", "drop", "refuse"]),
+    type=click.Choice(OVER_LENGTH),
     help="Records longer than --max-length: cut them (default), leave them out, or stop.",
 )
 @click.option(
@@ -135,7 +137,7 @@ def train(
         )
     if format_options:
         options = key_values(format_options, "--format-option")
-        recipe.data["options"] = {**(recipe.data.get("options") or {}), **options}
+        recipe.data.options = {**(recipe.data.options or {}), **options}
     for key, value in key_values(settings, "--set", "SECTION.KEY=VALUE").items():
         recipe.set(key, value)
     if tags:

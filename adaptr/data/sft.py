@@ -10,12 +10,16 @@ tokens and loss masks are exactly the ones training sees), applies the recipe's
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adaptr.errors import InvalidInputError, brief, first_line
+
+if TYPE_CHECKING:
+    from adaptr.training.recipe import DataSettings
 
 RECORD = "adaptr_record"  # column: the record's number in the data file (1-based)
 MODEL_COLUMNS = ("input_ids", "labels", "attention_mask", "token_type_ids", "mm_token_type_ids")
@@ -33,27 +37,28 @@ class DataSplits:
     records: list[dict[str, Any]] = field(default_factory=list)  # formatted, in file order
 
 
-def load_splits(data: dict[str, Any], seed: int) -> DataSplits:
-    """Format the recipe's data file(s) and split off the eval set."""
+def load_splits(data: DataSettings, seed: int) -> DataSplits:
+    """Format the data file(s) that ``data`` names and split off the eval set; ``seed``
+    shuffles the split (``DataSettings(path=…, format=…)`` is enough: no eval set)."""
     from adaptr.data.files import kind_of, load_records, to_dataset
     from adaptr.extend.catalog import get_formatter
     from adaptr.registry.blobs import hash_file
 
-    fmt = get_formatter(data["format"])
-    path = Path(data["path"]).expanduser()
-    options = data.get("options") or {}
+    fmt = get_formatter(data.format)
+    path = Path(data.path).expanduser()
+    options = data.options or {}
     records = load_records(path, fmt, **options)
-    if data.get("limit"):
-        records = records[: int(data["limit"])]
+    if data.limit:
+        records = records[: int(data.limit)]
     kind = kind_of(records)  # the records' own (alpaca with lang=chat gives chats)
     info: dict[str, Any] = {
-        "path": str(path.resolve()), "sha256": hash_file(path)[0], "format": data["format"],
+        "path": str(path.resolve()), "sha256": hash_file(path)[0], "format": data.format,
         "options": options, "records": len(records),
     }  # fmt: skip
     train = to_dataset([{**r, RECORD: n} for n, r in enumerate(records, 1)])
     evaluation = None
-    if data.get("eval_path"):
-        eval_path = Path(data["eval_path"]).expanduser()
+    if data.eval_path:
+        eval_path = Path(data.eval_path).expanduser()
         eval_records = load_records(eval_path, fmt, **options)
         if kind_of(eval_records) != kind:
             raise InvalidInputError(
@@ -66,14 +71,14 @@ def load_splits(data: dict[str, Any], seed: int) -> DataSplits:
             "sha256": hash_file(eval_path)[0],
             "records": len(evaluation),
         }
-    elif data.get("eval_split"):
+    elif data.eval_split:
         if len(records) < 2:
             raise InvalidInputError(
                 f"{path} has {len(records)} record(s): too few to split off an eval set"
             )
-        split = train.train_test_split(test_size=float(data["eval_split"]), seed=seed)
+        split = train.train_test_split(test_size=float(data.eval_split), seed=seed)
         train, evaluation = split["train"], split["test"]
-        info["eval"] = {"split": float(data["eval_split"]), "records": len(evaluation)}
+        info["eval"] = {"split": float(data.eval_split), "records": len(evaluation)}
     info["train_records"] = len(train)
     return DataSplits(train, evaluation, info, kind, records)
 
@@ -109,21 +114,52 @@ def check_chat(splits: DataSplits, tokenizer, args) -> None:
         check_templates(tokenizer, chats, assistant_only_loss=False)
 
 
-def loss_defaults(sft: dict[str, Any], kind: str) -> None:
-    """Fill in which tokens carry loss, so the stored recipe says it: assistant turns of chat
-    data, the completion of prompt/completion data, every token of plain text."""
+@dataclass(frozen=True)
+class LossTokens:
+    """Which tokens carry loss, as the ``sft`` settings of that name say it."""
+
+    assistant_only_loss: Any = False
+    completion_only_loss: Any = None  # None: TRL's choice (the completion, if there is one)
+
+    @classmethod
+    def of(cls, sft: Mapping[str, Any]) -> LossTokens:
+        """What settled ``sft`` settings say (see :func:`loss_tokens`)."""
+        return cls(sft.get("assistant_only_loss"), sft.get("completion_only_loss"))
+
+    @property
+    def carried_by(self) -> str:
+        """``assistant``, ``completion`` or ``all``."""
+        if self.assistant_only_loss:
+            return "assistant"
+        return "completion" if self.completion_only_loss else "all"
+
+    def sft(self) -> dict[str, Any]:
+        """The two ``sft`` settings (SFTConfig fields)."""
+        return {
+            "assistant_only_loss": self.assistant_only_loss,
+            "completion_only_loss": self.completion_only_loss,
+        }
+
+
+def loss_tokens(kind: str, sft: Mapping[str, Any] | None = None) -> LossTokens:
+    """Which tokens of ``kind`` records carry loss, where ``sft`` leaves it unset: assistant
+    turns of chat data, the completion of prompt/completion data, every token of plain text.
+    The one place this is decided (training stores it in the recipe; eval records it)."""
+    sft = sft or {}
     if kind == "messages":
-        sft.setdefault("assistant_only_loss", True)
+        assistant = sft.get("assistant_only_loss", True)
     elif sft.get("assistant_only_loss"):
         raise InvalidInputError(
             f"sft.assistant_only_loss needs chat data (a messages format); this format gives {kind} records"
         )
     else:
-        sft.setdefault("assistant_only_loss", False)
+        assistant = sft.get("assistant_only_loss", False)
     if kind == "prompt-completion":
-        sft.setdefault("completion_only_loss", True)
-    elif sft.get("completion_only_loss") is None:
-        sft["completion_only_loss"] = False
+        completion = sft.get("completion_only_loss", True)
+    else:
+        completion = sft.get("completion_only_loss")
+        completion = False if completion is None else completion
+    return LossTokens(assistant, completion)
 
 
 @dataclass

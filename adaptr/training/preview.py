@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adaptr.data.sft import RECORD, LengthReport, apply_max_length, check_chat, tokenize
+from adaptr.data.sft import (
+    RECORD,
+    LengthReport,
+    LossTokens,
+    apply_max_length,
+    check_chat,
+    tokenize,
+)
 from adaptr.registry import Registry
 from adaptr.training.recipe import Recipe
 
@@ -71,13 +78,13 @@ def preview(
 ) -> Preview:
     """Prepare the data exactly as ``train`` would and return ``count`` examples and the counts."""
     from adaptr.runtime import quiet_libraries
-    from adaptr.training.trainer import load_tokenizer, plan, sft_config
+    from adaptr.training.trainer import plan, sft_config
 
     quiet_libraries()
     p = plan(recipe, registry or Registry())
-    tokenizer, _ = load_tokenizer(p.load_path, p.recipe.base)
-    args = sft_config(p.recipe.sft, Path(tempfile.gettempdir()) / "adaptr-preview", progress=False)
-    policy = p.recipe.data["over_length"]
+    tokenizer, _ = p.tokenizer()
+    args = sft_config(p.recipe.sft, Path(tempfile.gettempdir()) / "adaptr-preview")
+    policy = p.recipe.data.over_length
     check_chat(p.data, tokenizer, args)
     examples: list[PreviewExample] = []
     reports = []
@@ -92,12 +99,15 @@ def preview(
     return Preview(examples, reports, _loss_setting(p.recipe.sft), _notes(reports))
 
 
+LOSS_SETTINGS = {
+    "assistant": "assistant turns only (sft.assistant_only_loss: true)",
+    "completion": "the completion only (sft.completion_only_loss: true)",
+    "all": "every token",
+}
+
+
 def _loss_setting(sft: dict[str, Any]) -> str:
-    if sft.get("assistant_only_loss"):
-        return "assistant turns only (sft.assistant_only_loss: true)"
-    if sft.get("completion_only_loss"):
-        return "the completion only (sft.completion_only_loss: true)"
-    return "every token"
+    return LOSS_SETTINGS[LossTokens.of(sft).carried_by]
 
 
 def _notes(reports: list[LengthReport]) -> list[str]:

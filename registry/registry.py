@@ -18,7 +18,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from adaptr.errors import IntegrityError, InvalidInputError, NotFoundError
@@ -172,6 +172,11 @@ class Registry(Recovery, Maintenance):
                 self.journal.backfill(conn)
             yield conn
             self.journal.write_state(conn)
+
+    def writer(self, *, creates: bool = False) -> AbstractContextManager[sqlite3.Connection]:
+        """The writer lock and a connection to a trusted index, for a write of the index made
+        outside this class (a copy between homes); ``creates`` as for an add."""
+        return self._writer(creates=creates)
 
     def _rows(self, sql: str, args: Sequence = ()) -> list[sqlite3.Row]:
         conn = self._conn()

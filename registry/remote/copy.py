@@ -134,7 +134,7 @@ def _place_remote(src: Registry, dst, rec: dict) -> int:
 
 
 def _place_local(src: Registry, dst: Registry, rec: dict) -> int:
-    with dst._writer(creates=True) as conn:
+    with dst.writer(creates=True) as conn:
         for f in rec["files"]:  # blobs first (under the lock, so no gc takes them), then one commit
             digest, _ = dst.blobs.put(src.blobs.path(f["sha256"]))
             if digest != f["sha256"]:

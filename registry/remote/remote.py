@@ -200,6 +200,10 @@ class RemoteRegistry(Registry):
             self._held.syncing = False
         self._synced_at = started
 
+    def expire(self) -> None:
+        """Make the next read refresh the replica, as one past the TTL does."""
+        self._synced_at = None
+
     def require(self) -> None:
         """Before a write: the store must answer, and hold a registry."""
         self.sync(force=True)
@@ -214,9 +218,9 @@ class RemoteRegistry(Registry):
         return None  # the replica is rebuilt from the store, never trusted alone
 
     @contextmanager
-    def _writer(self, *, creates: bool = False):
+    def _writer(self, *, creates: bool = False, notes: list[str] | None = None):
         self.sync(force=True)
-        with super()._writer(creates=True) as conn:
+        with super()._writer(creates=True, notes=notes) as conn:
             yield conn
 
     def _unknown(self, name: str, conn) -> NotFoundError:

@@ -151,9 +151,9 @@ class Registry(Recovery, Maintenance):
         """Hold the writer lock; yields a connection to an index that exists and can be trusted.
 
         Only writes that store something (``creates``) make a new registry home, and say
-        so (:attr:`created`, and in ``notes``); the others refuse a home that holds no registry. Before the
-        write: intents of writers that died are settled, and a registry made before
-        manifests existed gets them. After a committed write: ``state.json``.
+        so (:attr:`created`, and in ``notes``); the others refuse a home that holds no
+        registry. Before the write: intents of writers that died are settled, and a registry
+        made before manifests existed gets them. After a committed write: ``state.json``.
         """
         if not (self.home / "registry.db").exists():
             if not creates:

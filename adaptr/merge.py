@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from adaptr.errors import ConflictError, InvalidInputError
-from adaptr.registry import Registry
+from adaptr.registry import AdapterVersion, Registry
 from adaptr.registry.atomic import check_path, refuse_in_home, replace_dir, work_folder
 from adaptr.values import DTYPES
 
@@ -53,6 +53,23 @@ def _how(trained_on: list[str]) -> str:
     )
 
 
+def _check_mergeable(versions: Sequence[AdapterVersion]) -> None:
+    """Refuse what PEFT's merge_and_unload cannot fold into the weights."""
+    for v in versions:
+        why = (
+            f"it is a {v.peft_type} adapter (virtual tokens, not weight deltas)"
+            if v.peft_type in PROMPT_METHODS
+            else "it replicates layers (layer_replication), whose copies share tensors"
+            if v.config.get("layer_replication")
+            else None
+        )
+        if why:
+            raise InvalidInputError(
+                f"{v.ref} cannot be merged into its base: {why}; serve it with "
+                "`adaptr generate` / adaptr.inference instead"
+            )
+
+
 def merge(
     registry: Registry,
     refs: Sequence[str],
@@ -75,19 +92,7 @@ def merge(
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise ConflictError(f"{out} exists and is not empty; pass --force to replace it")
     versions = versions_on_one_base(registry, refs)
-    for v in versions:  # what PEFT's merge_and_unload cannot fold into the weights
-        why = (
-            f"it is a {v.peft_type} adapter (virtual tokens, not weight deltas)"
-            if v.peft_type in PROMPT_METHODS
-            else "it replicates layers (layer_replication), whose copies share tensors"
-            if v.config.get("layer_replication")
-            else None
-        )
-        if why:
-            raise InvalidInputError(
-                f"{v.ref} cannot be merged into its base: {why}; serve it with "
-                "`adaptr generate` / adaptr.inference instead"
-            )
+    _check_mergeable(versions)
     path = base_location(registry, versions[0], base)
     info = check_base_fits(registry, versions, path)
     if info is not None and info.quantized:

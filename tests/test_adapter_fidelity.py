@@ -155,7 +155,7 @@ def test_keys_with_the_adapter_name_are_stored_as_save_pretrained_writes_them(
 
     registry = Registry(home)
     v = registry.add("b", src, base=str(tiny_llama))
-    assert any(f"{len(renamed)} of {len(canonical)} tensor names" in n for n in registry.notes)
+    assert any(f"{len(renamed)} of {len(canonical)} tensor names" in n for n in v.notes)
     for ref in ("a@1", v.ref):
         stored = _stored_keys(registry, ref)
         assert stored.keys() == canonical.keys()
@@ -195,7 +195,7 @@ def test_keys_with_another_adapter_name_and_a_mixed_spelling(
 
 def test_canonical_folders_are_stored_byte_for_byte(registry, saved, tiny_llama):
     v = registry.add("plain", saved["plain"], base=str(tiny_llama))
-    assert not any("save_pretrained writes" in n for n in registry.notes)
+    assert not any("save_pretrained writes" in n for n in v.notes)
     blob = registry.path(v.ref)[WEIGHTS]
     assert blob.read_bytes() == (saved["plain"] / WEIGHTS).read_bytes()
 
@@ -369,7 +369,7 @@ def test_a_stored_resized_vocabulary_gives_merge_and_generate_a_one_line_error(
         assert f"base {tiny_llama} has 260" in line
     assert not out.exists()
 
-    from adaptr import inference
+    from adaptr import bases, inference
     from adaptr.merge import merge
 
     registry = Registry(home)
@@ -377,7 +377,7 @@ def test_a_stored_resized_vocabulary_gives_merge_and_generate_a_one_line_error(
         merge(registry, ["zh"], out, base=str(tiny_llama))
     with pytest.raises(IncompatibleBaseError, match=RESIZED):
         inference.load(registry, ["zh"], base=str(tiny_llama))
-    model, _ = inference.load_base_model(str(tiny_llama))  # checked on the loaded model too
+    model, _ = bases.load_base_model(str(tiny_llama))  # checked on the loaded model too
     with pytest.raises(IncompatibleBaseError, match=RESIZED):
         inference.attach(model, registry, [registry.get("zh")], tmp_path / "work")
     assert snapshot(home) == before
@@ -403,22 +403,22 @@ def test_a_config_naming_another_model_gets_a_note(cli, home, tmp_path, tiny_lla
     assert f"the adapter config says it was trained on {declared!r}, and it is added to base twin ({twin}), another model with the same shapes" in err  # fmt: skip
 
     registry = Registry(home)
-    registry.add("p", saved["plain"], base=str(twin))
-    assert any(declared in n and "another model" in n for n in registry.notes)
+    v = registry.add("p", saved["plain"], base=str(twin))
+    assert any(declared in n and "another model" in n for n in v.notes)
     # a Hub id the base does not match by name or files: noted, shapes not checked
     src = tmp_path / "hub"
     shutil.copytree(saved["plain"], src)
     _reconfig(src, base_model_name_or_path="meta-llama/Llama-2-7b-hf")
-    registry.add("h", src, base="twin")
-    assert any("'meta-llama/Llama-2-7b-hf'" in n and "base twin" in n for n in registry.notes)
+    v = registry.add("h", src, base="twin")
+    assert any("'meta-llama/Llama-2-7b-hf'" in n and "base twin" in n for n in v.notes)
 
 
 def test_the_same_model_by_another_name_gets_no_note(cli, home, tmp_path, tiny_llama, saved):
     assert cli("base", "add", "tiny", str(tiny_llama))[0] == 0
     registry = Registry(home)
     for base in ("tiny", str(tiny_llama)):  # the registered name, the folder itself
-        registry.add("p", saved["plain"], base=base)
-        assert not any("trained on" in n for n in registry.notes), registry.notes
+        v = registry.add("p", saved["plain"], base=base)
+        assert not any("trained on" in n for n in v.notes), v.notes
     copy = tmp_path / "elsewhere" / tiny_llama.name  # a copy of the declared folder
     shutil.copytree(tiny_llama, copy)
     code, _, err = cli("add", "p", str(saved["plain"]), "--base", str(copy))
@@ -426,8 +426,8 @@ def test_the_same_model_by_another_name_gets_no_note(cli, home, tmp_path, tiny_l
     src = tmp_path / "hub-name"  # trained on a local copy of the Hub model the base came from
     shutil.copytree(saved["plain"], src)
     _reconfig(src, base_model_name_or_path=f"/models/{tiny_llama.name}")
-    registry.add("p", src, base="tiny")
-    assert not any("trained on" in n for n in registry.notes), registry.notes
+    v = registry.add("p", src, base="tiny")
+    assert not any("trained on" in n for n in v.notes), v.notes
 
 
 # --------------------------------------------------- 5. re-adding the same content
@@ -443,25 +443,25 @@ def test_re_adding_the_same_content_says_so(cli, home, tmp_path, tiny_llama, sav
     registry = Registry(home)
     v = registry.add("legal", saved["plain"])
     assert v.ref == "legal@3"
-    assert any(n.startswith("legal@3 is identical to legal@2;") for n in registry.notes)
+    assert any(n.startswith("legal@3 is identical to legal@2;") for n in v.notes)
     # the same adapter with another model card, under another name
     card = tmp_path / "card"
     shutil.copytree(saved["plain"], card)
     (card / "README.md").write_text("# another card\n")
-    registry.add("other", card)
+    v = registry.add("other", card)
     assert any(
         "other@1 is the same weights and config as legal@3 (other files differ)" in n
-        for n in registry.notes
-    ), registry.notes
+        for n in v.notes
+    ), v.notes
     # keys renamed when stored: renamed the same way each time, so the same files again
     renamed = _rekey(saved["plain"], tmp_path / "renamed", _with_name("default"))
-    registry.add("legal", renamed)
-    assert not any("identical" in n for n in registry.notes)
-    registry.add("legal", renamed)
-    assert any(n.startswith("legal@5 is identical to legal@4") for n in registry.notes)
+    v = registry.add("legal", renamed)
+    assert not any("identical" in n for n in v.notes)
+    v = registry.add("legal", renamed)
+    assert any(n.startswith("legal@5 is identical to legal@4") for n in v.notes)
     # other content: no such note
-    registry.add("legal", saved["dora"])
-    assert not any("identical" in n or "the same weights" in n for n in registry.notes)
+    v = registry.add("legal", saved["dora"])
+    assert not any("identical" in n or "the same weights" in n for n in v.notes)
 
 
 # ----------------------------------------------- 6. a Trainer checkpoint folder
@@ -493,7 +493,7 @@ def test_a_trainer_checkpoint_stores_only_the_adapter(cli, home, tmp_path, tiny_
     ) in err
     registry = Registry(home)
     v = registry.add("ck", ckpt, base=str(tiny_llama))
-    assert any("trainer_state.json" in n and "training state" in n for n in registry.notes)
+    assert any("trainer_state.json" in n and "training state" in n for n in v.notes)
     for version in (registry.get("ck@1"), v):
         stored = {f.path for f in version.files}
         assert {"adapter_config.json", WEIGHTS, "README.md", "tokenizer.json"} <= stored
@@ -517,7 +517,7 @@ def test_results_and_logs_beside_a_trainer_output_are_not_stored(registry, tmp_p
         "README.md",
         "chat_template.jinja",
     }
-    assert any("all_results.json" in n and "training state" in n for n in registry.notes)
+    assert any("all_results.json" in n and "training state" in n for n in v.notes)
 
 
 def test_stored_keys_without_the_prefix_are_refused_by_merge(

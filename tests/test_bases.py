@@ -79,4 +79,4 @@ def test_unreachable_hub_base_is_recorded_by_name(registry, tmp_path, monkeypatc
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     v = registry.add("x", write_adapter(tmp_path / "x", base="meta-llama/Llama-2-7b-hf"))
     assert v.base == "meta-llama/Llama-2-7b-hf" and v.base_fingerprint is None
-    assert any("not available locally" in n for n in registry.notes)
+    assert any("not available locally" in n for n in v.notes)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 from remote_helpers import s3_home, seaweed  # noqa: F401 (fixtures)
-from test_vllm import LORA8, SHAPE, VLLM_START_S, free_port, peft_tokens, vllm_python, vllm_tokens
+from vllm_helpers import LORA8, SHAPE, peft_tokens, serving, vllm_python, vllm_tokens
 
 from helpers import random_lora
 
@@ -18,7 +18,6 @@ from helpers import random_lora
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_vllm_serves_from_the_store_and_follows_a_tag_moved_elsewhere(s3_home, tmp_path):  # noqa: F811
-    import httpx
     import openai
 
     from adaptr.registry.remote.remote import RemoteRegistry
@@ -31,7 +30,6 @@ def test_vllm_serves_from_the_store_and_follows_a_tag_moved_elsewhere(s3_home, t
     for seed in (1, 2):
         a.add("qa", random_lora(base, tmp_path / f"qa-{seed}", seed, **LORA8), base="tiny")
     a.tag("qa@1", "prod")
-    port = free_port()
     env = s3_home.env(cache=tmp_path / "machine-b", ADAPTR_VLLM_PYTHON=py,
                       VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING")  # fmt: skip
     bind = subprocess.run(  # machine b binds the base to its own folder
@@ -39,25 +37,7 @@ def test_vllm_serves_from_the_store_and_follows_a_tag_moved_elsewhere(s3_home, t
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert bind.returncode == 0, bind.stderr
-    log = open(tmp_path / "vllm.log", "w")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "adaptr", "serve", "--engine", "vllm", "--base", "tiny",
-         "--port", str(port), "--", "--dtype", "float32", "--enforce-eager",
-         "--max-model-len", "256", "--max-loras", "2", "--max-num-seqs", "4"],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + VLLM_START_S
-        while True:
-            assert proc.poll() is None, (tmp_path / "vllm.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/models", timeout=10).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "vllm.log").read_text()[-3000:]
-            time.sleep(2)
+    with serving(env, tmp_path / "vllm.log", max_num_seqs=4) as url:
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=300)
         prompt = "The registry"
         got, model = vllm_tokens(client, "qa@prod", prompt)
@@ -68,11 +48,3 @@ def test_vllm_serves_from_the_store_and_follows_a_tag_moved_elsewhere(s3_home, t
         while (got := vllm_tokens(client, "qa@prod", prompt)[0]) != want:
             assert time.monotonic() < end, "vLLM did not follow the tag moved on the store"
             time.sleep(1)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(30)
-        log.close()

@@ -7,6 +7,16 @@ import json
 import os
 
 import pytest
+from vllm_helpers import (
+    LORA8,
+    SHAPE,
+    VLLM_START_S,
+    N,
+    peft_tokens,
+    serving,
+    vllm_python,
+    vllm_tokens,
+)
 
 from helpers import write_adapter
 
@@ -62,6 +72,22 @@ def test_source_links_blobs_and_follows_tags(tmp_path, two_bases):
     reg.remove("qa@1")
     assert src.resolve("qa@1") is None and src.resolve("nope") is None
     assert src.resolve("../etc") is None and src.resolve("Bad Name") is None
+
+
+def test_source_carries_the_chat_template_stored_with_the_version(tmp_path, two_bases):
+    """What the plugin renders chat with: the template stored with the version, else None."""
+    from adaptr.serving.vllm.source import RegistrySource
+
+    reg = two_bases
+    styled = write_adapter(tmp_path / "styled", seed=1)
+    (styled / "chat_template.jinja").write_text(STYLED, encoding="utf-8")
+    reg.add("styled", styled, base="tiny")
+    reg.add("plain", write_adapter(tmp_path / "plain", seed=2), base="tiny")
+    src = RegistrySource(reg.home, base="tiny")
+    found = src.resolve("styled")
+    assert found.chat_template == STYLED
+    assert (found.path / "chat_template.jinja").read_text(encoding="utf-8") == STYLED
+    assert src.resolve("plain").chat_template is None
 
 
 def test_source_refuses_wrong_base_and_unservable(tmp_path, two_bases, peft_adapters):
@@ -261,59 +287,13 @@ def _wait_for_line(proc, wanted: str, timeout: float = 120) -> str:
 
 
 # -- a real vLLM server (one per module), driven by the official openai client -----------------
-VLLM_START_S = 900  # engine start takes 1-2.5 min on 2 idle cores; far more on a busy machine
-# head_dim 64: vLLM's CPU attention does not take the 8 of adaptr's smallest tiny config
-SHAPE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
-             num_hidden_layers=2, initializer_range=0.2)  # fmt: skip
-LORA8 = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 PROMPTS = ("The registry", "Once upon a time")
-N = 12
-
-
-def unavailable(why: str):
-    """Skip (fail where CI built the vLLM venv and sets ADAPTR_REQUIRE_VLLM=1)."""
-    if os.environ.get("ADAPTR_REQUIRE_VLLM", "") not in ("", "0"):
-        pytest.fail(why)
-    pytest.skip(why)
-
-
-def vllm_python() -> str:
-    """The vLLM venv's python that can import vllm and adaptr's plugin, else skip the test."""
-    import subprocess
-    from pathlib import Path
-
-    py = os.environ.get("ADAPTR_VLLM_PYTHON") or str(
-        Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"
-    )
-    if not Path(py).is_file():
-        unavailable(f"no vLLM venv ({py} missing; set ADAPTR_VLLM_PYTHON or see README)")
-    probe = subprocess.run(
-        [py, "-c", "import vllm, adaptr.serving.vllm.plugin"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    if probe.returncode:
-        unavailable(f"{py} cannot import vllm and adaptr's plugin: {probe.stderr.strip()[-300:]}")
-    return py
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def vllm_server(tmp_path_factory):
     """`adaptr serve --engine vllm` on base ``tiny`` with adapters qa@1 (tag prod), qa@2, chat@1,
     dora@1 (DoRA) and wrong@1 (made for base ``other``); yields (registry, /v1 URL)."""
-    import subprocess
-    import sys
-    import time
-
-    import httpx
-
     from adaptr.registry import Registry
     from adaptr.tiny import save_tiny_base
 
@@ -331,67 +311,10 @@ def vllm_server(tmp_path_factory):
     reg.tag("qa@1", "prod")
     reg.add("dora", random_lora(base, root / "dora", 4, use_dora=True, **LORA8), base="tiny")
     reg.add("wrong", random_lora(other, root / "wrong", 5, **LORA8), base="other")
-    port = free_port()
     env = {**os.environ, "ADAPTR_HOME": str(reg.home), "ADAPTR_VLLM_PYTHON": py,
            "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}  # fmt: skip
-    log = open(root / "vllm.log", "w")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "adaptr", "serve", "--engine", "vllm", "--base", "tiny",
-         "--port", str(port), "--", "--dtype", "float32", "--enforce-eager",
-         "--max-model-len", "256", "--max-loras", "2", "--max-num-seqs", "8"],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + VLLM_START_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(
-                    f"vLLM exited with {proc.returncode}:\n{(root / 'vllm.log').read_text()[-3000:]}"
-                )
-            try:
-                if httpx.get(f"{url}/models", timeout=10).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"vLLM did not start in {VLLM_START_S} s:\n{(root / 'vllm.log').read_text()[-3000:]}"
-                )
-            time.sleep(2)
+    with serving(env, root / "vllm.log") as url:
         yield reg, url
-    finally:
-        proc.terminate()  # `adaptr serve` hands the signal on to vLLM
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(30)
-        log.close()
-
-
-def peft_tokens(reg, ref, prompt: str) -> list[int]:
-    """Greedy tokens of ``ref`` (None: the bare base) through PEFT, as a reference."""
-    import torch
-
-    from adaptr import inference
-
-    if ref is None:
-        model, tok = inference.load_base_model(reg.base_path("tiny"))
-    else:
-        model, tok, _ = inference.load(reg, [ref])
-    ids = tok(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=N, do_sample=False)
-    return out[0, ids.shape[1] :].tolist()
-
-
-def vllm_tokens(client, model: str, prompt: str) -> tuple[list[int], str]:
-    r = client.completions.create(
-        model=model, prompt=prompt, max_tokens=N, temperature=0,
-        extra_body={"return_token_ids": True},
-    )  # fmt: skip
-    return list(r.choices[0].token_ids), r.model
 
 
 def _strip_eos(ids, eos):
@@ -440,7 +363,7 @@ def test_vllm_and_adaptr_agree_on_logprobs_and_chat(vllm_server):
     import httpx
 
     from adaptr.serving import AdapterServer
-    from adaptr.serving.scheduler import Request
+    from adaptr.serving.requests import Request
 
     from helpers import client
 
@@ -519,3 +442,94 @@ def test_vllm_refusals(vllm_server):
         vllm_tokens(c, "nope@7", PROMPTS[0])
     with pytest.raises(openai.NotFoundError):
         vllm_tokens(c, "Not A Ref", PROMPTS[0])
+
+
+# what `sft.chat_template_path` stores with a version: unlike the tiny base's template, a
+# system line of its own first (and a generation block, as TRL's training templates have)
+STYLED = (
+    "<<SYS>> You answer as the styled adapter. <</SYS>>\n"
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}[assistant] {% generation %}"
+    "{{ m['content'] }}<|endoftext|>{% endgeneration %}\n{% else %}[{{ m['role'] }}] "
+    "{{ m['content'] }}\n{% endif %}{% endfor %}{% if add_generation_prompt %}[assistant] "
+    "{% endif %}"
+)
+
+
+def _peft_chat(base: str, folder, template: str, messages) -> tuple[list[int], list[int]]:
+    """(prompt ids, greedy ids) of plain PEFT on a fresh base, ``messages`` rendered with
+    ``template`` and tokenized as a chat server does (no special tokens added)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder).eval()
+    text = tok.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=True
+    )
+    ids = tok(text, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=N, do_sample=False, pad_token_id=tok.eos_token_id,
+        )  # fmt: skip
+    return ids, out[0, len(ids) :].tolist()
+
+
+@pytest.mark.timeout(VLLM_START_S + 600)
+def test_vllm_chat_renders_with_the_template_stored_with_the_version(vllm_server, tmp_path):
+    """A version stored with its own chat_template.jinja (as training with
+    sft.chat_template_path stores it) is chatted with through that template on vLLM, not the
+    base's: the same prompt tokens and greedy answer as PEFT with that template and as
+    adaptr's own engine; /tokenize renders it so too. A version storing none keeps the base's;
+    a request bringing its own template is vLLM's to refuse, as ever."""
+    import httpx
+    import openai
+    from transformers import AutoTokenizer
+
+    from adaptr.serving import AdapterServer
+
+    from helpers import client, random_lora
+
+    reg, url = vllm_server
+    c = client(url, timeout=300)
+    base = reg.base_path("tiny")
+    folder = random_lora(base, tmp_path / "styled", 7, **LORA8)
+    (folder / "chat_template.jinja").write_text(STYLED, encoding="utf-8")
+    reg.add("styled", folder, base="tiny")
+    messages = [{"role": "user", "content": "Say hi"}]
+    server = AdapterServer(reg, "tiny")
+    try:
+        ids, greedy = _peft_chat(base, folder, STYLED, messages)
+        own = AutoTokenizer.from_pretrained(base).chat_template
+        assert own and own != STYLED  # the base's template renders otherwise
+        answer = c.chat.completions.create(
+            model="styled", messages=messages, max_tokens=N, temperature=0,
+            extra_body={"return_token_ids": True},
+        )  # fmt: skip
+        assert answer.model == "styled"
+        assert answer.prompt_token_ids == ids  # rendered with STYLED
+        assert _strip_eos(list(answer.choices[0].token_ids), 256) == _strip_eos(greedy, 256)
+        mine = server.chat([messages], ["styled"], max_new_tokens=N)[0]
+        assert answer.choices[0].message.content == mine
+        root = url.removesuffix("/v1")
+        tokens = httpx.post(
+            f"{root}/tokenize", json={"model": "styled", "messages": messages}, timeout=300
+        ).json()["tokens"]
+        assert tokens == ids
+        # a version storing no template: the base's, on vLLM as on adaptr's engine
+        plain = httpx.post(
+            f"{root}/tokenize", json={"model": "qa@1", "messages": messages}, timeout=300
+        ).json()["tokens"]
+        rendered = server.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        assert plain == server.tokenizer(rendered, add_special_tokens=False).input_ids != ids
+        with pytest.raises(openai.BadRequestError, match="--trust-request-chat-template"):
+            c.chat.completions.create(
+                model="styled", messages=messages, max_tokens=1,
+                extra_body={"chat_template": "{{ 'mine' }}"},
+            )  # fmt: skip
+    finally:
+        assert server.scheduler.close(60)
+        reg.remove("styled")

@@ -19,7 +19,14 @@ to vLLM's ``OpenAIServingModels`` (the one object that maps a request's ``model`
   a context variable which ref asked for which internal name, and ``model_name`` answers
   with that ref; both run in the request's own task (``create_completion``,
   ``create_chat_completion``), so concurrent requests never see each other's;
-- ``/v1/models`` lists every ref of the served base's adapters.
+- ``/v1/models`` lists every ref of the served base's adapters;
+- chat with the version's own template: a version stored with a chat template (trained with
+  ``sft.chat_template_path``, or any tokenizer saved beside it) renders chat with it, as
+  adaptr's own engine does, instead of the base's. vLLM's ``OnlineRenderer.preprocess_chat``
+  (chat completions, ``/tokenize``, responses) takes the server's template as its default;
+  for a request whose ``model`` this task just resolved to such a version (the lookup's
+  context variable) that default is the stored template. A request bringing its own
+  ``chat_template`` is left to vLLM (refused without ``--trust-request-chat-template``).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from http import HTTPStatus
 from adaptr.serving.vllm.source import Refused, RegistrySource, Resolved, lora_name
 
 log = logging.getLogger("adaptr.vllm")
-_PATCHED = False
+_PATCHED: set[str] = set()  # what is patched in this process (once each)
 # (internal LoRA name, the ref the request asked for) of this task's last adaptr lookup
 ASKED: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
     "adaptr_asked", default=None
@@ -46,6 +53,7 @@ class AdaptrResolver:
     def __init__(self, source: RegistrySource | None = None):
         self._source = source
         self._requests: dict = {}  # lora name (one per version) -> LoRARequest
+        self._templates: dict[str, str] = {}  # lora name -> the chat template stored with it
         self._lock = threading.Lock()
         self._next_id = 1 << 30  # apart from vLLM's own counter (which starts at 1)
 
@@ -69,7 +77,13 @@ class AdaptrResolver:
                     lora_path=str(resolved.path),
                 )
                 self._requests[resolved.lora_name] = req
+                if resolved.chat_template is not None:
+                    self._templates[resolved.lora_name] = resolved.chat_template
             return req
+
+    def chat_template(self, lora_name: str) -> str | None:
+        """The chat template stored with the version named ``lora_name``, if it has one."""
+        return self._templates.get(lora_name)
 
     async def resolve_lora(self, base_model_name: str, lora_name: str):
         """vLLM's resolver hook (used as is when the serving patch is absent)."""
@@ -94,6 +108,7 @@ def register() -> None:
     LoRAResolverRegistry.register_resolver("adaptr", RESOLVER)
     with contextlib.suppress(ImportError):  # a vLLM build without the OpenAI server
         _patch_serving_models()
+        _patch_chat_templates()
 
 
 class FollowingLoRAs(dict):
@@ -113,6 +128,7 @@ class FollowingLoRAs(dict):
         try:
             version = source.current(name)
             if version is not None and lora_name(version) == req.lora_name:
+                ASKED.set((req.lora_name, name))  # the version this request renders for
                 return True
         except Exception as e:  # a registry error: answer through resolve_lora
             log.warning("adaptr: re-checking %s: %s", name, e)
@@ -131,8 +147,7 @@ def _ours(req) -> bool:
 
 
 def _patch_serving_models() -> None:
-    global _PATCHED
-    if _PATCHED:
+    if "models" in _PATCHED:
         return
     from vllm.entrypoints.openai.models.serving import OpenAIServingModels
     from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelPermission
@@ -175,6 +190,7 @@ def _patch_serving_models() -> None:
                 err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST, param="model",
             )  # fmt: skip
         dict.__setitem__(self.lora_requests, lora_name, req)
+        ASKED.set((req.lora_name, lora_name))
         log.info("adaptr: %s -> %s (%s)", lora_name, resolved.version_ref, resolved.path)
         return req
 
@@ -204,4 +220,35 @@ def _patch_serving_models() -> None:
     OpenAIServingModels.model_name = model_name
     OpenAIServingModels.resolve_lora = resolve_lora
     OpenAIServingModels.show_available_models = show_available_models
-    _PATCHED = True
+    _PATCHED.add("models")
+
+
+def stored_template(request) -> str | None:
+    """The chat template to render ``request`` (a chat, tokenize or responses request) with
+    instead of the server's: the one stored with the adaptr version its ``model`` resolved to
+    in this task; None for any other model, a version storing none, or a request that brings
+    its own template (vLLM decides on that one, as ever)."""
+    own = (getattr(request, "chat_template_kwargs", None) or {}).get("chat_template")
+    if getattr(request, "chat_template", None) is not None or own is not None:
+        return None
+    asked = ASKED.get()
+    if asked is None or asked[1] != getattr(request, "model", None):
+        return None
+    return RESOLVER.chat_template(asked[0])
+
+
+def _patch_chat_templates() -> None:
+    if "templates" in _PATCHED:
+        return
+    from vllm.renderers.online_renderer import OnlineRenderer
+
+    original = OnlineRenderer.preprocess_chat
+
+    async def preprocess_chat(self, request, messages, default_template, *args, **kwargs):
+        template = stored_template(request)
+        return await original(
+            self, request, messages, template or default_template, *args, **kwargs
+        )
+
+    OnlineRenderer.preprocess_chat = preprocess_chat
+    _PATCHED.add("templates")

@@ -34,6 +34,9 @@ class Resolved:
     version_ref: str  # NAME@N
     lora_name: str  # unique per stored version
     path: Path  # a PEFT folder of links to the blobs
+    # the chat template stored with the version (trained with sft.chat_template_path, or the
+    # tokenizer training saved beside it); None: chat renders with vLLM's default (the base's)
+    chat_template: str | None = None
 
 
 def lora_name(version) -> str:
@@ -110,8 +113,11 @@ class RegistrySource:
             return None
 
     def resolve(self, ref: str) -> Resolved | None:
-        """``ref``'s version as a linked PEFT folder; None when it names nothing; Refused
-        when it names a version this server must not serve (with the reason)."""
+        """``ref``'s version as a linked PEFT folder with its stored chat template; None when
+        it names nothing; Refused when it names a version this server must not serve (with
+        the reason)."""
+        from adaptr.inference import stored_chat_template
+
         version = self.current(ref)
         if version is None:
             return None
@@ -122,9 +128,10 @@ class RegistrySource:
         name = lora_name(version)
         try:
             folder = self.materialize(version, name)
+            template = stored_chat_template(self.registry, version)
         except IntegrityError as e:  # a corrupt or missing blob: refused, never linked
             raise Refused(str(e)) from None
-        return Resolved(ref, version.ref, name, folder)
+        return Resolved(ref, version.ref, name, folder, template)
 
     def materialize(self, version, name: str) -> Path:
         """``<home>/cache/vllm/NAME`` holding a link per stored file (made once, atomically)."""

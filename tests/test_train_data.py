@@ -383,6 +383,7 @@ def test_conversational_prompt_completion_trains_exactly_as_trl_alone(
     from trl import SFTConfig, SFTTrainer
 
     from adaptr.data.sft import load_splits, tokenize
+    from adaptr.training.recipe import DataSettings
 
     data = tmp_path / "pc.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in CONVERSATIONAL_PC))
@@ -401,7 +402,7 @@ def test_conversational_prompt_completion_trains_exactly_as_trl_alone(
         train_dataset=Dataset.from_list(CONVERSATIONAL_PC), processing_class=tok,
         peft_config=LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
     )  # fmt: skip
-    splits = load_splits({"path": str(data), "format": "prompt-completion"}, 0)
+    splits = load_splits(DataSettings(path=str(data), format="prompt-completion"), 0)
     mine = tokenize(splits.train, tok, args)
     assert mine["input_ids"] == trainer.train_dataset["input_ids"]
     assert mine["labels"] == trainer.train_dataset["labels"]

@@ -7,6 +7,7 @@ finding and loading the base is :mod:`adaptr.bases`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -176,25 +177,42 @@ def _default_template(value: Any) -> str | None:
     return value if isinstance(value, str) and value.strip() else None
 
 
+def folder_chat_template(path: str | Path) -> str | None:
+    """The chat template a saved tokenizer in folder ``path`` has (its chat_template.jinja,
+    chat_template.json or tokenizer_config.json, as transformers reads them), else None."""
+    for name in TEMPLATE_FILES:
+        file = Path(path) / name
+        try:
+            raw = file.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        found = _template_of(name, raw)
+        if found:
+            return found
+    return None
+
+
+def _template_of(name: str, raw: str) -> str | None:
+    """The template in one of :data:`TEMPLATE_FILES` (``name``) holding ``raw``."""
+    if name.endswith(".jinja"):
+        return _default_template(raw)
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    return _default_template(data.get("chat_template") if isinstance(data, dict) else None)
+
+
 def stored_chat_template(registry: Registry, version: AdapterVersion) -> str | None:
     """The chat template stored with ``version`` (training saves the tokenizer it trained
     with beside the adapter: the base's template, the family's when the base had none, or
     ``sft.chat_template_path``'s), else None. Read through the registry's hash check."""
-    import json
-
     names = {f.path for f in version.files}
     for name in TEMPLATE_FILES:
         if name not in names:
             continue
         raw = registry.read_checked(version, name).decode("utf-8", errors="replace")
-        if name.endswith(".jinja"):
-            found = _default_template(raw)
-        else:
-            try:
-                data = json.loads(raw)
-            except ValueError:
-                continue
-            found = _default_template(data.get("chat_template") if isinstance(data, dict) else None)
+        found = _template_of(name, raw)
         if found:
             return found
     return None

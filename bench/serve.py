@@ -213,7 +213,8 @@ def continuous(args) -> None:
 
     from adaptr.registry import Registry
     from adaptr.serving import AdapterServer
-    from adaptr.serving.scheduler import Request, Scheduler
+    from adaptr.serving.requests import Request
+    from adaptr.serving.scheduler import Scheduler
     from adaptr.tiny import save_tiny_base
 
     hidden = args.hidden if args.hidden != 256 else 512

@@ -478,7 +478,7 @@ def test_generate_and_merge_with_a_base_that_does_not_fit(
         refused(cli, home, before, *command, match=want)
     assert not out.exists()
 
-    from adaptr import inference
+    from adaptr import bases, inference
     from adaptr.errors import IncompatibleBaseError
     from adaptr.merge import merge
 
@@ -487,7 +487,7 @@ def test_generate_and_merge_with_a_base_that_does_not_fit(
         inference.load(registry, ["p0"], base=str(wide_llama))
     with pytest.raises(IncompatibleBaseError, match=re.escape(want)):
         merge(registry, ["p0"], out, base=str(wide_llama))
-    model, _ = inference.load_base_model(str(wide_llama))
+    model, _ = bases.load_base_model(str(wide_llama))
     with pytest.raises(IncompatibleBaseError, match="p0@1 does not fit base"):
         inference.attach(model, registry, [registry.get("p0")], tmp_path / "work")
     assert snapshot(home) == before
@@ -609,7 +609,7 @@ def test_an_internal_error_is_still_one_short_line(cli, home, populated, monkeyp
 def test_the_context_window_is_not_enforced_past_what_rope_scaling_allows():
     from transformers import LlamaConfig
 
-    from adaptr.inference import context_window
+    from adaptr.bases import context_window
 
     assert context_window(LlamaConfig(max_position_embeddings=512)) == 512
     yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}

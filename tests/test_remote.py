@@ -293,7 +293,7 @@ def test_missing_bucket_and_bad_address_are_one_line(s3_home, tmp_path):
 def test_a_gated_move_on_the_store_never_overwrites_a_move_made_meanwhile(
     s3_home, tmp_path, monkeypatch
 ):
-    import adaptr.evaluation as ev
+    import adaptr.evaluation.gates as ev
     from adaptr.errors import ConflictError
     from adaptr.registry.remote.remote import RemoteRegistry
 

@@ -227,7 +227,7 @@ def test_a_failed_prefill_fails_its_requests_and_scored_prefills_keep_to_their_b
 
 
 def test_eval_generations_decode_at_most_batch_size_x_refs_rows(setup):
-    from adaptr.evaluation import _generations
+    from adaptr.evaluation.run import _generations
 
     reg, base, server, scheduler = setup
     fresh = AdapterServer(reg, "base", max_adapters=4, max_rank=4)

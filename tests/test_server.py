@@ -34,7 +34,7 @@ def _saved_unconverted(base, path, init: str):
 def test_base_rewriting_inits_are_refused_by_the_server_eval_and_vllm_check(
     tmp_path, tiny_llama, cli, monkeypatch, init
 ):
-    from adaptr.evaluation import evaluate
+    from adaptr.evaluation.run import evaluate
     from adaptr.serving import AdapterServer
     from adaptr.serving.vllm.compat import check_servable
 

@@ -120,11 +120,9 @@ def test_refused(cli, home, tmp_path, populated, tiny_llama, case, match):
 
 
 def test_quantization_where_bitsandbytes_cannot_run(cli, home, populated, tiny_llama, monkeypatch):
-    import adaptr.training.trainer
+    import adaptr.runtime
 
-    monkeypatch.setattr(
-        adaptr.training.trainer, "bitsandbytes_problem", lambda: "no supported device (test)"
-    )
+    monkeypatch.setattr(adaptr.runtime, "bitsandbytes_problem", lambda: "no supported device (test)")
     refused(cli, home, populated, "train", "--base", str(tiny_llama), "--data", str(ZH_EN), "--format", "alpaca", "--name", "q",
             "--quantization", "4bit", match="quantization 4bit needs bitsandbytes, which cannot run here: no supported device (test); use --quantization none", last=True)  # fmt: skip
 

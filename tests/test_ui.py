@@ -31,7 +31,7 @@ PROMPT = "Knowledge is"
 def build_registry(root: Path, tiny_llama: Path):
     """The UI's test registry in ``root / "home"`` (see the module docstring); returns it."""
     from adaptr.compose import compose
-    from adaptr.evaluation import evaluate
+    from adaptr.evaluation.run import evaluate
     from adaptr.registry import Registry
     from adaptr.training.trainer import train
 
@@ -165,7 +165,7 @@ def test_curves_page_series(client):
 
 
 def test_compare_marks_best_and_shows_settings(client, reg):
-    from adaptr.evaluation import compare
+    from adaptr.evaluation.compare import compare
 
     page = client.get("/compare?ref=zh@1,zh@2").text
     doc = compare(reg, ["zh@1", "zh@2"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 from vllm_helpers import (
@@ -157,6 +158,38 @@ def test_launch_command(tmp_path, two_bases, monkeypatch):
     monkeypatch.setenv("ADAPTR_VLLM_PYTHON", str(tmp_path / "missing"))
     with pytest.raises(Exception, match="ADAPTR_VLLM_PYTHON=.* is not a file"):
         command(reg, "tiny", host="h", port=1)
+
+
+def test_launch_gives_vllm_the_familys_chat_template_for_a_base_without_one(
+    tmp_path, registry, monkeypatch
+):
+    """adaptr's engine renders chat on a base without a template with its family's (LLaMA's
+    here); vLLM is started with that template, unless the base has one or the user gives one."""
+    from adaptr.extend.catalog import get_family
+    from adaptr.serving.vllm.launch import command
+    from adaptr.tiny import save_tiny_base
+
+    bare = save_tiny_base(tmp_path / "bare", "llama")
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    registry.add_base("bare", bare)
+    registry.add_base("own", save_tiny_base(tmp_path / "own", "llama"))
+    fake = tmp_path / "python"
+    fake.write_text("")
+    monkeypatch.setenv("ADAPTR_VLLM_PYTHON", str(fake))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    argv, _ = command(registry, "bare", host="h", port=1)
+    path = Path(argv[argv.index("--chat-template") + 1])
+    assert path.read_text() == get_family("llama").chat_template
+    assert path.is_relative_to(tmp_path / "cache")
+    again, _ = command(registry, "bare", host="h", port=1)
+    assert again == argv  # the same file, by content
+    argv, _ = command(registry, "own", host="h", port=1)
+    assert "--chat-template" not in argv  # the base's own template: vLLM's default already
+    argv, _ = command(registry, "bare", host="h", port=1, extra=["--chat-template", "mine.jinja"])
+    assert argv.count("--chat-template") == 1 and argv[-1] == "mine.jinja"
 
 
 # -- what the installed vLLM cannot run, said before it starts; its exit, said when it ends ----

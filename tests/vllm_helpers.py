@@ -99,10 +99,10 @@ def peft_tokens(reg, ref, prompt: str) -> list[int]:
     """Greedy tokens of ``ref`` (None: the bare base ``tiny``) through PEFT, as a reference."""
     import torch
 
-    from adaptr import inference
+    from adaptr import bases, inference
 
     if ref is None:
-        model, tok = inference.load_base_model(reg.base_path("tiny"))
+        model, tok = bases.load_base_model(reg.base_path("tiny"))
     else:
         model, tok, _ = inference.load(reg, [ref])
     ids = tok(prompt, return_tensors="pt").input_ids

@@ -200,12 +200,13 @@ def show(registry, ref: str, as_json: bool, wide: bool) -> None:
 
 def _metric(name: str, value, record: dict) -> str:
     """``name value``, BLEU with its tokenizer when not sacrebleu's default (13a)."""
-    from adaptr.evaluation.records import bleu_tokenizer_of, is_number
+    from adaptr.evaluation.records import bleu_tokenizer_of
+    from adaptr.values import is_number
 
     tokenize = bleu_tokenizer_of(record) if name == "bleu" else "13a"
     if tokenize != "13a":
         name = f"bleu[{tokenize}]"
-    return f"{name} {value:.4g}" if is_number(value) else f"{name} {value!r} (not a number)"
+    return f"{name} {value:.4g}" if is_number(value, finite=False) else f"{name} {value!r} (not a number)"
 
 
 @click.command()

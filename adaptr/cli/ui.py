@@ -35,9 +35,8 @@ def ui(registry, host: str, port: int, token: str | None, base: str | None, thre
         )
     if base is not None:
         registry.get_base(base)  # an unknown base: a one-line error before anything starts
-    import uvicorn
 
-    from adaptr.serving.openai.http import uvicorn_settings
+    from adaptr.serving.openai.http import uvicorn_server
     from adaptr.ui.app import create_app
     from adaptr.ui.context import UIContext
 
@@ -50,8 +49,7 @@ def ui(registry, host: str, port: int, token: str | None, base: str | None, thre
         threading.Thread(target=ctx.engine, args=(base,), daemon=True).start()
     url = f"http://{host}:{port}/"
     click.echo(f"adaptr ui on {url} (registry {registry.home})" + (" — log in with the token" if token else ""), err=True)  # fmt: skip
-    config = uvicorn.Config(create_app(ctx), host=host, port=port, log_level="warning", **uvicorn_settings())  # fmt: skip
-    uvicorn.Server(config).run()
+    uvicorn_server(create_app(ctx), host=host, port=port).run()
 
 
 def _set_threads(n: int) -> None:

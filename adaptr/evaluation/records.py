@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from adaptr.evaluation.metrics import GENERATION
+from adaptr.values import is_number
 
 if TYPE_CHECKING:
     from adaptr.registry import Registry
@@ -25,11 +26,6 @@ _RECORD_KEYS = (
     "metrics", "dataset", "settings", "signatures", "libraries", "family", "created", "base_line",
 )  # fmt: skip
 
-
-def is_number(value: Any) -> bool:
-    """A stored metric value that can be compared: an int or float (not a bool). NaN and
-    infinity count (a diverged loss, ``ppl`` of a huge loss): they are measurements."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def data_file(data: str | Path) -> Path:
@@ -184,7 +180,7 @@ class EvalRecord:
     def measured(self) -> Iterator[Measurement]:
         """Each metric value that is a number (others are not measurements)."""
         for metric, value in self.metrics.items():
-            if is_number(value):
+            if is_number(value, finite=False):  # a diverged loss, inf ppl: measurements
                 yield Measurement(metric, value, self.dataset, self.condition(metric), self.created)
 
 

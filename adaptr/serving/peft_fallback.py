@@ -220,7 +220,8 @@ class PeftFallback:
     # ------------------------------------------------------------------ loading
     def load(self, version: AdapterVersion) -> None:
         """Load ``version`` into the base through PEFT (named by its ref, disabled until used)."""
-        from adaptr.inference import attach, check_base_fits
+        from adaptr.bases import check_base_fits
+        from adaptr.inference import attach
 
         # checked against the base's files: the served model's own names have PEFT's wrappers in them
         checked = check_base_fits(self.registry, [version], self.base_path) is not None

@@ -70,7 +70,7 @@ class AdapterServer:
         gather_budget_mb: float = 256,
         dtype: str = "auto",
     ):
-        from adaptr.inference import load_base_model
+        from adaptr.bases import load_base_model
 
         self.registry = registry
         self.max_adapters = max_adapters

@@ -3,7 +3,7 @@
 The body is JSON: ``{"prompt": str, "refs": [ref | "base:NAME"…], "chat": bool,
 "temperature": float, "max_tokens": int, "seed": int | null}``. Every ref must be on one
 base (the engine is that base's :class:`~adaptr.serving.AdapterServer`, created on first
-use). Each ref is one :class:`~adaptr.serving.scheduler.Request` submitted to the server's
+use). Each ref is one :class:`~adaptr.serving.requests.Request` submitted to the server's
 scheduler together, so they decode in one mixed batch, exactly as ``AdapterServer.generate``
 and the HTTP API run them (same greedy tokens).
 
@@ -99,8 +99,8 @@ def _sse(data: dict, event: str | None = None) -> str:
 
 def _requests(server, req: dict, adapters: list[str | None], on_event) -> list:
     """One scheduler request per column (errors of one column: an ("error", e) event)."""
-    from adaptr.serving.scheduler import Request as Row
-    from adaptr.serving.scheduler import Sampling
+    from adaptr.serving.requests import Request as Row
+    from adaptr.serving.requests import Sampling
 
     sampling = Sampling(req["temperature"], 1.0, req["seed"])
     rows = []

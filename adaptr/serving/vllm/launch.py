@@ -93,6 +93,10 @@ def command(registry, base: str, *, host: str, port: int, extra=()) -> tuple[lis
     if rank is None:
         rank = str(base_rank(registry, base))
         argv += ["--max-lora-rank", rank]
+    if _has_option(extra, "--chat-template") is None:
+        template = family_template_file(record.path)
+        if template is not None:  # what adaptr's engine renders chat with on this base
+            argv += ["--chat-template", str(template)]
     env = {
         **os.environ,
         "ADAPTR_HOME": str(Path(registry.home).resolve()),
@@ -104,6 +108,34 @@ def command(registry, base: str, *, host: str, port: int, extra=()) -> tuple[lis
     if plugins is not None and "adaptr" not in plugins.split(","):
         env["VLLM_PLUGINS"] = ",".join(p for p in (plugins, "adaptr") if p)
     return argv + extra, env
+
+
+def family_template_file(base_path: str) -> Path | None:
+    """For a base whose tokenizer has no chat template, a file holding the model family's
+    (kept under ``~/.cache/adaptr/vllm/`` by its SHA-256), so vLLM renders chat as adaptr's
+    engine does; None when the base has its own or no family gives one."""
+    import hashlib
+
+    from adaptr.inference import family_template, folder_chat_template
+
+    if folder_chat_template(base_path) is not None:
+        return None
+    try:
+        config = json.loads((Path(base_path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    template = family_template(None, config)
+    if template is None:
+        return None
+    digest = hashlib.sha256(template.encode("utf-8")).hexdigest()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "adaptr" / "vllm"
+    path = cache / f"chat-template-{digest[:16]}.jinja"
+    if not path.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(template, encoding="utf-8")
+        os.replace(tmp, path)
+    return path
 
 
 # -- what the vLLM Python can run --------------------------------------------------------------

@@ -8,13 +8,13 @@ import json
 import os
 
 import pytest
-import remote_helpers
-from remote_helpers import SECRET, Proxy, S3Home
 
 from adaptr.errors import ConflictError, IntegrityError
 from adaptr.registry import Registry
 
+import remote_helpers
 from helpers import run_adaptr, write_adapter
+from remote_helpers import SECRET, Proxy, S3Home
 
 seaweed, s3_home = remote_helpers.seaweed, remote_helpers.s3_home  # the fixtures
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 
-import remote_helpers
-
 from adaptr.registry import Registry
 from adaptr.registry.remote.remote import RemoteRegistry
 
+import remote_helpers
 from helpers import run_adaptr, write_adapter
 
 seaweed, s3_home = remote_helpers.seaweed, remote_helpers.s3_home  # the fixtures

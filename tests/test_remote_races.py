@@ -11,12 +11,11 @@ import sys
 import textwrap
 import time
 
-import remote_helpers
-from remote_helpers import S3Home
-
 from adaptr.registry.remote.remote import RemoteRegistry
 
+import remote_helpers
 from helpers import run_adaptr, write_adapter
+from remote_helpers import S3Home
 
 seaweed, s3_home = remote_helpers.seaweed, remote_helpers.s3_home  # the fixtures
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import time
 
 import pytest
-import remote_helpers
 
 from adaptr.registry.remote.remote import RemoteRegistry
 
+import remote_helpers
 from helpers import LORA, random_lora, run_adaptr
 
 seaweed, s3_home = remote_helpers.seaweed, remote_helpers.s3_home  # the fixtures

@@ -9,10 +9,10 @@ import sys
 import time
 
 import pytest
-from remote_helpers import s3_home, seaweed  # noqa: F401 (fixtures)
-from vllm_helpers import LORA8, SHAPE, peft_tokens, serving, vllm_python, vllm_tokens
 
 from helpers import random_lora
+from remote_helpers import s3_home, seaweed  # noqa: F401 (fixtures)
+from vllm_helpers import LORA8, SHAPE, peft_tokens, serving, vllm_python, vllm_tokens
 
 
 @pytest.mark.slow

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 
 import pytest
+
+from helpers import write_adapter
 from vllm_helpers import (
     LORA8,
     SHAPE,
@@ -18,8 +20,6 @@ from vllm_helpers import (
     vllm_python,
     vllm_tokens,
 )
-
-from helpers import write_adapter
 
 
 # -- the resolver's logic, without vLLM -------------------------------------------------------

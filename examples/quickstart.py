@@ -60,7 +60,7 @@ def main() -> None:
         "composed:", blend.ref, "from", blend.lineage["parents"], "by", blend.lineage["combination"]
     )
     record = merge(reg, ["zh-en"], out / "zh-en-merged")
-    print("merged:", out / "zh-en-merged", "-", record["path"])
+    print("merged:", out / "zh-en-merged", "-", record.path)
 
     server = AdapterServer(reg, "tiny", max_adapters=4)
     prompt = "### 指令:\n把下面的中文翻译成英文。\n\n### 输入:\n猫\n\n### 回答:\n"

@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from adaptr.registry import Registry  # noqa: E402
 
-from helpers import throwaway_plugins, write_adapter  # noqa: E402
+from helpers import snapshot, throwaway_plugins, write_adapter  # noqa: E402
 
 
 @pytest.fixture
@@ -105,3 +105,10 @@ def register_plugin():
     """Register throwaway plugin objects for one test; they are unregistered afterwards."""
     with throwaway_plugins() as register:
         yield register
+
+
+@pytest.fixture
+def populated(cli, home, tmp_path):
+    """A registry holding p0@1 so that damage would show."""
+    assert cli("add", "p0", str(write_adapter(tmp_path / "p0")))[0] == 0
+    return snapshot(home)

@@ -9,6 +9,9 @@ import click
 import pytest
 
 from adaptr.cli import cli as root
+from adaptr.registry import Registry
+
+from helpers import write_adapter
 
 
 def commands(cmd: click.Command = root, path: tuple[str, ...] = ("adaptr",)):
@@ -71,7 +74,6 @@ def test_tables_fit_80_columns_and_wide_shows_all(cli, monkeypatch, command):
 
 
 def test_list_fits_80_columns_keeping_names_and_path_ends(cli, registry, tmp_path, monkeypatch):
-    from helpers import write_adapter
 
     monkeypatch.setenv("COLUMNS", "80")
     deep = "a-very-long-organisation-name/a-long-model-name-for-testing-base-folder"
@@ -136,3 +138,15 @@ def test_key_value_flags_without_a_value_are_usage_errors(cli, home, args, messa
     code, out, err = cli(*args)
     assert code == 2 and out == "" and err.startswith(f"error: {message}") and err.count("\n") == 1
     assert not home.exists()  # nothing stored, no registry made
+
+
+def test_an_internal_error_is_still_one_short_line(cli, home, populated, monkeypatch):
+    def boom(self, name=None):
+        raise RuntimeError("size mismatch " * 1000)
+
+    monkeypatch.setattr(Registry, "list", boom)
+    code, out, err = cli("list")
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1, err[:500]
+    assert lines[0].startswith("error: internal error (RuntimeError: size mismatch size mismatch")
+    assert lines[0].endswith("rerun with --debug for the traceback") and len(lines[0]) < 400

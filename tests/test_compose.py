@@ -1,6 +1,10 @@
 """compose / merge / stacked inference: math checked against PEFT, lineage, bad input."""
 
+from __future__ import annotations
+
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -8,10 +12,14 @@ import torch
 
 from adaptr import inference
 from adaptr.compose import METHODS, compose
-from adaptr.errors import IncompatibleBaseError, InvalidInputError, NotFoundError
+from adaptr.errors import (
+    IncompatibleBaseError,
+    InvalidInputError,
+    NotFoundError,
+)
 from adaptr.merge import merge
 
-from helpers import snapshot
+from helpers import refused, snapshot, write_adapter
 
 IDS = torch.tensor([[5, 17, 99, 3, 250, 42, 7, 8, 120, 33]])
 
@@ -197,7 +205,6 @@ def test_merge_writes_a_standalone_model_matching_base_plus_adapter(reg, tmp_pat
 
 def _killed_work_folder(kind: str, parent: Path | None, env: dict | None = None) -> Path:
     """The work folder of a real process killed (SIGKILL) while it had it."""
-    import os
     import subprocess
     import sys
 
@@ -292,7 +299,6 @@ sys.exit(main(["generate", "a", "Hello", "--max-new-tokens", "2"]))
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
 def test_a_stopped_generate_leaves_no_load_folder(reg, home, tmp_path, sig):
-    import os
     import signal
     import subprocess
     import sys
@@ -346,7 +352,6 @@ def test_merge_refusals(reg, home, tmp_path, tiny_llama, cli):
     )
     assert code != 0 and "base" in err and "not found" in err and len(err.strip().splitlines()) == 1
     quant = tmp_path / "quantized"
-    import shutil
 
     shutil.copytree(tiny_llama, quant)
     cfg = json.loads((quant / "config.json").read_text())
@@ -428,3 +433,19 @@ def test_stacking_differs_from_each_alone_and_matches_cat(reg):
     compose(reg, ["a", "b"], [1, 1], "cat", "ab")
     assert (stacked - adapter_logits(reg, "ab")).abs().max() < 1e-5
     assert (stacked - adapter_logits(reg, "b")).abs().max() > 1e-3
+
+
+def test_generate_and_compose_options(cli, home, tmp_path, tiny_llama):
+    for name, seed in (("p0", 0), ("p1", 1)):
+        src = write_adapter(tmp_path / name, seed=seed)
+        assert cli("add", name, str(src), "--base", str(tiny_llama))[0] == 0
+    before = snapshot(home)
+    for args, match in (
+        (("generate", "p0", ""), "the prompt is empty"),
+        (("generate", "p0", "hi", "--max-new-tokens", "0"), "0 is not in the range x>=1"),
+        (("generate", "p0", "hi", "--max-new-tokens", "9" * 30), "the model reads at most 512 tokens"),
+        (("compose", "p0", "--name", "c", "--weights", "nan"), "weights must be finite numbers (--weights), got [nan]"),
+        (("compose", "p0", "p1", "--name", "c", "--weights", "1,inf"), "weights must be finite numbers (--weights), got [1.0, inf]"),
+        (("compose", "p0", "p1", "--name", "c", "--method", "svd", "--svd-rank", "-1"), "-1 is not in the range x>=1"),
+    ):  # fmt: skip
+        refused(cli, home, before, *args, match=match)

@@ -5,6 +5,7 @@ record and field (adaptr.data.files)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,53 @@ def test_one_file_trains_one_kind_of_record(tmp_path):
     assert record_kind({"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "a"}]}) == "conversational prompt-completion"  # fmt: skip
     with pytest.raises(InvalidInputError, match="one is a list of messages and the other text"):
         record_kind({"prompt": [{"role": "user", "content": "q"}], "completion": "a"})
+
+
+# ------------------------------------------------------------------ datasets
+@pytest.mark.parametrize(
+    "name, content, match",
+    [
+        pytest.param("d.jsonl", b'{"instruction": "a", "output": "b"}\n' * 2 + b'{"instruction": "caf\xe9", "output": "b"}\n',
+                     "d.jsonl line 3 (byte 92) is not valid UTF-8: re-encode it as UTF-8", id="jsonl"),
+        pytest.param("d.json", b'[\n{"instruction": "a", "output": "b"},\n{"instruction": "\xff", "output": "b"}]\n',
+                     "d.json line 3 (byte 56) is not valid UTF-8", id="json"),
+        pytest.param("d.csv", b"instruction,output\na,b\n\xe9t\xe9,b\n", "d.csv line 3 (byte 23) is not valid UTF-8", id="csv"),
+        pytest.param("d.jsonl", b"[" * 100_000 + b"]" * 100_000 + b"\n", "d.jsonl line 1 is nested too deeply to be a record", id="deep-jsonl"),
+        pytest.param("d.json", b"[" * 100_000 + b"]" * 100_000, "d.json is nested too deeply to be a list of records", id="deep-json"),
+    ],
+)  # fmt: skip
+def test_hostile_datasets(cli, home, tmp_path, populated, name, content, match):
+    data = tmp_path / name
+    data.write_bytes(content)
+    args = ("--base", "org/model", "--data", str(data), "--format", "alpaca", "--name", "x")
+    refused(cli, home, populated, "train", *args, match=match)
+    from adaptr.data.files import load_records
+
+    with pytest.raises(InvalidInputError, match=re.escape(match)):
+        load_records(data, "alpaca")
+
+
+def test_a_utf8_bom_is_not_an_error(tmp_path):
+    from adaptr.data.files import load_records
+
+    data = tmp_path / "bom.jsonl"
+    data.write_bytes(b'\xef\xbb\xbf{"instruction": "a", "output": "b"}\n')
+    assert len(load_records(data, "alpaca")) == 1
+
+
+def test_a_formatter_that_trips_over_a_record_names_it(tmp_path, register_plugin):
+    from adaptr import Formatter, hookimpl
+    from adaptr.data.files import load_records
+
+    class Plugin:
+        @hookimpl
+        def adaptr_register_formatters(self, register):
+            register(Formatter(name="strict", format=lambda r: {"text": r["a"] + 1}, kind="text"))
+
+    register_plugin(Plugin(), "strict-formatter")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"a": 1}\n{"a": "x"}\n')
+    with pytest.raises(
+        InvalidInputError, match="d.jsonl line 2: the strict format cannot use this"
+    ):
+        load_records(data, "strict")

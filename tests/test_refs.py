@@ -1,7 +1,11 @@
+from __future__ import annotations
+
 import pytest
 
 from adaptr.errors import InvalidInputError
 from adaptr.registry import Ref, check_name
+
+from helpers import refused
 
 
 @pytest.mark.parametrize("name", ["a", "llama-legal", "x.y_z-1", "0abc", "a" * 64])
@@ -61,3 +65,19 @@ def test_long_names_are_cut_in_messages():
     with pytest.raises(InvalidInputError) as e:
         check_name("X" * 100_000)
     assert len(str(e.value)) < 300 and "…" in str(e.value)
+
+
+# ------------------------------------------------------------------ references
+@pytest.mark.parametrize(
+    "ref, match",
+    [
+        ("p0@²", "invalid reference 'p0@²'"),
+        ("p0@٣", "invalid reference 'p0@٣'"),  # not version 3: only ASCII digits are versions
+        ("p0@99999999999999999999999", "no version is that large"),
+        ("p0@" + "9" * 5000, "no version is that large"),
+        ("p" * 10_000, "invalid adapter name"),
+    ],
+)
+def test_hostile_references(cli, home, populated, ref, match):
+    for command in (("show", ref), ("switch", ref), ("tag", ref, "prod"), ("rm", ref)):
+        refused(cli, home, populated, *command, match=match)

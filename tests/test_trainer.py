@@ -1,16 +1,24 @@
 """adaptr train: LoRA and QLoRA through SFTTrainer, recipes, lineage, faithful math."""
 
+from __future__ import annotations
+
 import json
 import math
+import os
+import pickle
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from adaptr.errors import InvalidInputError, NotFoundError
 from adaptr.registry import Registry
 from adaptr.training.recipe import Recipe
 from adaptr.training.trainer import train
+
+from helpers import snapshot
 
 ROOT = Path(__file__).parent.parent
 ZH_EN = ROOT / "examples" / "data" / "translate_zh_en.jsonl"
@@ -231,7 +239,6 @@ def test_same_weights_as_the_plain_trl_recipe_and_deterministic(registry, tiny_l
 
 
 def test_recipe_validation_suggests():
-    from adaptr.errors import InvalidInputError
 
     r = Recipe(
         {
@@ -287,3 +294,67 @@ def test_separate_eval_file(registry, tiny_llama, tmp_path):
     assert math.isfinite(r.metrics["eval_loss"]) and r.metrics["perplexity"] == pytest.approx(
         math.exp(r.metrics["eval_loss"])
     )
+
+
+# ---------------------------------------------------------- damaged checkpoints
+class _Boom:
+    """Unpickling this would create a file: proves a checkpoint is never unpickled freely."""
+
+    def __reduce__(self):
+        return (open, (str(MARKER), "w"))
+
+
+MARKER = Path("/tmp/adaptr-checkpoint-unpickled-marker")
+
+
+def _damage(checkpoint: Path, kind: str) -> None:
+    if kind == "optimizer-pickle":
+        (checkpoint / "optimizer.pt").write_bytes(pickle.dumps(_Boom()))
+    elif kind == "rng-garbage":
+        (checkpoint / "rng_state.pth").write_bytes(os.urandom(100))
+    elif kind == "weights-truncated":
+        p = checkpoint / "adapter_model.safetensors"
+        p.write_bytes(p.read_bytes()[:-64])
+    elif kind == "state-not-object":
+        (checkpoint / "trainer_state.json").write_text("[]")
+
+
+def test_resume_from_a_damaged_checkpoint(cli, home, tmp_path, tiny_llama):
+    data = Path(__file__).parent.parent / "examples" / "data" / "translate_zh_en.jsonl"
+    args = ["train", "--base", str(tiny_llama), "--data", str(data), "--format", "alpaca",
+            "--name", "r", "--batch-size", "2", "--no-gradient-checkpointing",
+            "--set", "sft.save_steps=1"]  # fmt: skip
+    code, _, err = cli(*args, "--max-steps", "2", "--keep-run")
+    assert code == 0, err[-2000:]
+    run = home / "runs" / "r"
+    shutil.copytree(run, tmp_path / "run-backup")
+    before = snapshot(home)
+    for kind in ("optimizer-pickle", "rng-garbage", "weights-truncated", "state-not-object"):
+        shutil.rmtree(run)
+        shutil.copytree(tmp_path / "run-backup", run)
+        _damage(run / "checkpoint-2", kind)
+        MARKER.unlink(missing_ok=True)
+        code, out, err = cli(*args, "--max-steps", "4", "--resume")
+        last = err.strip().splitlines()[-1]
+        assert code != 0 and "internal error" not in last and "Traceback" not in err, (kind, err)
+        assert last.startswith(f"error: checkpoint {run / 'checkpoint-2'} cannot be read ("), last
+        assert last.endswith(
+            "start over with --restart, or delete that folder to resume from an earlier checkpoint"
+        )
+        assert len(last) < 400 and not MARKER.exists()
+        assert snapshot(home) == before
+    # deleting the damaged checkpoint resumes from the one before it
+    shutil.rmtree(run / "checkpoint-2")
+    code, out, err = cli(*args, "--max-steps", "3", "--resume")
+    assert code == 0 and out.startswith("r@2"), err[-2000:]
+
+
+def test_folders_that_only_look_like_checkpoints_are_not_a_crash(tmp_path):
+    from adaptr.training.trainer import _prepare_run_dir
+
+    run = tmp_path / "run"
+    (run / "checkpoint-final").mkdir(parents=True)
+    (run / "checkpoint-²").mkdir()
+    (run / "checkpoint-3").write_text("a file")
+    with pytest.raises(NotFoundError, match="nothing to resume"):
+        _prepare_run_dir(run, resume=True, restart=False, name="x")

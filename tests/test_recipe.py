@@ -1,15 +1,22 @@
-"""training.recipe: hostile recipes, YAML flags and training numbers are refused in one line."""
+"""training.recipe: files and flags in precedence, validation with suggestions, hostile recipes
+refused in one line."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
 from adaptr.errors import InvalidInputError
 from adaptr.registry import Registry
+from adaptr.training.recipe import Recipe
+from adaptr.training.trainer import train
 
 from helpers import refused, snapshot
+
+ROOT = Path(__file__).parent.parent
+ZH_EN = ROOT / "examples" / "data" / "translate_zh_en.jsonl"
 
 
 # ------------------------------------------------------------------- recipes
@@ -56,7 +63,6 @@ BASIC = "name: x\ndata: {path: d.jsonl, format: alpaca}\nbase:\n  path: b\n"
 def test_hostile_recipes(cli, home, tmp_path, populated, text, match):
     recipe = _recipe(tmp_path, text)
     refused(cli, home, populated, "train", "--recipe", str(recipe), match=match)
-    from adaptr.training.trainer import train
 
     with pytest.raises(InvalidInputError, match=re.escape(match)) as e:
         train(recipe, registry=Registry(home), progress=False)
@@ -103,3 +109,69 @@ def test_hostile_yaml_in_flags(cli, home, tmp_path, populated, option):
 def test_training_numbers_that_would_fail_mid_setup(cli, home, populated, args, match):
     base = ("--base", "org/model", "--data", "d.jsonl", "--format", "alpaca", "--name", "x")
     refused(cli, home, populated, "train", *base, *args, match=match)
+
+
+def test_recipe_file_and_flag_precedence(cli, registry, tiny_llama, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"name: from-recipe\ntags: [yaml]\nbase:\n  path: {tiny_llama}\n  dtype: float32\n"
+        f"data:\n  path: {ZH_EN}\n  format: alpaca\n  options: {{lang: zh}}\n"
+        "lora:\n  r: 8\n  lora_alpha: 4\n  use_rslora: true\n  target_modules: [q_proj, v_proj]\n"
+        "sft:\n  max_steps: 3\n  learning_rate: 2e-4\n  per_device_train_batch_size: 4\n  gradient_checkpointing: false\n  warmup_steps: 1\n"
+    )
+    code, out, err = cli(
+        "train", "--recipe", str(recipe), "--r", "2", "--set", "sft.max_steps=2", "--tag", "cli"
+    )
+    assert code == 0, err
+    v = registry.get("from-recipe")
+    assert (
+        v.r == 2 and v.lora_alpha == 4 and v.summary["use_rslora"] is True
+    )  # flag beats file, rest passes through
+    assert sorted(v.tags) == ["cli", "yaml"] and v.metrics["steps"] == 2
+    rec = v.lineage["recipe"]
+    assert (
+        rec["sft"]["learning_rate"] == 2e-4
+        and rec["sft"]["warmup_steps"] == 1
+        and rec["base"]["dtype"] == "float32"
+    )
+
+
+def test_recipe_validation_suggests():
+
+    r = Recipe(
+        {
+            "name": "x",
+            "base": {"path": "b"},
+            "data": {"path": "d", "format": "text"},
+            "sft": {"learning_rat": 1e-4},
+        }
+    )
+    with pytest.raises(
+        InvalidInputError,
+        match=r"unknown recipe key sft.learning_rat .*did you mean 'learning_rate'",
+    ):
+        r.validate()
+    with pytest.raises(InvalidInputError, match="unknown recipe key 'lorra'.*did you mean 'lora'"):
+        Recipe({"lorra": {}})
+    with pytest.raises(
+        InvalidInputError, match="unknown recipe key base.quantisation.*did you mean 'quantization'"
+    ):
+        Recipe({"base": {"quantisation": "4bit"}})
+    r = Recipe(
+        {
+            "name": "x",
+            "base": {"path": "b"},
+            "data": {"path": "d", "format": "text"},
+            "lora": {"rank": 8},
+        }
+    )
+    with pytest.raises(InvalidInputError, match="unknown recipe key lora.rank"):
+        r.validate()
+
+
+def test_the_shipped_7b_recipe_validates():
+    """examples/recipes/llama2-7b-qlora.yaml passes validation (it needs a GPU and weights to run)."""
+    r = Recipe.from_yaml(ROOT / "examples" / "recipes" / "llama2-7b-qlora.yaml")
+    r.validate()
+    assert r.base.quantization == "4bit" and r.lora["target_modules"] == "attention"
+    assert r.sft["learning_rate"] == 2e-4 and r.sft["gradient_accumulation_steps"] == 8

@@ -1,11 +1,16 @@
-"""AdapterServer: per-row adapters in one batch, identical to PEFT run prompt by prompt."""
+"""serving.server AdapterServer: per-row adapters in one batch, identical to PEFT run prompt by
+prompt; base-rewriting inits (PiSSA, OLoRA, …) served as PEFT loads them or refused."""
 
+from __future__ import annotations
+
+import json
 import threading
 
 import pytest
 import torch
 
-from adaptr.errors import InvalidInputError
+from adaptr.errors import InvalidAdapterError, InvalidInputError
+from adaptr.registry import Registry
 from adaptr.serving import AdapterServer
 from adaptr.tiny import save_tiny_base
 
@@ -128,16 +133,6 @@ def test_row_aware_generate_arguments_keep_the_callers_order(setup):
         prefix_allowed_tokens_fn=only_x_for_the_first,
     )
     assert texts[0] == server.tokenizer.decode([forced] * 3) != texts[1]
-
-
-def test_block_size():
-    from adaptr.serving.stacks import _block_size
-
-    assert _block_size(torch.tensor([1, 1, 2, 2, 2, 2])) == 2
-    assert _block_size(torch.tensor([0, 0, 0, 1, 1, 1])) == 3
-    assert _block_size(torch.tensor([1, 2, 2])) == 1
-    assert _block_size(torch.tensor([3, 3, 3, 3])) == 4
-    assert _block_size(torch.tensor([1, 1, 2, 1, 1])) == 1
 
 
 def test_switch_default_and_lru_eviction(setup):
@@ -337,46 +332,6 @@ def test_a_batch_whose_adapters_exceed_the_memory_bound_is_refused(setup):
     want = server.generate(["x"], ["a"], max_new_tokens=2) + alone
     assert server.generate(["x", "x"], ["a", "c"], max_new_tokens=2) == want
     assert server.generate(["x"], ["c"], max_new_tokens=2) == alone  # still serving
-
-
-@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(
-    "rows, blocks",
-    [([1, 1, 1], 1), ([1, 2, 0], 3), ([2, 2, 0, 0, 1, 1], 3), ([1, 1, 2, 2, 2, 2], 3)],
-)
-def test_stacked_lora_adds_each_rows_own_delta(out_dtype, rows, blocks):
-    from adaptr.serving.stacks import BatchState, StackedLoRA
-
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(8, 6, bias=False)
-    state = BatchState(2**30, torch.tensor(rows))
-    stacked = StackedLoRA(layer, 3, state)
-    weights = {
-        1: (torch.randn(4, 8), torch.randn(6, 4), 0.5),
-        2: (torch.randn(2, 8), torch.randn(6, 2), 2.0),
-    }
-    for slot, (A, B, scaling) in weights.items():
-        stacked.set(slot, A, B, scaling)
-    x = torch.randn(len(rows), 5, 8)
-    stacked.handle.remove()  # called by hand below, on the plain layer's output
-    with torch.no_grad():
-        base = layer(x)
-        # a bf16 output takes the out-of-place path (the stacks stay fp32)
-        got = stacked._hook(layer, (x,), base.clone().to(out_dtype))
-    a = next(iter(state.cache.values())).A  # the gathered A
-    assert a.shape[0] == blocks or (blocks == 1 and a.dim() == 2)  # weights read once per block
-    if len(rows) > 3:  # inputs whose first dimension is not the batch's rows are refused
-        with pytest.raises(InvalidInputError, match="first dimension"):
-            n = len(rows) + 1  # e.g. tokens flattened across the batch
-            stacked._hook(layer, (x.reshape(-1, 8)[:n],), base.reshape(-1, 6)[:n].clone())
-    for i, slot in enumerate(rows):
-        want = base[i].clone()
-        if slot:
-            A, B, scaling = weights[slot]
-            want += (x[i] @ A.T @ B.T) * scaling
-        tol = 1e-5 if out_dtype == torch.float32 else 3e-2
-        assert got.dtype == out_dtype
-        assert (got[i].float() - want).abs().max() < tol * max(1.0, want.abs().max())
 
 
 # -- chat templates: each version renders with the one it was trained with ------------------
@@ -603,3 +558,69 @@ def test_generate_chat_uses_the_versions_template(cli, templated):
     assert "generate without --chat" in line
     code, out, err = cli("--home", home, "generate", "ongpt2", "hi", "--max-new-tokens", "2")
     assert code == 0, err
+
+
+def _saved_unconverted(base, path, init: str):
+    """A PEFT adapter initialised with ``init``, nudged as by training, saved as is."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=init),
+    )
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_base_rewriting_inits_are_refused_by_the_server_eval_and_vllm_check(
+    tmp_path, tiny_llama, cli, monkeypatch, init
+):
+    from adaptr.evaluation.run import evaluate
+    from adaptr.serving import AdapterServer
+    from adaptr.serving.vllm.compat import check_servable
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("ADAPTR_HOME", str(home))
+    reg = Registry(home)
+    reg.add_base("tiny", tiny_llama)
+    v = reg.add("p", _saved_unconverted(tiny_llama, tmp_path / "p", init), base="tiny")
+    server = AdapterServer(reg, "tiny")
+    with pytest.raises(InvalidInputError, match=f"initialised with {init}"):
+        server.generate(["hi"], adapters=["p"], max_new_tokens=2)
+    data = tmp_path / "dev.jsonl"
+    data.write_text(json.dumps({"prompt": "q", "completion": "a"}) + "\n")
+    with pytest.raises(InvalidInputError, match="path_initial_model_for_weight_conversion"):
+        evaluate(["p"], data, "prompt-completion", "loss", registry=reg)
+    assert reg.evals("p@1") == []
+    with pytest.raises(InvalidAdapterError, match=f"initialised with {init}"):
+        check_servable(reg, v)
+    code, out, err = cli("check", "p", "--engine", "vllm")
+    assert code != 0 and f"initialised with {init}" in err, err
+
+
+def test_generate_loads_a_pissa_adapter_as_peft_does(tmp_path, tiny_llama):
+    """The PEFT path (generate, merge) is the one that serves it: equal logits to PEFT."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from adaptr import inference
+
+    reg = Registry(tmp_path / "home")
+    reg.add_base("tiny", tiny_llama)
+    src = _saved_unconverted(tiny_llama, tmp_path / "p", "pissa")
+    reg.add("p", src, base="tiny")
+    model, _tok, _refs = inference.load(reg, ["p"])
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), src)
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        diff = (model(ids).logits - peft(ids).logits).abs().max().item()
+    assert diff < 1e-5, diff  # float32, the same weights: equal up to summation order

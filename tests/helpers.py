@@ -232,3 +232,28 @@ def expected(reg, ref, prompt, n, chat=False):
             AutoTokenizer.from_pretrained(path),
         )
     return inference.generate(model, tok, prompt, max_new_tokens=n, chat=chat)
+
+
+# -- SFT recipes and data for the training tests (test_data_sft, test_preview, test_trainer)
+FAST = {"max_steps": 1, "per_device_train_batch_size": 8, "gradient_checkpointing": False}
+LONG = "word " * 200  # ~1,000 characters: past max_length=64 for the tiny byte-level tokenizer
+
+
+def alpaca_file(path: Path, long_every: int = 0, n: int = 8) -> Path:
+    """Alpaca records; every ``long_every``-th has an input past max_length=64."""
+    rows = []
+    for i in range(n):
+        extra = LONG if long_every and i % long_every == 0 else ""
+        rows.append({"instruction": f"Say {i}.", "input": extra, "output": f"{i} it is."})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def recipe(name: str, base: Path, data: Path, fmt: str = "alpaca", data_extra=None, **sft) -> dict:
+    return {
+        "name": name,
+        "base": {"path": str(base)},
+        "data": {"path": str(data), "format": fmt, **(data_extra or {})},
+        "lora": {"r": 2, "target_modules": ["q_proj", "v_proj"]},
+        "sft": {**FAST, **sft},
+    }

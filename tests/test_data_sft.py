@@ -1,10 +1,9 @@
-"""What trains is what the user meant: over-length records, loss masks, --preview, early checks."""
+"""data.sft: what trains is what the user meant: over-length records, loss masks, chat and tool
+calls, preference data refused."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,10 +12,7 @@ from adaptr.errors import InvalidInputError
 from adaptr.training.preview import preview
 from adaptr.training.trainer import train
 
-from helpers import refused, snapshot
-
-FAST = {"max_steps": 1, "per_device_train_batch_size": 8, "gradient_checkpointing": False}
-LONG = "word " * 200  # ~1,000 characters: past max_length=64 for the tiny byte-level tokenizer
+from helpers import FAST, LONG, alpaca_file, recipe, refused, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +39,6 @@ def plain_qwen(tmp_path_factory) -> Path:
     return save_tiny_base(tmp_path_factory.mktemp("bases") / "qwen-plain", "qwen2")
 
 
-def alpaca_file(path: Path, long_every: int = 0, n: int = 8) -> Path:
-    """Alpaca records; every ``long_every``-th has an input past max_length=64."""
-    rows = []
-    for i in range(n):
-        extra = LONG if long_every and i % long_every == 0 else ""
-        rows.append({"instruction": f"Say {i}.", "input": extra, "output": f"{i} it is."})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def chat_file(path: Path) -> Path:
     rows = [
         {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
@@ -63,16 +49,6 @@ def chat_file(path: Path) -> Path:
     ]  # fmt: skip
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return path
-
-
-def recipe(name: str, base: Path, data: Path, fmt: str = "alpaca", data_extra=None, **sft) -> dict:
-    return {
-        "name": name,
-        "base": {"path": str(base)},
-        "data": {"path": str(data), "format": fmt, **(data_extra or {})},
-        "lora": {"r": 2, "target_modules": ["q_proj", "v_proj"]},
-        "sft": {**FAST, **sft},
-    }
 
 
 # ---- over-length records: counted, reported before training, the user's choice ----
@@ -226,80 +202,7 @@ def test_assistant_only_loss_on_plain_text_is_refused(cli, tiny_llama):
 # ---- --preview: as the model will see it, no weights, nothing stored ----
 
 
-def test_preview_cli_shows_examples_counts_and_cuts(
-    cli, registry, tiny_llama, tmp_path, monkeypatch
-):
-    import adaptr.training.trainer
-
-    monkeypatch.setattr(adaptr.training.trainer, "load_model", lambda *a, **k: pytest.fail("model loaded"))
-    data = alpaca_file(tmp_path / "d.jsonl", long_every=4)
-    code, out, err = cli("train", "--base", str(tiny_llama), "--data", str(data), "--format", "alpaca",
-                         "--format-option", "lang=en", "--name", "p", "--max-length", "200",
-                         "--preview", "2")  # fmt: skip
-    assert code == 0, err
-    assert "text between ⟦ and ⟧ carries loss" in out
-    assert "── record 1 (train):" in out and "DROPPED" in out and "── record 2 (train):" in out
-    assert "### Instruction:\nSay 1.\n\n### Response:\n⟦1 it is.<|endoftext|>⟧" in out
-    assert "✂ max_length cuts" in out and "train: 6 of 8 records train" in out
-    assert "loss on: the completion only" in out
-    assert "2 of 8 records exceed max_length=200" in err
-    assert registry.list() == [] and not (registry.home / "runs").exists()
-
-
-def test_preview_says_when_training_would_stop(tiny_llama, registry, tmp_path):
-    data = alpaca_file(tmp_path / "d.jsonl", long_every=1, n=2)
-    p = preview(recipe("x", tiny_llama, data, max_length=64), registry=registry)
-    assert p.notes[-1] == "all 2 train records would be dropped: training would stop"
-
-
-def test_preview_json_and_refuse_policy_reports_instead_of_stopping(cli, tiny_llama, tmp_path):
-    data = alpaca_file(tmp_path / "d.jsonl", long_every=4)
-    code, out, err = cli("train", "--base", str(tiny_llama), "--data", str(data), "--format", "alpaca",
-                         "--name", "p", "--max-length", "64", "--over-length", "refuse",
-                         "--preview", "--json")  # fmt: skip
-    assert code == 0, err
-    doc = json.loads(out)
-    assert len(doc["examples"]) == 3 and doc["splits"][0]["over_length"] == 2
-    assert "training refuses them (data.over_length: refuse)" in doc["notes"][0]
-    ex = doc["examples"][1]
-    assert ex["record"] == 2 and ex["loss_tokens"] > 0 and ex["cut_tokens"] == 0
-    assert "".join(s["text"] for s in ex["segments"] if s["loss"]) == "1 it is.<|endoftext|>"
-
-
-def test_json_without_preview_is_a_usage_error(cli, tiny_llama):
-    code, _, err = cli("train", "--base", str(tiny_llama), "--json")
-    assert code == 2 and "--json goes with --preview" in err
-
-
 # ---- cheap checks run before torch is imported ----
-
-
-@pytest.mark.parametrize(
-    "change, message",
-    [
-        ({"data": {"format": "alpacca"}}, "unknown format 'alpacca': did you mean 'alpaca'?"),
-        ({"base": {"path": "/nonexistent/model"}}, "base '/nonexistent/model' not found"),
-        ({"data": {"format": "messages"}}, "field 'messages' is missing"),
-        ({"name": "Bad Name"}, "Bad Name"),
-        ({"data": {"over_length": "cut"}}, "data.over_length must be one of"),
-    ],
-)
-def test_mistakes_are_found_before_torch_loads(tiny_llama, tmp_path, change, message):
-    data = alpaca_file(tmp_path / "d.jsonl")
-    doc = recipe("ok", tiny_llama, data)
-    for key, value in change.items():
-        doc[key] = {**doc[key], **value} if isinstance(value, dict) else value
-    script = (
-        "import json, sys\nfrom adaptr.training.trainer import plan\nfrom adaptr.registry import Registry\n"
-        f"try:\n    plan(json.loads({json.dumps(json.dumps(doc))}), Registry({str(tmp_path / 'h')!r}))\n"
-        "except Exception as e:\n    print(type(e).__name__, e)\n"
-        "print('torch loaded' if 'torch' in sys.modules else 'no torch')\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
-    )
-    assert message in out.stdout, out.stdout + out.stderr
-    assert out.stdout.rstrip().endswith("no torch")
 
 
 TOOLS = {

@@ -7,6 +7,8 @@ import math
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from adaptr.errors import NotFoundError
 from adaptr.registry import Registry
 from adaptr.training.trainer import train
 
-from helpers import snapshot
+from helpers import alpaca_file, recipe, snapshot
 
 ROOT = Path(__file__).parent.parent
 ZH_EN = ROOT / "examples" / "data" / "translate_zh_en.jsonl"
@@ -291,3 +293,31 @@ def test_folders_that_only_look_like_checkpoints_are_not_a_crash(tmp_path):
     (run / "checkpoint-3").write_text("a file")
     with pytest.raises(NotFoundError, match="nothing to resume"):
         _prepare_run_dir(run, resume=True, restart=False, name="x")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"data": {"format": "alpacca"}}, "unknown format 'alpacca': did you mean 'alpaca'?"),
+        ({"base": {"path": "/nonexistent/model"}}, "base '/nonexistent/model' not found"),
+        ({"data": {"format": "messages"}}, "field 'messages' is missing"),
+        ({"name": "Bad Name"}, "Bad Name"),
+        ({"data": {"over_length": "cut"}}, "data.over_length must be one of"),
+    ],
+)
+def test_mistakes_are_found_before_torch_loads(tiny_llama, tmp_path, change, message):
+    data = alpaca_file(tmp_path / "d.jsonl")
+    doc = recipe("ok", tiny_llama, data)
+    for key, value in change.items():
+        doc[key] = {**doc[key], **value} if isinstance(value, dict) else value
+    script = (
+        "import json, sys\nfrom adaptr.training.trainer import plan\nfrom adaptr.registry import Registry\n"
+        f"try:\n    plan(json.loads({json.dumps(json.dumps(doc))}), Registry({str(tmp_path / 'h')!r}))\n"
+        "except Exception as e:\n    print(type(e).__name__, e)\n"
+        "print('torch loaded' if 'torch' in sys.modules else 'no torch')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert message in out.stdout, out.stdout + out.stderr
+    assert out.stdout.rstrip().endswith("no torch")

@@ -190,3 +190,10 @@ def test_add_refuses_weights_rewritten_in_place_during_its_copy(home, tmp_path):
     for v in stored:  # every stored version is one whole state of the file
         assert next(f.sha256 for f in v.files if f.path.endswith(".safetensors")) in digests
     assert reg.verify().ok
+
+
+def test_blobs_are_read_only(home, adapter_dir):
+    v = Registry(home).add("a", adapter_dir)
+    for f in v.files:
+        assert not os.access(Registry(home).blobs.path(f.sha256), os.W_OK) or os.geteuid() == 0
+        assert (Registry(home).blobs.path(f.sha256).stat().st_mode & 0o222) == 0

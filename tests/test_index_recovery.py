@@ -1,4 +1,5 @@
-"""A lost, emptied or damaged index never lets gc wipe the store, and reindex brings it back."""
+"""registry.index: a lost, emptied or damaged index never lets gc wipe the store, reindex brings
+it back; a half-created or newer index reads as empty or is refused."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from adaptr.errors import IncompatibleBaseError, IntegrityError, InvalidAdapterError
 from adaptr.registry import Registry
 
-from helpers import write_adapter
+from helpers import run_adaptr, write_adapter
 
 
 def _populate(home: Path, tmp_path: Path) -> Registry:
@@ -246,3 +247,33 @@ def test_verify_beside_concurrent_rm_and_gc_reports_no_false_problems(registry, 
     proc.join(timeout=60)
     assert problems == [], problems[:5]
     assert n > 0
+
+
+def test_a_registry_whose_first_write_died_reads_as_empty(home, adapter_dir):
+    """A writer killed while creating the schema leaves a database file without tables."""
+    import sqlite3
+
+    home.mkdir(parents=True)
+    conn = sqlite3.connect(home / "registry.db")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.close()
+    reg = Registry(home)
+    assert reg.list() == [] and reg.active() == {} and reg.verify().ok
+    r = run_adaptr("list", "--json", home=home)
+    assert r.returncode == 0 and json.loads(r.stdout) == {"adapters": [], "active": {}}
+    assert reg.add("a", adapter_dir).version == 1 and [v.ref for v in Registry(home).list()] == [
+        "a@1"
+    ]
+
+
+def test_a_registry_from_a_newer_adaptr_is_refused(home, adapter_dir):
+    import sqlite3
+
+    Registry(home).add("a", adapter_dir)
+    conn = sqlite3.connect(home / "registry.db")
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    r = run_adaptr("list", home=home)
+    assert r.returncode != 0 and r.stderr.strip().endswith(
+        "was written by a newer adaptr (schema 99); upgrade adaptr to read it"
+    )

@@ -1,12 +1,18 @@
-"""export writes plain PEFT folders that load unchanged and give the same logits."""
+"""registry.maintenance: export writes plain PEFT folders that load unchanged and give the same
+logits; verify catches a flipped byte."""
+
+from __future__ import annotations
 
 import json
+import random
 import shutil
 
 import pytest
 import torch
 
-from helpers import refused, snapshot, write_adapter
+from adaptr.registry import Registry
+
+from helpers import refused, run_adaptr, snapshot, write_adapter
 
 
 def _logits(base_dir, adapter_dir):
@@ -140,3 +146,36 @@ def test_export_into_the_registry_home_is_refused_and_the_store_stays_whole(cli,
     code, out, err = cli("verify")
     assert code == 0 and out.startswith("ok: 1 version(s)"), err
     assert cli("export", "a", str(tmp_path / "home2"))[0] == 0  # beside the home is fine
+
+
+def test_verify_catches_a_flipped_byte_in_any_stored_file(home, tmp_path):
+    reg = Registry(home)
+    reg.add("a", write_adapter(tmp_path / "a", extra_files={"README.md": "card a"}))
+    reg.add(
+        "b",
+        write_adapter(
+            tmp_path / "b", seed=1, extra_files={"README.md": "card b", "tokenizer.json": "{}"}
+        ),
+    )
+    rng = random.Random(7)
+    blobs = sorted(reg.blobs.digests())
+    assert len(blobs) == 6  # 7 files: the two identical configs are stored once
+    for digest in blobs:
+        path = reg.blobs.path(digest)
+        original = path.read_bytes()
+        offset = rng.randrange(len(original))
+        damaged = bytearray(original)
+        damaged[offset] ^= 1 << rng.randrange(8)
+        path.chmod(0o644)
+        path.write_bytes(bytes(damaged))
+        holders = [f"{v.ref}/{f.path}" for v in reg.list() for f in v.files if f.sha256 == digest]
+        report = reg.verify()
+        assert [p.split(":")[0] for p in report.problems] == holders  # each version holding it
+        assert all("content changed" in p for p in report.problems)
+        r = run_adaptr("verify", home=home)
+        assert r.returncode != 0 and "BAD" in r.stderr
+        path.write_bytes(original)
+        path.chmod(0o444)
+        assert reg.verify().ok
+    path.unlink()
+    assert "missing" in reg.verify().problems[0]

@@ -257,3 +257,9 @@ def recipe(name: str, base: Path, data: Path, fmt: str = "alpaca", data_extra=No
         "lora": {"r": 2, "target_modules": ["q_proj", "v_proj"]},
         "sft": {**FAST, **sft},
     }
+
+
+# -- data for the evaluation tests (test_evaluation_run, _gates, _metrics)
+PAIRS = [("Q: 2+2?\nA:", " 4"), ("Say hi:", " hello there"), ("Color of sky:", " blue"),
+         ("Q: capital of France?\nA:", " Paris"), ("Count:", " 1 2 3")]  # fmt: skip
+ZH_REFS = ["我喜欢吃香蕉", "今天天气不错", "他在上海工作了三年"]

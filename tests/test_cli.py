@@ -11,8 +11,6 @@ import pytest
 from adaptr.cli import cli as root
 from adaptr.registry import Registry
 
-from helpers import write_adapter
-
 
 def commands(cmd: click.Command = root, path: tuple[str, ...] = ("adaptr",)):
     """Every command and sub-command, with its path."""
@@ -74,6 +72,7 @@ def test_tables_fit_80_columns_and_wide_shows_all(cli, monkeypatch, command):
 
 
 def test_list_fits_80_columns_keeping_names_and_path_ends(cli, registry, tmp_path, monkeypatch):
+    from helpers import write_adapter
 
     monkeypatch.setenv("COLUMNS", "80")
     deep = "a-very-long-organisation-name/a-long-model-name-for-testing-base-folder"

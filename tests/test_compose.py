@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -205,6 +203,7 @@ def test_merge_writes_a_standalone_model_matching_base_plus_adapter(reg, tmp_pat
 
 def _killed_work_folder(kind: str, parent: Path | None, env: dict | None = None) -> Path:
     """The work folder of a real process killed (SIGKILL) while it had it."""
+    import os
     import subprocess
     import sys
 
@@ -299,6 +298,7 @@ sys.exit(main(["generate", "a", "Hello", "--max-new-tokens", "2"]))
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
 def test_a_stopped_generate_leaves_no_load_folder(reg, home, tmp_path, sig):
+    import os
     import signal
     import subprocess
     import sys
@@ -352,6 +352,7 @@ def test_merge_refusals(reg, home, tmp_path, tiny_llama, cli):
     )
     assert code != 0 and "base" in err and "not found" in err and len(err.strip().splitlines()) == 1
     quant = tmp_path / "quantized"
+    import shutil
 
     shutil.copytree(tiny_llama, quant)
     cfg = json.loads((quant / "config.json").read_text())

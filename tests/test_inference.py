@@ -3,12 +3,9 @@ AdapterServer and the HTTP server alike (inference.folder_chat_template)."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from adaptr.registry import Registry
 from adaptr.serving import AdapterServer
 from adaptr.tiny import save_tiny_base
 
@@ -34,6 +31,7 @@ CONV = [{"role": "user", "content": "Say hello"}]
 
 def _strip_template(base):
     """``base``'s tokenizer saved without any chat template (as many base models ship)."""
+    import json
 
     (base / "chat_template.jinja").unlink(missing_ok=True)
     cfg = base / "tokenizer_config.json"
@@ -64,9 +62,11 @@ def templated(tmp_path_factory):
     was trained on it with sft.chat_template_path (TRAINED), "plain" stores none. "bare"
     has no template (the LLaMA family gives one): "onbare" was trained on it (training
     used the family's), "addbare" stores none. "gpt2": no template, no family; "ongpt2"."""
+    import json
     import shutil
 
     from adaptr.cli import main
+    from adaptr.registry import Registry
 
     root = tmp_path_factory.mktemp("templates")
     home = root / "home"
@@ -215,6 +215,7 @@ def test_the_http_server_answers_chats_with_each_versions_template(templated):
 
 
 def test_generate_chat_uses_the_versions_template(cli, templated):
+    import json
 
     from adaptr.tiny import CHAT_TEMPLATE
 

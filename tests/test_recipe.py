@@ -11,7 +11,6 @@ import pytest
 from adaptr.errors import InvalidInputError
 from adaptr.registry import Registry
 from adaptr.training.recipe import Recipe
-from adaptr.training.trainer import train
 
 from helpers import refused, snapshot
 
@@ -63,6 +62,7 @@ BASIC = "name: x\ndata: {path: d.jsonl, format: alpaca}\nbase:\n  path: b\n"
 def test_hostile_recipes(cli, home, tmp_path, populated, text, match):
     recipe = _recipe(tmp_path, text)
     refused(cli, home, populated, "train", "--recipe", str(recipe), match=match)
+    from adaptr.training.trainer import train
 
     with pytest.raises(InvalidInputError, match=re.escape(match)) as e:
         train(recipe, registry=Registry(home), progress=False)
@@ -137,6 +137,7 @@ def test_recipe_file_and_flag_precedence(cli, registry, tiny_llama, tmp_path):
 
 
 def test_recipe_validation_suggests():
+    from adaptr.errors import InvalidInputError
 
     r = Recipe(
         {

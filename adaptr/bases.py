@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
     from adaptr.registry import AdapterVersion, BaseRecord, Registry
     from adaptr.registry.fingerprint import BaseInfo
     from adaptr.registry.safetensors_header import TensorInfo
-    from adaptr.training.recipe import BaseSettings
 
 
 class FoundBase(NamedTuple):
@@ -34,6 +34,21 @@ class FoundBase(NamedTuple):
 
     path: str
     key: str
+
+
+@dataclass
+class BaseSettings:
+    """How to load a base for training: the recipe's ``base`` section (checked by
+    :meth:`adaptr.training.recipe.Recipe.check`; values are stored as given)."""
+
+    path: str | None = None
+    dtype: str = "auto"
+    quantization: str = "none"
+    family: str | None = None
+    bnb_4bit_quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str | None = None
+    trust_remote_code: bool = False
 
 
 # ------------------------------------------------------------------ finding

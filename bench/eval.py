@@ -53,13 +53,12 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from adaptr.bases import load_tokenizer
-    from adaptr.data.sft import load_splits, loss_tokens
+    from adaptr.data.sft import DataSettings, load_splits, loss_tokens
     from adaptr.evaluation.metrics import text_scores
     from adaptr.evaluation.run import _generations, _losses, _tokenized
     from adaptr.registry import Registry
     from adaptr.serving import AdapterServer
     from adaptr.tiny import save_tiny_base
-    from adaptr.training.recipe import DataSettings
 
     from helpers import random_lora
 

@@ -285,8 +285,7 @@ def test_conversational_prompt_completion_trains_exactly_as_trl_alone(
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from adaptr.data.sft import load_splits, tokenize
-    from adaptr.training.recipe import DataSettings
+    from adaptr.data.sft import DataSettings, load_splits, tokenize
 
     data = tmp_path / "pc.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in CONVERSATIONAL_PC))

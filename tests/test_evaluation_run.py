@@ -74,9 +74,8 @@ def _peft_loss(base: Path, adapter: Path | None, tokenized) -> float:
 
 def _tokenized(world, path: Path, fmt: str):
     from adaptr.bases import load_tokenizer
-    from adaptr.data.sft import load_splits, loss_tokens
+    from adaptr.data.sft import DataSettings, load_splits, loss_tokens
     from adaptr.evaluation.run import _tokenized
-    from adaptr.training.recipe import DataSettings
 
     splits = load_splits(DataSettings(path=str(path), format=fmt), 42)
     tok, _ = load_tokenizer(str(world["base"]))

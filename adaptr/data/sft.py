@@ -14,16 +14,28 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from adaptr.errors import InvalidInputError, brief, first_line
-
-if TYPE_CHECKING:
-    from adaptr.training.recipe import DataSettings
 
 RECORD = "adaptr_record"  # column: the record's number in the data file (1-based)
 MODEL_COLUMNS = ("input_ids", "labels", "attention_mask", "token_type_ids", "mm_token_type_ids")
 SPLITTING = ("bfd_split", "wrapped")  # packing strategies that split long examples, losing nothing
+
+
+@dataclass
+class DataSettings:
+    """The recipe's ``data`` section: the records, their formatter, the eval set and the
+    over-length policy; :func:`load_splits` reads it (the recipe's is
+    checked in :meth:`adaptr.training.recipe.Recipe.check`)."""
+
+    path: str | None = None
+    format: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    eval_split: float | None = None
+    eval_path: str | None = None
+    limit: int | None = None
+    over_length: str = "truncate"
 
 
 @dataclass

@@ -172,8 +172,7 @@ def _load(
     """The data as training formats it, its references (for generation), and the base's
     tokenizer and family: the calls evaluation shares with training, in one place."""
     from adaptr.bases import base_location, load_tokenizer
-    from adaptr.data.sft import load_splits, loss_tokens
-    from adaptr.training.recipe import DataSettings
+    from adaptr.data.sft import DataSettings, load_splits, loss_tokens
 
     path = data_file(data)
     splits = load_splits(

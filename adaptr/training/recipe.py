@@ -20,10 +20,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adaptr.bases import BaseSettings
+from adaptr.data.sft import DataSettings
 from adaptr.errors import InvalidInputError, brief
 from adaptr.values import DTYPES, WEIGHT_DTYPES, decode_utf8, is_number, is_whole, parse_number
 
@@ -32,35 +33,6 @@ OVER_LENGTH = ("truncate", "drop", "refuse")  # what happens to records longer t
 QUANTIZATION = ("none", "8bit", "4bit")
 MAX_RECIPE_BYTES = 1024 * 1024
 MAX_YAML_VALUES = 10_000  # scalars, lists and mappings after expanding YAML aliases
-
-
-@dataclass
-class BaseSettings:
-    """The recipe's ``base`` section: which model and how to load it (checked by
-    :meth:`Recipe.check`; values are stored as given)."""
-
-    path: str | None = None
-    dtype: str = "auto"
-    quantization: str = "none"
-    family: str | None = None
-    bnb_4bit_quant_type: str = "nf4"
-    double_quant: bool = True
-    compute_dtype: str | None = None
-    trust_remote_code: bool = False
-
-
-@dataclass
-class DataSettings:
-    """The recipe's ``data`` section: the records, their formatter, the eval set and the
-    over-length policy; :func:`adaptr.data.sft.load_splits` reads it."""
-
-    path: str | None = None
-    format: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-    eval_split: float | None = None
-    eval_path: str | None = None
-    limit: int | None = None
-    over_length: str = "truncate"
 
 
 def _suggest(key: Any, known: set[str] | list[str]) -> str:

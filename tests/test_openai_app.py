@@ -374,6 +374,43 @@ def test_an_apps_threads_end_with_it(tiny_llama, tmp_path):
     assert not any(t.is_alive() for t in threads), threads
 
 
+def test_apps_on_one_server_share_its_scheduler_and_outlive_each_other(tiny_llama, tmp_path):
+    """Every caller of a server goes through its one scheduler; an app that stops closes it,
+    and the next caller (another app, generate) gets a fresh one only once the old one has
+    drained, so two workers never share the slots."""
+    from adaptr.serving import AdapterServer
+    from adaptr.serving.openai.app import create_app
+
+    reg = Registry(tmp_path / "home")
+    reg.add_base("tiny", tiny_llama)
+    server = AdapterServer(reg, "tiny")
+    first, second = create_app(server), create_app(server)
+    ask = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+    with running(second) as url2:
+        with running(first) as url1:
+            assert first.state.context.scheduler is second.state.context.scheduler
+            assert client(url1).completions.create(**ask).choices[0].text
+        old = first.state.context.scheduler
+        assert old.closed and not old.thread.is_alive()
+        assert client(url2).completions.create(**ask).choices[0].text  # on a fresh one
+        assert server.scheduler is not old and not server.scheduler.closed
+    assert len(server.generate(["hi"], max_new_tokens=2)) == 1
+
+
+def test_a_closing_scheduler_drains_before_the_servers_next_one_starts(tiny_llama, tmp_path):
+    from adaptr.serving import AdapterServer
+
+    reg = Registry(tmp_path / "home")
+    reg.add_base("tiny", tiny_llama)
+    server = AdapterServer(reg, "tiny")
+    long = server.submit("hi", max_new_tokens=48)
+    old = server.scheduler
+    old.close(0)  # closing: it takes no more, and finishes what it took
+    assert len(server.generate(["hi"], max_new_tokens=2)) == 1  # on the next one
+    assert not old.thread.is_alive() and server.scheduler is not old
+    assert long.wait(0).finish is not None  # finished by the one it was given to
+
+
 def test_an_error_while_streaming_is_an_openai_shaped_event(served, monkeypatch):
     _, _, url, _, app = served
 

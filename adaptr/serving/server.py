@@ -102,10 +102,13 @@ class AdapterServer:
     def scheduler(self) -> Scheduler:
         """The one :class:`~adaptr.serving.scheduler.Scheduler` of this server: :meth:`generate`,
         :meth:`stream`, :meth:`chat`, the HTTP app and evaluation submit to it (started on
-        first use, and again after it was closed; its worker thread is a daemon)."""
+        first use, and again after it was closed; its worker thread is a daemon). A closed one
+        finishes what it took before the next starts: two workers never share the slots."""
         scheduler = self._scheduler  # (no lock: the worker holds it while it runs a step)
         if scheduler is not None and not scheduler.closed:
             return scheduler
+        if scheduler is not None and threading.current_thread() is not scheduler.thread:
+            scheduler.close()  # (outside the lock: its worker needs it to drain)
         with self.lock:
             if self._scheduler is None or self._scheduler.closed:
                 self._scheduler = Scheduler(self)
@@ -126,6 +129,21 @@ class AdapterServer:
         ids = self.tokenizer(prompt).input_ids
         return Request(ids, adapter, int(kwargs.get("max_new_tokens", 32)), sampling, **extra)
 
+    def enqueue(self, requests: Sequence[Request]) -> None:
+        """Submit ``requests`` to :attr:`scheduler`; those a scheduler closing meanwhile
+        refused go, once, to the one that follows it (the ones it took, it finishes)."""
+        done = 0
+        for attempt in range(2):
+            scheduler = self.scheduler
+            try:
+                for request in requests[done:]:
+                    scheduler.submit(request)
+                    done += 1
+                return
+            except AdaptrError:
+                if attempt or not scheduler.closed:
+                    raise
+
     def submit(self, prompt: str, adapter: str | None = None, **kwargs: Any) -> Request:
         """Queue one completion of ``prompt`` with ``adapter`` (None: the default adapter of
         :meth:`switch`, else the base) on :attr:`scheduler` and return its
@@ -133,7 +151,9 @@ class AdapterServer:
         ``tokens``); ``kwargs``: ``max_new_tokens`` (32), ``do_sample``, ``temperature``,
         ``top_p``, ``seed``, ``eos_token_id`` (the tokens that end it, instead of the model's)."""
         kwargs.setdefault("max_new_tokens", 32)
-        return self.scheduler.submit(self._request(prompt, adapter or self.default, kwargs))
+        request = self._request(prompt, adapter or self.default, kwargs)
+        self.enqueue([request])
+        return request
 
     # ------------------------------------------------------------- adapters
     def resident(self) -> list[str]:
@@ -324,8 +344,7 @@ class AdapterServer:
         if SCHEDULED_KWARGS.issuperset(kwargs):
             adapters = self._per_row(adapters, len(prompts))
             requests = [self._request(p, a, kwargs) for p, a in zip(prompts, adapters, strict=True)]
-            for r in requests:
-                self.scheduler.submit(r)
+            self.enqueue(requests)
             try:
                 return [r.wait().text for r in requests]
             finally:
@@ -365,7 +384,7 @@ class AdapterServer:
         if SCHEDULED_KWARGS.issuperset(kwargs):
             events: queue.Queue = queue.Queue()
             req = self._request(prompt, adapter or self.default, kwargs, on_event=events.put)
-            self.scheduler.submit(req)
+            self.enqueue([req])
             try:
                 while True:
                     kind, value = events.get()

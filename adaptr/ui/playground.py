@@ -129,8 +129,7 @@ async def stream_response(request: Request, ctx: UIContext) -> StreamingResponse
         loop.call_soon_threadsafe(queue.put_nowait, (i, *event))
 
     rows = await run_in_threadpool(_requests, server, req, adapters, on_event)
-    for row in rows:  # back to back: they join the same decoding step
-        server.scheduler.submit(row)
+    server.enqueue(rows)  # back to back: they join the same decoding step
 
     async def events():
         open_ = len(adapters)

@@ -136,8 +136,7 @@ async def answer(request: Request, chat: bool) -> Response:
     try:
         req = await ctx.off_loop(prepare, ctx, await read_body(request, ctx.limits), chat)
         jobs = jobs_for(req, chat)
-        for job in jobs:
-            ctx.scheduler.submit(job)
+        ctx.server.enqueue(jobs)
         reply = responses.Reply(rid, req.model, chat, sum(len(p.ids) for p in req.prompts))
         if req.params.stream:
             return responses.JobStream(responses.stream(ctx, jobs, req, reply), jobs, reply)

@@ -17,7 +17,13 @@ import statistics
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from adaptr.registry import Registry
+    from adaptr.serving import AdapterServer
 
 
 def timed(fn, repeat: int) -> float:
@@ -37,7 +43,8 @@ def interleaved(sides: dict, repeat: int) -> dict[str, float]:
     return {name: statistics.median(r) for name, r in runs.items()}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The command line's flags."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
@@ -56,7 +63,12 @@ def main() -> None:
         "--arrivals", type=int, default=40, help="--continuous: requests arriving at random"
     )
     ap.add_argument("--rate", type=float, default=4.0, help="--continuous: arrivals per second")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    """The mixed-batch benchmark, or with --continuous the scheduler's loads."""
+    args = parse_args()
     if args.continuous:
         continuous(args)
         return
@@ -67,130 +79,213 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import torch
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from adaptr.registry import Registry
-    from adaptr.serving import AdapterServer
-    from adaptr.tiny import save_tiny_base
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        heads = max(4, args.hidden // 64)
-        base = save_tiny_base(work / "base", "llama", hidden_size=args.hidden, intermediate_size=args.hidden * 2,
-                              num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads)  # fmt: skip
-        reg = Registry(work / "home")
-        reg.add_base("base", base)
-        refs = []
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj"] + (
-            ["gate_proj", "up_proj", "down_proj"] if args.targets == "all-linear" else []
-        )
-        for i in range(args.adapters):
-            torch.manual_seed(i)
-            m = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=8 * (1 + i % 2), lora_alpha=16,
-                               target_modules=targets, init_lora_weights=False))  # fmt: skip
-            m.save_pretrained(work / f"a{i}")
-            refs.append(reg.add(f"task-{i}", work / f"a{i}", base="base").ref)
-        prompts = [f"request {i}: the quick brown fox" for i in range(args.requests)]
-        mixed = [refs[i % len(refs)] for i in range(args.requests)]  # as many rows per adapter
-        rng = random.Random(0)
-        uneven = [rng.choice(refs) for _ in range(args.requests)]  # runs of unequal lengths
-        gen = {"max_new_tokens": args.tokens, "do_sample": False}
+        base, reg, refs = build_registry(args, work)
+        sides = build_sides(args, work, base, reg, refs)
+        times = time_batches(args, sides)
+        same = outputs_identical(sides)
+        t_naive = timed(lambda: naive(sides), max(1, args.repeat // 2))
+        switches = time_switches(sides)
+        print_table(args, sides, times, t_naive, same, switches)
+        bench_loading(args, sides, work)
 
-        server = AdapterServer(reg, "base", max_adapters=max(args.adapters, 8))
-        for r in refs:
-            server.load(r)
-        peft = PeftModel.from_pretrained(
-            AutoModelForCausalLM.from_pretrained(base),
-            reg.export(refs[0], work / "e0"),
-            adapter_name=refs[0],
-        ).eval()
-        for i, r in enumerate(refs[1:], 1):
-            peft.load_adapter(str(reg.export(r, work / f"e{i}")), adapter_name=r)
-        peft.set_adapter(refs[0])
-        tok = server.tokenizer
-        enc = tok(prompts, return_tensors="pt", padding=True)
 
-        def peft_generate(names=None):
-            with torch.no_grad():
-                kw = {"adapter_names": names} if names else {}
-                return peft.generate(**enc, pad_token_id=tok.pad_token_id, **gen, **kw)
+def build_registry(args: argparse.Namespace, work: Path) -> tuple[Path, Registry, list[str]]:
+    """The tiny base and its random adapters (r 8/16 in turn) in a registry."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
 
-        times = interleaved(
-            {
-                "base": lambda: server.generate(prompts, [None] * args.requests, **gen),
-                "single": lambda: server.generate(prompts, [refs[0]] * args.requests, **gen),
-                "mixed": lambda: server.generate(prompts, mixed, **gen),
-                "mixed uneven": lambda: server.generate(prompts, uneven, **gen),
-                "peft single": peft_generate,
-                "peft mixed": lambda: peft_generate(mixed),
-            },
-            args.repeat,
-        )
-        t_single, t_mixed = times["single"], times["mixed"]
-        t_peft_single, t_peft_mixed = times["peft single"], times["peft mixed"]
-        out_server = server.generate(prompts, mixed, **gen)
-        out_peft = [
-            tok.decode(row[enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            for row in peft_generate(mixed)
-        ]
+    from adaptr.registry import Registry
+    from adaptr.tiny import save_tiny_base
 
-        def naive():
-            for p, r in zip(prompts, mixed, strict=True):
-                peft.set_adapter(r)
-                ids = tok(p, return_tensors="pt").input_ids
-                with torch.no_grad():
-                    peft.generate(
-                        input_ids=ids,
-                        attention_mask=torch.ones_like(ids),
-                        pad_token_id=tok.pad_token_id,
-                        **gen,
-                    )
+    heads = max(4, args.hidden // 64)
+    base = save_tiny_base(work / "base", "llama", hidden_size=args.hidden, intermediate_size=args.hidden * 2,
+                          num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads)  # fmt: skip
+    reg = Registry(work / "home")
+    reg.add_base("base", base)
+    refs = []
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"] + (
+        ["gate_proj", "up_proj", "down_proj"] if args.targets == "all-linear" else []
+    )
+    for i in range(args.adapters):
+        torch.manual_seed(i)
+        m = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=8 * (1 + i % 2), lora_alpha=16,
+                           target_modules=targets, init_lora_weights=False))  # fmt: skip
+        m.save_pretrained(work / f"a{i}")
+        refs.append(reg.add(f"task-{i}", work / f"a{i}", base="base").ref)
+    return base, reg, refs
 
-        t_naive = timed(naive, max(1, args.repeat // 2))
-        n = 2000
-        t = time.perf_counter()
-        for i in range(n):
-            server.switch(refs[i % len(refs)])
-        t_switch = (time.perf_counter() - t) / n
-        t = time.perf_counter()
-        for i in range(200):
-            peft.set_adapter(refs[i % len(refs)])
-        t_set = (time.perf_counter() - t) / 200
 
-        print(f"base: LLaMA hidden {args.hidden}, {args.layers} layers; {args.adapters} adapters (r 8/16, {args.targets}); "
-              f"{args.requests} requests, {args.tokens} new tokens, greedy; median of {args.repeat}")  # fmt: skip
-        rows = [("AdapterServer, bare base (no adapter, the floor)", times["base"]),
-                ("AdapterServer, single adapter", t_single), ("AdapterServer, mixed", t_mixed),
-                (f"AdapterServer, mixed uneven {sorted(Counter(uneven).values())}", times["mixed uneven"]),
-                ("PEFT, single adapter", t_peft_single), ("PEFT mixed batch (adapter_names=)", t_peft_mixed),
-                ("naive: one request at a time, set_adapter each", t_naive)]  # fmt: skip
-        for label, sec in rows:
-            print(f"  {label:<58} {sec:7.3f} s  {args.requests * args.tokens / sec:8.0f} tokens/s")
-        print(f"  mixed / single (AdapterServer): {t_single / t_mixed:.2f}x throughput "
-              f"({t_single / times['mixed uneven']:.2f}x uneven)")  # fmt: skip
-        print(
-            f"  AdapterServer mixed vs PEFT mixed: {t_peft_mixed / t_mixed:.2f}x; vs naive: {t_naive / t_mixed:.2f}x"
-        )
-        print(f"  outputs identical to PEFT's mixed batch: {out_server == out_peft}")
-        print(
-            f"  switch default adapter: {t_switch * 1e3:.4f} ms; PEFT set_adapter: {t_set * 1e3:.3f} ms"
+@dataclass
+class Sides:
+    """The requests, and the adapters on an AdapterServer and on one PeftModel."""
+
+    reg: Registry
+    refs: list[str]
+    server: AdapterServer
+    peft: Any  # PeftModel with every adapter loaded
+    tok: Any  # the server's tokenizer
+    prompts: list[str]
+    mixed: list[str]  # as many rows per adapter
+    uneven: list[str]  # runs of unequal lengths
+    gen: dict  # generation settings
+    enc: Any  # the prompts tokenized in one padded batch
+
+
+def build_sides(
+    args: argparse.Namespace, work: Path, base: Path, reg: Registry, refs: list[str]
+) -> Sides:
+    """The requests, an AdapterServer with every adapter loaded, and PEFT on the same files."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from adaptr.serving import AdapterServer
+
+    prompts = [f"request {i}: the quick brown fox" for i in range(args.requests)]
+    mixed = [refs[i % len(refs)] for i in range(args.requests)]  # as many rows per adapter
+    rng = random.Random(0)
+    uneven = [rng.choice(refs) for _ in range(args.requests)]  # runs of unequal lengths
+    gen = {"max_new_tokens": args.tokens, "do_sample": False}
+
+    server = AdapterServer(reg, "base", max_adapters=max(args.adapters, 8))
+    for r in refs:
+        server.load(r)
+    peft = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base),
+        reg.export(refs[0], work / "e0"),
+        adapter_name=refs[0],
+    ).eval()
+    for i, r in enumerate(refs[1:], 1):
+        peft.load_adapter(str(reg.export(r, work / f"e{i}")), adapter_name=r)
+    peft.set_adapter(refs[0])
+    tok = server.tokenizer
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    return Sides(reg, refs, server, peft, tok, prompts, mixed, uneven, gen, enc)
+
+
+def peft_generate(sides: Sides, names: list[str] | None = None) -> Any:
+    """PEFT's model.generate on the whole batch (one adapter per row with ``names``)."""
+    import torch
+
+    with torch.no_grad():
+        kw = {"adapter_names": names} if names else {}
+        return sides.peft.generate(
+            **sides.enc, pad_token_id=sides.tok.pad_token_id, **sides.gen, **kw
         )
 
-        # loading: 1 resident vs 100 resident, against PeftModel.load_adapter on the same files
-        big = AdapterServer(reg, "base", max_adapters=101)
-        first = timed_load(big, reg, refs[0])
-        for i in range(99):
-            reg_ref = reg.add(f"bulk-{i}", work / f"a{i % args.adapters}", base="base").ref
-            big.load(reg_ref)
-        last = timed_load(big, reg, refs[1])
-        folder = str(reg.export(refs[1], work / "pl"))
-        t = time.perf_counter()
-        peft.load_adapter(folder, adapter_name="timed")
-        t_peft_load = time.perf_counter() - t
-        print(f"  load an adapter from the registry: {first * 1e3:.1f} ms with 1 resident, {last * 1e3:.1f} ms with 100; "
-              f"PeftModel.load_adapter on the same files: {t_peft_load * 1e3:.1f} ms")  # fmt: skip
+
+def outputs_identical(sides: Sides) -> bool:
+    """Whether AdapterServer's mixed batch gives the texts of PEFT's (the new tokens, decoded)."""
+    out_server = sides.server.generate(sides.prompts, sides.mixed, **sides.gen)
+    width = sides.enc["input_ids"].shape[1]
+    out_peft = [
+        sides.tok.decode(row[width:], skip_special_tokens=True)
+        for row in peft_generate(sides, sides.mixed)
+    ]
+    return out_server == out_peft
+
+
+def time_batches(args: argparse.Namespace, sides: Sides) -> dict[str, float]:
+    """Median time of each batch on AdapterServer and on PEFT, the sides taking turns."""
+    server, prompts, gen = sides.server, sides.prompts, sides.gen
+    return interleaved(
+        {
+            "base": lambda: server.generate(prompts, [None] * args.requests, **gen),
+            "single": lambda: server.generate(prompts, [sides.refs[0]] * args.requests, **gen),
+            "mixed": lambda: server.generate(prompts, sides.mixed, **gen),
+            "mixed uneven": lambda: server.generate(prompts, sides.uneven, **gen),
+            "peft single": lambda: peft_generate(sides),
+            "peft mixed": lambda: peft_generate(sides, sides.mixed),
+        },
+        args.repeat,
+    )
+
+
+def naive(sides: Sides) -> None:
+    """PEFT one request at a time, set_adapter before each."""
+    import torch
+
+    peft, tok = sides.peft, sides.tok
+    for p, r in zip(sides.prompts, sides.mixed, strict=True):
+        peft.set_adapter(r)
+        ids = tok(p, return_tensors="pt").input_ids
+        with torch.no_grad():
+            peft.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                pad_token_id=tok.pad_token_id,
+                **sides.gen,
+            )
+
+
+def time_switches(sides: Sides) -> tuple[float, float]:
+    """Mean time of AdapterServer.switch and of PEFT's set_adapter, in seconds."""
+    refs = sides.refs
+    n = 2000
+    t = time.perf_counter()
+    for i in range(n):
+        sides.server.switch(refs[i % len(refs)])
+    t_switch = (time.perf_counter() - t) / n
+    t = time.perf_counter()
+    for i in range(200):
+        sides.peft.set_adapter(refs[i % len(refs)])
+    t_set = (time.perf_counter() - t) / 200
+    return t_switch, t_set
+
+
+def print_table(
+    args: argparse.Namespace,
+    sides: Sides,
+    times: dict[str, float],
+    t_naive: float,
+    same: bool,
+    switches: tuple[float, float],
+) -> None:
+    """The run's shape, each way's time and throughput, the ratios, the check and the switches."""
+    t_single, t_mixed = times["single"], times["mixed"]
+    t_peft_single, t_peft_mixed = times["peft single"], times["peft mixed"]
+    print(f"base: LLaMA hidden {args.hidden}, {args.layers} layers; {args.adapters} adapters (r 8/16, {args.targets}); "
+          f"{args.requests} requests, {args.tokens} new tokens, greedy; median of {args.repeat}")  # fmt: skip
+    rows = [("AdapterServer, bare base (no adapter, the floor)", times["base"]),
+            ("AdapterServer, single adapter", t_single), ("AdapterServer, mixed", t_mixed),
+            (f"AdapterServer, mixed uneven {sorted(Counter(sides.uneven).values())}", times["mixed uneven"]),
+            ("PEFT, single adapter", t_peft_single), ("PEFT mixed batch (adapter_names=)", t_peft_mixed),
+            ("naive: one request at a time, set_adapter each", t_naive)]  # fmt: skip
+    for label, sec in rows:
+        print(f"  {label:<58} {sec:7.3f} s  {args.requests * args.tokens / sec:8.0f} tokens/s")
+    print(f"  mixed / single (AdapterServer): {t_single / t_mixed:.2f}x throughput "
+          f"({t_single / times['mixed uneven']:.2f}x uneven)")  # fmt: skip
+    print(
+        f"  AdapterServer mixed vs PEFT mixed: {t_peft_mixed / t_mixed:.2f}x; vs naive: {t_naive / t_mixed:.2f}x"
+    )
+    print(f"  outputs identical to PEFT's mixed batch: {same}")
+    t_switch, t_set = switches
+    print(
+        f"  switch default adapter: {t_switch * 1e3:.4f} ms; PEFT set_adapter: {t_set * 1e3:.3f} ms"
+    )
+
+
+def bench_loading(args: argparse.Namespace, sides: Sides, work: Path) -> None:
+    """Loading: 1 resident vs 100 resident, against PeftModel.load_adapter on the same files."""
+    from adaptr.serving import AdapterServer
+
+    reg, refs = sides.reg, sides.refs
+    big = AdapterServer(reg, "base", max_adapters=101)
+    first = timed_load(big, reg, refs[0])
+    for i in range(99):
+        reg_ref = reg.add(f"bulk-{i}", work / f"a{i % args.adapters}", base="base").ref
+        big.load(reg_ref)
+    last = timed_load(big, reg, refs[1])
+    folder = str(reg.export(refs[1], work / "pl"))
+    t = time.perf_counter()
+    sides.peft.load_adapter(folder, adapter_name="timed")
+    t_peft_load = time.perf_counter() - t
+    print(f"  load an adapter from the registry: {first * 1e3:.1f} ms with 1 resident, {last * 1e3:.1f} ms with 100; "
+          f"PeftModel.load_adapter on the same files: {t_peft_load * 1e3:.1f} ms")  # fmt: skip
 
 
 def timed_load(server, reg, ref) -> float:

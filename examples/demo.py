@@ -29,8 +29,12 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from adaptr.registry import Registry
 
 DATA = Path(__file__).parent / "data"
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -81,22 +85,19 @@ def task_loss(model, tokenizer, task: str) -> float:
     return sum(losses) / len(losses)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The command line's flags."""
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--out", default="demo-out", help="work folder (recreated)")
     ap.add_argument("--steps", type=int, default=80, help="training steps per adapter")
-    args = ap.parse_args()
-    out = Path(args.out).resolve()
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    home = out / "registry"
-    started = time.perf_counter()
+    return ap.parse_args()
 
-    console.rule("[bold]1. a tiny base model, built locally")
+
+def build_base(out: Path) -> tuple[Path, Any]:
+    """Step 1: the tiny LLaMA base (random weights) and its tokenizer, progress bars off."""
     with console.status("building the tiny base…"):
-        import torch
         from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -119,8 +120,11 @@ def main() -> None:
         )
         tokenizer = AutoTokenizer.from_pretrained(base)
     console.print(f"base: {base} (LLaMA architecture, hidden 64, 2 layers, random weights)")
+    return base, tokenizer
 
-    console.rule("[bold]2. train two task adapters with `adaptr train` (TRL SFTTrainer + PEFT)")
+
+def train_adapters(base: Path, home: Path, steps: int) -> None:
+    """Step 2: quotes twice (the second run continues the first) and zh-en, with `adaptr train`."""
     adaptr("base", "add", "tiny-llama", str(base), home=home)
     common = ["--base", "tiny-llama", "--targets", "all-linear", "--r", "8", "--alpha", "16", "--dropout", "0",
               "--lr", "1e-2", "--batch-size", "8", "--no-gradient-checkpointing", "--set", "sft.lr_scheduler_type=constant"]  # fmt: skip
@@ -134,22 +138,24 @@ def main() -> None:
         "--name",
         "quotes",
     ]
-    adaptr("train", *quotes, *common, "--max-steps", str(args.steps // 2), home=home)
+    adaptr("train", *quotes, *common, "--max-steps", str(steps // 2), home=home)
     # a second version: continue quotes@1 (recorded as its parent)
     adaptr(
         "train",
         *quotes,
         *common,
         "--max-steps",
-        str(args.steps // 2),
+        str(steps // 2),
         "--from",
         "quotes@1",
         home=home,
     )
     adaptr("train", "--data", str(DATA / "translate_zh_en.jsonl"), "--format", "alpaca", "--name", "zh-en",
-           "--eval-split", "0.2", "--tag", "prod", *common, "--max-steps", str(args.steps), home=home)  # fmt: skip
+           "--eval-split", "0.2", "--tag", "prod", *common, "--max-steps", str(steps), home=home)  # fmt: skip
 
-    console.rule("[bold]3. the registry, through the CLI")
+
+def tour_registry(out: Path, home: Path) -> None:
+    """Step 3: tag, switch, list, show, export, verify, rm and gc through the CLI."""
     adaptr("tag", "quotes@2", "prod", home=home)
     adaptr("switch", "quotes@prod", home=home)
     adaptr("list", "-a", home=home)
@@ -159,15 +165,14 @@ def main() -> None:
     adaptr("rm", "quotes@1", home=home)
     adaptr("gc", home=home)
 
-    console.rule("[bold]4. exported adapters load with plain PEFT; each does its own task better")
+
+def round_trips(reg: Registry, base: Path, out: Path, home: Path, probe: Any) -> bool:
+    """Whether export -> add -> export keeps the files and the exports give identical logits."""
+    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from adaptr.registry import Registry
-
-    reg = Registry(home)
     # the stored files, loaded in place, and the exported folder give the same logits
-    probe = torch.tensor([tokenizer("Quote: Knowledge is power.").input_ids])
     stored = reg.path("quotes@prod")
     adaptr(
         "add", "quotes-copy", str(out / "exported" / "quotes"), "--base", "tiny-llama", home=home
@@ -183,6 +188,16 @@ def main() -> None:
     console.print(
         f"export -> add -> export round-trips byte for byte and gives identical logits: [bold]{same}[/]"
     )
+    return same
+
+
+def task_losses(
+    reg: Registry, base: Path, tokenizer: Any, out: Path
+) -> list[tuple[str, str, float, float]]:
+    """Print and return each adapter's loss on its own task, and the bare base's."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
     bare = AutoModelForCausalLM.from_pretrained(base).eval()
     table = []
     for ref, task in (("quotes@prod", "quotes"), ("zh-en@prod", "translate")):
@@ -195,10 +210,11 @@ def main() -> None:
         console.print(
             f"{ref:<12} on {task:<9}: loss base {b:.3f} (ppl {math.exp(b):.1f}) -> adapter {a:.3f} (ppl {math.exp(a):.1f})"
         )
-    if not same or any(a >= b for *_, b, a in table):
-        raise SystemExit(
-            "demo failed: an adapter did not beat the base on its task, or export changed logits"
-        )
+    return table
+
+
+def print_lineage(reg: Registry) -> None:
+    """quotes@2's lineage and metrics, as the registry recorded them."""
     v = reg.get("quotes@2")
     console.print(
         f"quotes@2 lineage: parents {v.lineage['parents']}, dataset sha256 "
@@ -206,7 +222,13 @@ def main() -> None:
         markup=False,
     )
 
-    console.rule("[bold]5. compose, merge, and serve a mixed batch")
+
+def compose_and_merge(reg: Registry, base: Path, out: Path, home: Path, probe: Any) -> float:
+    """Compose the two adapters, merge zh-en, and return the merge's max |logit difference|."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
     adaptr(
         "compose",
         "quotes@prod",
@@ -230,7 +252,22 @@ def main() -> None:
     console.print(
         f"merged zh-en loads without PEFT; max |logit difference| to base + adapter: {diff:.2e}"
     )
+    return diff
 
+
+class Served(NamedTuple):
+    """The mixed batch's scores, for the base and for each task's adapter."""
+
+    em_base: int  # translations exactly right
+    em: int
+    translations: int
+    qm_base: int  # quotes continued with their next 10 characters
+    qm: int
+    quotes: int
+
+
+def serve_mixed(reg: Registry) -> Served:
+    """Serve both tasks in one mixed batch with AdapterServer, and once on the bare base."""
     from adaptr.serving import AdapterServer
 
     server = AdapterServer(reg, "tiny-llama", max_adapters=4)
@@ -259,7 +296,46 @@ def main() -> None:
     console.print(
         f"mixed batch, quote continuation (next 10 chars): base {qm_base}/{len(halves)} -> quotes {qm}/{len(halves)}"
     )
-    if diff > 1e-4 or em <= em_base or qm <= qm_base:
+    return Served(em_base, em, len(zh), qm_base, qm, len(halves))
+
+
+def main() -> None:
+    """The tour: base, training, registry, PEFT checks, compose/merge/serve, summary."""
+    args = parse_args()
+    out = Path(args.out).resolve()
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    home = out / "registry"
+    started = time.perf_counter()
+
+    console.rule("[bold]1. a tiny base model, built locally")
+    base, tokenizer = build_base(out)
+
+    console.rule("[bold]2. train two task adapters with `adaptr train` (TRL SFTTrainer + PEFT)")
+    train_adapters(base, home, args.steps)
+
+    console.rule("[bold]3. the registry, through the CLI")
+    tour_registry(out, home)
+
+    console.rule("[bold]4. exported adapters load with plain PEFT; each does its own task better")
+    import torch
+
+    from adaptr.registry import Registry
+
+    reg = Registry(home)
+    probe = torch.tensor([tokenizer("Quote: Knowledge is power.").input_ids])
+    same = round_trips(reg, base, out, home, probe)
+    table = task_losses(reg, base, tokenizer, out)
+    if not same or any(a >= b for *_, b, a in table):
+        raise SystemExit(
+            "demo failed: an adapter did not beat the base on its task, or export changed logits"
+        )
+    print_lineage(reg)
+
+    console.rule("[bold]5. compose, merge, and serve a mixed batch")
+    diff = compose_and_merge(reg, base, out, home, probe)
+    s = serve_mixed(reg)
+    if diff > 1e-4 or s.em <= s.em_base or s.qm <= s.qm_base:
         raise SystemExit(
             "demo failed: the merge drifted, or a served adapter did not beat the base"
         )
@@ -267,8 +343,8 @@ def main() -> None:
     console.rule("[bold]summary")
     console.print(
         f"3 training runs with `adaptr train`, 2 task adapters (quotes has 2 versions, v1 removed and collected), "
-        f"a composed adapter, a merged model, one mixed batch served; translation {em_base}->{em}/{len(zh)}, "
-        f"quotes {qm_base}->{qm}/{len(halves)}; registry at {home}, total {time.perf_counter() - started:.0f}s"
+        f"a composed adapter, a merged model, one mixed batch served; translation {s.em_base}->{s.em}/{s.translations}, "
+        f"quotes {s.qm_base}->{s.qm}/{s.quotes}; registry at {home}, total {time.perf_counter() - started:.0f}s"
     )
 
 

@@ -127,6 +127,41 @@ def test_a_plugin_registering_an_invalid_family_breaks_no_command(register_plugi
     assert "names no model_types" in err and len(err.strip().splitlines()) == 1
 
 
+class FamilyA:
+    @hookimpl
+    def adaptr_register_families(self, register):
+        register(ModelFamily(name="fam-a", model_types=["fam_a"], target_modules=["x"]))
+
+
+class FamilyB:
+    @hookimpl
+    def adaptr_register_families(self, register):
+        register(ModelFamily(name="fam-b", model_types=["fam_b"], target_modules=["x"]))
+
+
+def test_a_new_plugin_object_never_passes_for_a_freed_one_in_the_cache():
+    """CPython gives a new object the address of one just freed: the families collected with
+    the old plugin must not be served for the new one (CI once saw a stale listing)."""
+    from adaptr.extend.manager import PLUGINS
+
+    pm = PLUGINS.load()
+    for _ in range(20):  # an id reused is likely on every try, certain on none
+        a = FamilyA()
+        pm.register(a, name="fam-a-plugin")
+        assert "fam-a" in families()
+        pm.unregister(a)
+        del a
+        b = FamilyB()
+        pm.register(b, name="fam-b-plugin")
+        try:
+            fams = families()
+        finally:
+            pm.unregister(b)
+        assert "fam-b" in fams and "fam-a" not in fams, sorted(fams)
+        del b
+    assert "fam-a" not in families() and "fam-b" not in families()
+
+
 class BadCommands:
     @hookimpl
     def adaptr_register_commands(self, cli):

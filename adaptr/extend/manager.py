@@ -110,7 +110,9 @@ class Plugins:
         self._failed: dict[tuple[str, str], str] = {}  # (plugin, hook) -> why it failed there
         self._disabled: set[str] = set()  # skipped through ADAPTR_DISABLE_PLUGINS
         self._warned: set[tuple[str, str | None]] = set()  # problems reported already
-        self._collected: dict[str, tuple[frozenset[int], dict[str, Any]]] = {}  # collect's cache
+        # collect's cache: the plugins it was built from (held, so that no new plugin object can
+        # take a freed one's id and pass for it) and what they registered
+        self._collected: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -269,9 +271,13 @@ class Plugins:
         :class:`PluginConflictError`. The result is cached until the set of plugins changes.
         """
         self.load()
-        key = frozenset(id(p) for p in self.pm.get_plugins())
+        key = tuple(sorted(self.pm.get_plugins(), key=id))
         cached = self._collected.get(hook_name)
-        if cached is not None and cached[0] == key:
+        if (
+            cached is not None
+            and len(cached[0]) == len(key)
+            and all(a is b for a, b in zip(cached[0], key, strict=True))
+        ):
             return dict(cached[1])
         found: dict[str, Any] = {}
         # registration order: stable listings

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from adaptr.registry import AdapterVersion
+    from adaptr.serving.constrain import Guide
     from adaptr.serving.peft_fallback import Traits
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,10 @@ class Request:
     prompt (None for its first token, which nothing predicts). ``max_tokens`` may be 0 with
     ``prompt_logprobs``: the prompt is scored and nothing generated.
 
+    ``constraint`` (structured output: :mod:`adaptr.serving.constrain`) masks each step's
+    choice to what its grammar allows next; the request ends ("stop") when the grammar is
+    complete, and EOS is chosen only where it accepts.
+
     ``served`` is the adapter the scheduler resolved ``adapter`` to (once, when the request
     is first considered; ``resolved`` says whether it has been).
     """
@@ -86,6 +91,7 @@ class Request:
     ignore_eos: bool = False  # generate max_tokens whatever comes (benchmarks)
     eos_tokens: frozenset[int] | None = None  # the tokens that end it (None: the model's EOS)
     min_tokens: int = 0  # before these many, no EOS is chosen and no stop string ends it
+    constraint: Guide | None = None  # its grammar (structured output): it chooses only what it allows
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0  # characters of text handed out

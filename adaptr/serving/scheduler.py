@@ -369,8 +369,16 @@ class Scheduler:
 
         choose = logits  # what tokens are chosen from (log-probabilities stay the model's)
         early = [i for i in which if len(rows[i].request.tokens) < rows[i].request.min_tokens]
-        if early:
+        guided = [i for i in which if rows[i].request.constraint is not None]
+        if early or guided:
             choose = logits.clone()
+        if guided:  # structured output: only what each row's grammar allows next
+            from adaptr.serving.constrain import mask_rows
+
+            mask_rows(choose, logits, [
+                (i, rows[i].request.constraint, self._eos_of(rows[i].request)) for i in guided
+            ])  # fmt: skip
+        if early:
             for i in early:
                 choose[i, list(self._eos_of(rows[i].request))] = float("-inf")
         greedy = choose.argmax(-1).tolist()
@@ -409,6 +417,10 @@ class Scheduler:
             req.end_token = token
             self._end(req, "stop", row)
             return
+        guide = req.constraint
+        if guide is not None and not guide.accept(token):
+            self._fail(req, AdaptrError(f"structured output: token {token} broke the grammar ({guide.error})"))  # fmt: skip
+            return
         req.tokens.append(token)
         row.next_token = token
         piece = row.detok.add(token)
@@ -425,6 +437,9 @@ class Scheduler:
             if upto > req.sent:
                 req.emit("text", req.text[req.sent : upto])
                 req.sent = upto
+        if guide is not None and guide.finished:  # the grammar is complete: nothing may follow
+            self._end(req, "stop", row)
+            return
         if len(req.tokens) >= req.max_tokens:
             self._end(req, "length", row)
 

@@ -32,8 +32,10 @@ from contextlib import closing, contextmanager
 from itertools import combinations
 from typing import Any
 
-from adaptr.errors import AdaptrError, InvalidInputError
+from adaptr.errors import AdaptrError, InvalidInputError, NotFoundError
 from adaptr.registry import Registry
+from adaptr.serving.constrain import Grammar, ResponseFormat, compile_format, parse_response_format
+from adaptr.serving.metrics import ServingStats
 from adaptr.serving.peft_fallback import BASE, PeftFallback, Traits, clash, partition
 from adaptr.serving.requests import Request, Sampling, ServedAdapter
 from adaptr.serving.scheduler import Scheduler
@@ -42,8 +44,13 @@ from adaptr.serving.stacks import ROW_AWARE_KWARGS, BatchState
 
 # generate() arguments the scheduler takes (continuous batching); others run model.generate
 SCHEDULED_KWARGS = frozenset(
-    {"max_new_tokens", "do_sample", "temperature", "top_p", "seed", "eos_token_id"}
-)
+    {"max_new_tokens", "do_sample", "temperature", "top_p", "seed", "eos_token_id",
+     "response_format"}
+)  # fmt: skip
+
+
+class AdapterInUse(AdaptrError):
+    """An adapter that running requests use cannot be unloaded now (HTTP: a 409)."""
 
 
 class AdapterServer:
@@ -97,6 +104,7 @@ class AdapterServer:
         )  # fmt: skip
         self._templates: dict[str | None, str | None] = {}  # version ref -> its chat template
         self._scheduler: Scheduler | None = None
+        self.stats = ServingStats()  # what the scheduler measured (adaptr serve's /metrics)
 
     @property
     def scheduler(self) -> Scheduler:
@@ -114,6 +122,11 @@ class AdapterServer:
                 self._scheduler = Scheduler(self)
             return self._scheduler
 
+    @property
+    def started_scheduler(self) -> Scheduler | None:
+        """:attr:`scheduler` if one was started (it may be closed), without starting one."""
+        return self._scheduler
+
     def _request(self, prompt: str, adapter: str | None, kwargs: dict, **extra: Any) -> Request:
         unknown = set(kwargs) - SCHEDULED_KWARGS
         if unknown:
@@ -126,8 +139,20 @@ class AdapterServer:
         eos = kwargs.get("eos_token_id")
         if eos is not None:
             extra["eos_tokens"] = frozenset([eos] if isinstance(eos, int) else eos)
+        grammar = self._grammar(kwargs.get("response_format"))
+        if grammar is not None:  # structured output (adaptr.serving.constrain)
+            extra["constraint"] = grammar.guide()
         ids = self.tokenizer(prompt).input_ids
         return Request(ids, adapter, int(kwargs.get("max_new_tokens", 32)), sampling, **extra)
+
+    def _grammar(self, value: Any) -> Grammar | None:
+        """A ``response_format`` (OpenAI's dict, or a :class:`ResponseFormat`) compiled
+        (None: text)."""
+        fmt = value if isinstance(value, ResponseFormat) else parse_response_format(value)
+        if fmt is None:
+            return None
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        return compile_format(self.tokenizer, vocab, fmt)
 
     def enqueue(self, requests: Sequence[Request]) -> None:
         """Submit ``requests`` to :attr:`scheduler`; those a scheduler closing meanwhile
@@ -169,6 +194,43 @@ class AdapterServer:
     def served_by_peft(self) -> list[str]:
         """Refs of the resident adapters that PEFT's path serves (the stacks cannot)."""
         return self.slots.served_by_peft()
+
+    def pin(self, ref: str) -> str:
+        """Load ``ref`` (an adapter of this base) and keep it resident until :meth:`unload`
+        or :meth:`unpin`: never evicted to make room; returns its exact ref. Pins count
+        against ``max_adapters`` (one more is an InvalidInputError) and ``max_memory_mb``."""
+        version = self.registry.get(ref)
+        if version.base != self.base_key:
+            raise InvalidInputError(f"{version.ref} is an adapter of base {version.base}, not of {self.base_key}")
+        with self.lock:
+            self.slots.pin(version)
+        return version.ref
+
+    def unpin(self, ref: str) -> bool:
+        """Let ``ref`` be evicted again (it stays resident until then); whether it was pinned."""
+        version = self.registry.get(ref)
+        with self.lock:
+            return self.slots.unpin(version.ref)
+
+    def unload(self, ref: str) -> str:
+        """Unpin and evict ``ref`` now (its exact ref); a later request loads it again.
+        NotFoundError when it is not resident; :class:`AdapterInUse` (nothing changed) while
+        running requests use it: unload it once they finish."""
+        version = self.registry.get(ref)
+        with self.lock:  # (the worker holds it for each step: no row starts on it meanwhile)
+            if self.slots.slot_of(version.ref) is None:
+                raise NotFoundError(f"{version.ref} is not loaded (resident: {', '.join(self.resident()) or 'none'})")
+            scheduler = self._scheduler
+            busy = [
+                r for r in (scheduler.current if scheduler else [])
+                if r.served is not None and r.served.ref == version.ref and r.finish is None
+            ]  # fmt: skip
+            if busy:
+                raise AdapterInUse(
+                    f"{len(busy)} running request(s) use {version.ref}: unload it once they finish"
+                )
+            self.slots.evict(version.ref, "unload")
+        return version.ref
 
     def memory(self) -> int:
         """Bytes of the resident adapters' weights (in the serving dtype)."""
@@ -334,13 +396,25 @@ class AdapterServer:
         position (a streamer, ``prefix_allowed_tokens_fn``, custom processors or criteria).
         Returns each prompt's sequences (``num_return_sequences``) in the prompts' order.
 
-        With only ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``, ``seed`` and
-        ``eos_token_id`` the prompts go through :attr:`scheduler` (continuous batching, shared
-        with every other caller); other ``model.generate`` arguments (beams, several
-        sequences, a streamer, processors, …) run one static batch per :meth:`partition` part.
+        With only ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``, ``seed``,
+        ``eos_token_id`` and ``response_format`` the prompts go through :attr:`scheduler`
+        (continuous batching, shared with every other caller); other ``model.generate``
+        arguments (beams, several sequences, a streamer, processors, …) run one static batch
+        per :meth:`partition` part.
+
+        ``response_format`` (structured output, :mod:`adaptr.serving.constrain`): OpenAI's
+        ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {"name": ...,
+        "schema": {...}}}``, or a :class:`~adaptr.serving.constrain.ResponseFormat`; each
+        answer is then JSON of that schema (unless ``max_new_tokens`` cut it short).
         """
         kwargs.setdefault("max_new_tokens", 32)
         kwargs.setdefault("do_sample", False)
+        if kwargs.get("response_format") is not None and not SCHEDULED_KWARGS.issuperset(kwargs):
+            raise InvalidInputError(
+                "response_format runs through the scheduler: it takes "
+                f"{', '.join(sorted(SCHEDULED_KWARGS))} only"
+            )
+        kwargs = {k: v for k, v in kwargs.items() if k != "response_format" or v is not None}
         if SCHEDULED_KWARGS.issuperset(kwargs):
             adapters = self._per_row(adapters, len(prompts))
             requests = [self._request(p, a, kwargs) for p, a in zip(prompts, adapters, strict=True)]

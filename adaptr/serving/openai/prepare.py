@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from adaptr.errors import InvalidInputError, NotFoundError
+from adaptr.serving.constrain import Grammar, compile_format
 from adaptr.serving.openai.context import AppContext
 from adaptr.serving.openai.protocol import ParamError, RequestParams, parse_params
 from adaptr.serving.requests import Event, Request
@@ -51,6 +52,7 @@ class Prepared:
     adapter: str | None  # its adapter ref (None: the bare base)
     params: RequestParams
     prompts: list[Prompt]
+    grammar: Grammar | None = None  # its response_format compiled (None: text)
 
 
 @dataclass(eq=False)
@@ -244,7 +246,14 @@ def prepare(ctx: AppContext, raw: bytes, chat: bool) -> Prepared:
         param, prompts = "prompt", parse_prompts(body.get("prompt"))
     if len(prompts) * p.n > MAX_CHOICES:
         raise ParamError("n", f"prompts x n must be at most {MAX_CHOICES}")
-    return Prepared(body["model"], adapter, p, [tokens(ctx, x, chat, param, p) for x in prompts])
+    grammar = None
+    if p.response_format is not None:  # (compiled here, off the loop and the scheduler; cached)
+        try:
+            grammar = compile_format(ctx.server.tokenizer, ctx.vocab, p.response_format)
+        except InvalidInputError as e:
+            raise ParamError("response_format", str(e)) from None
+    prompts = [tokens(ctx, x, chat, param, p) for x in prompts]
+    return Prepared(body["model"], adapter, p, prompts, grammar)
 
 
 def _chat_prompt(ctx: AppContext, messages: Any, adapter: str | None) -> str:
@@ -302,6 +311,7 @@ def jobs_for(req: Prepared, chat: bool) -> list[Job]:
                       p.stop, logprobs=p.logprobs,
                       prompt_logprobs=p.echo and p.logprobs is not None and scorer is None,
                       ignore_eos=p.ignore_eos, min_tokens=p.min_tokens, as_ids=p.as_ids,
+                      constraint=req.grammar.guide() if req.grammar else None,
                       loop=loop, out=out, index=len(jobs), prompt_index=i, chat=chat)  # fmt: skip
             job.scorer, scorer = scorer, scorer or job
             jobs.append(job)

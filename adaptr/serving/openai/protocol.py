@@ -13,9 +13,11 @@ alternatives, 0-20, and ``echo`` for the prompt's; chat: ``logprobs`` true and
 ``stream_options.include_obfuscation``. Fields whose effect adaptr serve does not have are
 accepted at the value that switches them off, as clients send them (``presence_penalty``
 and ``frequency_penalty`` 0, vLLM's ``repetition_penalty`` 1, ``top_k`` -1 or 0, ``min_p``
-0, ``logit_bias`` {}, ``best_of`` = ``n``, ``suffix`` "", no tools) and refused at any
-other; so is a non-text ``response_format`` and a field this server does not know: nothing
-is silently dropped.
+0, ``logit_bias`` {}, ``best_of`` = ``n``, ``suffix`` "", completions: no tools; chat takes
+``tools``, :mod:`adaptr.serving.openai.tools`; legacy ``functions`` none) and refused at any
+other; so is a field this server does not know: nothing is silently dropped.
+``response_format`` takes ``text``, ``json_object`` and ``json_schema``
+(:mod:`adaptr.serving.constrain`: decoding constrained to the schema).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adaptr.errors import InvalidInputError
+from adaptr.serving.constrain import ResponseFormat, parse_response_format
 from adaptr.serving.requests import Sampling
 from adaptr.serving.text import find_stop, held_back  # noqa: F401  (the engine's)
 
@@ -50,6 +53,7 @@ _NEUTRAL: dict[str, tuple[tuple, str]] = {
     "function_call": (("none", "auto"), "'none' or 'auto'"),
     "parallel_tool_calls": ((True, False), "true or false"),
 }
+TOOL_FIELDS = {"tools", "tool_choice", "parallel_tool_calls"}  # checked by tools.parse_tools
 # what the endpoints read; IGNORED do not change the answer
 TAKEN = {
     "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stream",
@@ -84,6 +88,7 @@ class RequestParams:
     ignore_eos: bool = False  # generate max_tokens whatever comes
     min_tokens: int = 0  # before these many tokens no EOS and no stop string
     as_ids: bool = False  # log-probabilities name tokens token_id:N
+    response_format: ResponseFormat | None = None  # JSON output (None: text)
 
     @property
     def seed(self) -> int | None:
@@ -201,6 +206,8 @@ def parse_params(body: dict, chat: bool = False) -> RequestParams:
         raise ParamError("top_p", "'top_p' must be above 0 (use temperature 0 for greedy)")
     n = _integer(body, "n", 1, MAX_N) or 1
     for key, (off, shown) in _NEUTRAL.items():
+        if chat and key in TOOL_FIELDS:  # chat takes tools (adaptr.serving.openai.tools)
+            continue
         if body.get(key) is not None and not any(_same(body[key], o) for o in off):
             raise ParamError(
                 key, f"'{key}' is not supported by adaptr serve: send {shown} (off) or leave it out"
@@ -212,9 +219,10 @@ def parse_params(body: dict, chat: bool = False) -> RequestParams:
             f"'best_of' is not supported by adaptr serve: send n ({n}) or leave it out",
         )
     _ignored_types(body)
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise ParamError("response_format", "only 'response_format': {'type': 'text'} is supported")
+    try:
+        response_format = parse_response_format(body.get("response_format"))
+    except InvalidInputError as e:
+        raise ParamError("response_format", str(e)) from None
     stop = body.get("stop")
     stops = (stop,) if isinstance(stop, str) else stop or ()
     if (
@@ -233,6 +241,8 @@ def parse_params(body: dict, chat: bool = False) -> RequestParams:
     ):
         raise ParamError("seed", "'seed' must be an integer between 0 and 2**63 - 1")
     ignore_eos = _flag(body, "ignore_eos")
+    if ignore_eos and response_format is not None:
+        raise ParamError("ignore_eos", "'ignore_eos' cannot be combined with a JSON 'response_format'")  # fmt: skip
     min_tokens = _integer(body, "min_tokens", 0, max_tokens) or 0
     as_ids = _flag(body, "return_tokens_as_token_ids")
     stream = _flag(body, "stream")
@@ -253,5 +263,5 @@ def parse_params(body: dict, chat: bool = False) -> RequestParams:
     sampling = Sampling(0.0, 1.0, seed) if temperature == 0 else Sampling(temperature, top_p, seed)
     return RequestParams(
         max_tokens, sampling, tuple(stops), stream, include_usage,
-        n, logprobs, echo, ignore_eos, min_tokens, as_ids,
+        n, logprobs, echo, ignore_eos, min_tokens, as_ids, response_format,
     )  # fmt: skip

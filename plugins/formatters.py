@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from adaptr import Formatter, hookimpl
-from adaptr.data import chat
+from adaptr.data import chat, preference
 from adaptr.data.files import text_value
 from adaptr.errors import InvalidInputError, brief
 from adaptr.extend.types import MissingField, need
@@ -51,7 +51,10 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "observation": "tool", "tool": "tool"}  # fmt: skip
 
 
-SFT_ONLY = "adaptr train does SFT and takes neither preference nor unpaired-preference data"
+SFT_ONLY = (
+    "SFT takes neither preference nor unpaired-preference data (train it with --method dpo, orpo "
+    "or kto and --format preference, sharegpt-preference, alpaca-preference or kto)"
+)
 LAYOUTS = (*ALPACA, "chat")
 
 
@@ -305,8 +308,42 @@ def translation(record: dict[str, Any], direction: str | None, template: str) ->
     return {"prompt": template.format(source=source, **names), "completion": target}
 
 
+def sharegpt_preference(
+    record: dict[str, Any], field: str, placeholders: str, chosen_field: str, rejected_field: str
+) -> dict[str, Any]:
+    """LLaMA-Factory's ShareGPT dpo layout: ``conversations`` (the prompt turns, + system,
+    tools) and ``chosen`` / ``rejected`` turns ({from: gpt, value}, or a list of them)."""
+    chosen, rejected = need(record, chosen_field, rejected_field)
+    rest = {k: v for k, v in record.items() if k not in (chosen_field, rejected_field)}
+    prompt = record.get(field) or []
+    if not isinstance(prompt, list):
+        raise MissingField(field, "must be a list of {from, value} turns")
+
+    def half(answer: Any) -> dict[str, Any]:
+        answer = answer if isinstance(answer, list) else [answer]
+        return sharegpt({**rest, field: [*prompt, *answer]}, field, placeholders)
+
+    return preference.pair_of(half(chosen), half(rejected))
+
+
+def alpaca_preference(record: dict[str, Any], lang: str) -> dict[str, Any]:
+    """LLaMA-Factory's alpaca dpo layout: instruction/input (+ system, history) and text
+    ``chosen`` / ``rejected`` answers, or its ranking ``output: [chosen, rejected]``; lang as
+    the alpaca format's (chat: the chat template)."""
+    output = record.get("output")
+    if "chosen" not in record and isinstance(output, list) and len(output) == 2:
+        record = {**record, "chosen": output[0], "rejected": output[1]}  # the ranking layout
+    chosen, rejected = texts(record, "chosen", "rejected")
+    rest = {k: v for k, v in record.items() if k not in ("chosen", "rejected", "output")}
+    return preference.pair_of(
+        alpaca({**rest, "output": chosen}, lang), alpaca({**rest, "output": rejected}, lang)
+    )
+
+
 @hookimpl
 def adaptr_register_formatters(register):
+    for f in PREFERENCE_FORMATTERS:
+        register(f)
     register(
         Formatter(
             "text",
@@ -378,3 +415,37 @@ def adaptr_register_formatters(register):
             description="Translation pairs; direction=zh-en reads fields zh and en, else source/target.",
         )
     )
+
+
+PREFERENCE_FORMATTERS = [
+    Formatter(
+        "preference", preference.preference, kind="preference", fields=["chosen", "rejected"],
+        options={"prompt_field": "prompt", "chosen_field": "chosen", "rejected_field": "rejected"},
+        description="TRL preference pairs for DPO/ORPO: prompt/chosen/rejected as text or lists of "
+        "messages, the prompt explicit or implicit (shared opening turns); UltraFeedback's records "
+        "(score_chosen below score_rejected is refused).",
+    ),
+    Formatter(
+        "sharegpt-preference", sharegpt_preference, kind="preference",
+        fields=["conversations", "chosen", "rejected"],
+        options={"field": "conversations", "placeholders": "refuse", "chosen_field": "chosen",
+                 "rejected_field": "rejected"},
+        description="LLaMA-Factory's ShareGPT dpo data: conversations (+ system, tools) and the "
+        "chosen / rejected {from: gpt, value} turns.",
+    ),
+    Formatter(
+        "alpaca-preference", alpaca_preference, kind="preference",
+        fields=["instruction", "chosen", "rejected"], options={"lang": "chat"},
+        description="LLaMA-Factory's alpaca dpo data: instruction/input (+ system, history) with "
+        "chosen / rejected answers (or output: [chosen, rejected]); lang=chat (the chat template), en or zh (alpaca text layouts).",
+    ),
+    Formatter(
+        "kto", preference.unpaired, kind="unpaired-preference",
+        fields=["prompt", "completion", "label"],
+        options={"prompt_field": "prompt", "completion_field": "completion", "label_field": "label",
+                 "messages_field": "messages"},
+        description="KTO's unpaired preference data: prompt/completion (text or lists of messages), "
+        "or LLaMA-Factory's messages ending in the answer, and a true (desirable) / false "
+        "(undesirable) label (label_field=kto_tag for its sharegpt files).",
+    ),
+]  # fmt: skip

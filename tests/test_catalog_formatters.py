@@ -83,12 +83,19 @@ def test_every_formatter_emits_a_trl_record():
         "text": {"text"},
         "prompt-completion": {"prompt", "completion"},
         "messages": {"messages"},
+        "preference": {"prompt", "chosen", "rejected"},
+        "unpaired-preference": {"prompt", "completion", "label"},
     }
     samples = {
         "text": {"text": "x"}, "alpaca": {"instruction": "i", "output": "o"}, "dolly": {"instruction": "i", "response": "r"},
         "sharegpt": {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
         "messages": {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
         "prompt-completion": {"prompt": "p", "completion": "c"}, "translation": {"source": "s", "target": "t"},
+        "preference": {"prompt": "p", "chosen": "c", "rejected": "r"},
+        "sharegpt-preference": {"conversations": [{"from": "human", "value": "a"}],
+                                "chosen": {"from": "gpt", "value": "b"}, "rejected": {"from": "gpt", "value": "c"}},
+        "alpaca-preference": {"instruction": "i", "chosen": "c", "rejected": "r"},
+        "kto": {"prompt": "p", "completion": "c", "label": True},
     }  # fmt: skip
     loaded = formatters()
     assert set(samples) <= set(loaded), sorted(set(samples) - set(loaded))  # every built-in loaded
@@ -239,7 +246,7 @@ def test_every_trl_dataset_type_is_handled_or_refused():
         assert why in str(e.value), (kind, str(e.value))
         if "preference" in kind:
             assert (
-                "adaptr train does SFT and takes neither preference nor unpaired-preference data"
+                "SFT takes neither preference nor unpaired-preference data (train it with --method dpo"
                 in str(e.value)
             )
 
@@ -276,7 +283,7 @@ def test_llama_factory_preference_files_are_refused(name, fmt_name, options, mat
     with pytest.raises(InvalidInputError) as e:
         load_records(path, fmt_name, **options)
     message = str(e.value)
-    assert match in message and "\n" not in message and "adaptr train does SFT" in message
+    assert match in message and "\n" not in message and "SFT takes neither" in message
 
 
 # ---- fields are text where the formatter expects text ----

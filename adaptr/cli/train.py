@@ -21,6 +21,13 @@ FLAGS = {
     "gradient_checkpointing": "sft.gradient_checkpointing", "parent": "from",
     "over_length": "data.over_length",
 }  # fmt: skip
+METHODS = ("sft", "dpo", "orpo", "kto")
+
+
+def _for_method(key: str, method: str) -> str:
+    """A training flag's recipe key in the section of the recipe's method (sft.max_steps ->
+    dpo.max_steps)."""
+    return f"{method}.{key.removeprefix('sft.')}" if key.startswith("sft.") else key
 
 
 @click.command()
@@ -30,6 +37,12 @@ FLAGS = {
 @click.option("--data", type=click.Path(), help="Training data: .jsonl, .json, .csv or .parquet.")
 @click.option("--format", help="Dataset formatter (see `adaptr formatters`).")
 @click.option("--name", help="Adapter name; the result is its next version.")
+@click.option(
+    "--method",
+    type=click.Choice(METHODS),
+    help="sft (default), or preference tuning: dpo, orpo, kto (TRL's trainers; settings in the "
+    "recipe section of that name, e.g. --set dpo.beta=0.2).",
+)
 @click.option(
     "--recipe",
     "recipe_file",
@@ -128,9 +141,11 @@ def train(
     from adaptr.training.trainer import train as run_training
 
     recipe = Recipe.from_yaml(recipe_file) if recipe_file else Recipe()
+    if method := flags.pop("method", None):
+        recipe.set("method", method)
     for key, value in flags.items():
         if value is not None:
-            recipe.set(FLAGS[key], value)
+            recipe.set(_for_method(FLAGS[key], recipe.method), value)
     if flags.get("targets") and "," in flags["targets"]:
         recipe.set(
             "lora.target_modules", [t.strip() for t in flags["targets"].split(",") if t.strip()]
@@ -150,6 +165,8 @@ def train(
         shown = preview(recipe, registry=registry, count=preview_count)
         if as_json:
             emit_json(shown.to_dict())
+        elif hasattr(shown, "method"):
+            show_pair_preview(shown)
         else:
             show_preview(shown)
         return
@@ -160,8 +177,14 @@ def train(
         return  # a non-main process of a distributed run
     m = result.metrics
     summary = [f"train loss {m['train_loss']:.4f}"]
-    if "eval_loss" in m:
+    if "perplexity" in m:
         summary.append(f"eval loss {m['eval_loss']:.4f}, perplexity {m['perplexity']:.2f}")
+    elif "eval_loss" in m:
+        summary.append(f"eval loss {m['eval_loss']:.4f}")
+    if "reward_accuracy" in m:
+        summary.append(
+            f"reward accuracy {m['reward_accuracy']:.2f}, margin {m.get('reward_margin', 0.0):.3f}"
+        )
     if "tokens_per_second" in m:
         summary.append(f"{m['tokens_per_second']:.0f} tokens/s")
     click.echo(
@@ -208,5 +231,38 @@ def show_preview(shown) -> None:
             f"{r.loss_tokens:,} carry loss{share}; longest {r.longest:,} (max_length {r.max_length})"
         )
     out.print(f"loss on: {shown.loss}")
+    for line in shown.notes:
+        note(line)
+
+
+def show_pair_preview(shown) -> None:
+    """Preference records: the prompt, then the answers side by side (all of their tokens
+    carry loss; the prompt is context)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    out = console()
+    out.print(f"{shown.method}: loss on {shown.loss}")
+    for ex in shown.examples:
+        label = "" if ex.label is None else f", label {'desirable' if ex.label else 'undesirable'}"
+        status = "  DROPPED" if ex.dropped else ""
+        out.print(
+            Text(
+                f"── record {ex.record} ({ex.split}): {ex.tokens:,} tokens (prompt + longest answer), "
+                f"{ex.loss_tokens:,} carry loss{label}{status}",
+                style="bold",
+            )
+        )
+        out.print(Text("prompt (context): ", style="italic") + Text(ex.prompt, style="dim"))
+        table = Table(*ex.answers, show_lines=False, expand=True)
+        table.add_row(*(Text(t, style="green" if out.is_terminal else "") for t in ex.answers.values()))
+        out.print(table)
+        if ex.cut_tokens:
+            out.print(Text(f"✂ max_length cuts {ex.cut_tokens:,} tokens", style="yellow"))
+    for r in shown.reports:
+        out.print(
+            f"{r.split}: {r.kept:,} of {r.records:,} records train, {r.tokens:,} tokens, "
+            f"{r.loss_tokens:,} carry loss; longest {r.longest:,} (max_length {r.max_length})"
+        )
     for line in shown.notes:
         note(line)

@@ -198,6 +198,10 @@ def record_kind(rec: Any) -> str:
         raise InvalidInputError(f"the formatter returned {type(rec).__name__}, not a TRL record")
     if "messages" in rec:
         return "messages"
+    if "chosen" in rec and "rejected" in rec:
+        return "preference"  # DPO, ORPO (adaptr.data.preference)
+    if "label" in rec and "completion" in rec:
+        return "unpaired-preference"  # KTO
     if "prompt" in rec and "completion" in rec:
         lists = isinstance(rec["prompt"], list), isinstance(rec["completion"], list)
         if lists == (True, True):

@@ -21,7 +21,7 @@ from typing import Any
 
 from adaptr.errors import InvalidInputError, brief
 
-KINDS = ("text", "prompt-completion", "messages")
+KINDS = ("text", "prompt-completion", "messages", "preference", "unpaired-preference")
 MISSING = ("is missing", "is empty")
 
 
@@ -67,7 +67,8 @@ class Formatter:
         metadata={"help": "format(record, **options) -> TRL record."}
     )
     kind: str = field(
-        default="prompt-completion", metadata={"help": "text | prompt-completion | messages"}
+        default="prompt-completion",
+        metadata={"help": "text | prompt-completion | messages | preference | unpaired-preference"},
     )
     fields: list[str] = field(
         default_factory=list, metadata={"help": "Fields a raw record needs (for docs and errors)."}
@@ -169,6 +170,13 @@ class ModelFamily:
     plugin: str | None = field(
         default=None, metadata={"help": "Set by adaptr: the plugin that registered it."}
     )
+    tool_format: str | None = field(
+        default=None,
+        metadata={
+            "help": "How chat_template writes tool calls, for adaptr serve to parse them: hermes, "
+            "llama3_json, mistral (adaptr.serving.openai.tools.FORMATS; a plugin may register one)."
+        },
+    )
 
     def __post_init__(self, prompt_template: str | None = None) -> None:
         if prompt_template is not None:
@@ -184,6 +192,13 @@ class ModelFamily:
         self.target_modules.setdefault("all-linear", "all-linear")
         if not self.model_types:
             raise InvalidInputError(f"family {self.name!r} names no model_types")
+        if self.tool_format is not None and not (
+            isinstance(self.tool_format, str) and self.tool_format.isidentifier()
+        ):
+            raise InvalidInputError(
+                f"family {self.name!r}: tool_format must be a format's name (e.g. 'hermes'), "
+                f"got {brief(self.tool_format)}"
+            )
 
     def targets(self, preset: str = "attention") -> list[str] | str:
         """Target modules for a preset ('attention' or 'all-linear')."""
@@ -206,5 +221,5 @@ class ModelFamily:
             "name": self.name, "model_types": self.model_types, "target_modules": self.target_modules,
             "lora_defaults": self.lora_defaults, "pad_token": self.pad_token,
             "chat_template": self.chat_template is not None, "tiny_configs": sorted(self.tiny_configs),
-            "description": self.description, "plugin": self.plugin,
+            "description": self.description, "plugin": self.plugin, "tool_format": self.tool_format,
         }  # fmt: skip

@@ -82,6 +82,10 @@ def preview(
 
     quiet_libraries()
     p = plan(recipe, registry or Registry())
+    if p.recipe.method != "sft":
+        from adaptr.training.preference import preview_pairs
+
+        return preview_pairs(p, count)  # chosen and rejected side by side
     tokenizer, _ = p.tokenizer()
     args = sft_config(p.recipe.sft, Path(tempfile.gettempdir()) / "adaptr-preview")
     policy = p.recipe.data.over_length

@@ -28,7 +28,8 @@ from adaptr.data.sft import DataSettings
 from adaptr.errors import InvalidInputError, brief
 from adaptr.values import DTYPES, WEIGHT_DTYPES, decode_utf8, is_number, is_whole, parse_number
 
-SECTIONS = {"name", "tags", "from", "base", "data", "lora", "sft"}
+SECTIONS = {"name", "tags", "from", "method", "base", "data", "lora", "sft", "dpo", "orpo", "kto"}
+METHODS = ("sft", "dpo", "orpo", "kto")  # the trainer; each has its section of TRL config fields
 OVER_LENGTH = ("truncate", "drop", "refuse")  # what happens to records longer than sft.max_length
 QUANTIZATION = ("none", "8bit", "4bit")
 MAX_RECIPE_BYTES = 1024 * 1024
@@ -182,10 +183,19 @@ class Recipe:
         self.name: str | None = doc.get("name")
         self.tags: list[str] = _tags(doc.get("tags"), source)
         self.parent: str | None = doc.get("from")
+        self.method: str = doc.get("method") or "sft"
         self.base = self._section(doc, "base", BaseSettings)
         self.data = self._section(doc, "data", DataSettings)
         self.lora: dict[str, Any] = self._mapping(doc, "lora")
         self.sft: dict[str, Any] = self._mapping(doc, "sft")
+        self.dpo: dict[str, Any] = self._mapping(doc, "dpo")  # trl.DPOConfig fields
+        self.orpo: dict[str, Any] = self._mapping(doc, "orpo")  # trl.experimental.orpo.ORPOConfig
+        self.kto: dict[str, Any] = self._mapping(doc, "kto")  # trl.KTOConfig fields
+
+    @property
+    def args(self) -> dict[str, Any]:
+        """The section of the recipe's method (``sft``, ``dpo``, ``orpo`` or ``kto``)."""
+        return getattr(self, self.method) if self.method in METHODS else self.sft
 
     def _section(self, doc: dict, name: str, cls: type) -> Any:
         given, keys = self._mapping(doc, name), _fields(cls)
@@ -221,7 +231,7 @@ class Recipe:
         """Override one setting: ``base.dtype``, ``data.format``, ``lora.r``, ``sft.max_steps``, ``name``…"""
         section, _, key = dotted.partition(".")
         if not key:
-            if section not in ("name", "tags", "from"):
+            if section not in ("name", "tags", "from", "method"):
                 raise InvalidInputError(
                     f"unknown recipe key {brief(dotted)}{_suggest(dotted, SECTIONS)}"
                 )
@@ -237,7 +247,7 @@ class Recipe:
                     f"unknown recipe key {section}.{_key(key)}{_suggest(key, known)}"
                 )
             setattr(target, key, value)
-        elif section in ("lora", "sft"):
+        elif section in ("lora", *METHODS):
             getattr(self, section)[key] = value
         else:
             raise InvalidInputError(
@@ -289,27 +299,42 @@ class Recipe:
             raise InvalidInputError(
                 f"data.over_length must be one of {', '.join(OVER_LENGTH)}, got {brief(self.data.over_length)}"
             )
+        if self.method not in METHODS:
+            raise InvalidInputError(
+                f"method must be one of {', '.join(METHODS)}, got {brief(self.method)}"
+            )
+        if self.method != "sft" and self.sft:
+            raise InvalidInputError(
+                f"the sft section ({', '.join(map(_key, self.sft))}) is for method sft; this recipe "
+                f"trains with {self.method}: move the settings to its {self.method} section"
+            )
+        section = self.args
         for key, (ok, need) in SFT_RULES.items():
-            if key in self.sft:
-                self.sft[key] = _number(self.sft[key])
-                if not ok(self.sft[key]):
-                    raise InvalidInputError(f"sft.{key} must be {need}, got {brief(self.sft[key])}")
+            if key in section:
+                section[key] = _number(section[key])
+                if not ok(section[key]):
+                    raise InvalidInputError(
+                        f"{self.method}.{key} must be {need}, got {brief(section[key])}"
+                    )
 
     def settle_loss(self, kind: str) -> None:
         """Write into ``sft`` which tokens carry loss for ``kind`` records, where it is unset,
         so that the stored recipe says it (:func:`adaptr.data.sft.loss_tokens`)."""
         from adaptr.data.sft import loss_tokens
 
+        if self.method != "sft":
+            return  # preference trainers put the loss on the completions
         self.sft = {**self.sft, **loss_tokens(kind, self.sft).sft()}
 
     def check_settings(self) -> None:
         """Every lora/sft key against PEFT's LoraConfig and TRL's SFTConfig (imports both)."""
         from peft import LoraConfig
-        from trl import SFTConfig
+
+        from adaptr.training.preference import config_class
 
         for section, cls, skip in (
             ("lora", LoraConfig, {"peft_type", "task_type"}),
-            ("sft", SFTConfig, {"output_dir"}),
+            (self.method, config_class(self.method), {"output_dir"}),
         ):
             known = _fields(cls)
             values = getattr(self, section)
@@ -338,6 +363,7 @@ class Recipe:
         text("data.eval_path", self.data.eval_path, optional=True)
         text("base.family", self.base.family, optional=True)
         text("from", self.parent, optional=True)
+        text("method", self.method)
         need("tags", self.tags, all(isinstance(t, str) for t in self.tags), "a list of tag names")
         options = self.data.options
         need("data.options", options, options is None or isinstance(options, dict), "a mapping")
@@ -369,5 +395,6 @@ class Recipe:
         return copy.deepcopy({
             "name": self.name, "tags": self.tags, "from": self.parent,
             "base": dataclasses.asdict(self.base), "data": dataclasses.asdict(self.data),
-            "lora": self.lora, "sft": self.sft,
+            "lora": self.lora, "sft": self.sft, "method": self.method,
+            **{m: getattr(self, m) for m in METHODS[1:] if getattr(self, m)},
         })  # fmt: skip

@@ -87,8 +87,11 @@ def plan(recipe: Recipe | dict | str | Path, registry: Registry) -> Plan:
         check_tag(t)
     parent = registry.get(recipe.parent) if recipe.parent else None
     base = resolve_base(recipe.base.path, registry)
-    seed = 42 if recipe.sft.get("seed") is None else int(recipe.sft["seed"])
+    seed = 42 if recipe.args.get("seed") is None else int(recipe.args["seed"])
     data = load_splits(recipe.data, seed)
+    from adaptr.data.preference import check_kind
+
+    check_kind(recipe.method, data.kind, recipe.data.format)
     recipe.settle_loss(data.kind)
     recipe.check_settings()
     return Plan(recipe, base, parent, data)
@@ -149,6 +152,13 @@ def train(
         from adaptr.runtime import quiet_libraries
 
         quiet_libraries()
+    if _method(recipe) != "sft":  # DPO, ORPO, KTO: the same plan, model and store
+        from adaptr.training.preference import train_preference
+
+        return train_preference(
+            recipe, registry=registry, resume=resume, restart=restart, keep_run=keep_run,
+            progress=progress, on_note=on_note,
+        )  # fmt: skip
     started = time.time()
     notes = _Notes(on_note)
     registry = registry or Registry()
@@ -180,11 +190,20 @@ def train(
     return TrainResult(version, metrics, run_dir, list(notes))
 
 
+def _method(recipe: Recipe | dict | str | Path) -> str:
+    """The recipe's training method, read without checking the rest."""
+    if isinstance(recipe, Recipe):
+        return recipe.method
+    if isinstance(recipe, dict):
+        return recipe.get("method") or "sft"
+    return Recipe.from_yaml(recipe).method
+
+
 def _model(p: Plan, family, registry: Registry, run_dir: Path, notes: _Notes):
     """(model, peft_config): the base loaded to train, with the parent version attached to
     continue (peft_config None), else the LoRA config to wrap it in."""
     recipe = p.recipe
-    gc = bool(recipe.sft.get("gradient_checkpointing", True))
+    gc = bool(recipe.args.get("gradient_checkpointing", True))
     model = load_model(p.base.path, recipe.base, gradient_checkpointing=gc)
     if family is None:
         notes.say(

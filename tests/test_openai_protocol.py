@@ -89,7 +89,7 @@ def test_accepted_values():
         ({"frequency_penalty": -1}, "frequency_penalty"),
         ({"logit_bias": {"50": 10}}, "logit_bias"),
         ({"tools": [{"type": "function"}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "regex"}}, "response_format"),
     ],
 )
 def test_bad_or_unsupported_values_name_their_parameter(body, param):

@@ -138,7 +138,22 @@ class Guide:
 
     @property
     def error(self) -> str:
+        """Why the matcher failed (its parser's limits hit, say); empty while it has not."""
         return self.matcher.get_error() if self.matcher.is_error() else ""
+
+    def failure(self, token: int) -> GrammarError:
+        """The error a request gets when its grammar failed, or refused ``token``."""
+        why = (self.error.strip().splitlines() or [""])[0][:300] or f"token {token} not allowed"
+        return GrammarError(
+            f"the JSON schema could not be followed while generating ({why}); "
+            "simplify it (fewer recursive or open-ended parts)"
+        )
+
+
+class GrammarError(InvalidInputError):
+    """A schema the engine could not follow (a 400 naming ``response_format``)."""
+
+    param = "response_format"
 
 
 class _Compiler:
@@ -215,9 +230,7 @@ def _parallel() -> Any:
     return _executor
 
 
-def mask_rows(
-    choose: Any, logits: Any, rows: Sequence[tuple[int, Guide, Collection[int]]]
-) -> None:
+def mask_rows(choose: Any, logits: Any, rows: Sequence[tuple[int, Guide, Collection[int]]]) -> None:
     """Set, in ``choose`` (``[batch, vocab]``, not ``logits``), -inf on each guided row's
     tokens its grammar does not allow next; ``rows``: (row index, its guide, its EOS ids).
     EOS keeps the model's logit (from ``logits``) where the grammar accepts, else -inf.
@@ -238,6 +251,9 @@ def mask_rows(
         shifts = _bits[device] = torch.arange(32, dtype=torch.int32, device=device)
     bits = (bitmask.to(device).unsqueeze(-1) >> shifts) & 1
     allowed = bits.view(len(rows), -1)[:, :vocab].bool()
+    for k, (_, guide, _) in enumerate(rows):
+        if guide.matcher.is_error():  # (its limits hit: left as it is, the row fails at accept)
+            allowed[k] = True
     if allowed.shape[1] < vocab:  # (logits wider than the grammar's vocabulary: padding ids)
         allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
     index = torch.tensor([i for i, _, _ in rows], device=device)

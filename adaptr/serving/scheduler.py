@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 from adaptr.errors import AdaptrError
 from adaptr.serving.batch import Batch, Row
+from adaptr.serving.metrics import ServingStats
 from adaptr.serving.requests import Request, ServedAdapter, TokenLogprob
 from adaptr.serving.text import Detokenizer, find_stop, held_back, unchecked
 
@@ -98,6 +99,7 @@ class Scheduler:
         vocab = server.model.get_output_embeddings().weight.shape[0]
         self.score_budget = max(1, 2**28 // vocab)
         self.on_step: Callable[[int], None] | None = None  # called (worker thread) after each step
+        self.stats: ServingStats = getattr(server, "stats", None) or ServingStats()  # (/metrics)
         self._cv = threading.Condition()
         self._held = False
         self._closing = False
@@ -119,6 +121,12 @@ class Scheduler:
     def current(self) -> list[Request]:
         return [r.request for r in self.batch.rows + self._joining]
 
+    def queue(self) -> tuple[list[Request], list[Request]]:
+        """The requests waiting and those running (being prefilled included), as of now."""
+        with self._cv:
+            waiting = list(self.waiting)
+        return waiting, self.current
+
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called (it takes no more requests)."""
@@ -128,6 +136,7 @@ class Scheduler:
         with self._cv:
             if self._closing:
                 raise AdaptrError("the server is shutting down")
+            self.stats.arrived(request)
             self.waiting.append(request)
             self.submitted += 1
             self._cv.notify_all()
@@ -277,7 +286,9 @@ class Scheduler:
                 else:
                     row.generator.manual_seed(s.seed)
         self.batch.add(rows, cache, mask)
+        self.stats.prefilled(r.request for r in rows)
         self._sample(rows, logits, range(len(rows)))
+        self.stats.tokens(r.request for r in rows)
         self.most_rows = max(self.most_rows, len(self.batch.rows))
         self.most_models = max(self.most_models, len({r.request.served for r in self.batch.rows}))
 
@@ -361,6 +372,7 @@ class Scheduler:
             )  # fmt: skip
         self.steps += 1
         self._sample(b.rows, logits, range(len(b.rows)))
+        self.stats.tokens(r.request for r in b.rows)
         if self.on_step is not None:
             self.on_step(self.steps)
 
@@ -419,7 +431,7 @@ class Scheduler:
             return
         guide = req.constraint
         if guide is not None and not guide.accept(token):
-            self._fail(req, AdaptrError(f"structured output: token {token} broke the grammar ({guide.error})"))  # fmt: skip
+            self._fail(req, guide.failure(token))  # (its parser's limits hit: a 400)
             return
         req.tokens.append(token)
         row.next_token = token
@@ -460,6 +472,7 @@ class Scheduler:
             req.emit("text", req.text[req.sent :])
             req.sent = len(req.text)
         req.finish = reason
+        self.stats.finished(req)
         req.emit("end", reason)
         req.done.set()
 
@@ -467,6 +480,7 @@ class Scheduler:
         if req.finish is not None:
             return
         req.finish, req.error = "error", error
+        self.stats.finished(req)
         req.emit("error", error)
         req.done.set()
 

@@ -20,7 +20,12 @@ def is_loopback(host: str) -> bool:
 
 
 @click.command()
-@click.option("--base", required=True, help="Registered base name whose adapters are served.")
+@click.option(
+    "--base",
+    required=True,
+    help="Base whose adapters are served: a name from `adaptr base list`, a model folder, or a "
+    "GGUF file (converted once, as `train --base` does).",
+)
 @click.option(
     "--host",
     default="127.0.0.1",
@@ -35,7 +40,27 @@ def is_loopback(host: str) -> bool:
     help="TCP port to listen on.",
 )
 @click.option(
-    "--max-adapters", default=16, show_default=True, type=int, help="Adapters kept resident (LRU)."
+    "--max-adapters",
+    default=16,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Adapters kept resident (least recently used evicted first; pinned ones count).",
+)
+@click.option(
+    "--max-adapter-memory",
+    "max_adapter_memory",
+    default=None,
+    type=click.FloatRange(min=0, min_open=True),
+    help="MB the resident adapters' weights may take (least recently used evicted past it) "
+    "[default: no limit].",
+)
+@click.option(
+    "--pin",
+    "pins",
+    multiple=True,
+    metavar="REF",
+    help="Load REF at start and keep it resident, never evicted (repeatable; counts against "
+    "--max-adapters). POST /v1/load_lora_adapter pins at runtime, /v1/unload_lora_adapter unpins.",
 )
 @click.option(
     "--api-key",
@@ -82,6 +107,8 @@ def serve(
     host: str,
     port: int,
     max_adapters: int,
+    max_adapter_memory: float | None,
+    pins: tuple[str, ...],
     api_key: str | None,
     max_body_mb: float,
     max_connections: int,
@@ -96,18 +123,24 @@ def serve(
             raise click.UsageError(
                 "--threads is the embedded engine's; vLLM sets its own (e.g. VLLM_CPU_OMP_THREADS_BIND)"
             )
+        if pins or max_adapter_memory is not None:
+            raise click.UsageError(
+                "--pin and --max-adapter-memory are the embedded engine's; vLLM takes its own "
+                "(e.g. -- --max-loras 8)"
+            )
         return _serve_vllm(registry, base, host, port, api_key, vllm_args)
     if vllm_args:
         raise click.UsageError(
             f"unexpected arguments {' '.join(vllm_args)}: only --engine vllm takes engine arguments after --"
         )
     from adaptr.runtime import quiet_libraries
-    from adaptr.serving import AdapterServer
     from adaptr.serving.openai.app import Limits, create_app
     from adaptr.serving.openai.http import uvicorn_server
 
     quiet_libraries()
-    registry.get_base(base)  # a clear error for an unknown base before loading anything
+    from adaptr.bases import served_base
+
+    given, base = base, served_base(registry, base).key  # an unknown base: before any loading
     import torch
 
     # a compute thread per core starves the event loop and the tokenizing workers; on a busy
@@ -115,15 +148,33 @@ def serve(
     torch.set_num_threads(threads or default_threads())
     limits = Limits(max_body_bytes=int(max_body_mb * 2**20))
     app = create_app(
-        AdapterServer(registry, base, max_adapters=max_adapters), api_key=api_key, limits=limits
+        _server(registry, base, max_adapters, max_adapter_memory, pins), api_key=api_key, limits=limits
     )
     _warn_if_open(host, port, api_key)
     click.echo(
-        f"serving {base} on http://{host}:{port}/v1 (model = an adapter ref, '{base}' or 'active')",
+        f"serving {given if given == base else f'{given} (as {base})'} on http://{host}:{port}/v1 "
+        f"(model = an adapter ref, '{base}' or 'active')",
         err=True,
     )
     # the guarded protocol: header and body deadlines, OpenAI-shaped 400 and 503
     uvicorn_server(app, host=host, port=port, limit_concurrency=max_connections).run()
+
+
+def _server(registry, base: str, max_adapters: int, memory_mb: float | None, pins):
+    """The embedded engine with ``pins`` loaded and pinned (too many: an error before loading)."""
+    from adaptr.errors import InvalidInputError
+    from adaptr.serving import AdapterServer
+
+    refs = [registry.get(ref).ref for ref in pins]  # an unknown ref: before loading anything
+    if len(set(refs)) > max_adapters:
+        raise InvalidInputError(
+            f"--pin names {len(set(refs))} adapters, more than --max-adapters={max_adapters}: "
+            "pin fewer or raise --max-adapters"
+        )
+    server = AdapterServer(registry, base, max_adapters=max_adapters, max_memory_mb=memory_mb)
+    for ref in refs:
+        server.pin(ref)
+    return server
 
 
 def default_threads() -> int:
@@ -140,9 +191,10 @@ def default_threads() -> int:
 def _serve_vllm(registry, base: str, host: str, port: int, api_key, vllm_args) -> int:
     """Run vLLM's OpenAI server until it exits (signals are handed on to it); exiting on
     its own, it is a one-line error with its exit code and last words."""
+    from adaptr.bases import registered_base
     from adaptr.serving.vllm.launch import command, run
 
-    registry.get_base(base)
+    base = registered_base(registry, base, use="--engine vllm")
     extra = list(vllm_args)
     if api_key and "--api-key" not in extra:
         extra += ["--api-key", api_key]

@@ -219,7 +219,9 @@ class AdapterServer:
         version = self.registry.get(ref)
         with self.lock:  # (the worker holds it for each step: no row starts on it meanwhile)
             if self.slots.slot_of(version.ref) is None:
-                raise NotFoundError(f"{version.ref} is not loaded (resident: {', '.join(self.resident()) or 'none'})")
+                missing = NotFoundError(f"{version.ref} is not loaded (resident: {', '.join(self.resident()) or 'none'})")
+                missing.code = "adapter_not_loaded"
+                raise missing
             scheduler = self._scheduler
             busy = [
                 r for r in (scheduler.current if scheduler else [])

@@ -4,13 +4,17 @@
 an adapter version into a free slot of every layer's :class:`~adaptr.serving.stacks.StackedLoRA`
 (or hands it to PEFT's fallback, slot 0, when the stacks cannot hold it), evicts the least
 recently used past ``max_adapters`` or ``max_memory`` bytes, and evicts first what PEFT cannot
-hold beside a newcomer. Not locked itself: the server calls it holding its lock.
+hold beside a newcomer. Pinned adapters (:meth:`Slots.pin`) are never evicted to make room:
+they count against both limits. Not locked itself: the server calls it holding its lock.
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 from adaptr.errors import InvalidInputError
 from adaptr.registry import AdapterVersion, Registry
@@ -18,6 +22,31 @@ from adaptr.registry.adapter_dir import PREFIX, pattern_value
 from adaptr.serving.peft_fallback import PeftFallback, Traits, clash
 from adaptr.serving.stacks import BatchState, StackedLoRA
 from adaptr.serving.vllm.compat import rewrites_base_reason
+
+Eviction = Literal["lru", "clash", "unload"]  # to make room, beside a clashing newcomer, asked
+
+
+@dataclass(frozen=True)
+class Resident:
+    """A resident adapter: its slot (0: PEFT's path serves it), whether it is pinned, the
+    bytes of its weights, and when (``time.time()``) it was loaded and last put in a batch."""
+
+    ref: str
+    slot: int
+    pinned: bool
+    bytes: int
+    loaded: float
+    last_used: float
+
+
+@dataclass
+class SlotCounts:
+    """Adapters loaded and evicted since the server started (evictions by reason)."""
+
+    loads: int = 0
+    lru: int = 0  # least recently used, to make room for another
+    clash: int = 0  # PEFT could not hold it beside a newcomer
+    unload: int = 0  # asked for (AdapterServer.unload)
 
 
 class Slots:
@@ -49,6 +78,10 @@ class Slots:
         self._slots: OrderedDict[str, int] = OrderedDict()  # ref -> slot, least recently used first
         self._free = list(range(max_adapters, 0, -1))
         self._bytes: dict[str, int] = {}  # ref -> bytes its weights take in the stacks
+        self._pinned: set[str] = set()  # never evicted to make room
+        self._loaded: dict[str, float] = {}  # ref -> when it was loaded (time.time())
+        self._used: dict[str, float] = {}  # ref -> when it was last loaded or put in a batch
+        self.counts = SlotCounts()
 
     def resident(self) -> list[str]:
         """Refs of the adapters in memory, least recently used first."""
@@ -66,12 +99,49 @@ class Slots:
         """Bytes of the resident adapters' weights (in the serving dtype)."""
         return sum(self._bytes.values())
 
+    def pinned(self) -> list[str]:
+        """Refs of the pinned adapters (resident, never evicted to make room), least recently used first."""
+        return [ref for ref in self._slots if ref in self._pinned]
+
+    def residents(self) -> list[Resident]:
+        """The resident adapters, least recently used first."""
+        return [
+            Resident(ref, slot, ref in self._pinned, self._bytes[ref], self._loaded[ref], self._used[ref])
+            for ref, slot in self._slots.items()
+        ]  # fmt: skip
+
+    def last_used(self, ref: str) -> float | None:
+        """When ``ref`` was last loaded or put in a batch (None: never since the server started)."""
+        return self._used.get(ref)
+
+    def pin(self, version: AdapterVersion) -> int:
+        """Load ``version`` and keep it resident until :meth:`unpin` (its slot). Pins count
+        against ``max_adapters``: one more than it is an error, as is one past ``max_memory``."""
+        key = version.ref
+        if key not in self._pinned and len(self._pinned) >= self.max_adapters:
+            raise InvalidInputError(
+                f"cannot pin {key}: {len(self._pinned)} adapters are pinned already, as many as "
+                f"max_adapters={self.max_adapters}; unpin one or raise max_adapters"
+            )
+        slot = self.load(version)
+        self._pinned.add(key)
+        return slot
+
+    def unpin(self, ref: str) -> bool:
+        """``ref`` may be evicted again (least recently used first); whether it was pinned."""
+        if ref not in self._pinned:
+            return False
+        self._pinned.discard(ref)
+        return True
+
     def load(self, version: AdapterVersion, keep: frozenset[str] = frozenset()) -> int:
         """Make ``version`` resident (its slot); ``keep``: the refs of the batch being set up
         (never evicted for it: one that cannot stay loaded beside ``version`` is an error)."""
         key = version.ref
+        now = time.time()
         if key in self._slots:
             self._slots.move_to_end(key)
+            self._used[key] = now
             return self._slots[key]
         traits = self.fallback.traits(version)
         for ref in list(self._slots):  # what PEFT cannot hold beside it goes first
@@ -79,8 +149,10 @@ class Slots:
             why = other and clash(traits, other)
             if why and ref in keep:
                 raise InvalidInputError(f"{why}: send them in separate batches")
+            if why and ref in self._pinned:
+                raise InvalidInputError(f"{key} cannot be loaded beside the pinned {ref} ({why}): unpin {ref}")
             if why:
-                self.evict(ref)
+                self.evict(ref, "clash")
         pairs, scaling_for, stackable, need = self._read(version, traits)
         if self.max_memory is not None and need > self.max_memory:
             raise InvalidInputError(
@@ -90,7 +162,7 @@ class Slots:
             len(self._slots) >= self.max_adapters
             or (self.max_memory is not None and self.memory() + need > self.max_memory)
         ):
-            self.evict()
+            self._make_room(key, keep)
         if stackable:
             slot = self._free.pop()
             for module, (A, B) in pairs.items():
@@ -100,14 +172,34 @@ class Slots:
             self.fallback.load(version)
         self._slots[key] = slot
         self._bytes[key] = need
+        self._loaded[key] = self._used[key] = now
+        self.counts.loads += 1
         return slot
 
-    def evict(self, ref: str | None = None) -> None:
-        """Evict ``ref`` (None: the least recently used)."""
+    def _make_room(self, key: str, keep: frozenset[str]) -> None:
+        """Evict the least recently used adapter that is not pinned (one outside ``keep``
+        first); an error when every resident one is pinned."""
+        free = [ref for ref in self._slots if ref not in self._pinned]
+        if not free:
+            limit = f"max_adapters={self.max_adapters}"
+            if self.max_memory is not None:
+                limit += f", max_memory_mb={self.max_memory / 2**20:g}"
+            raise InvalidInputError(
+                f"cannot load {key}: the {len(self._slots)} resident adapters are pinned and fill "
+                f"the server ({limit}); unpin one or raise the limit"
+            )
+        self.evict(next((ref for ref in free if ref not in keep), free[0]), "lru")
+
+    def evict(self, ref: str | None = None, reason: Eviction = "lru") -> None:
+        """Evict ``ref`` (None: the least recently used that is not pinned), unpinning it."""
         if ref is None:
-            ref, slot = self._slots.popitem(last=False)
-        else:
-            slot = self._slots.pop(ref)
+            ref = next((r for r in self._slots if r not in self._pinned), None)
+            if ref is None:
+                raise InvalidInputError("every resident adapter is pinned: unpin one first")
+        slot = self._slots.pop(ref)
+        self._pinned.discard(ref)
+        self._loaded.pop(ref, None)
+        setattr(self.counts, reason, getattr(self.counts, reason) + 1)
         if slot == 0:
             self.fallback.unload(ref)
         else:

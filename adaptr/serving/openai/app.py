@@ -15,7 +15,9 @@ One request cannot hold up the others: the body is bounded (413 past
 is tokenized when its length in characters already says so, and the JSON parsing, the chat
 template and the tokenizing run on worker threads, never on the event loop. A request whose
 client went away is cancelled: dropped before it starts, or its row leaves the batch. With an
-API key every ``/v1`` route needs ``Authorization: Bearer KEY``. Every error is
+API key every ``/v1`` route and ``/metrics`` need ``Authorization: Bearer KEY``. The operator's
+routes (``/health``, ``/metrics``, ``/v1/adapters``, vLLM's ``/v1/load_lora_adapter`` and
+``/v1/unload_lora_adapter``) are :mod:`~adaptr.serving.openai.operations`'. Every error is
 OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``), 4xx for the client's
 mistakes.
 
@@ -43,7 +45,7 @@ from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
 from adaptr.errors import AdaptrError, InvalidInputError, NotFoundError
-from adaptr.serving.openai import responses
+from adaptr.serving.openai import operations, responses
 from adaptr.serving.openai.auth import APIKey
 from adaptr.serving.openai.context import AppContext, Limits, context_of
 from adaptr.serving.openai.errors import HTTPRefusal, add_error_handlers, error_response
@@ -73,7 +75,7 @@ def create_app(
         app.add_middleware(APIKey, key=api_key)
     app.state.context = AppContext.of(server, limits or Limits())
     add_error_handlers(app)
-    for path, route, method in ROUTES:
+    for path, route, method in ROUTES + operations.ROUTES:
         app.add_api_route(path, route, methods=[method], response_model=None)
     return app
 
@@ -88,6 +90,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        ctx.stopping = True  # GET /health: 503 from here on
         await asyncio.to_thread(_stop, ctx)
 
 

@@ -43,6 +43,8 @@ class AppContext:
     texts: TokenTexts  # each token's text (log-probabilities)
     scheduler: Scheduler | None = None
     workers: ThreadPoolExecutor | None = None
+    stopping: bool = False  # its shutdown began (GET /health: 503)
+    metrics: Any = None  # its own prometheus CollectorRegistry (GET /metrics; made on first use)
 
     @classmethod
     def of(cls, server: AdapterServer, limits: Limits) -> AppContext:

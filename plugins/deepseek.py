@@ -42,6 +42,7 @@ def adaptr_register_families(register):
             lora_defaults={"r": 16, "lora_alpha": 32, "lora_dropout": 0.0},
             pad_token="eos",
             chat_template=DEEPSEEK,
+            tool_format="hermes",
             tiny_configs={
                 "deepseek_v2": dict(_MOE, q_lora_rank=None),
                 "deepseek_v3": dict(_MOE, q_lora_rank=24, n_group=1, topk_group=1),

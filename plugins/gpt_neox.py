@@ -17,6 +17,7 @@ def adaptr_register_families(register):
             lora_defaults=dict(LORA_DEFAULTS),
             pad_token="eos",  # Pythia ships no pad token
             chat_template=PLAIN,  # nor a chat format: User:/Assistant: turns
+            tool_format="hermes",
             tiny_configs={
                 "gpt_neox": dict(
                     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4

@@ -14,6 +14,7 @@ def adaptr_register_families(register):
             lora_defaults=dict(LORA_DEFAULTS),
             pad_token="eos",
             chat_template=LLAMA2,
+            tool_format="mistral",
             tiny_configs={
                 "llama": dict(TINY_GQA),
                 "mistral": dict(TINY_GQA, sliding_window=None),

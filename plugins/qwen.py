@@ -13,6 +13,7 @@ def adaptr_register_families(register):
             target_modules={"attention": ATTENTION, "all-linear": ATTENTION + MLP},
             lora_defaults=dict(LORA_DEFAULTS),
             chat_template=CHATML,
+            tool_format="hermes",
             tiny_configs={
                 "qwen2": dict(TINY_GQA),
                 "qwen3": dict(TINY_GQA, head_dim=8),

@@ -306,6 +306,14 @@ def conversation(messages: list[dict[str, Any]], tools: str | None, field: str) 
     call (templates that show the name need it; OpenAI's results carry only the call id)."""
     if not any(m["role"] == "assistant" for m in messages):
         raise MissingField(field, "has no assistant turn to learn from")
+    name_tool_results(messages)
+    return {"messages": messages, "tools": tools} if tools else {"messages": messages}
+
+
+def name_tool_results(messages: list[dict[str, Any]]) -> None:
+    """Give each ``tool`` message without a ``name`` its call's (by ``tool_call_id``, else the
+    next unanswered call of the last assistant turn), in place; ``adaptr serve`` renders
+    conversations the same way."""
     by_id: dict[str, str] = {}
     pending: list[str] = []  # names of the last assistant turn's calls, in order
     for m in messages:
@@ -323,7 +331,6 @@ def conversation(messages: list[dict[str, Any]], tools: str | None, field: str) 
                 pending = pending[1:]
         else:
             pending = []
-    return {"messages": messages, "tools": tools} if tools else {"messages": messages}
 
 
 def _a(noun: str) -> str:

@@ -19,13 +19,14 @@ from adaptr.errors import InvalidInputError, NotFoundError
 from adaptr.serving.constrain import Grammar, compile_format
 from adaptr.serving.openai.context import AppContext
 from adaptr.serving.openai.protocol import ParamError, RequestParams, parse_params
+from adaptr.serving.openai.tools import ToolPlan, check_history, parse_tools, plan_for
 from adaptr.serving.requests import Event, Request
 
 MAX_CHOICES = 128  # prompts x n in one request
 
-TOOLS_NOT_YET = (
-    "tool calls in messages are not supported yet: adaptr serve has no tools path ('tools' is "
-    "refused); send a tool's result as the text of a user message"
+LEGACY = (
+    "legacy function calling ('function' messages, 'function_call') is not supported: send "
+    "the calls as an assistant's 'tool_calls' and each result as a 'tool' message"
 )
 NOT_TEXT = "content parts are not supported: adaptr serves text models; send {'type': 'text', 'text': ...} parts"  # fmt: skip
 # part types that are not text, by what they hold
@@ -53,6 +54,7 @@ class Prepared:
     params: RequestParams
     prompts: list[Prompt]
     grammar: Grammar | None = None  # its response_format compiled (None: text)
+    tools: ToolPlan | None = None  # its tools, to parse the answers' calls (None: no tools)
 
 
 @dataclass(eq=False)
@@ -151,26 +153,56 @@ def _content(content: Any, where: str) -> str:
 
 
 def _check_fields(m: dict, where: str) -> None:
-    """A message holds role, content and name, and nothing else that carries something."""
-    if m["role"] in ("tool", "function"):
-        raise ParamError("messages", f"{where}: {TOOLS_NOT_YET}")
+    """A message holds role, content and name (an assistant's ``tool_calls``, a tool
+    result's ``tool_call_id``), and nothing else that carries something."""
+    role = m["role"]
+    if role == "function":
+        raise ParamError("messages", f"{where}: {LEGACY}")
     for key, value in m.items():
         if key in ("role", "content", "name") or (key in _EMPTY and value in _EMPTY[key]):
             continue
-        if key in ("tool_calls", "function_call", "tool_call_id"):
-            raise ParamError("messages", f"{where}: '{key}': {TOOLS_NOT_YET}")
+        if (key, role) in (("tool_calls", "assistant"), ("tool_call_id", "tool")):
+            continue
+        if key == "function_call":
+            raise ParamError("messages", f"{where}: {LEGACY}")
+        if key in ("tool_calls", "tool_call_id"):
+            owner = "an assistant" if key == "tool_calls" else "a 'tool'"
+            raise ParamError("messages", f"{where}: '{key}' belongs on {owner} message, not a {role[:20]!r} one")  # fmt: skip
         if key == "audio":
             raise ParamError("messages", f"{where}: 'audio' is not supported: adaptr serves text models")  # fmt: skip
         shown = key[:60] if isinstance(key, str) else repr(key)
         raise ParamError(
             "messages",
-            f"{where}: '{shown}' is not a message field adaptr serve takes (role, content, name)",
+            f"{where}: '{shown}' is not a message field adaptr serve takes (role, content, name, tool_calls, tool_call_id)",  # fmt: skip
         )
+
+
+def _tool_fields(m: dict, where: str, message: dict) -> None:
+    """An assistant's ``tool_calls`` normalised as training has them (arguments as objects,
+    :func:`adaptr.data.chat.tool_calls`); a tool result's ``tool_call_id``."""
+    from adaptr.data.chat import tool_calls
+    from adaptr.extend.types import MissingField
+
+    if m["role"] == "assistant" and m.get("tool_calls"):
+        if not isinstance(m["tool_calls"], list):
+            raise ParamError("messages", f"{where}: 'tool_calls' must be a list of calls")
+        try:
+            message["tool_calls"] = tool_calls(m["tool_calls"], f"{where}.tool_calls")
+        except MissingField as e:
+            raise ParamError("messages", str(e)) from None
+    if m["role"] == "tool":
+        if not isinstance(m.get("tool_call_id"), str) or not m["tool_call_id"]:
+            raise ParamError("messages", f"{where}: a 'tool' message needs the 'tool_call_id' of the call it answers")  # fmt: skip
+        message["tool_call_id"] = check_text(m["tool_call_id"], "messages")
 
 
 def parse_messages(messages: Any) -> list[dict]:
     """``messages`` as the chat template takes them: role, text content (a list of text
-    parts is joined) and ``name`` when given (a key of the message, as vLLM passes it)."""
+    parts is joined), ``name`` when given (a key of the message, as vLLM passes it), an
+    assistant's ``tool_calls`` and a tool result's ``tool_call_id`` and ``name`` (its call's,
+    as training names it: :func:`adaptr.data.chat.name_tool_results`)."""
+    from adaptr.data.chat import name_tool_results
+
     if not isinstance(messages, list) or not messages:
         raise ParamError(
             "messages",
@@ -182,12 +214,16 @@ def parse_messages(messages: Any) -> list[dict]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise ParamError("messages", f"{where} must be an object with a string 'role' and a 'content'")  # fmt: skip
         _check_fields(m, where)
-        message = {"role": check_text(m["role"], "messages"), "content": _content(m.get("content"), where)}  # fmt: skip
+        calls = m["role"] == "assistant" and m.get("tool_calls")
+        content = "" if calls and m.get("content") is None else _content(m.get("content"), where)
+        message = {"role": check_text(m["role"], "messages"), "content": content}
+        _tool_fields(m, where, message)
         if m.get("name") is not None:
             if not isinstance(m["name"], str) or not m["name"]:
                 raise ParamError("messages", f"{where}: 'name' must be a non-empty string")
             message["name"] = check_text(m["name"], "messages")
         out.append(message)
+    name_tool_results(out)
     return out
 
 
@@ -240,8 +276,12 @@ def prepare(ctx: AppContext, raw: bytes, chat: bool) -> Prepared:
     body = parse_body(raw)
     adapter = resolve(ctx, body.get("model"))
     p = parse_params(body, chat)
+    tools = None
     if chat:
-        param, prompts = "messages", [_chat_prompt(ctx, body.get("messages"), adapter)]
+        prompt, tools = _chat_prompt(ctx, body, adapter)
+        param, prompts = "messages", [prompt]
+        if tools and tools.parsing and p.response_format is not None:
+            raise ParamError("response_format", "a JSON 'response_format' cannot be combined with tool calls; send 'tool_choice': 'none' or no 'response_format'")  # fmt: skip
     else:
         param, prompts = "prompt", parse_prompts(body.get("prompt"))
     if len(prompts) * p.n > MAX_CHOICES:
@@ -253,22 +293,33 @@ def prepare(ctx: AppContext, raw: bytes, chat: bool) -> Prepared:
         except InvalidInputError as e:
             raise ParamError("response_format", str(e)) from None
     prompts = [tokens(ctx, x, chat, param, p) for x in prompts]
-    return Prepared(body["model"], adapter, p, prompts, grammar)
+    return Prepared(body["model"], adapter, p, prompts, grammar, tools)
 
 
-def _chat_prompt(ctx: AppContext, messages: Any, adapter: str | None) -> str:
-    """The messages through the chat template ``adapter`` trained with."""
-    messages = parse_messages(messages)
+def _chat_prompt(ctx: AppContext, body: dict, adapter: str | None) -> tuple[str, ToolPlan | None]:
+    """The messages (and tools) through the chat template ``adapter`` trained with, and the
+    request's tools planned for that template (:mod:`~adaptr.serving.openai.tools`)."""
+    plan = parse_tools(body)
+    messages = parse_messages(body.get("messages"))
     try:
         template = ctx.server.chat_template(adapter)
     except InvalidInputError as e:
         raise ParamError("messages", str(e)) from None
-    try:
-        return ctx.server.tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=True
-        )
-    except Exception as e:
-        raise ParamError("messages", f"cannot apply the chat template: {e}") from None
+
+    def render(messages: list[dict], tools: list | None, generation: bool) -> str:
+        try:
+            return ctx.server.tokenizer.apply_chat_template(
+                messages, tools=tools, chat_template=template, tokenize=False,
+                add_generation_prompt=generation,
+            )  # fmt: skip
+        except Exception as e:
+            raise ParamError("messages", f"cannot apply the chat template: {e}") from None
+
+    check_history(render, messages, plan.tools if plan else None)
+    if plan is None:
+        return render(messages, None, True), None
+    plan, prompt = plan_for(plan, render, messages, template)
+    return prompt, plan
 
 
 def tokens(

@@ -21,6 +21,7 @@ from adaptr.serving.openai.errors import error_response
 from adaptr.serving.openai.http import error_body
 from adaptr.serving.openai.logprobs import TokenTexts
 from adaptr.serving.openai.prepare import Job, Prepared, Prompt
+from adaptr.serving.openai.tools import Call, ToolStream
 
 log = logging.getLogger("adaptr.serving.openai.app")  # (one logger for the app's lines)
 
@@ -44,10 +45,15 @@ class Reply:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": self.prompt_tokens + completion_tokens}  # fmt: skip
 
-    def choice(self, index: int, text: str, reason: str, logprobs: dict | None) -> dict:
+    def choice(
+        self, index: int, text: str | None, reason: str, logprobs: dict | None,
+        calls: list[Call] | None = None,
+    ) -> dict:  # fmt: skip
         choice: dict[str, Any] = {"index": index, "finish_reason": reason, "logprobs": logprobs}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": text}
+            if calls:
+                choice["message"]["tool_calls"] = [c.to_dict() for c in calls]
         else:
             choice["text"] = text
         return choice
@@ -158,6 +164,11 @@ def _whole_body(
         echo = req.prompts[job.prompt_index] if req.params.echo else None
         lp = job_logprobs(ctx.texts, job, len(job.token_logprobs), 0, echo)
         full = (echo.text if echo else "") + text[job.index]
+        if req.tools is not None:  # (chat) its calls parsed from the answer
+            parsed = req.tools.parse(full)
+            reason = req.tools.finish(parsed, reasons[job.index])
+            choices.append(reply.choice(job.index, parsed.content, reason, lp, parsed.calls))
+            continue
         choices.append(reply.choice(job.index, full, reasons[job.index], lp))
     return json.dumps(reply.whole(choices, sum(job.completion_tokens for job in jobs)))
 
@@ -193,6 +204,7 @@ async def stream(
     row and is not part of its text), each with the log-probabilities of its tokens."""
     p, texts = req.params, ctx.texts
     covered = {job.index: 0 for job in jobs}  # token log-probabilities sent so far
+    calls = {job.index: ToolStream(req.tools) for job in jobs} if req.tools else {}
     echoed: set[int] = set()
     try:
         for job in jobs:
@@ -203,6 +215,10 @@ async def stream(
                 echoed.add(job.index)
                 prompt = req.prompts[job.prompt_index]
                 yield reply.chunk(job.index, prompt.text, None, job_logprobs(texts, job, 0, 0, prompt))  # fmt: skip
+            if job.index in calls:  # content held while it may be a call; the calls at the end
+                for chunk in _tool_chunks(reply, job, calls[job.index], kind, value, texts, entries, covered):  # fmt: skip
+                    yield chunk
+                continue
             lp = job_logprobs(texts, job, entries, covered[job.index])
             if kind == "text":
                 yield reply.chunk(job.index, value, None, lp)
@@ -216,3 +232,34 @@ async def stream(
         log.exception("request %s failed while streaming", reply.id)
         yield "data: " + error_body(500, f"generation failed: {e}").decode() + "\n\n"
     reply.finished = True
+
+
+def _tool_chunks(
+    reply: Reply, job: Job, tools: ToolStream, kind: str, value: Any,
+    texts: TokenTexts, entries: int, covered: dict[int, int],
+) -> list[str]:  # fmt: skip
+    """The SSE chunks of one event of a choice whose answer may hold tool calls: content
+    once it cannot begin a call (log-probabilities go with it), and at its end the rest of
+    the content, each call (its id, type and name, then its arguments) and the reason."""
+    out = []
+    if kind == "text":
+        content = tools.feed(value)
+        if content:
+            out.append(reply.chunk(job.index, content, None, job_logprobs(texts, job, entries, covered[job.index])))  # fmt: skip
+            covered[job.index] = entries
+        return out
+    rest, parsed = tools.end()
+    lp = job_logprobs(texts, job, entries, covered[job.index])
+    if rest:
+        out.append(reply.chunk(job.index, rest, None, lp))
+        lp = None
+    for k, call in enumerate(parsed.calls):
+        head = {"index": k, "id": call.id, "type": "function",
+                "function": {"name": call.name, "arguments": ""}}  # fmt: skip
+        out.append(reply.chunk(job.index, {"tool_calls": [head]}, None))
+        args = {"index": k, "function": {"arguments": call.arguments}}
+        out.append(reply.chunk(job.index, {"tool_calls": [args]}, None))
+    empty = lp is not None and not any(lp.values())
+    out.append(reply.chunk(job.index, None, tools.plan.finish(parsed, value), None if empty else lp))
+    covered[job.index] = entries
+    return out

@@ -116,6 +116,9 @@ def serve(
 ) -> None:
     """Serve BASE and its adapters over an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions).
 
+    For operators: GET /health (open), GET /metrics (Prometheus), GET /v1/adapters, and vLLM's
+    POST /v1/load_lora_adapter and /v1/unload_lora_adapter ({"lora_name": REF}: pin, unpin).
+
     With --engine vllm, arguments after `--` go to vLLM (e.g. -- --tensor-parallel-size 2).
     """
     if engine == "vllm":

@@ -91,6 +91,7 @@ class _Live:
     arrived: float  # time.monotonic()
     last: float | None = None  # when its last token came (None: none yet)
     seen: int = 0  # its tokens counted
+    use: AdapterUse | None = None  # its adapter's (once it is resolved and prefilled)
 
 
 class ServingStats:
@@ -138,16 +139,18 @@ class ServingStats:
                 self.e2e.observe(now - live.arrived)
 
     def _advance(self, req: Request, live: _Live, now: float) -> None:
-        n = req.completion_tokens
-        if n <= live.seen:
+        n = len(req.tokens) + (req.end_token is not None)  # (completion_tokens, inlined)
+        new = n - live.seen
+        if new <= 0:
             return
         if live.last is None:
             self.ttft.observe(now - live.arrived)
+            live.use = self._use(_adapter(req))
         else:
-            gap = (now - live.last) / (n - live.seen)
-            for _ in range(n - live.seen):
+            gap = (now - live.last) / new
+            for _ in range(new):
                 self.itl.observe(gap)
-        self._use(_adapter(req)).generation_tokens += n - live.seen
+        live.use.generation_tokens += new
         live.seen, live.last = n, now
 
     def _use(self, adapter: str) -> AdapterUse:

@@ -81,6 +81,52 @@ def resolve_base(given: str, registry: Registry, *, what: str = "--base") -> Fou
     return FoundBase(given, given)
 
 
+def served_base(registry: Registry, given: str, *, what: str = "--base") -> FoundBase:
+    """The base a server runs: a registered name, else a model folder or a GGUF file found
+    as :func:`resolve_base` finds it (its key is the one versions trained on it record, so
+    they are its adapters). A Hub id is not served unregistered: the unknown-base error."""
+    from adaptr.registry.atomic import check_path
+
+    check_path(given, what)
+    try:
+        rec = registry.get_base(given)
+        return FoundBase(rec.path, rec.name)
+    except (NotFoundError, InvalidInputError) as e:
+        if not Path(given).expanduser().exists():
+            raise e from None
+    return resolve_base(given, registry, what=what)
+
+
+def registered_base(registry: Registry, given: str, *, use: str, what: str = "--base") -> str:
+    """The registered name of the base ``given`` names (a name, or the folder or GGUF file
+    a registered base was made from, matched by path or by the file's SHA-256: nothing is
+    converted), for what needs a registered base (``use``: what)."""
+    from adaptr import gguf
+    from adaptr.registry.atomic import check_path, regular_file
+
+    check_path(given, what)
+    try:
+        return registry.get_base(given).name
+    except (NotFoundError, InvalidInputError) as e:
+        p = Path(given).expanduser()
+        if not p.exists():
+            raise e from None
+    records = registry.bases()
+    if gguf.looks_like_gguf(p):
+        src = regular_file(p, "GGUF file", use="give a .gguf file").resolve()
+        sha = gguf.file_sha256(src, gguf.cache_dir(registry)) if records else None
+        names = [r.name for r in records if ((r.summary or {}).get("gguf") or {}).get("sha256") == sha]
+    else:
+        at = p.resolve()
+        names = [r.name for r in records if r.path and Path(r.path).expanduser().resolve() == at]
+    if names:
+        return names[0]
+    raise InvalidInputError(
+        f"{use} runs a registered base, and {clip(given, 200)} is not one: register it with "
+        f"`adaptr base add NAME {clip(given, 200)}` and give NAME"
+    )
+
+
 def base_location(registry: Registry, version: AdapterVersion, override: str | None = None) -> str:
     """A loadable path (or Hub id) for a version's base (``override``: the base given
     instead, found as :func:`resolve_base` finds it), or raise saying how to give one."""

@@ -15,7 +15,9 @@ from adaptr.values import ago, human_size
 @click.argument("name")
 @click.argument("source_dir", type=click.Path())
 @click.option(
-    "--base", help="Base model: a name from `adaptr base list`, a model folder, or a Hub id."
+    "--base",
+    help="Base model: a name from `adaptr base list`, a model folder, a GGUF file (its "
+    "conversion, made once) or a Hub id.",
 )
 @click.option("--tag", "tags", multiple=True, help="Tag the new version (repeatable).")
 @click.option(
@@ -32,6 +34,13 @@ def add(
 
     check_path(source_dir, "SOURCE_DIR")
     check_path(base, "--base")
+    if base is not None:
+        from adaptr.gguf import looks_like_gguf
+
+        if looks_like_gguf(base):  # the conversion `train --base FILE.gguf` trains on
+            from adaptr.bases import resolve_base
+
+            base = resolve_base(base, registry).key
     v = registry.add(name, source_dir, base=base, tags=tags, allow_large=allow_large)
     for n in v.notes:
         note(n)

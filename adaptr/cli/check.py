@@ -19,7 +19,8 @@ from adaptr.cli._common import emit_json, json_option, with_registry
 @click.option(
     "--base",
     default=None,
-    help="Registered base the server will run; the version must have been made for it.",
+    help="Registered base the server will run (its name, or the folder or GGUF file it was "
+    "registered from); the version must have been made for it.",
 )
 @click.option(
     "--max-lora-rank",
@@ -40,6 +41,9 @@ def check(
     v = registry.get(ref)
     problems = []
     if base is not None:
+        from adaptr.bases import registered_base
+
+        base = registered_base(registry, base, use="vLLM")
         source = RegistrySource(registry.home, base=base)
         try:
             source.check_base(v)

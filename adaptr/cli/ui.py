@@ -15,7 +15,7 @@ from adaptr.cli._common import with_registry
     help="Require this token on every page (Authorization: Bearer, or the login page's cookie); "
     "needed off loopback.",
 )  # fmt: skip
-@click.option("--base", default=None, help="Load this base's playground engine at start (default: on first use).")  # fmt: skip
+@click.option("--base", default=None, help="Load this base's playground engine at start (default: on first use): a registered name, or the folder or GGUF file it was registered from.")  # fmt: skip
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="Torch compute threads of the playground [default: the cores less one].")  # fmt: skip
 @with_registry
 def ui(registry, host: str, port: int, token: str | None, base: str | None, threads: int | None) -> None:  # fmt: skip
@@ -33,8 +33,10 @@ def ui(registry, host: str, port: int, token: str | None, base: str | None, thre
             f"--host {host} is reachable from other machines: give --token (or set "
             "ADAPTR_UI_TOKEN); without one the UI only binds to loopback"
         )
-    if base is not None:
-        registry.get_base(base)  # an unknown base: a one-line error before anything starts
+    if base is not None:  # an unknown base: a one-line error before anything starts
+        from adaptr.bases import registered_base
+
+        base = registered_base(registry, base, use="the playground")
 
     from adaptr.serving.openai.http import uvicorn_server
     from adaptr.ui.app import create_app

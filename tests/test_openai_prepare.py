@@ -1,5 +1,5 @@
-"""Chat ``messages`` as adaptr serve takes them: role, text content and name; tool calls,
-images and audio refused with what is supported, and no field dropped silently."""
+"""Chat ``messages`` as adaptr serve takes them: role, text content, name and tool calls;
+legacy function calls, images and audio refused with what is supported, and no field dropped silently."""
 
 import pytest
 
@@ -36,21 +36,30 @@ def test_an_answer_sent_back_as_the_openai_client_dumps_it_is_taken():
     )
 
 
+def test_tool_call_history_is_taken():
+    got = parse_messages([{"role": "user", "content": "weather?"},
+                          {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]},
+                          {"role": "tool", "content": "12 C", "tool_call_id": "call_1"}])  # fmt: skip
+    assert got[1]["tool_calls"][0]["function"] == {"name": "weather", "arguments": {"city": "Oslo"}}
+    assert got[2] == {"role": "tool", "content": "12 C", "tool_call_id": "call_1", "name": "weather"}
+
+
 @pytest.mark.parametrize(
-    "message",
+    "message, said",
     [
-        {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]},
-        {"role": "assistant", "content": "", "function_call": TOOL_CALL["function"]},
-        {"role": "tool", "content": "12 C", "tool_call_id": "call_1"},
-        {"role": "user", "content": "12 C", "tool_call_id": "call_1"},
-        {"role": "function", "name": "weather", "content": "12 C"},
+        ({"role": "assistant", "content": "", "function_call": TOOL_CALL["function"]}, "legacy function calling"),  # fmt: skip
+        ({"role": "function", "name": "weather", "content": "12 C"}, "legacy function calling"),
+        ({"role": "user", "content": "12 C", "tool_call_id": "call_1"}, "'tool_call_id' belongs on a 'tool' message"),  # fmt: skip
+        ({"role": "user", "content": "x", "tool_calls": [TOOL_CALL]}, "'tool_calls' belongs on an assistant message"),  # fmt: skip
+        ({"role": "tool", "content": "12 C"}, "needs the 'tool_call_id'"),
+        ({"role": "assistant", "content": None, "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{x"}}]}, "is not valid JSON"),  # fmt: skip
+        ({"role": "assistant", "content": None, "tool_calls": {"id": "c"}}, "must be a list"),
     ],
     ids=repr,
 )
-def test_tool_call_history_is_refused_saying_so(message):
+def test_bad_tool_call_history_is_refused_saying_so(message, said):
     message_text = refusal([{"role": "user", "content": "weather?"}, message])
-    assert "messages[1]" in message_text
-    assert "tool calls in messages are not supported yet" in message_text
+    assert "messages[1]" in message_text and said in message_text
 
 
 @pytest.mark.parametrize(

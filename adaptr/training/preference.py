@@ -79,9 +79,31 @@ def preference_config(method: str, section: dict[str, Any], output_dir: Path):
         kwargs.setdefault("bf16", False)
         kwargs.setdefault("fp16", True)
     try:
-        return config_class(method)(**kwargs)
+        config = config_class(method)(**kwargs)
     except (TypeError, ValueError) as e:
         raise InvalidInputError(f"invalid {method} setting: {first_line(e)}") from None
+    _check_loss_type(method, config)
+    return config
+
+
+def _check_loss_type(method: str, config) -> None:
+    """TRL checks ``loss_type`` only at the first step: an unknown one is refused here, from
+    the choices the config field states."""
+    import dataclasses
+    import re
+
+    f = {f.name: f for f in dataclasses.fields(config)}.get("loss_type")
+    if f is None:
+        return
+    choices = f.metadata.get("choices")
+    if not choices and "Possible values are" in f.metadata.get("help", ""):
+        choices = re.findall(r"`'(\w+)'`", f.metadata["help"].split("If multiple")[0])
+    given = config.loss_type if isinstance(config.loss_type, list) else [config.loss_type]
+    unknown = [t for t in given if choices and t not in choices]
+    if unknown:
+        raise InvalidInputError(
+            f"{method}.loss_type {unknown[0]!r} is not one of TRL's: {', '.join(choices)}"
+        )
 
 
 def _truncation(method: str, args) -> str:

@@ -32,6 +32,15 @@ def plan(fmt: str, **kw):
 PARIS = ("get_weather", {"city": "Paris"})
 OSLO = ("get_weather", {"city": "Oslo"})
 # (format, answer, content, calls): calls None = the whole answer stays content
+DS = "<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>", "<｜tool▁calls▁end｜>"  # fmt: skip
+
+
+def ds(*calls: tuple[str, str]) -> str:
+    """DeepSeek-V3's calls, as its template writes them."""
+    body = "".join(f"{DS[1]}function{DS[2]}{n}\n```json\n{a}\n```{DS[3]}" for n, a in calls)
+    return DS[0] + body + DS[4]
+
+
 # fmt: off
 CASES = [
     ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>', None, [PARIS]),  # fmt: skip
@@ -63,6 +72,12 @@ CASES = [
     ("mistral", '[TOOL_CALLS] [{"name": "get_time", "arguments": {}', None, None),
     ("mistral", '[TOOL_CALLS] {"name": "get_time", "arguments": {}}', None, None),
     ("mistral", "[1, 2] are numbers", None, None),
+    ("deepseek_v3", ds(("get_weather", '{"city": "Paris"}')), None, [PARIS]),
+    ("deepseek_v3", "Sure." + ds(("get_weather", '{"city": "Paris"}'), ("get_time", "{}")), "Sure.", [PARIS, ("get_time", {})]),
+    ("deepseek_v3", ds(("get_time", "{}"))[: -len(DS[4])], None, [("get_time", {})]),  # no calls-end: whole
+    ("deepseek_v3", ds(("get_time", "{x}")), None, None),
+    ("deepseek_v3", ds(("get_time", "{}"))[:-30], None, None),  # a half call
+    ("deepseek_v3", DS[0] + DS[4], None, None),
 ]
 # fmt: on
 
@@ -158,6 +173,30 @@ def test_formats_follow_the_template():
     llama31 = "{{- '<|python_tag|>' }}{{- '{\"name\": \"' + f.name + '\", \"parameters\": ' }}"
     assert format_for(llama31).name == "llama3_json"
     assert format_for(CHAT_TEMPLATE) is None
+    assert format_for("{{ '" + DS[0] + "' }}").name == "deepseek_v3"
+
+
+def test_a_plugin_family_declares_its_tool_format(register_plugin):
+    from adaptr import ModelFamily, hookimpl
+    from adaptr.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="tool_format must be a format's name"):
+        ModelFamily(name="bad", model_types=["bad"], target_modules=["q"], tool_format="no such")
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{{ tools }}"
+
+    class Plugin:
+        @hookimpl
+        def adaptr_register_families(self, register):
+            register(ModelFamily(name="mine", model_types=["mine"], target_modules=["q"],
+                                 chat_template=template, tool_format="llama3_json"))  # fmt: skip
+            register(ModelFamily(name="odd", model_types=["odd"], target_modules=["q"],
+                                 chat_template=template + " ", tool_format="unknown_one"))  # fmt: skip
+
+    register_plugin(Plugin(), "tool-format-test")
+    assert format_for(template).name == "llama3_json"  # declared, though the template shows no sign
+    with pytest.raises(ParamError, match="cannot parse") as e:
+        format_for(template + " ")
+    assert e.value.param == "tools"
 
 
 def test_tool_history_is_normalised_as_training_has_it():

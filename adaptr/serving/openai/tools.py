@@ -16,7 +16,10 @@ in one answer, an unterminated last one taken when its JSON is whole, as vLLM),
 ``llama3_json`` (LLaMA 3.x: the answer is ``{"name": …, "parameters": …}``, optionally after
 ``<|python_tag|>``, several separated by ``;``) and ``mistral`` (``[TOOL_CALLS] [{"name": …,
 "arguments": …}, …]``, the built-in llama family's template; the array alone when the
-tokenizer dropped ``[TOOL_CALLS]`` as a special token). The format is the family's
+tokenizer dropped ``[TOOL_CALLS]`` as a special token) and ``deepseek_v3`` (DeepSeek-V3's
+own template: ``<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME`` and
+the arguments in a fenced JSON block; the built-in deepseek family's template writes hermes
+calls). The format is the family's
 ``tool_format`` when the template is that family's own, else the one whose signs the
 template shows (:func:`format_for`).
 
@@ -190,6 +193,37 @@ def _mistral(text: str) -> tuple[str, list[Any]] | None:
     return before + rest[end:], value
 
 
+DS_BEGIN, DS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+_DS_CALL = re.compile(
+    "<｜tool▁call▁begin｜>(?P<type>[^<]*?)<｜tool▁sep｜>(?P<name>[^\n]*)\n"
+    "```(?:json)?\n(?P<args>.*?)\n```<｜tool▁call▁end｜>",
+    re.S,
+)
+
+
+def _deepseek(text: str) -> tuple[str, list[Any]] | None:
+    """DeepSeek-V3's own template: the calls between its calls-begin and calls-end tokens, each
+    ``function<sep>NAME`` and the arguments in a fenced JSON block (vLLM's deepseek_v3)."""
+    i = text.find(DS_BEGIN)
+    if i < 0:
+        return None
+    j = text.find(DS_END, i)
+    body = text[i + len(DS_BEGIN) : j if j >= 0 else len(text)]
+    after = text[j + len(DS_END) :] if j >= 0 else ""
+    calls, pos = [], 0
+    for m in _DS_CALL.finditer(body):
+        if body[pos : m.start()].strip() or m["type"] != "function":
+            raise NotACall(text)
+        try:
+            calls.append({"name": m["name"], "arguments": json.loads(m["args"])})
+        except ValueError:
+            raise NotACall(text) from None
+        pos = m.end()
+    if body[pos:].strip() or not calls:
+        raise NotACall(text)
+    return text[:i] + after, calls
+
+
 FORMATS: dict[str, ToolFormat] = {}
 
 
@@ -201,6 +235,7 @@ def register_format(fmt: ToolFormat) -> None:
 for _fmt in (
     ToolFormat("hermes", _hermes, ("<tool_call>",), (), ("<tool_call>",)),
     ToolFormat("mistral", _mistral, ("[TOOL_CALLS]",), ("[{",), ("[TOOL_CALLS]",)),
+    ToolFormat("deepseek_v3", _deepseek, (DS_BEGIN,), (), (DS_BEGIN,)),
     ToolFormat("llama3_json", _llama3, (), ("{", "<|python_tag|>"), ("<|python_tag|>", '"parameters": ')),
 ):  # fmt: skip
     register_format(_fmt)

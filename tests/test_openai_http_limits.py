@@ -295,6 +295,7 @@ def test_unknown_routes_say_which_there_are(limited):
         assert_error(r.status_code, r.json(), status)
         assert f"{method} {path} is not a route" in r.json()["error"]["message"]
         assert "POST /v1/chat/completions" in r.json()["error"]["message"]
+        assert "POST /v1/load_lora_adapter" in r.json()["error"]["message"]
 
 
 def test_an_internal_error_is_an_openai_shaped_500_without_its_details(tiny_llama, tmp_path):

@@ -10,7 +10,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adaptr.serving.openai.http import error_body
 
-ROUTES = "GET /v1/models, GET /v1/models/ID, POST /v1/completions, POST /v1/chat/completions"
+ROUTES = (
+    "GET /v1/models, GET /v1/models/ID, POST /v1/completions, POST /v1/chat/completions, "
+    "GET /v1/adapters, POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter, GET /health, "
+    "GET /metrics"
+)
 
 
 class HTTPRefusal(Exception):

@@ -37,7 +37,8 @@ def _fmt(value) -> str:
     "--metrics",
     default="loss,ppl",
     show_default=True,
-    help="Comma-separated: loss, ppl, exact, chrf, bleu, rougeL (the last four generate).",
+    help="Comma-separated: loss, ppl, exact, chrf, bleu, rougeL (these four generate); pref "
+    "(pref_acc, pref_margin) on preference pairs.",
 )
 @format_option
 @click.option("--base-line", is_flag=True, help="Score the bare base too (shown, not stored).")

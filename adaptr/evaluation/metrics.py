@@ -23,7 +23,8 @@ from collections.abc import Sequence
 
 from adaptr.errors import InvalidInputError
 
-METRICS = ("loss", "ppl", "exact", "chrf", "bleu", "rougeL")
+METRICS = ("loss", "ppl", "exact", "chrf", "bleu", "rougeL", "pref_acc", "pref_margin")
+PREFERENCE = ("pref_acc", "pref_margin")  # preference pairs (adaptr.evaluation.preference)
 GENERATION = ("exact", "chrf", "bleu", "rougeL")
 LOWER_IS_BETTER = {"loss", "ppl", "trn_loss", "trn_eval", "trn_ppl"}
 TRAINING = ("train_loss", "eval_loss", "perplexity")  # training metrics compare shows
@@ -44,6 +45,9 @@ def parse_metrics(metrics: str | Sequence[str] | None) -> list[str]:
     out: list[str] = []
     for item in (i.strip() for i in items):
         if not item:
+            continue
+        if item.lower() == "pref":  # both preference metrics
+            out += [m for m in PREFERENCE if m not in out]
             continue
         name = metric_name(item)
         if name is None:

@@ -102,7 +102,10 @@ def evaluate(
     versions = _versions(registry, refs)
     generation = [m for m in wanted if m in GENERATION]
     got = _load(registry, versions[0], data, format, options or {}, limit, bool(generation))
-    if got.splits.kind in CHAT_KINDS:
+    from adaptr.evaluation import preference
+
+    preference.check_metrics(got.splits.kind, wanted, format)
+    if got.splits.kind in CHAT_KINDS or preference.is_chat(got.splits):
         got.tokenizer.chat_template = _one_chat_template(
             registry, versions, got.tokenizer, got.base_path, base_line
         )
@@ -112,11 +115,14 @@ def evaluate(
     tokenized = None
     if "loss" in wanted or "ppl" in wanted:
         tokenized = _tokenized(got.splits.train, got.tokenizer, got.loss.sft())
+    pairs = None
+    if any(m in preference.PREFERENCE for m in wanted):
+        pairs = preference.pair_rows(got.splits, got.tokenizer)
 
     rows: list[str | None] = [v.ref for v in versions] + ([None] if base_line else [])
     scores, signatures, hyps = _score(
         registry, versions, got, rows, wanted, tokenized, batch_size, max_new_tokens,
-        progress, bleu_tokenize,
+        progress, bleu_tokenize, pairs,
     )  # fmt: skip
     dataset = DatasetInfo(
         str(got.path.resolve()), got.splits.info["sha256"], format, got.splits.kind,
@@ -220,6 +226,7 @@ def _score(
     max_new_tokens,
     progress,
     bleu_tokenize: str,
+    pairs=None,
 ) -> tuple[dict[str | None, dict[str, float]], dict[str, str], dict[str | None, list[str]]]:
     """Each row's scores (loss in mixed batches, then greedy generations scored against the
     references), sacrebleu's signatures and the generations."""
@@ -231,6 +238,11 @@ def _score(
     scores: dict[str | None, dict[str, float]] = {r: {} for r in rows}
     if tokenized is not None:
         _score_losses(server, tokenized, rows, wanted, batch_size, progress, scores)
+    if pairs is not None:  # preference pairs: pref_acc, pref_margin
+        from adaptr.evaluation.preference import preference_scores
+
+        for ref, got_scores in preference_scores(server, pairs, rows, wanted, batch_size, progress).items():
+            scores[ref].update(got_scores)
     signatures: dict[str, str] = {}
     hyps: dict[str | None, list[str]] = {}
     generation = [m for m in wanted if m in GENERATION]

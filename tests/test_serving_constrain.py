@@ -197,3 +197,34 @@ def test_a_grammar_that_fails_while_generating_fails_only_its_request(server):
         failing.wait(WAIT_S)
     assert e.value.param == "response_format"
     assert plain.wait(WAIT_S).text == alone
+
+
+def test_a_bpe_tokenizer_with_merges_gives_valid_json(tmp_path):
+    """Tokens of several characters (quotes, digits and letters merged), as real vocabularies
+    have: the masks are still exactly what the schema allows."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from adaptr.tiny import SPECIAL_TOKENS, make_tokenizer
+
+    text = [json.dumps({"name": f"n{i}x", "age": i % 150, "tags": ["x", "y"][: i % 3], "ok": i % 2 == 0}) for i in range(400)]  # fmt: skip
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(text, trainers.BpeTrainer(
+        vocab_size=600, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|pad|>")  # fmt: skip
+    tok.chat_template = make_tokenizer().chat_template
+    assert max(len(t) for t in tok.get_vocab()) > 3  # merged tokens
+    base = save_tiny_base(tmp_path / "base", "llama", initializer_range=0.2, vocab_size=len(tok) + 8)  # fmt: skip
+    tok.save_pretrained(base)
+    reg = Registry(tmp_path / "home")
+    reg.add_base("bpe", base)
+    server = AdapterServer(reg, "bpe")
+    try:
+        answers = server.generate(PROMPTS, max_new_tokens=120, response_format=AS_SCHEMA)
+        for text in answers:
+            valid(text)
+    finally:
+        assert server.scheduler.close(WAIT_S)

@@ -20,7 +20,6 @@ this module on every request, llguidance and torch load on first use.
 from __future__ import annotations
 
 import json
-import os
 import re
 import threading
 import weakref
@@ -217,34 +216,25 @@ def compile_format(tokenizer: Any, vocab: int, fmt: ResponseFormat) -> Grammar:
 
 
 # -------------------------------------------------------------------- masking
-_executor: Any = None
 _bits: dict = {}  # device -> the 32 bit positions, int32
-
-
-def _parallel() -> Any:
-    global _executor
-    if _executor is None:
-        import llguidance
-
-        _executor = llguidance.LLExecutor(num_threads=max(1, min(4, os.cpu_count() or 1)))
-    return _executor
 
 
 def mask_rows(choose: Any, logits: Any, rows: Sequence[tuple[int, Guide, Collection[int]]]) -> None:
     """Set, in ``choose`` (``[batch, vocab]``, not ``logits``), -inf on each guided row's
     tokens its grammar does not allow next; ``rows``: (row index, its guide, its EOS ids).
     EOS keeps the model's logit (from ``logits``) where the grammar accepts, else -inf.
-    The masks are computed in parallel, off the GIL."""
+    The masks are computed off the GIL in this thread, one row after another: llguidance's
+    thread pool (LLExecutor) competes with torch's threads for the cores, and made decoding
+    3x slower on a 2-core box where this way costs 1.2x (bench/constrained.py)."""
     import torch
 
     if not rows:
         return
     words = rows[0][1].words
     bitmask = torch.empty((len(rows), words), dtype=torch.int32)
-    _parallel().unsafe_compute_mask_ptr(
-        [(g.matcher, k) for k, (_, g, _) in enumerate(rows)],
-        bitmask.data_ptr(), words * 4, len(rows),
-    )  # fmt: skip
+    start = bitmask.data_ptr()
+    for k, (_, guide, _) in enumerate(rows):  # (off the GIL, one after another)
+        guide.matcher.unsafe_compute_mask_ptr(start + k * words * 4, words * 4)
     device, vocab = choose.device, choose.shape[-1]
     shifts = _bits.get(device)
     if shifts is None:

@@ -174,7 +174,8 @@ class AdapterServer:
         :meth:`switch`, else the base) on :attr:`scheduler` and return its
         :class:`~adaptr.serving.requests.Request` at once (``wait()``, ``cancel()``, ``text``,
         ``tokens``); ``kwargs``: ``max_new_tokens`` (32), ``do_sample``, ``temperature``,
-        ``top_p``, ``seed``, ``eos_token_id`` (the tokens that end it, instead of the model's)."""
+        ``top_p``, ``seed``, ``eos_token_id`` (the tokens that end it, instead of the model's),
+        ``response_format`` (JSON output: see :meth:`generate`)."""
         kwargs.setdefault("max_new_tokens", 32)
         request = self._request(prompt, adapter or self.default, kwargs)
         self.enqueue([request])

@@ -11,6 +11,11 @@ lora: {r: 16, lora_alpha: 32, target_modules: attention}   # any peft.LoraConfig
 sft:  {num_train_epochs: 3, learning_rate: 2.0e-4}          # any trl.SFTConfig field
 ```
 
+``method: dpo`` (or ``orpo``, ``kto``) trains with TRL's preference trainer instead, its
+settings in the section of that name (``dpo: {beta: 0.1, loss_type: [sigmoid]}``: any
+``trl.DPOConfig`` / ``trl.experimental.orpo.ORPOConfig`` / ``trl.KTOConfig`` field), on
+preference data (see :mod:`adaptr.training.preference`).
+
 ``lora`` and ``sft`` pass through to PEFT and TRL unchanged; adaptr only fills in
 defaults (the model family's LoRA settings, CPU/precision flags) where a field is unset.
 """

@@ -53,7 +53,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 
 SFT_ONLY = (
     "SFT takes neither preference nor unpaired-preference data (train it with --method dpo, orpo "
-    "or kto and --format preference, sharegpt-preference, alpaca-preference or kto)"
+    "or kto)"
 )
 LAYOUTS = (*ALPACA, "chat")
 

@@ -356,5 +356,5 @@ def test_preference_data_is_refused_before_anything_trains(
     before = snapshot(home)
     line = refused(cli, home, before, "train", "--base", str(tiny_llama), "--data", str(DATA / "llamafactory" / name),
                    "--format", fmt, "--name", "pref", "--max-steps", "1", match=match)  # fmt: skip
-    assert "adaptr train does SFT and takes neither preference nor unpaired-preference data" in line
+    assert "SFT takes neither preference nor unpaired-preference data (train it with --method dpo" in line
     assert registry.list() == []

@@ -255,6 +255,9 @@ def train_preference(
     title = f"{method} {name}" if progress else None
     trainer, stop = _build(method, model, args, train_ds, eval_ds, tokenizer, peft_config, title)
     trainable, total = trainer.model.get_nb_trainable_parameters()
+    total -= sum(
+        t.numel() for n, t in trainer.model.named_parameters() if ".ref." in n
+    )  # TRL's copy
     notes.say(
         f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
     )

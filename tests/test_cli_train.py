@@ -171,11 +171,11 @@ def test_ctrl_c_leaves_the_registry_unchanged_and_resume_continues(home, tmp_pat
     )
     assert snapshot(home) == before
 
-    from adaptr.training.trainer import _complete
+    from adaptr.training.steps import checkpoint_complete
 
     # the interrupt may land while a checkpoint is being written: resume takes the newest whole one
     ordered = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    checkpoints = [c for c in ordered if _complete(c)]
+    checkpoints = [c for c in ordered if checkpoint_complete(c)]
     step = int(checkpoints[-1].name.split("-")[1])
     r = run_adaptr(
         "train",
@@ -222,7 +222,7 @@ def test_accelerate_launch_two_processes_only_rank_zero_writes(home, tiny_llama)
 
 
 def test_resume_skips_a_checkpoint_cut_short(tmp_path):
-    from adaptr.training.trainer import _prepare_run_dir
+    from adaptr.training.steps import prepare_run_dir
 
     run = tmp_path / "run"
     for step, whole in ((2, True), (4, True), (6, False)):
@@ -231,7 +231,7 @@ def test_resume_skips_a_checkpoint_cut_short(tmp_path):
         (c / "trainer_state.json").write_text(
             f'{{"global_step": {step}}}' if whole else '{"global_st'
         )
-    assert _prepare_run_dir(run, resume=True, restart=False, name="x").endswith("checkpoint-4")
+    assert prepare_run_dir(run, resume=True, restart=False, name="x").endswith("checkpoint-4")
     assert not (run / "checkpoint-6").exists()
 
 

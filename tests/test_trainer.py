@@ -285,14 +285,14 @@ def test_resume_from_a_damaged_checkpoint(cli, home, tmp_path, tiny_llama):
 
 
 def test_folders_that_only_look_like_checkpoints_are_not_a_crash(tmp_path):
-    from adaptr.training.trainer import _prepare_run_dir
+    from adaptr.training.steps import prepare_run_dir
 
     run = tmp_path / "run"
     (run / "checkpoint-final").mkdir(parents=True)
     (run / "checkpoint-²").mkdir()
     (run / "checkpoint-3").write_text("a file")
     with pytest.raises(NotFoundError, match="nothing to resume"):
-        _prepare_run_dir(run, resume=True, restart=False, name="x")
+        prepare_run_dir(run, resume=True, restart=False, name="x")
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from adaptr.cli._common import console, emit_json, format_option, key_values, note, with_registry
+from adaptr.training.methods import METHODS
 from adaptr.training.recipe import OVER_LENGTH, QUANTIZATION
 from adaptr.values import DTYPES
 
@@ -21,7 +22,6 @@ FLAGS = {
     "gradient_checkpointing": "sft.gradient_checkpointing", "parent": "from",
     "over_length": "data.over_length",
 }  # fmt: skip
-METHODS = ("sft", "dpo", "orpo", "kto")
 
 
 def _for_method(key: str, method: str) -> str:

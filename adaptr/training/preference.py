@@ -26,29 +26,11 @@ from adaptr.data.preference import PAIRED, PairRow, apply_max_length, counts, to
 from adaptr.data.sft import RECORD, LengthReport
 from adaptr.errors import InvalidInputError, first_line
 from adaptr.registry import Registry
+from adaptr.training import steps
+from adaptr.training.methods import config_class
 from adaptr.training.recipe import Recipe
 
-METHODS = ("dpo", "orpo", "kto")
 REWARDS = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
-
-
-def config_class(method: str) -> type:
-    """The TRL config class whose fields the recipe's ``method`` section takes."""
-    if method == "sft":
-        from trl import SFTConfig
-
-        return SFTConfig
-    if method == "dpo":
-        from trl import DPOConfig
-
-        return DPOConfig
-    if method == "kto":
-        from trl import KTOConfig
-
-        return KTOConfig
-    from trl.experimental.orpo import ORPOConfig
-
-    return ORPOConfig
 
 
 def trainer_class(method: str) -> type:
@@ -209,7 +191,6 @@ def _lineage_extra(p, trainer, reports: list[LengthReport]) -> dict[str, Any]:
 def _build(method: str, model, args, train_ds, eval_ds, tokenizer, peft_config, title):
     """(TRL's trainer for ``method``, its Ctrl-C callback)."""
     from adaptr.training.callbacks import StopOnInterrupt
-    from adaptr.training.trainer import _show_progress
 
     try:
         trainer = trainer_class(method)(
@@ -219,7 +200,7 @@ def _build(method: str, model, args, train_ds, eval_ds, tokenizer, peft_config, 
     except (ValueError, NotImplementedError) as e:
         raise InvalidInputError(f"cannot set up {method} training: {first_line(e)}") from None
     if title is not None:
-        _show_progress(trainer, title)
+        steps.show_progress(trainer, title)
     stop = StopOnInterrupt()
     trainer.add_callback(stop)
     return trainer, stop
@@ -236,22 +217,21 @@ def train_preference(
     on_note: Callable[[str], None] | None = None,
 ):
     """DPO, ORPO or KTO as ``recipe`` says (its ``method``), stored as the next version."""
-    from adaptr.training import trainer as sft
 
     started = time.time()
-    notes = sft._Notes(on_note)
+    notes = steps.Notes(on_note)
     registry = registry or Registry()
-    p = sft.plan(recipe, registry)
+    p = steps.plan(recipe, registry)
     method, name = p.recipe.method, p.recipe.name
     run_dir = registry.home / "runs" / name
-    resume_from = sft._prepare_run_dir(run_dir, resume=resume, restart=restart, name=name)
+    resume_from = steps.prepare_run_dir(run_dir, resume=resume, restart=restart, name=name)
     tokenizer, family = p.tokenizer()
     args = preference_config(method, p.recipe.args, run_dir)
     train_ds, eval_ds, reports = prepare(p, tokenizer, args)
     for report in reports:
         for line in report.lines():
             notes.say(line)
-    model, peft_config = sft._model(p, family, registry, run_dir, notes)
+    model, peft_config = steps.training_model(p, family, registry, run_dir, notes)
     title = f"{method} {name}" if progress else None
     trainer, stop = _build(method, model, args, train_ds, eval_ds, tokenizer, peft_config, title)
     trainable, total = trainer.model.get_nb_trainable_parameters()
@@ -261,7 +241,7 @@ def train_preference(
     notes.say(
         f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
     )
-    out = sft._run(trainer, stop, resume_from, name, run_dir)
+    out = steps.run_training(trainer, stop, resume_from, name, run_dir)
     metrics = _metrics(trainer, out, eval_ds, trainable, total, started)
     version = None
     if trainer.is_world_process_zero():
@@ -269,14 +249,14 @@ def train_preference(
             trainer.model.delete_adapter(
                 "ref"
             )  # TRL's frozen reference: the parent, stored already
-        data = sft._data_lineage(p.data.info, reports)
-        lineage = sft._lineage(p, trainer, family, data, resume_from)
+        data = steps.data_lineage(p.data.info, reports)
+        lineage = steps.lineage_of(p, trainer, family, data, resume_from)
         lineage["method"] = method
         lineage["preference"] = _lineage_extra(p, trainer, reports)
-        version = sft._store(registry, p, trainer, run_dir, lineage, metrics, notes)
+        version = steps.store(registry, p, trainer, run_dir, lineage, metrics, notes)
         if not keep_run:
             shutil.rmtree(run_dir, ignore_errors=True)
-    return sft.TrainResult(version, metrics, run_dir, list(notes))
+    return steps.TrainResult(version, metrics, run_dir, list(notes))
 
 
 # -- --preview ------------------------------------------------------------------------------

@@ -31,10 +31,10 @@ from typing import Any
 from adaptr.bases import BaseSettings
 from adaptr.data.sft import DataSettings
 from adaptr.errors import InvalidInputError, brief
+from adaptr.training.methods import METHODS, PREFERENCE
 from adaptr.values import DTYPES, WEIGHT_DTYPES, decode_utf8, is_number, is_whole, parse_number
 
 SECTIONS = {"name", "tags", "from", "method", "base", "data", "lora", "sft", "dpo", "orpo", "kto"}
-METHODS = ("sft", "dpo", "orpo", "kto")  # the trainer; each has its section of TRL config fields
 OVER_LENGTH = ("truncate", "drop", "refuse")  # what happens to records longer than sft.max_length
 QUANTIZATION = ("none", "8bit", "4bit")
 MAX_RECIPE_BYTES = 1024 * 1024
@@ -335,7 +335,7 @@ class Recipe:
         """Every lora/sft key against PEFT's LoraConfig and TRL's SFTConfig (imports both)."""
         from peft import LoraConfig
 
-        from adaptr.training.preference import config_class
+        from adaptr.training.methods import config_class
 
         for section, cls, skip in (
             ("lora", LoraConfig, {"peft_type", "task_type"}),
@@ -401,5 +401,5 @@ class Recipe:
             "name": self.name, "tags": self.tags, "from": self.parent,
             "base": dataclasses.asdict(self.base), "data": dataclasses.asdict(self.data),
             "lora": self.lora, "sft": self.sft, "method": self.method,
-            **{m: getattr(self, m) for m in METHODS[1:] if getattr(self, m)},
+            **{m: getattr(self, m) for m in PREFERENCE if getattr(self, m)},
         })  # fmt: skip

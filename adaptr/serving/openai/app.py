@@ -47,7 +47,7 @@ from starlette.requests import ClientDisconnect
 from adaptr.errors import AdaptrError, InvalidInputError, NotFoundError
 from adaptr.serving.openai import operations, responses
 from adaptr.serving.openai.auth import APIKey
-from adaptr.serving.openai.context import AppContext, Limits, context_of
+from adaptr.serving.openai.context import AppContext, Limits, context_of, read_body
 from adaptr.serving.openai.errors import HTTPRefusal, add_error_handlers, error_response
 from adaptr.serving.openai.http import uvicorn_server
 from adaptr.serving.openai.prepare import jobs_for, model_ids, prepare, resolve, unknown_model
@@ -156,41 +156,6 @@ async def answer(request: Request, chat: bool) -> Response:
     except Exception as e:  # a bug or a failed batch: an OpenAI-shaped 500, logged
         log.exception("request %s failed", rid)
         return error_response(500, f"generation failed: {e}")
-
-
-async def read_body(request: Request, limits: Limits) -> bytes:
-    """The request's body, within ``limits`` (a 413 past its size, a 408 past its time)."""
-    too_large = HTTPRefusal(
-        413,
-        f"the request body is larger than {limits.max_body_bytes} bytes "
-        "(adaptr serve --max-body-mb sets the limit)",
-        "request_too_large",
-    )
-    declared = request.headers.get("content-length", "")
-    if (
-        declared.isascii()
-        and declared.isdigit()
-        and (len(declared) > 15 or int(declared) > limits.max_body_bytes)
-    ):
-        raise too_large  # at once, before the body
-    chunks: list[bytes] = []
-    size = 0
-
-    async def read() -> None:
-        nonlocal size
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limits.max_body_bytes:
-                raise too_large
-            chunks.append(chunk)
-
-    try:
-        await asyncio.wait_for(read(), limits.body_timeout_s)
-    except asyncio.TimeoutError:
-        raise HTTPRefusal(
-            408, f"the request body did not arrive within {limits.body_timeout_s:g} s"
-        ) from None
-    return b"".join(chunks)
 
 
 ROUTES = [

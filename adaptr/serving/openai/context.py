@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from starlette.requests import Request
 
 from adaptr.bases import context_window
+from adaptr.serving.openai.errors import HTTPRefusal
 from adaptr.serving.openai.logprobs import TokenTexts
 
 if TYPE_CHECKING:
@@ -67,3 +68,38 @@ class AppContext:
 def context_of(request: Request) -> AppContext:
     """The context of the app serving ``request``."""
     return request.app.state.context
+
+
+async def read_body(request: Request, limits: Limits) -> bytes:
+    """The request's body, within ``limits`` (a 413 past its size, a 408 past its time)."""
+    too_large = HTTPRefusal(
+        413,
+        f"the request body is larger than {limits.max_body_bytes} bytes "
+        "(adaptr serve --max-body-mb sets the limit)",
+        "request_too_large",
+    )
+    declared = request.headers.get("content-length", "")
+    if (
+        declared.isascii()
+        and declared.isdigit()
+        and (len(declared) > 15 or int(declared) > limits.max_body_bytes)
+    ):
+        raise too_large  # at once, before the body
+    chunks: list[bytes] = []
+    size = 0
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise too_large
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), limits.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise HTTPRefusal(
+            408, f"the request body did not arrive within {limits.body_timeout_s:g} s"
+        ) from None
+    return b"".join(chunks)

@@ -28,7 +28,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from adaptr.errors import AdaptrError, NotFoundError
-from adaptr.serving.openai.context import AppContext, context_of
+from adaptr.serving.openai.context import AppContext, context_of, read_body
 from adaptr.serving.openai.errors import HTTPRefusal, error_response
 from adaptr.serving.openai.prepare import parse_body, resolve
 from adaptr.serving.openai.protocol import ParamError
@@ -110,7 +110,6 @@ async def unload_adapter(request: Request) -> Response | dict:
 
 async def _change(request: Request, load: bool) -> Response | dict:
     """Load and pin, or unpin and evict, the adapter the body names; its entry after."""
-    from adaptr.serving.openai.app import read_body
 
     ctx = context_of(request)
     try:

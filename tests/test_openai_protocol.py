@@ -90,6 +90,8 @@ def test_accepted_values():
         ({"logit_bias": {"50": 10}}, "logit_bias"),
         ({"tools": [{"type": "function"}]}, "tools"),
         ({"response_format": {"type": "regex"}}, "response_format"),
+        ({"response_format": {"type": "json_object"}, "min_tokens": 4}, "min_tokens"),
+        ({"response_format": {"type": "json_object"}, "ignore_eos": True}, "ignore_eos"),
     ],
 )
 def test_bad_or_unsupported_values_name_their_parameter(body, param):

@@ -324,7 +324,7 @@ def test_a_batch_whose_adapters_exceed_the_memory_bound_is_refused(setup):
     server = AdapterServer(reg, "base", max_adapters=8, max_memory_mb=limit / 2**20)
     alone = server.generate(["x"], ["c"], max_new_tokens=2)
     with (
-        pytest.raises(InvalidInputError, match="do not fit max_memory_mb"),
+        pytest.raises(InvalidInputError, match="do not fit max_adapters=8, max_memory_mb"),
         server.batch(["a", "c"], 2),
     ):
         pass

@@ -95,3 +95,61 @@ def test_stats_count_what_generate_ran(reg):
     assert (ttft.count, itl.count, e2e.count) == (3, 9, 3)
     assert ttft.cumulative()[-1] == ("+Inf", 3) and itl.sum >= 0
     assert set(use) == {"a@1", ""}
+
+
+def _alone(reg, ref: str, prompt: str, n: int) -> list[int]:
+    s = server(reg, max_adapters=4)
+    try:
+        return s.submit(prompt, ref, max_new_tokens=n, eos_token_id=-1).wait(120).tokens
+    finally:
+        s.scheduler.close(60)
+
+
+def test_a_pin_leaves_fewer_slots_to_a_batch_and_its_rows_still_run(reg):
+    """max_adapters=2 with one pinned: b and c arriving together cannot share a batch (one
+    slot is left); each runs, on its own adapter, and the pinned one stays."""
+    s = server(reg, max_adapters=2)
+    s.pin("a")
+    scheduler = s.scheduler
+    scheduler.hold()
+    try:
+        jobs = [s.submit("Hello", ref, max_new_tokens=6, eos_token_id=-1) for ref in ("b", "c")]
+    finally:
+        scheduler.release()
+    got = [j.wait(120) for j in jobs]
+    scheduler.close(60)
+    assert all(j.error is None and j.finish == "length" for j in got), [j.error for j in got]
+    assert [j.tokens for j in got] == [_alone(reg, r, "Hello", 6) for r in ("b", "c")]
+    assert "a@1" in s.resident() and s.slots.pinned() == ["a@1"]
+
+
+def test_pinning_never_evicts_an_adapter_under_running_rows(reg):
+    """A pin while a request runs on the only unpinned slot's adapter is refused, not an
+    eviction under the running rows (which would decode with the wrong weights)."""
+    import threading
+
+    s = server(reg, max_adapters=2)
+    s.pin("a")
+    scheduler = s.scheduler
+    gate, stepped = threading.Event(), threading.Event()
+
+    def pause(_steps: int) -> None:
+        stepped.set()
+        gate.wait(120)
+
+    scheduler.on_step = pause
+    try:
+        running = s.submit("Long", "b", max_new_tokens=8, eos_token_id=-1)
+        assert stepped.wait(120)
+        with pytest.raises(InvalidInputError, match="running requests"):
+            s.pin("c")
+        with pytest.raises(InvalidInputError, match="running requests"):
+            s.load("c")
+        assert set(s.resident()) == {"a@1", "b@1"}
+    finally:
+        scheduler.on_step = None
+        gate.set()
+    assert running.wait(120).tokens == _alone(reg, "b", "Long", 8)
+    scheduler.close(60)
+    s.pin("c")  # b is free now: it goes
+    assert set(s.resident()) == {"a@1", "c@1"}

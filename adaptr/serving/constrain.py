@@ -249,7 +249,7 @@ def mask_rows(choose: Any, logits: Any, rows: Sequence[tuple[int, Guide, Collect
     index = torch.tensor([i for i, _, _ in rows], device=device)
     masked = choose.index_select(0, index).masked_fill_(~allowed, float("-inf"))
     for k, (i, guide, eos) in enumerate(rows):
-        ends = [t for t in eos if t < vocab]
+        ends = [t for t in eos if 0 <= t < vocab]  # (-1: "never ends", no token)
         if ends:
             masked[k, ends] = logits[i, ends] if guide.accepting else float("-inf")
     choose.index_copy_(0, index, masked)

@@ -125,7 +125,9 @@ class Scheduler:
         """The requests waiting and those running (being prefilled included), as of now."""
         with self._cv:
             waiting = list(self.waiting)
-        return waiting, self.current
+        # a row joining is in the batch and in _joining for a moment, a finished one until the
+        # next step drops it: each running request once, unfinished
+        return waiting, [r for r in dict.fromkeys(self.current) if r.finish is None]
 
     @property
     def closed(self) -> bool:
@@ -392,7 +394,8 @@ class Scheduler:
             ])  # fmt: skip
         if early:
             for i in early:
-                choose[i, list(self._eos_of(rows[i].request))] = float("-inf")
+                ends = [t for t in self._eos_of(rows[i].request) if 0 <= t < choose.shape[-1]]
+                choose[i, ends] = float("-inf")
         greedy = choose.argmax(-1).tolist()
         for i in which:
             row, s = rows[i], rows[i].request.sampling

@@ -190,7 +190,7 @@ class AdapterServer:
         """Make ``ref`` resident (evicting the least recently used if full); returns its slot."""
         version = self.registry.get(ref)
         with self.lock:
-            return self.slots.load(version)
+            return self.slots.load(version, self._busy())
 
     def served_by_peft(self) -> list[str]:
         """Refs of the resident adapters that PEFT's path serves (the stacks cannot)."""
@@ -204,7 +204,7 @@ class AdapterServer:
         if version.base != self.base_key:
             raise InvalidInputError(f"{version.ref} is an adapter of base {version.base}, not of {self.base_key}")
         with self.lock:
-            self.slots.pin(version)
+            self.slots.pin(version, self._busy())
         return version.ref
 
     def unpin(self, ref: str) -> bool:
@@ -223,15 +223,8 @@ class AdapterServer:
                 missing = NotFoundError(f"{version.ref} is not loaded (resident: {', '.join(self.resident()) or 'none'})")
                 missing.code = "adapter_not_loaded"
                 raise missing
-            scheduler = self._scheduler
-            busy = [
-                r for r in (scheduler.current if scheduler else [])
-                if r.served is not None and r.served.ref == version.ref and r.finish is None
-            ]  # fmt: skip
-            if busy:
-                raise AdapterInUse(
-                    f"{len(busy)} running request(s) use {version.ref}: unload it once they finish"
-                )
+            if version.ref in self._busy():
+                raise AdapterInUse(f"running requests use {version.ref}: unload it once they finish")
             self.slots.evict(version.ref, "unload")
         return version.ref
 
@@ -244,9 +237,18 @@ class AdapterServer:
         if ref is not None:
             version = self.registry.get(ref)
             with self.lock:
-                self.slots.load(version)
+                self.slots.load(version, self._busy())
             ref = version.ref
         self.default = ref
+
+    def _busy(self) -> frozenset[str]:
+        """Refs the running rows use (hold ``lock``): never evicted under them."""
+        scheduler = self._scheduler
+        return frozenset(
+            r.served.ref
+            for r in (scheduler.current if scheduler else [])
+            if r.served is not None and r.finish is None
+        )
 
     # ------------------------------------------------- the scheduler's engine
     def resolve(self, ref: str | None) -> ServedAdapter | None:
@@ -262,18 +264,29 @@ class AdapterServer:
         """Whether rows on ``adapters`` (None: the base) can run in one batch: no more than
         ``max_adapters`` of them, and all of them one batch of :meth:`partition`."""
         kinds = list(dict.fromkeys(adapters))
-        if sum(a is not None for a in kinds) > self.max_adapters:
+        many = sum(a is not None for a in kinds)
+        # (one adapter alone is always tried: one that cannot be loaded fails its own requests)
+        if many > 1 and many > self._room({a.ref for a in kinds if a is not None}):
             return False
         return len(kinds) < 2 or len(partition(kinds, {a: a and a.traits for a in kinds})) == 1
+
+    def _room(self, refs: set[str]) -> int:
+        """How many adapters one batch holding ``refs`` may have: max_adapters less the pinned
+        adapters outside it (they keep their slots)."""
+        with self.lock:  # (an RLock: pins change under it)
+            pinned = set(self.slots.pinned())
+        return self.max_adapters - len(pinned - refs)
 
     def assign(self, adapters: Sequence[ServedAdapter | None]) -> tuple[list[int], list[str]]:
         """Load the adapters of a batch (``adapters[i]``: row i's; None: the base) and return
         each row's slot in the stacks (0: none) and its adapter's name for PEFT (BASE: none).
         Raises InvalidInputError when they cannot be resident or run together."""
         distinct = [a for a in dict.fromkeys(adapters) if a is not None]
-        if len(distinct) > self.max_adapters:
+        if len(distinct) > self._room({a.ref for a in distinct}):
             raise InvalidInputError(
-                f"{len(distinct)} different adapters in one batch, more than max_adapters={self.max_adapters}"
+                f"{len(distinct)} different adapters in one batch, more than the "
+                f"{self._room({a.ref for a in distinct})} slots that max_adapters={self.max_adapters} "
+                "leaves beside the pinned adapters"
             )
         if len(set(adapters)) > 1:
             traits = [a.traits for a in distinct]
@@ -288,9 +301,12 @@ class AdapterServer:
         with self.lock:
             slots = {a: self.slots.load(a.version, keep) for a in distinct}
             if any(self.slots.slot_of(a.ref) != slot for a, slot in slots.items()):
+                limit = f"max_adapters={self.max_adapters}" + (
+                    "" if self.max_memory is None else f", max_memory_mb={self.max_memory / 2**20:g}"
+                )
                 raise InvalidInputError(
-                    f"the adapters of this batch do not fit max_memory_mb={self.max_memory / 2**20:g} together; "
-                    "send them in smaller batches or raise the limit"
+                    f"the adapters of this batch do not fit beside the pinned ones ({limit}) "
+                    "together; send them in smaller batches or raise the limit"
                 )
         rows = [0 if a is None else slots[a] for a in adapters]
         names = [BASE if a is None or slots[a] else a.ref for a in adapters]

@@ -114,16 +114,17 @@ class Slots:
         """When ``ref`` was last loaded or put in a batch (None: never since the server started)."""
         return self._used.get(ref)
 
-    def pin(self, version: AdapterVersion) -> int:
+    def pin(self, version: AdapterVersion, keep: frozenset[str] = frozenset()) -> int:
         """Load ``version`` and keep it resident until :meth:`unpin` (its slot). Pins count
-        against ``max_adapters``: one more than it is an error, as is one past ``max_memory``."""
+        against ``max_adapters``: one more than it is an error, as is one past ``max_memory``;
+        ``keep``: refs that must stay loaded (running rows use them), as for :meth:`load`."""
         key = version.ref
         if key not in self._pinned and len(self._pinned) >= self.max_adapters:
             raise InvalidInputError(
                 f"cannot pin {key}: {len(self._pinned)} adapters are pinned already, as many as "
                 f"max_adapters={self.max_adapters}; unpin one or raise max_adapters"
             )
-        slot = self.load(version)
+        slot = self.load(version, keep)
         self._pinned.add(key)
         return slot
 
@@ -144,6 +145,11 @@ class Slots:
             self._used[key] = now
             return self._slots[key]
         traits = self.fallback.traits(version)
+        pairs, scaling_for, stackable, need = self._read(version, traits)  # refusals evict nothing
+        if self.max_memory is not None and need > self.max_memory:
+            raise InvalidInputError(
+                f"{key} has {need / 2**20:.3f} MB of weights, more than max_memory_mb={self.max_memory / 2**20:g}"
+            )
         for ref in list(self._slots):  # what PEFT cannot hold beside it goes first
             other = self.fallback.known(ref)
             why = other and clash(traits, other)
@@ -153,11 +159,6 @@ class Slots:
                 raise InvalidInputError(f"{key} cannot be loaded beside the pinned {ref} ({why}): unpin {ref}")
             if why:
                 self.evict(ref, "clash")
-        pairs, scaling_for, stackable, need = self._read(version, traits)
-        if self.max_memory is not None and need > self.max_memory:
-            raise InvalidInputError(
-                f"{key} has {need / 2**20:.3f} MB of weights, more than max_memory_mb={self.max_memory / 2**20:g}"
-            )
         while self._slots and (
             len(self._slots) >= self.max_adapters
             or (self.max_memory is not None and self.memory() + need > self.max_memory)
@@ -177,18 +178,25 @@ class Slots:
         return slot
 
     def _make_room(self, key: str, keep: frozenset[str]) -> None:
-        """Evict the least recently used adapter that is not pinned (one outside ``keep``
-        first); an error when every resident one is pinned."""
+        """Evict the least recently used adapter that is neither pinned nor in ``keep``; an
+        error when there is none (the batch then runs its rows in smaller batches)."""
         free = [ref for ref in self._slots if ref not in self._pinned]
+        victim = next((ref for ref in free if ref not in keep), None)
+        limit = f"max_adapters={self.max_adapters}"
+        if self.max_memory is not None:
+            limit += f", max_memory_mb={self.max_memory / 2**20:g}"
+        if free and victim is None:
+            raise InvalidInputError(
+                f"cannot load {key}: the adapters it must stay beside ({', '.join(free)}: this "
+                f"batch's or running requests') and it do not fit {limit} together; send them "
+                "in smaller batches, or raise the limit"
+            )
         if not free:
-            limit = f"max_adapters={self.max_adapters}"
-            if self.max_memory is not None:
-                limit += f", max_memory_mb={self.max_memory / 2**20:g}"
             raise InvalidInputError(
                 f"cannot load {key}: the {len(self._slots)} resident adapters are pinned and fill "
                 f"the server ({limit}); unpin one or raise the limit"
             )
-        self.evict(next((ref for ref in free if ref not in keep), free[0]), "lru")
+        self.evict(victim, "lru")
 
     def evict(self, ref: str | None = None, reason: Eviction = "lru") -> None:
         """Evict ``ref`` (None: the least recently used that is not pinned), unpinning it."""

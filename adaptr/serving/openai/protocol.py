@@ -244,6 +244,8 @@ def parse_params(body: dict, chat: bool = False) -> RequestParams:
     if ignore_eos and response_format is not None:
         raise ParamError("ignore_eos", "'ignore_eos' cannot be combined with a JSON 'response_format'")  # fmt: skip
     min_tokens = _integer(body, "min_tokens", 0, max_tokens) or 0
+    if min_tokens and response_format is not None:  # the grammar ends the answer, not a count
+        raise ParamError("min_tokens", "'min_tokens' cannot be combined with a JSON 'response_format'")  # fmt: skip
     as_ids = _flag(body, "return_tokens_as_token_ids")
     stream = _flag(body, "stream")
     options = body.get("stream_options")

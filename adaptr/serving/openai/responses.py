@@ -15,6 +15,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
+from adaptr.errors import AdaptrError
 from adaptr.serving.openai import logprobs as logprob_shapes
 from adaptr.serving.openai.context import AppContext
 from adaptr.serving.openai.errors import error_response
@@ -228,6 +229,10 @@ async def stream(
         if p.include_usage:
             yield reply.usage_chunk(sum(job.completion_tokens for job in jobs))
         yield "data: [DONE]\n\n"
+    except AdaptrError as e:  # the request's own fault (a schema past the parser's limits)
+        log.info("request %s refused while streaming: %s", reply.id, e)
+        body = error_body(400, str(e), getattr(e, "param", None), getattr(e, "code", None))
+        yield "data: " + body.decode() + "\n\n"
     except Exception as e:  # headers are sent: the error goes in the stream
         log.exception("request %s failed while streaming", reply.id)
         yield "data: " + error_body(500, f"generation failed: {e}").decode() + "\n\n"

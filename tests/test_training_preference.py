@@ -84,6 +84,12 @@ def test_first_step_loss_equals_plain_trl(method, registry, tiny_llama, tmp_path
     theirs = plain_trl(method, tiny_llama, records, config, tmp_path / "trl")
     assert math.isfinite(ours[0]["loss"])
     assert abs(ours[0]["loss"] - theirs[0]["loss"]) <= TOLERANCE, (ours[0], theirs[0])
+    # at step 1 a fresh LoRA is the reference, so DPO's loss is ln 2 and KTO's 0.5 whatever the
+    # data: the answers' log-probabilities are what say both saw the same tokens
+    logps = [k for k in ours[0] if k.startswith("logps/") and k in theirs[0]]
+    assert logps, sorted(ours[0])
+    for key in logps:
+        assert abs(ours[0][key] - theirs[0][key]) <= 1e-4 * max(1.0, abs(theirs[0][key])), key
     assert r.version.lineage["method"] == method and r.metrics["steps"] == 2
 
 
@@ -106,7 +112,8 @@ def test_cli_dpo_continues_an_sft_version_with_its_lineage(cli, registry, tiny_l
     )
     assert code == 0 and out.startswith("chat@1"), err[-2000:]
     code, out, err = cli(*base, "--method", "dpo", "--format", "preference", "--from", "chat@1",
-                         "--eval-split", "0.25", "--set", "dpo.beta=0.2", "--set", "dpo.loss_type=[ipo]")  # fmt: skip
+                         "--eval-split", "0.25", "--set", "dpo.beta=0.2", "--set", "dpo.loss_type=[ipo]",
+                         "--set", "dpo.logging_steps=1")  # fmt: skip
     assert code == 0, err[-2000:]
     assert (
         out.startswith("chat@2  (train loss ") and "reward accuracy" in out and "eval loss" in out
@@ -115,6 +122,9 @@ def test_cli_dpo_continues_an_sft_version_with_its_lineage(cli, registry, tiny_l
     pref = v.lineage["preference"]
     assert v.lineage["method"] == "dpo" and v.lineage["parents"] == ["chat@1"]
     assert pref["parent"] == "chat@1" and pref["reference"] == "chat@1"  # the SFT version, frozen
+    first = next(h for h in v.lineage["log_history"] if "rewards/chosen" in h)
+    assert first["step"] == 1  # the policy starts as chat@1: against chat@1 its rewards are 0
+    assert abs(first["rewards/chosen"]) <= 1e-6 and abs(first["rewards/rejected"]) <= 1e-6, first
     assert pref["beta"] == 0.2 and pref["loss_type"] == ["ipo"]
     assert pref["data"]["sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
     assert (
@@ -128,7 +138,8 @@ def test_cli_dpo_continues_an_sft_version_with_its_lineage(cli, registry, tiny_l
         "rewards/chosen",
         "rewards/rejected",
     }
-    assert pref["final"]["rewards/margins"] == v.lineage["log_history"][-2]["rewards/margins"]
+    last = [h for h in v.lineage["log_history"] if "rewards/margins" in h][-1]  # the last step's
+    assert pref["final"]["rewards/margins"] == last["rewards/margins"]
     assert v.lineage["recipe"]["method"] == "dpo" and v.lineage["recipe"]["dpo"]["beta"] == 0.2
     assert (
         v.metrics["reward_accuracy"] == pref["final"]["rewards/accuracies"]

@@ -58,23 +58,6 @@ def check_kind(method: str, kind: str, fmt: str | None) -> None:
 # -- formatters' building blocks ----------------------------------------------------------
 
 
-def turns(value: Any, field: str, placeholders: str = "refuse") -> list[dict[str, Any]]:
-    """A list of OpenAI-style messages, normalised (see :func:`adaptr.data.chat.message`)."""
-    if not isinstance(value, list) or not value:
-        raise MissingField(field, "must be a non-empty list of {role, content} messages")
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or "role" not in m:
-            raise MissingField(f"{field}[{i}]", "needs 'role' and 'content'")
-        role = chat.ROLE_ALIASES.get(m["role"], m["role"]) if isinstance(m["role"], str) else None
-        if role not in chat.ROLES:
-            raise MissingField(
-                f"{field}[{i}].role", f"is {brief(m['role'])}; use system, user, assistant or tool"
-            )
-        out.append(chat.message(m, f"{field}[{i}]", role, placeholders=placeholders))
-    return out
-
-
 def _is_chat(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value)
 
@@ -153,14 +136,14 @@ def preference(
         else:
             p = text_value(prompt, prompt_field)
         return pair_record(p, c, r, None)
-    c, r = turns(chosen, chosen_field), turns(rejected, rejected_field)
+    c, r = chat.message_list(chosen, chosen_field), chat.message_list(rejected, rejected_field)
     if isinstance(prompt, str) and prompt.strip():
         if c[0]["role"] == "user" and c[0] == r[0]:
             p = None  # UltraFeedback: the conversations open with the prompt
         else:
             p = [{"role": "user", "content": prompt}]
     else:
-        p = turns(prompt, prompt_field) if prompt not in (None, "", []) else None
+        p = chat.message_list(prompt, prompt_field) if prompt not in (None, "", []) else None
     p, c, r = split_prompt(c, r, p)
     return pair_record(p, c, r, tools)
 
@@ -218,7 +201,7 @@ def unpaired(
     label = label_value(record[label_field], label_field)
     tools = chat.tools_json(record.get("tools"))
     if record.get(prompt_field) is None and _is_chat(record.get(messages_field)):
-        messages = turns(record[messages_field], messages_field)
+        messages = chat.message_list(record[messages_field], messages_field)
         n = len(messages)
         while n and messages[n - 1]["role"] == "assistant":
             n -= 1
@@ -236,8 +219,8 @@ def unpaired(
             "completion": text_value(completion, completion_field),
             "label": label,
         }
-    p = turns(prompt, prompt_field)
-    c = _answer(turns(completion, completion_field), completion_field)
+    p = chat.message_list(prompt, prompt_field)
+    c = _answer(chat.message_list(completion, completion_field), completion_field)
     both = chat.conversation(p + c, tools, completion_field)["messages"]
     rec = {"prompt": both[: len(p)], "completion": both[len(p) :], "label": label}
     return {**rec, "tools": tools} if tools else rec
@@ -274,7 +257,9 @@ def tokenize(dataset, tokenizer, kind: str, split: str = "train") -> list[PairRo
         )
     paired = kind == PAIRED
     cls = DPOTrainer if paired else KTOTrainer
-    view = SimpleNamespace(_tokenizer=tokenizer, calculate_KL=False)  # what TRL's preparation reads
+    view = SimpleNamespace(  # what TRL's preparation reads (KTO's weights: a check on unequal counts)
+        _tokenizer=tokenizer, calculate_KL=False, desirable_weight=1.0, undesirable_weight=1.0
+    )
     args = SimpleNamespace(dataset_num_proc=None, max_length=None, truncation_mode="keep_start")
     try:
         out = cls._prepare_dataset(view, dataset, tokenizer, args, split)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -89,9 +90,11 @@ def _check_loss_type(method: str, config) -> None:
 
 
 def _truncation(method: str, args) -> str:
-    """Which end TRL keeps of an over-length sequence; ORPO cuts the prompt first, never drops."""
+    """Which end TRL keeps of an over-length sequence. ORPO keeps the whole prompt and cuts
+    the answers to what is left: a pair whose prompt alone fills max_length has no answer
+    token left (its averaged log-probability would be 0/0), so it is dropped as keep_start's."""
     if method == "orpo":
-        return "keep_end"
+        return "keep_start"
     return getattr(args, "truncation_mode", None) or "keep_start"
 
 
@@ -242,6 +245,12 @@ def train_preference(
         f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
     )
     out = steps.run_training(trainer, stop, resume_from, name, run_dir)
+    if not math.isfinite(out.training_loss):
+        raise InvalidInputError(
+            f"{method} training of {name} ended with a {out.training_loss} loss: its weights are "
+            f"not stored (nothing was). Check the data's lengths against max_length and lower "
+            f"the learning rate; the run is in {run_dir}"
+        )
     metrics = _metrics(trainer, out, eval_ds, trainable, total, started)
     version = None
     if trainer.is_world_process_zero():

@@ -308,11 +308,13 @@ class Recipe:
             raise InvalidInputError(
                 f"method must be one of {', '.join(METHODS)}, got {brief(self.method)}"
             )
-        if self.method != "sft" and self.sft:
-            raise InvalidInputError(
-                f"the sft section ({', '.join(map(_key, self.sft))}) is for method sft; this recipe "
-                f"trains with {self.method}: move the settings to its {self.method} section"
-            )
+        for other in METHODS:  # a section another method reads would be ignored, yet stored
+            if other != self.method and getattr(self, other):
+                raise InvalidInputError(
+                    f"the {other} section ({', '.join(map(_key, getattr(self, other)))}) is for "
+                    f"method {other}; this recipe trains with {self.method}: move the settings to "
+                    f"its {self.method} section"
+                )
         section = self.args
         for key, (ok, need) in SFT_RULES.items():
             if key in section:

@@ -177,25 +177,6 @@ def dolly(record: dict[str, Any], lang: str) -> dict[str, Any]:
     return alpaca({**{k: record[k] for k in chat.MEDIA_KEYS if k in record}, **fields}, lang)
 
 
-def _messages(turns: Any, field: str, placeholders: str) -> list[dict[str, Any]]:
-    """OpenAI-style ``[{role, content}, …]`` normalised through :func:`adaptr.data.chat.message`."""
-    if not isinstance(turns, list):
-        raise MissingField(field, "must be a list of {role, content} messages")
-    if not turns:
-        raise MissingField(field, "is an empty list")
-    out = []
-    for i, m in enumerate(turns):
-        if not isinstance(m, dict) or "role" not in m:
-            raise MissingField(f"{field}[{i}]", "needs 'role' and 'content'")
-        role = chat.ROLE_ALIASES.get(m["role"], m["role"]) if isinstance(m["role"], str) else None
-        if role not in chat.ROLES:
-            raise MissingField(
-                f"{field}[{i}].role", f"is {brief(m['role'])}; use system, user, assistant or tool"
-            )
-        out.append(chat.message(m, f"{field}[{i}]", role, placeholders=placeholders))
-    return out
-
-
 def sharegpt(record: dict[str, Any], field: str, placeholders: str) -> dict[str, Any]:
     chat.refuse_media(record)
     refuse_other_methods(record, {field})
@@ -244,7 +225,7 @@ def messages(record: dict[str, Any], field: str, placeholders: str) -> dict[str,
     if record.get(field) is None and "prompt" in record and "completion" in record:
         raise MissingField(field, "is missing", hint="the record has a prompt and a completion: use --format prompt-completion (text or lists of messages)")  # fmt: skip
     (turns,) = need(record, field)
-    out = _messages(turns, field, placeholders)
+    out = chat.message_list(turns, field, placeholders)
     tools = record.get("tools", record.get("functions"))  # functions: OpenAI's legacy name
     return chat.conversation(out, chat.tools_json(tools), field)
 
@@ -276,8 +257,8 @@ def prompt_completion(
             f"is not a list of messages while {listed!r} is one: give both as lists of messages "
             "(conversational prompt-completion) or both as text",
         )  # fmt: skip
-    p = _messages(prompt, prompt_field, "refuse")
-    c = _messages(completion, completion_field, "refuse")
+    p = chat.message_list(prompt, prompt_field, "refuse")
+    c = chat.message_list(completion, completion_field, "refuse")
     for i, m in enumerate(c):
         if m["role"] != "assistant":
             raise MissingField(

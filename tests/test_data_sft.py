@@ -90,14 +90,14 @@ def test_drop_policy_leaves_long_records_out(registry, tiny_llama, tmp_path):
 def test_refuse_policy_stops_before_the_model_loads(
     cli, registry, tiny_llama, tmp_path, monkeypatch
 ):
-    import adaptr.training.trainer
+    import adaptr.training.steps
 
     data = alpaca_file(tmp_path / "d.jsonl", long_every=4)
 
     def no_model(*a, **k):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(adaptr.training.trainer, "load_model", no_model)
+    monkeypatch.setattr(adaptr.training.steps, "load_model", no_model)
     code, out, err = cli("train", "--base", str(tiny_llama), "--data", str(data), "--format", "alpaca",
                          "--name", "r", "--max-length", "64", "--over-length", "refuse")  # fmt: skip
     assert code != 0 and out == ""

@@ -14,9 +14,9 @@ from helpers import alpaca_file, recipe
 def test_preview_cli_shows_examples_counts_and_cuts(
     cli, registry, tiny_llama, tmp_path, monkeypatch
 ):
-    import adaptr.training.trainer
+    import adaptr.training.steps
 
-    monkeypatch.setattr(adaptr.training.trainer, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(adaptr.training.steps, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     data = alpaca_file(tmp_path / "d.jsonl", long_every=4)
     code, out, err = cli("train", "--base", str(tiny_llama), "--data", str(data), "--format", "alpaca",
                          "--format-option", "lang=en", "--name", "p", "--max-length", "200",

@@ -212,6 +212,26 @@ def tools_json(value: Any, where: str = "tools") -> str | None:
     return json.dumps(out, ensure_ascii=False) if out else None
 
 
+def message_list(value: Any, field: str, placeholders: str = "refuse") -> list[dict[str, Any]]:
+    """OpenAI-style ``[{role, content}, …]`` normalised through :func:`message` (roles by
+    their aliases), or a :class:`MissingField` naming what is wrong where."""
+    if not isinstance(value, list):
+        raise MissingField(field, "must be a list of {role, content} messages")
+    if not value:
+        raise MissingField(field, "is an empty list")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or "role" not in m:
+            raise MissingField(f"{field}[{i}]", "needs 'role' and 'content'")
+        role = ROLE_ALIASES.get(m["role"], m["role"]) if isinstance(m["role"], str) else None
+        if role not in ROLES:
+            raise MissingField(
+                f"{field}[{i}].role", f"is {brief(m['role'])}; use system, user, assistant or tool"
+            )
+        out.append(message(m, f"{field}[{i}]", role, placeholders=placeholders))
+    return out
+
+
 def message(
     m: dict[str, Any], where: str, role: str, *, placeholders: str = "refuse", key: str = "content"
 ) -> dict[str, Any]:

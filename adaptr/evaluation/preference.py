@@ -42,48 +42,23 @@ def pair_rows(splits, tokenizer) -> list[PairRow]:
     return tokenize(splits.train, tokenizer, PAIRED, "eval")
 
 
-def _chunks(n: int, size: int):
-    for start in range(0, n, size):
-        yield list(range(start, min(n, start + size)))
-
-
 def answer_logps(server, rows: list[PairRow], refs: list, batch_size: int, progress) -> dict:
     """{ref: [(logp chosen, logp rejected), …]}: each answer's summed log-probability."""
-    import torch
+    from adaptr.evaluation.scoring import chunks, labelled_nll
 
     seqs = [(r.prompt_ids, a) for r in rows for a in r.answers]  # chosen, rejected, chosen, …
     out: dict[Any, list[float]] = {ref: [0.0] * len(seqs) for ref in refs}
-    device = server.model.device
-    pad = server.tokenizer.pad_token_id or 0
-    chunks = list(_chunks(len(seqs), batch_size))
-    for done, chunk in enumerate(chunks, 1):
+    pieces = list(chunks(len(seqs), batch_size))
+    for done, chunk in enumerate(pieces, 1):
         cells = [(i, ref) for i in chunk for ref in refs]
-        width = max(len(seqs[i][0]) + len(seqs[i][1]) for i in chunk)
-        ids = torch.full((len(cells), width), pad, dtype=torch.long)
-        labels = torch.full((len(cells), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(cells), width), dtype=torch.long)
-        for k, (i, _) in enumerate(cells):  # right padding: positions start at 0 in every row
-            prompt, answer = seqs[i]
-            n = len(prompt) + len(answer)
-            ids[k, :n] = torch.tensor(prompt + answer)
-            labels[k, len(prompt) : n] = torch.tensor(answer)
-            mask[k, :n] = 1
-        adapters = [ref for _, ref in cells]
-        for part in server.partition(adapters, len(cells)):
-            with server.batch([adapters[k] for k in part], len(part), grouped=True) as order:
-                take = [part[k] for k in order]
-                with torch.no_grad():
-                    logits = server.model(
-                        input_ids=ids[take].to(device), attention_mask=mask[take].to(device)
-                    ).logits.float()
-                target = labels[take][:, 1:].to(device)
-                nll = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].transpose(1, 2), target, ignore_index=-100, reduction="none"
-                ).double()
-                for k, s in zip(take, nll.sum(dim=1).tolist(), strict=True):
-                    out[adapters[k]][cells[k][0]] = -s
+        scored = [
+            (seqs[i][0] + seqs[i][1], [-100] * len(seqs[i][0]) + seqs[i][1]) for i, _ in cells
+        ]
+        sums, _ = labelled_nll(server, scored, [ref for _, ref in cells])
+        for (i, ref), s in zip(cells, sums, strict=True):
+            out[ref][i] = -s
         if progress:
-            progress("preference", done, len(chunks))
+            progress("preference", done, len(pieces))
     return {ref: list(zip(v[0::2], v[1::2], strict=True)) for ref, v in out.items()}
 
 

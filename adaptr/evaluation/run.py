@@ -379,50 +379,24 @@ def _render_chat(tokenizer, messages: list[dict]) -> str:
         raise InvalidInputError(f"the chat template cannot render a record: {e}") from None
 
 
-def _chunks(n: int, size: int):
-    for start in range(0, n, size):
-        yield list(range(start, min(n, start + size)))
-
-
 def _losses(server, tokenized, refs: list, batch_size: int, progress) -> dict:
     """Mean NLL per loss token of each ref over the data: records x refs in each batch."""
-    import torch
+    from adaptr.evaluation.scoring import chunks, labelled_nll
 
     ids_all, labels_all = tokenized["input_ids"], tokenized["labels"]
     total = {r: 0.0 for r in refs}
     count = {r: 0 for r in refs}
-    device = server.model.device
-    chunks = list(_chunks(len(ids_all), batch_size))
-    for done, chunk in enumerate(chunks, 1):
-        rows = [(i, r) for i in chunk for r in refs]
-        width = max(len(ids_all[i]) for i in chunk)
-        pad = server.tokenizer.pad_token_id or 0
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for k, (i, _) in enumerate(rows):  # right padding: positions start at 0 in every row
-            n = len(ids_all[i])
-            ids[k, :n] = torch.tensor(ids_all[i])
-            labels[k, :n] = torch.tensor(labels_all[i])
-            mask[k, :n] = 1
-        adapters = [r for _, r in rows]
-        for part in server.partition(adapters, len(rows)):
-            with server.batch([adapters[k] for k in part], len(part), grouped=True) as order:
-                take = [part[k] for k in order]
-                logits = server.model(
-                    input_ids=ids[take].to(device), attention_mask=mask[take].to(device)
-                ).logits.float()
-                target = labels[take][:, 1:].to(device)
-                nll = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].transpose(1, 2), target, ignore_index=-100, reduction="none"
-                ).double()
-                sums = nll.sum(dim=1).tolist()
-                counts = (target != -100).sum(dim=1).tolist()
-                for k, s, c in zip(take, sums, counts, strict=True):
-                    total[adapters[k]] += s
-                    count[adapters[k]] += c
+    pieces = list(chunks(len(ids_all), batch_size))
+    for done, chunk in enumerate(pieces, 1):
+        cells = [(i, r) for i in chunk for r in refs]
+        sums, counts = labelled_nll(
+            server, [(ids_all[i], labels_all[i]) for i, _ in cells], [r for _, r in cells]
+        )
+        for (_, r), s, c in zip(cells, sums, counts, strict=True):
+            total[r] += s
+            count[r] += c
         if progress:
-            progress("loss", done, len(chunks))
+            progress("loss", done, len(pieces))
     if not count[refs[0]]:
         raise InvalidInputError("the data has no loss tokens (every label is masked)")
     return {r: total[r] / count[r] for r in refs}

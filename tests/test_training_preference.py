@@ -278,3 +278,18 @@ def test_qlora_dpo_trains_on_cpu(registry, tmp_path):
         and r.version.lineage["recipe"]["base"]["quantization"] == "4bit"
     )
     assert r.version.lineage["preference"]["reference"].endswith("(adapter disabled)")
+
+
+def test_kto_trains_on_unequal_desirable_and_undesirable_counts(registry, tiny_llama, tmp_path):
+    """Real KTO data is rarely balanced (LLaMA-Factory's demo, any eval split): 5 thumbs up,
+    3 down trains, and the counts are recorded."""
+    rows = [
+        {"prompt": p, "completion": c if i < 5 else r, "label": i < 5}
+        for i, (p, c, r) in enumerate(PAIRS)
+    ]
+    data = tmp_path / "unequal.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = train(recipe("kto", tiny_llama, data, "kto"), registry=registry, progress=False)
+    counts = r.version.lineage["preference"]["data"]
+    assert math.isfinite(r.metrics["train_loss"]) and r.metrics["steps"] == 2
+    assert (counts.get("desirable"), counts.get("undesirable")) == (5, 3), counts

@@ -14,11 +14,11 @@ import os
 import random
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from children import med, run_child
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -128,19 +128,9 @@ def adaptr_side(spec: dict) -> dict:
 
 
 def run(spec: dict) -> dict:
-    r = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True
-    )
-    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if r.returncode != 0 or line is None:
-        raise SystemExit(f"bench child failed:\n{r.stderr[-3000:]}")
-    out = json.loads(line[7:])
+    out = run_child(__file__, spec)
     out["tokens_per_s"] = out["tokens"] / out["train_runtime"]
     return out
-
-
-def med(runs: list[dict], key: str) -> float:
-    return statistics.median(r[key] for r in runs)
 
 
 def main() -> None:
